@@ -1,0 +1,34 @@
+"""`tfjax` console script: one subcommand per module (`generate`, `serve`).
+
+Each subcommand module exposes `add_parser(subparsers)`, which registers its flags and sets
+`run=<callable(args) -> int>` as the parser default. Errors a user can fix (a missing model
+file, a bad flag combination) are raised as `UserError` and printed as one line, exit code 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.errors import UserError
+from serving import generate_cmd, serve_cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tfjax", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    generate_cmd.add_parser(subparsers)
+    serve_cmd.add_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"tfjax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""What the serving layer sees of the engine: `EngineClient`, the stream deltas and the errors.
+
+`serving/` depends only on this module (plus `SamplingParams` and `FinishReason` from
+`tfjax.request`), so the HTTP layer can be tested against a fake client and the engine against
+no HTTP at all. `tfjax.async_engine.AsyncEngine` is the real implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tfjax.request import FinishReason, SamplingParams
+
+
+class EngineError(Exception):
+    """Base of the errors `EngineClient.generate` raises before streaming anything."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at `max_waiting`: reject at once (HTTP 429)."""
+
+
+class PromptTooLongError(EngineError):
+    """Prompt plus `max_tokens` cannot fit the model context or the KV pool (HTTP 400)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine thread has stopped (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output of one request since the previous delta.
+
+    `text` never splits a UTF-8 character and never contains (part of) a stop string.
+    The last delta of a stream has `finish_reason` set; `error` is set when the engine failed.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Gauges and counters for /metrics and /health, read without locking (may be a step old)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_preempted: int = 0
+    device_pages_used: int = 0
+    device_pages_total: int = 0
+    host_pages_used: int = 0
+    host_pages_total: int = 0
+    offload_bytes_d2h: int = 0
+    offload_bytes_h2d: int = 0
+    num_preemptions: int = 0
+    num_compiles_after_warmup: int = 0
+    num_generated_tokens: int = 0
+    effective_tokens: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RequestStream(Protocol):
+    """Deltas of one submitted request. Iterate it once; the last delta has `finish_reason`.
+    Abandoning it does not abort the request: call `EngineClient.abort(request_id)`."""
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+
+class EngineClient(Protocol):
+    """The async face of the engine, used from the asyncio event loop of the server."""
+
+    model_name: str
+    max_model_len: int
+
+    @property
+    def is_healthy(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        consumption_rate: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises `QueueFullError`, `PromptTooLongError` or `EngineDeadError`
+        at once (nothing is queued then). Must be called from the event loop thread.
+        `consumption_rate=None` means the server default."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (unknown or finished ids are ignored); its stream then ends with
+        `FinishReason.ABORT` and its pages are freed within one engine step."""
+        ...
