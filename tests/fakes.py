@@ -1,0 +1,74 @@
+"""A model-free runner whose outputs can be computed by hand (JetStream's mock-engine idea).
+
+`FakeRunner` stores token ids in a paged "KV" array exactly where the real runner would store
+K/V, and derives each next token from what it reads back through the request's page table.
+So a wrong page table, a lost page or a bad recompute changes the tokens, and engine tests
+can compare against `reference_tokens` without any weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tfjax.request import Request
+
+VOCAB = 1000
+EOS = 2
+
+
+def next_token(context: Sequence[int]) -> int:
+    """The fake model: a position-weighted hash of the whole context, never EOS."""
+    value = sum((i + 1) * t for i, t in enumerate(context)) % (VOCAB - 3)
+    return value + 3
+
+
+def reference_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt) :]
+
+
+class FakeTokenizer:
+    eos_token_ids = frozenset({EOS})
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+class FakeRunner:
+    kv_bytes_per_token = 64
+
+    def __init__(self, *, num_pages: int, page_size: int = 4, max_model_len: int = 256) -> None:
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.kv = np.full((num_pages, page_size), -1, np.int64)
+        self.num_calls = 0
+
+    def prefill(self, request: Request, num_tokens: int) -> np.ndarray:
+        start = request.num_computed_tokens
+        for pos in range(start, start + num_tokens):
+            self._write(request, pos, request.token_ids[pos])
+        return np.array([next_token(self._read(request, start + num_tokens))])
+
+    def decode(self, requests: Sequence[Request]) -> np.ndarray:
+        out = []
+        for request in requests:
+            pos = request.num_tokens - 1
+            self._write(request, pos, request.token_ids[pos])
+            out.append(next_token(self._read(request, pos + 1)))
+        return np.array(out)
+
+    def _write(self, request: Request, pos: int, token: int) -> None:
+        self.num_calls += 1
+        page = request.page_ids[pos // self.page_size]
+        assert page != 0, "wrote into the padding page"
+        self.kv[page, pos % self.page_size] = token
+
+    def _read(self, request: Request, length: int) -> list[int]:
+        flat = self.kv[request.page_ids].reshape(-1)[:length]
+        assert (flat >= 0).all(), "read a slot that was never written"
+        return flat.tolist()

@@ -1,0 +1,221 @@
+"""`AsyncEngine`: runs an `Engine` on its own thread and bridges it to asyncio.
+
+Threads: the asyncio event loop (HTTP handlers) calls `submit` / `abort`, which only append
+commands to an inbox and wake the engine thread. The engine thread drains the inbox between
+steps, runs steps while there is work, and otherwise sleeps on the wake-up event (it never
+spins). Deltas go back through `loop.call_soon_threadsafe(queue.put_nowait, delta)`, one
+asyncio queue per request, so the event loop does no engine work.
+
+Failures: an exception inside a step ends every live request with an error delta and the
+engine carries on with an empty slate (page books are rebuilt by releasing each request). If
+steps keep failing (`MAX_CONSECUTIVE_FAILURES`), the thread stops and `is_healthy` turns
+false, so /health reports 503 and a supervisor can restart the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from tfjax.api import (
+    Delta,
+    EngineDeadError,
+    EngineStats,
+    PromptTooLongError,
+    QueueFullError,
+    RequestStream,
+)
+from tfjax.engine import Engine
+from tfjax.metrics import COMPILES
+from tfjax.request import Request, RequestStatus, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 3
+_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class _Stream:
+    request_id: str
+    queue: asyncio.Queue[Delta]
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        while True:
+            delta = await self.queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+
+class AsyncEngine:
+    def __init__(
+        self, engine: Engine, *, model_name: str, tokenizer: object, max_waiting: int
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = engine.runner.max_model_len
+        self.max_waiting = max_waiting
+        self.default_rate = engine.config.default_consumption_rate
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
+        self._compiles_at_start = COMPILES.count
+        self._stats = EngineStats()
+        engine.emit = self._emit
+        self._thread = threading.Thread(target=self._run, name="tfjax-engine", daemon=True)
+        self._thread.start()
+
+    # -- EngineClient ----------------------------------------------------------------------
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        consumption_rate: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        if not self.is_healthy:
+            raise EngineDeadError("the engine has stopped")
+        if len(prompt_ids) + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
+                "including at least one generated token"
+            )
+        if self._stats.num_waiting + len(self._inbox) >= self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+        if sampling.seed is None:
+            sampling = replace(sampling, seed=secrets.randbits(32))
+        request = Request(
+            request_id=request_id or f"req-{next(_ids)}",
+            prompt_ids=list(prompt_ids),
+            sampling=sampling,
+            arrival_s=self.engine.clock(),
+            consumption_rate=consumption_rate or self.default_rate,
+            priority=priority,
+        )
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        self._post(lambda: self.engine.add_request(request))
+        return _Stream(request.request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        self._post(lambda: self.engine.abort(request_id))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort everything in flight and stop the engine thread."""
+        self._post(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._inbox.append(command)
+        self._wake.set()
+
+    def _emit(self, request_id: str, delta: Delta) -> None:
+        target = (
+            self._streams.pop(request_id, None)
+            if delta.finish_reason
+            else self._streams.get(request_id)
+        )
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            while self._inbox:
+                self._inbox.popleft()()
+            if self._stop.is_set():
+                break
+            try:
+                ran = self.engine.has_work and self.engine.step()
+                failures = 0
+            except Exception as err:  # any step failure must not kill serving
+                failures += 1
+                log.exception("engine step failed (%d in a row)", failures)
+                self.engine.fail_all(f"engine step failed: {err}")
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._stop.set()
+                    break
+                ran = False
+            self._stats = self._snapshot()
+            if not ran:
+                if not self.engine.has_work:
+                    self.engine.check_idle()
+                self._wake.wait(timeout=None if not self.engine.has_work else 0.005)
+                self._wake.clear()
+
+    def _snapshot(self) -> EngineStats:
+        engine = self.engine
+        return EngineStats(
+            num_waiting=engine.count(RequestStatus.WAITING),
+            num_running=engine.count(RequestStatus.RUNNING)
+            + engine.count(RequestStatus.PREFILLING),
+            num_preempted=engine.count(RequestStatus.PREEMPTED),
+            device_pages_used=engine.kv.device.num_used,
+            device_pages_total=engine.kv.device.num_usable,
+            num_preemptions=engine.kv.num_preemptions,
+            num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
+            num_generated_tokens=engine.num_generated_tokens,
+        )
+
+
+def build_engine(args: argparse.Namespace) -> AsyncEngine:
+    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+    from models import load_model
+    from tfjax.config import engine_config_from_args
+    from tfjax.runner import Runner, default_num_pages
+    from tfjax.sched.registry import make_policy
+
+    config = engine_config_from_args(args)
+    model = load_model(args.model, dtype=getattr(args, "dtype", None))
+    cfg = model.config
+    num_pages = config.num_pages or default_num_pages(cfg, config)
+    # One request must always fit the pool, so a lone request can never deadlock.
+    pool_tokens = (num_pages - 1) * config.page_size
+    max_model_len = min(config.max_model_len or 4096, cfg.max_position_embeddings, pool_tokens)
+    runner = Runner(cfg, model.weights, config, num_pages=num_pages, max_model_len=max_model_len)
+    start = time.monotonic()
+    runner.warmup(_progress("compiling step buckets"))
+    print(f"compiled in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    policy = make_policy(config.policy, **config.policy_params)
+    engine = Engine(runner, model.tokenizer, config, policy, emit=lambda *_: None)
+    return AsyncEngine(
+        engine,
+        model_name=model.name,
+        tokenizer=model.tokenizer,
+        max_waiting=config.max_waiting,
+    )
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return report

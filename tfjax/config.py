@@ -1,0 +1,159 @@
+"""`EngineConfig`: every engine knob in one frozen, checked place, and its CLI flags.
+
+Bucket lists fix every dynamic shape the runner compiles (DESIGN.md: "Every dynamic shape is
+bucketed ... compiled at start-up"): decode batch sizes, prefill chunk lengths and the page
+table width of a decode batch (powers of two up to the longest context). The ablation
+switches of the host tier (offload, write-through, load-evict overlap) live here too, so that
+the paper's Table 2 can be repeated from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+DEFAULT_CPU_KV_PAGES = 2048  # x16 tokens = 32k tokens; 1.5 GB for SmolLM2-135M in float32
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None  # None: sized from free device memory (fixed on CPU)
+    max_model_len: int | None = None  # None: min(model context, 4096)
+    max_batch_size: int = 32  # decode rows per step
+    prefill_token_budget: int = 512  # prompt tokens per step (chunked prefill)
+    max_waiting: int = 1024  # waiting requests before new submits are rejected
+    policy: str = "tokenflow"
+    policy_params: dict[str, float] = field(default_factory=dict)
+    default_consumption_rate: float = 15.0  # tokens/s, used when a request names none
+    offload: bool = True  # keep preempted KV on the host (else: recompute only)
+    write_through: bool = True  # copy new KV to the host continuously (else: on preempt)
+    overlap: bool = True  # let loads run while evictions are in flight
+    host_kv_gb: float = 4.0
+    device_memory_fraction: float = 0.8  # of free device memory given to KV when sizing
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.prefill_token_budget < self.page_size:
+            raise ValueError("prefill_token_budget must be at least one page")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError("num_pages must be >= 2 (page 0 is the padding page)")
+        if self.default_consumption_rate <= 0:
+            raise ValueError("default_consumption_rate must be > 0")
+
+    def decode_batch_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(1, self.max_batch_size)
+
+    def prefill_chunk_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(min(16, self.prefill_token_budget), self.prefill_token_budget)
+
+    def page_width_buckets(self, max_model_len: int) -> tuple[int, ...]:
+        """Page-table widths of decode batches: x4 steps keep compiles few and waste < 4x."""
+        max_pages = -(-max_model_len // self.page_size)
+        out, n = [], min(8, max_pages)
+        while n < max_pages:
+            out.append(n)
+            n *= 4
+        out.append(max_pages)
+        return tuple(out)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `tfjax serve`, the benchmarks and (model flags) `tfjax generate`."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--policy", default=d.policy, help="scheduling policy: tokenflow, fcfs, fcfs-chunked, andes"
+    )
+    g.add_argument(
+        "--kv-pages",
+        type=int,
+        default=None,
+        dest="num_pages",
+        help=f"device KV pages (default: from free memory; {DEFAULT_CPU_KV_PAGES} on CPU)",
+    )
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap")
+    g.add_argument(
+        "--max-batch-size", type=int, default=d.max_batch_size, help="decode rows per step"
+    )
+    g.add_argument(
+        "--prefill-token-budget",
+        type=int,
+        default=d.prefill_token_budget,
+        help="prompt tokens per step",
+    )
+    g.add_argument(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting,
+        help="waiting requests before new ones get 429",
+    )
+    g.add_argument(
+        "--default-consumption-rate",
+        type=float,
+        default=d.default_consumption_rate,
+        help="reader rate (tokens/s) of requests that declare none",
+    )
+    g.add_argument(
+        "--host-kv-gb",
+        type=float,
+        default=d.host_kv_gb,
+        help="pinned host memory for the KV host tier",
+    )
+    g.add_argument(
+        "--no-offload",
+        action="store_false",
+        dest="offload",
+        help="preempt by recompute only (no host KV tier)",
+    )
+    g.add_argument(
+        "--no-write-through",
+        action="store_false",
+        dest="write_through",
+        help="copy KV to the host only when preempting (write-back)",
+    )
+    g.add_argument(
+        "--no-overlap",
+        action="store_false",
+        dest="overlap",
+        help="no loads while evictions are in flight",
+    )
+    g.add_argument(
+        "--schedule-interval",
+        type=float,
+        default=None,
+        help="tokenflow: seconds between rebalancing passes",
+    )
+    g.add_argument(
+        "--buffer-conservativeness",
+        type=float,
+        default=None,
+        help="tokenflow: safety factor mu of the preemption rule",
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    policy_params = {
+        key: value
+        for key, value in (
+            ("schedule_interval_s", getattr(args, "schedule_interval", None)),
+            ("buffer_conservativeness", getattr(args, "buffer_conservativeness", None)),
+        )
+        if value is not None
+    }
+    return EngineConfig(**kwargs, policy_params=policy_params)

@@ -1,0 +1,235 @@
+"""`Engine`: one scheduling step at a time, on the engine thread (no locks inside).
+
+    step():  plan = policy.plan(view)        who is admitted, preempted, resumed, run
+             work = kv.execute(plan)          pages and statuses
+             tokens = runner(work)            jitted prefill chunks + one decode batch
+             postprocess(tokens)              readers, detokenizing, stop checks, deltas
+
+The engine owns every live `Request` (in arrival order: dict insertion order) and its
+`Detokenizer`. Deltas leave through the `emit` callback, which must be cheap and thread-safe
+(`AsyncEngine` forwards them to the asyncio loop). Submissions and aborts arrive from other
+threads through `AsyncEngine`'s inbox, never by touching the engine directly.
+
+Step costs are measured here (EWMA per decode batch bucket, prefill seconds per token) and
+handed to the policy as `Costs`, so policies plan with this machine's real numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+import jax
+import numpy as np
+
+from tfjax.api import Delta
+from tfjax.config import EngineConfig
+from tfjax.detokenizer import Decoder, Detokenizer
+from tfjax.kv.manager import KVManager, StepWork
+from tfjax.request import FinishReason, Request, RequestStatus
+from tfjax.sched.base import Costs, Policy, SchedulerView
+
+log = logging.getLogger(__name__)
+
+EWMA_ALPHA = 0.2  # weight of the newest step-time sample
+
+
+class StepRunner(Protocol):
+    """What the engine needs from `tfjax.runner.Runner` (and from test fakes)."""
+
+    page_size: int
+    num_pages: int
+    max_model_len: int
+    kv_bytes_per_token: int
+
+    def prefill(self, request: Request, num_tokens: int) -> jax.Array: ...
+
+    def decode(self, requests: Sequence[Request]) -> jax.Array: ...
+
+
+class Tokenizer(Decoder, Protocol):
+    eos_token_ids: frozenset[int]
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: StepRunner,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        policy: Policy,
+        *,
+        emit: Callable[[str, Delta], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.policy = policy
+        self.emit = emit
+        self.clock = clock
+        self.kv = KVManager(runner.num_pages, runner.page_size)
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, Detokenizer] = {}
+        self.costs = Costs(kv_bytes_per_token=runner.kv_bytes_per_token)
+        self.num_generated_tokens = 0
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self._detokenizers[request.request_id] = Detokenizer(self.tokenizer, request.sampling.stop)
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._finish(request, FinishReason.ABORT, RequestStatus.ABORTED)
+
+    def fail_all(self, message: str) -> None:
+        """End every live request with an error delta (the step raised)."""
+        for request in list(self.requests.values()):
+            self._finish(request, FinishReason.ERROR, RequestStatus.ABORTED, error=message)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def count(self, status: RequestStatus) -> int:
+        return sum(1 for r in self.requests.values() if r.status is status)
+
+    def check_idle(self) -> None:
+        """Invariants that must hold between steps: page books balance, owners are live."""
+        self.kv.check(self.requests)
+        if not self.requests:
+            assert self.kv.device.num_used == 0, "pages in use with no live request"
+
+    # -- the step ------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run one step; return False when the plan had nothing to run."""
+        plan = self.policy.plan(self.view())
+        work = self.kv.execute(plan, self.requests)
+        if work.is_empty:
+            return False
+        start = self.clock()
+        prefill_tokens = [self.runner.prefill(w.request, w.num_tokens) for w in work.prefill]
+        decode_tokens = self.runner.decode(work.decode) if work.decode else None
+        prefill_ids = [int(np.asarray(t)[0]) for t in prefill_tokens]
+        decode_ids = np.asarray(decode_tokens) if decode_tokens is not None else ()
+        now = self.clock()
+        self._measure(work, now - start)
+        for w, token in zip(work.prefill, prefill_ids, strict=True):
+            request = w.request
+            request.num_computed_tokens += w.num_tokens
+            if request.num_uncomputed_prefill == 0:
+                request.status = RequestStatus.RUNNING
+                if not request.output_ids:  # a recomputed request already has its next token
+                    self._append(request, token, now)
+        for request, token in zip(work.decode, decode_ids, strict=True):
+            request.num_computed_tokens += 1
+            self._append(request, int(token), now)
+        return True
+
+    def view(self) -> SchedulerView:
+        by_status: dict[RequestStatus, list[Request]] = {s: [] for s in RequestStatus}
+        for request in self.requests.values():
+            by_status[request.status].append(request)
+        return SchedulerView(
+            now_s=self.clock(),
+            waiting=by_status[RequestStatus.WAITING],
+            prefilling=by_status[RequestStatus.PREFILLING],
+            running=by_status[RequestStatus.RUNNING],
+            preempted=by_status[RequestStatus.PREEMPTED],
+            page_size=self.runner.page_size,
+            num_free_pages=self.kv.device.num_free,
+            num_total_pages=self.kv.device.num_usable,
+            max_batch_size=self.config.max_batch_size,
+            prefill_token_budget=self.config.prefill_token_budget,
+            costs=self.costs,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _append(self, request: Request, token: int, now: float) -> None:
+        request.output_ids.append(token)
+        request.reader.on_token(now)
+        self.num_generated_tokens += 1
+        params = request.sampling
+        detok = self._detokenizers[request.request_id]
+        finish = None
+        text = ""
+        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or (
+            token in params.stop_token_ids
+        ):
+            finish = FinishReason.STOP
+        else:
+            text = detok.push(token)
+            if detok.stopped:
+                finish = FinishReason.STOP
+            elif (
+                request.num_output_tokens >= params.max_tokens
+                or request.num_tokens >= self.runner.max_model_len
+            ):
+                finish = FinishReason.LENGTH
+        if finish is None:
+            self._send(request, text, (token,))
+        else:
+            self._finish(request, finish, RequestStatus.FINISHED, text=text, token_ids=(token,))
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        status: RequestStatus,
+        *,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        error: str | None = None,
+    ) -> None:
+        detok = self._detokenizers.pop(request.request_id)
+        if reason is not FinishReason.ERROR:
+            text += detok.flush()
+        request.finish_reason = reason
+        request.status = status
+        self.kv.release(request)
+        del self.requests[request.request_id]
+        self._send(request, text, token_ids, finish=reason, error=error)
+
+    def _send(
+        self,
+        request: Request,
+        text: str,
+        token_ids: tuple[int, ...],
+        *,
+        finish: FinishReason | None = None,
+        error: str | None = None,
+    ) -> None:
+        request.sent_offset += len(text)
+        self.emit(
+            request.request_id,
+            Delta(
+                text=text,
+                token_ids=token_ids,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_output_tokens=request.num_output_tokens,
+                finish_reason=finish,
+                error=error,
+            ),
+        )
+
+    def _measure(self, work: StepWork, seconds: float) -> None:
+        """Fold this step's time into the cost estimates the policies see."""
+        if work.prefill and not work.decode:
+            num_tokens = sum(w.num_tokens for w in work.prefill)
+            old = self.costs.prefill_token_s
+            sample = seconds / num_tokens
+            self.costs = replace(self.costs, prefill_token_s=old + EWMA_ALPHA * (sample - old))
+        elif work.decode and not work.prefill:
+            batch = len(work.decode)
+            table = dict(self.costs.decode_step_s)
+            old = table.get(batch, seconds)
+            table[batch] = old + EWMA_ALPHA * (seconds - old)
+            self.costs = replace(self.costs, decode_step_s=table)

@@ -1,0 +1,215 @@
+"""`Runner`: owns the device state (weights, paged KV) and the compiled step per bucket.
+
+The engine hands it requests; it turns them into one padded `StepInput` (host numpy, crossing
+to the device once per call), runs the compiled forward + sampling, and returns the sampled
+token ids as a device array (the caller fetches them after dispatching all of a step's work,
+so prefill and decode calls queue back to back on the device).
+
+Shapes are bucketed: decode batches by (rows, page-table width), prefill chunks by length with
+the full page-table width. Every bucket is compiled ahead of time in `warmup` (`lower().
+compile()`), so a call with a shape outside the table fails loudly instead of compiling while
+serving. The KV cache is donated to every call and replaced by the call's output.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
+from models.weights import Weights
+from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig
+from tfjax.kv.pages import PAD_PAGE
+from tfjax.request import Request
+from tfjax.sampling import SamplingInput, sample
+
+UINT32_MASK = 0xFFFFFFFF
+
+
+def _step(
+    weights: Weights,
+    kv: KVCache,
+    step: StepInput,
+    sampling: SamplingInput,
+    last_index_B: jax.Array,
+    *,
+    cfg: ModelConfig,
+) -> tuple[jax.Array, KVCache]:
+    hidden_BxTxD, kv = forward(weights, cfg, step, kv)
+    last_BxD = jnp.take_along_axis(hidden_BxTxD, last_index_B[:, None, None], axis=1)[:, 0]
+    return sample(logits(weights, cfg, last_BxD), sampling), kv
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    batch: int
+    tokens: int
+    width: int  # pages per row in the page table
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
+def default_num_pages(cfg: ModelConfig, config: EngineConfig) -> int:
+    """Device KV pages: a fraction of free device memory, or a fixed pool on CPU."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_PAGES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    page_bytes = kv_bytes_per_token(cfg) * config.page_size
+    return max(2, int(free * config.device_memory_fraction) // page_bytes)
+
+
+class Runner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Weights,
+        config: EngineConfig,
+        *,
+        num_pages: int,
+        max_model_len: int,
+    ) -> None:
+        self.cfg = cfg
+        self.weights = weights
+        self.page_size = config.page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_pages_per_row = -(-max_model_len // config.page_size)
+        self.kv_bytes_per_token = kv_bytes_per_token(cfg)
+        self.kv = init_kv_cache(cfg, num_pages, config.page_size)
+        self._batch_buckets = config.decode_batch_buckets()
+        self._chunk_buckets = config.prefill_chunk_buckets()
+        self._width_buckets = config.page_width_buckets(max_model_len)
+        self._jitted = jax.jit(partial(_step, cfg=cfg), donate_argnames=("kv",))
+        self._compiled: dict[Bucket, Callable] = {}
+
+    def buckets(self) -> list[Bucket]:
+        decode = [Bucket(b, 1, w) for b in self._batch_buckets for w in self._width_buckets]
+        prefill = [Bucket(1, t, self.max_pages_per_row) for t in self._chunk_buckets]
+        return prefill + decode
+
+    def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
+        """Compile every bucket; `on_compiled(done, total)` reports progress."""
+        buckets = self.buckets()
+        for i, bucket in enumerate(buckets):
+            step, sampling, last = self._inputs(bucket, [], [], [], [])
+            lowered = self._jitted.lower(self.weights, self.kv, step, sampling, last)
+            self._compiled[bucket] = lowered.compile()
+            if on_compiled:
+                on_compiled(i + 1, len(buckets))
+
+    def prefill(self, request: Request, num_tokens: int) -> jax.Array:
+        """Write KV of the next `num_tokens` prompt tokens; return the token sampled after them.
+
+        The request's pages must already cover them; `num_computed_tokens` is not advanced here.
+        """
+        start = request.num_computed_tokens
+        bucket = Bucket(1, _ceil_bucket(self._chunk_buckets, num_tokens), self.max_pages_per_row)
+        positions = list(range(start, start + num_tokens))
+        return self._run(
+            bucket,
+            [request],
+            [request.token_ids[start : start + num_tokens]],
+            [positions],
+            [num_tokens - 1],
+        )
+
+    def decode(self, requests: Sequence[Request]) -> jax.Array:
+        """One token for each request (its last token's KV is written); ids [len(requests)]."""
+        width = max(len(r.page_ids) for r in requests)
+        bucket = Bucket(
+            _ceil_bucket(self._batch_buckets, len(requests)),
+            1,
+            _ceil_bucket(self._width_buckets, width),
+        )
+        out = self._run(
+            bucket,
+            list(requests),
+            [[r.token_ids[-1]] for r in requests],
+            [[r.num_tokens - 1] for r in requests],
+            [0] * len(requests),
+        )
+        return out[: len(requests)]
+
+    def _run(
+        self,
+        bucket: Bucket,
+        requests: list[Request],
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        last_index: list[int],
+    ) -> jax.Array:
+        inputs = self._inputs(bucket, requests, tokens, positions, last_index)
+        fn = self._compiled.get(bucket) or self._jitted  # a miss compiles and is counted
+        out, self.kv = fn(self.weights, self.kv, *inputs)
+        return out
+
+    def _inputs(
+        self,
+        bucket: Bucket,
+        requests: list[Request],
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        last_index: list[int],
+    ) -> tuple[StepInput, SamplingInput, jax.Array]:
+        """Pad one call's rows into the bucket's host arrays and move them to the device."""
+        b, t, w, s = bucket.batch, bucket.tokens, bucket.width, self.page_size
+        tokens_BxT = np.zeros((b, t), np.int32)
+        positions_BxT = np.zeros((b, t), np.int32)
+        slots_BxT = np.zeros((b, t), np.int32)  # pad tokens write into PAD_PAGE
+        page_table_BxW = np.full((b, w), PAD_PAGE, np.int32)
+        kv_lens_B = np.ones((b,), np.int32)  # pad rows see one (pad) key: no empty softmax
+        last_B = np.zeros((b,), np.int32)
+        temperature_B = np.zeros((b,), np.float32)
+        top_k_B = np.zeros((b,), np.int32)
+        top_p_B = np.ones((b,), np.float32)
+        seed_B = np.zeros((b,), np.uint32)
+        index_B = np.zeros((b,), np.int32)
+        for row, request in enumerate(requests):
+            pos = np.asarray(positions[row], np.int32)
+            pages = np.asarray(request.page_ids, np.int32)
+            n = len(pos)
+            tokens_BxT[row, :n] = tokens[row]
+            positions_BxT[row, :n] = pos
+            slots_BxT[row, :n] = pages[pos // s] * s + pos % s
+            page_table_BxW[row, : len(pages)] = pages
+            kv_lens_B[row] = pos[-1] + 1
+            last_B[row] = last_index[row]
+            params = request.sampling
+            temperature_B[row] = params.temperature
+            top_k_B[row] = params.top_k
+            top_p_B[row] = params.top_p
+            seed_B[row] = (params.seed or 0) & UINT32_MASK
+            index_B[row] = request.num_output_tokens
+        step = StepInput(
+            tokens=tokens_BxT,
+            positions=positions_BxT,
+            slot_ids=slots_BxT,
+            page_table=page_table_BxW,
+            kv_lens=kv_lens_B,
+        )
+        sampling = SamplingInput(
+            temperature=temperature_B,
+            top_k=top_k_B,
+            top_p=top_p_B,
+            seed=seed_B,
+            output_index=index_B,
+        )
+        return jax.device_put((step, sampling, last_B))
+
+
+def _ceil_bucket(buckets: Sequence[int], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
