@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from tfjax.request import Request
@@ -61,6 +62,24 @@ class FakeRunner:
             self._write(request, pos, request.token_ids[pos])
             out.append(next_token(self._read(request, pos + 1)))
         return np.array(out)
+
+    # PageIO: the host tier copies pages through these, like the real runner's gather/scatter.
+    @property
+    def max_gather_pages(self) -> int:
+        return self.num_pages
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.page_size
+
+    def gather(self, page_ids: Sequence[int]) -> jnp.ndarray:
+        return jnp.asarray(self.kv[np.asarray(page_ids, np.int64)][None, None])  # [1, 1, N, S]
+
+    def scatter(self, page_ids: Sequence[int], pages: jnp.ndarray) -> None:
+        data = np.asarray(pages)[0, 0]
+        for i, page in enumerate(page_ids):
+            if page:
+                self.kv[page] = data[i]
 
     def _write(self, request: Request, pos: int, token: int) -> None:
         self.num_calls += 1

@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
+import jax
+
 from tfjax.api import (
     Delta,
     EngineDeadError,
@@ -41,6 +43,7 @@ from tfjax.request import Request, RequestStatus, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
+MAX_OFFLOAD_BYTES_IN_FLIGHT = 256 << 20  # caps pinned staging memory held by queued copies
 _ids = itertools.count()
 
 
@@ -179,7 +182,7 @@ class AsyncEngine:
             num_preempted=engine.count(RequestStatus.PREEMPTED),
             device_pages_used=engine.kv.device.num_used,
             device_pages_total=engine.kv.device.num_usable,
-            num_preemptions=engine.kv.num_preemptions,
+            num_preemptions=engine.kv.stats.num_preemptions,
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
         )
@@ -189,6 +192,9 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     """Load the model named by `args.model`, compile every bucket, start the engine thread."""
     from models import load_model
     from tfjax.config import engine_config_from_args
+    from tfjax.kv.host import HostTier
+    from tfjax.kv.manager import Offload
+    from tfjax.kv.transfer import Transfers
     from tfjax.runner import Runner, default_num_pages
     from tfjax.sched.registry import make_policy
 
@@ -204,7 +210,16 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     runner.warmup(_progress("compiling step buckets"))
     print(f"compiled in {time.monotonic() - start:.1f} s", file=sys.stderr)
     policy = make_policy(config.policy, **config.policy_params)
-    engine = Engine(runner, model.tokenizer, config, policy, emit=lambda *_: None)
+    offload = None
+    if config.offload:
+        offload = Offload(
+            host=HostTier(int(config.host_kv_gb * 1e9) // runner.page_bytes, config.page_size),
+            transfers=Transfers(jax.devices()[0], max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT),
+            io=runner,
+            write_through=config.write_through,
+            overlap=config.overlap,
+        )
+    engine = Engine(runner, model.tokenizer, config, policy, emit=lambda *_: None, offload=offload)
     return AsyncEngine(
         engine,
         model_name=model.name,

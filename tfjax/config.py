@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 DEFAULT_CPU_KV_PAGES = 2048  # x16 tokens = 32k tokens; 1.5 GB for SmolLM2-135M in float32
 
 
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2lo, 4lo, ... below hi, then hi: the bucket sizes of one dynamic dimension."""
     out, n = [], lo
     while n < hi:
         out.append(n)
@@ -54,10 +55,10 @@ class EngineConfig:
             raise ValueError("default_consumption_rate must be > 0")
 
     def decode_batch_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two(1, self.max_batch_size)
+        return powers_of_two(1, self.max_batch_size)
 
     def prefill_chunk_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two(min(16, self.prefill_token_budget), self.prefill_token_budget)
+        return powers_of_two(min(16, self.prefill_token_budget), self.prefill_token_budget)
 
     def page_width_buckets(self, max_model_len: int) -> tuple[int, ...]:
         """Page-table widths of decode batches: x4 steps keep compiles few and waste < 4x."""

@@ -28,7 +28,7 @@ import numpy as np
 from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
-from tfjax.kv.manager import KVManager, StepWork
+from tfjax.kv.manager import KVManager, Offload, StepWork
 from tfjax.request import FinishReason, Request, RequestStatus
 from tfjax.sched.base import Costs, Policy, SchedulerView
 
@@ -64,6 +64,7 @@ class Engine:
         *,
         emit: Callable[[str, Delta], None],
         clock: Callable[[], float] = time.monotonic,
+        offload: Offload | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -71,7 +72,7 @@ class Engine:
         self.policy = policy
         self.emit = emit
         self.clock = clock
-        self.kv = KVManager(runner.num_pages, runner.page_size)
+        self.kv = KVManager(runner.num_pages, runner.page_size, offload)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self.costs = Costs(kv_bytes_per_token=runner.kv_bytes_per_token)
@@ -131,6 +132,8 @@ class Engine:
         for request, token in zip(work.decode, decode_ids, strict=True):
             request.num_computed_tokens += 1
             self._append(request, int(token), now)
+        running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
+        self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
         return True
 
     def view(self) -> SchedulerView:
@@ -148,12 +151,25 @@ class Engine:
             num_total_pages=self.kv.device.num_usable,
             max_batch_size=self.config.max_batch_size,
             prefill_token_budget=self.config.prefill_token_budget,
-            costs=self.costs,
+            costs=self._costs_with_io(),
+            host=self.kv.host,
+        )
+
+    def _costs_with_io(self) -> Costs:
+        if self.kv.offload is None:
+            return self.costs
+        links = self.kv.offload.transfers
+        return replace(
+            self.costs,
+            d2h_bytes_per_s=links.d2h.bytes_per_s,
+            h2d_bytes_per_s=links.h2d.bytes_per_s,
+            io_backlog_s=links.backlog_s(),
         )
 
     # -- internals -----------------------------------------------------------------------
 
     def _append(self, request: Request, token: int, now: float) -> None:
+        self.kv.on_decoded(request)
         request.output_ids.append(token)
         request.reader.on_token(now)
         self.num_generated_tokens += 1

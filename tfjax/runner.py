@@ -25,8 +25,9 @@ import numpy as np
 from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.weights import Weights
-from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig
+from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, powers_of_two
 from tfjax.kv.pages import PAD_PAGE
+from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, sample
 
@@ -86,6 +87,9 @@ class Runner:
         self.max_model_len = max_model_len
         self.max_pages_per_row = -(-max_model_len // config.page_size)
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
+        self.page_bytes = self.kv_bytes_per_token * config.page_size
+        self.max_gather_pages = self.max_pages_per_row
+        self._gather_buckets = powers_of_two(1, self.max_gather_pages)
         self.kv = init_kv_cache(cfg, num_pages, config.page_size)
         self._batch_buckets = config.decode_batch_buckets()
         self._chunk_buckets = config.prefill_chunk_buckets()
@@ -107,6 +111,21 @@ class Runner:
             self._compiled[bucket] = lowered.compile()
             if on_compiled:
                 on_compiled(i + 1, len(buckets))
+        for n in self._gather_buckets:  # page copies of the host tier, run once to compile
+            self.scatter([], self.gather([PAD_PAGE] * n))
+
+    def gather(self, page_ids: Sequence[int]) -> jax.Array:
+        """Fresh [L, 2, N, S, K, Dh] copy of `page_ids`, N padded to a bucket."""
+        return gather_pages(self.kv, self._padded_pages(page_ids, len(page_ids)))
+
+    def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
+        """Write `pages[:, :, i]` into device page `page_ids[i]`; other entries hit PAD_PAGE."""
+        self.kv = scatter_pages(self.kv, self._padded_pages(page_ids, pages.shape[2]), pages)
+
+    def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
+        out = np.full(_ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
+        out[: len(page_ids)] = page_ids
+        return out
 
     def prefill(self, request: Request, num_tokens: int) -> jax.Array:
         """Write KV of the next `num_tokens` prompt tokens; return the token sampled after them.

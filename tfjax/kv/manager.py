@@ -1,23 +1,34 @@
 """`KVManager.execute(plan)`: applies a plan's page operations to the requests, nothing else.
 
-It owns the device `PageAllocator` and (when offload is on) the `HostTier`, moves requests
-between statuses, and returns the `StepWork` the runner executes. It never runs the model.
-Who frees what: preempting frees the victim's device pages at once (its unsynced KV is first
-gathered into a fresh buffer, so the pages can be reused in this very step); finishing or
-aborting frees both tiers through `release`.
+It owns the device `PageAllocator` and, when offload is on, the `Offload` bundle (host tier,
+transfer links, the runner's page gather/scatter). It moves requests between statuses and
+returns the `StepWork` the runner executes; it never runs the model.
+
+Preempt: synced pages are already on the host (write-through), so only the unsynced tail is
+gathered into a fresh buffer and queued for the host; the device pages are free at once, in
+this very step. With the host pool full, or offload off, the KV is dropped and the request
+will resume by recompute (logged). Resume by LOAD: fresh device pages, host arrays copied
+back by the H2D worker and scattered on this thread; without overlap, loads first wait for
+queued evictions. Write-through (`write_through`) runs after each step.
 
 Invariants, checked by `check` whenever the engine is idle and in tests: both allocators
-balance, every device page in use belongs to exactly one resident request, and host copies
-belong to preempted or resident requests only.
+balance, every device page in use belongs to exactly one live request, and every host copy
+belongs to a live request.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
+import jax
+
+from tfjax.kv.host import HostTier
 from tfjax.kv.pages import PageAllocator
+from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Plan, ResumeMode
 
@@ -26,6 +37,30 @@ log = logging.getLogger(__name__)
 
 class PlanError(RuntimeError):
     """A policy returned a plan that breaks the contract in `tfjax.sched.base`."""
+
+
+class PageIO(Protocol):
+    """The runner's jitted page copies (it owns the donated KV arrays)."""
+
+    max_gather_pages: int
+    page_bytes: int
+
+    def gather(self, page_ids: Sequence[int]) -> jax.Array:
+        """Fresh [L, 2, N, S, K, Dh] copy of `page_ids` (N = bucket >= len(page_ids))."""
+        ...
+
+    def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
+        """Write `pages[:, :, i]` into device page `page_ids[i]`; the rest goes to PAD_PAGE."""
+        ...
+
+
+@dataclass(slots=True)
+class Offload:
+    host: HostTier
+    transfers: Transfers
+    io: PageIO
+    write_through: bool = True
+    overlap: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +79,28 @@ class StepWork:
         return not (self.prefill or self.decode)
 
 
+@dataclass(slots=True)
+class KVStats:
+    num_preemptions: int = 0
+    num_swap_preemptions: int = 0  # KV kept on the host
+    num_loads: int = 0
+    num_host_full_fallbacks: int = 0
+    preempt_s: float = 0.0  # total decision -> device pages free
+    load_s: float = 0.0  # total time of the load path on the engine thread
+    resume_latencies_s: list[float] = field(default_factory=list)  # decision -> decoding
+
+
 class KVManager:
-    def __init__(self, num_pages: int, page_size: int) -> None:
+    def __init__(self, num_pages: int, page_size: int, offload: Offload | None = None) -> None:
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
-        self.num_preemptions = 0
+        self.offload = offload
+        self.stats = KVStats()
+        self._resumed_at: dict[str, float] = {}
+
+    @property
+    def host(self) -> HostTier | None:
+        return self.offload.host if self.offload else None
 
     def pages_for(self, request: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
@@ -59,17 +111,19 @@ class KVManager:
         if len(set(named)) != len(named):
             raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
         for request_id in plan.preempt:
-            self._preempt(
-                self._get(requests, request_id, RequestStatus.PREFILLING, RequestStatus.RUNNING)
-            )
+            resident = (RequestStatus.PREFILLING, RequestStatus.RUNNING)
+            self._preempt(self._get(requests, request_id, *resident))
         for resume in plan.resume:
             request = self._get(requests, resume.request_id, RequestStatus.PREEMPTED)
             if resume.mode is ResumeMode.LOAD:
-                raise PlanError("resume by LOAD needs the host tier (offload is off)")
-            request.num_computed_tokens = 0
-            request.status = RequestStatus.PREFILLING
+                self._load(request)
+            else:
+                self._drop_kv(request)
+                request.status = RequestStatus.PREFILLING
+            self._resumed_at[request.request_id] = time.perf_counter()
         for request_id in plan.admit:
-            self._get(requests, request_id, RequestStatus.WAITING).status = RequestStatus.PREFILLING
+            request = self._get(requests, request_id, RequestStatus.WAITING)
+            request.status = RequestStatus.PREFILLING
         prefill = []
         for chunk in plan.prefill:
             request = self._get(requests, chunk.request_id, RequestStatus.PREFILLING)
@@ -84,10 +138,44 @@ class KVManager:
             decode.append(request)
         return StepWork(prefill=tuple(prefill), decode=tuple(decode))
 
+    def on_decoded(self, request: Request) -> None:
+        """The request produced a token: close its resume-latency measurement if open."""
+        start = self._resumed_at.pop(request.request_id, None)
+        if start is not None:
+            self.stats.resume_latencies_s.append(time.perf_counter() - start)
+
     def release(self, request: Request) -> None:
-        """Free everything `request` holds (it finished or was aborted)."""
+        """Free everything `request` holds on both tiers (it finished or was aborted)."""
         self.device.free(request.page_ids)
         request.page_ids = []
+        if self.host:
+            self.host.drop(request.request_id)
+        self._resumed_at.pop(request.request_id, None)
+
+    def write_through(self, running: Sequence[Request], now_s: float, budget_s: float) -> int:
+        """Queue copies of full, not yet copied pages of `running` to the host, largest
+        virtual buffer first (the likeliest to be preempted next), at most what the D2H link
+        moves in `budget_s` (the next step's estimated compute time). Returns pages queued."""
+        if not (self.offload and self.offload.write_through):
+            return 0
+        link = self.offload.transfers
+        budget_bytes = min(budget_s * link.d2h.bytes_per_s, link.room_bytes())
+        max_pages = min(
+            int(budget_bytes // self.offload.io.page_bytes), self.offload.io.max_gather_pages
+        )
+        batch: list[tuple[Request, range]] = []
+        for request in sorted(running, key=lambda r: -r.reader.buffer_s(now_s)):
+            if max_pages <= 0:
+                break
+            start = self.offload.host.num_queued_tokens(request.request_id) // self.page_size
+            full = request.num_computed_tokens // self.page_size
+            take = min(full - start, max_pages)
+            if take > 0 and self.offload.host.can_hold(take):
+                batch.append((request, range(start, start + take)))
+                max_pages -= take
+        if batch:
+            self._copy_out(batch)
+        return sum(len(pages) for _, pages in batch)
 
     def check(self, requests: Mapping[str, Request]) -> None:
         self.device.check()
@@ -96,13 +184,87 @@ class KVManager:
         assert len(owned) == self.device.num_used, (
             f"requests own {len(owned)} pages, allocator says {self.device.num_used} in use"
         )
+        if self.host:
+            self.host.check()
+            assert set(self.host.copies) <= set(requests), "host copy of a finished request"
+
+    # -- internals -------------------------------------------------------------------------
 
     def _preempt(self, request: Request) -> None:
-        self.release(request)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
+        start = time.perf_counter()
+        self.stats.num_preemptions += 1
         request.num_preemptions += 1
-        self.num_preemptions += 1
+        host = self.host
+        if host is not None:
+            first = host.num_queued_tokens(request.request_id) // self.page_size
+            tail = range(first, len(request.page_ids))
+            if host.can_hold(len(tail)):
+                if tail:
+                    self._copy_out([(request, tail)])
+                self.stats.num_swap_preemptions += 1
+            else:
+                self.stats.num_host_full_fallbacks += 1
+                log.warning(
+                    "host KV pool full (%d pages free): %s will resume by recompute",
+                    host.num_free_pages,
+                    request.request_id,
+                )
+                self._drop_kv(request)
+        else:
+            self._drop_kv(request)
+        self.device.free(request.page_ids)
+        request.page_ids = []
+        request.status = RequestStatus.PREEMPTED
+        self.stats.preempt_s += time.perf_counter() - start
+
+    def _copy_out(self, batch: Sequence[tuple[Request, range]]) -> None:
+        """Gather the given page index ranges into one buffer and queue it for the host."""
+        assert self.offload is not None
+        device_pages = [r.page_ids[i] for r, pages in batch for i in pages]
+        future = self.offload.transfers.offload(self.offload.io.gather(device_pages))
+        offset = 0
+        for request, pages in batch:
+            self.offload.host.add(
+                request.request_id, future, offset, pages, request.num_computed_tokens
+            )
+            offset += len(pages)
+
+    def _load(self, request: Request) -> None:
+        host, offload = self.host, self.offload
+        if host is None or offload is None:
+            raise PlanError("resume by LOAD needs the host tier (offload is off)")
+        if host.num_synced_tokens(request.request_id) < request.num_computed_tokens:
+            raise PlanError(f"{request.request_id}: host copy incomplete, cannot LOAD")
+        start = time.perf_counter()
+        if not offload.overlap:
+            offload.transfers.d2h.drain()
+        self._grow(request, request.num_computed_tokens)
+        copy = host.copies[request.request_id]
+        by_array: dict[int, list[tuple[int, int]]] = {}  # id(array) -> [(offset, device page)]
+        arrays = {}
+        for index, page in copy.pages.items():
+            if index < len(request.page_ids):
+                by_array.setdefault(id(page.array), []).append(
+                    (page.offset, request.page_ids[index])
+                )
+                arrays[id(page.array)] = page.array
+        loads = {key: offload.transfers.load(arrays[key].result()) for key in by_array}
+        for key, entries in by_array.items():
+            targets = [0] * max(offset for offset, _ in entries) + [0]
+            for offset, device_page in entries:
+                targets[offset] = device_page
+            offload.io.scatter(targets, loads[key].result())
+        if not offload.write_through:
+            host.drop(request.request_id)  # write-back: swap-in releases the host copy
+        done = request.num_uncomputed_prefill == 0
+        request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
+        self.stats.num_loads += 1
+        self.stats.load_s += time.perf_counter() - start
+
+    def _drop_kv(self, request: Request) -> None:
+        if self.host:
+            self.host.drop(request.request_id)
+        request.num_computed_tokens = 0
 
     def _grow(self, request: Request, num_tokens: int) -> None:
         need = self.pages_for(request, num_tokens)

@@ -1,0 +1,116 @@
+"""Device <-> pinned-host copies on worker threads, and the jitted page gather/scatter.
+
+The only JAX in `tfjax/kv/`. Rules (serving-anchors notes §3):
+- Workers never touch the live KV cache: it is donated to every step, so a worker holding it
+  would read a deleted buffer. The engine thread first gathers the pages to save into a fresh
+  array (`gather_pages`, jitted and bucketed) and hands that array to a worker, which runs
+  `jax.device_put(buf, <pinned_host sharding>)` and waits for it.
+- Loads run the other way: a worker puts the host array back on the device, and the engine
+  thread scatters it into freshly allocated pages (`scatter_pages`, KV donated).
+- Each direction has one worker thread (copies in one direction serialize on the link
+  anyway), and bytes in flight are capped: `can_offload` tells the write-through how much
+  room is left.
+Bandwidth is measured per direction (EWMA of completed copies) and fed to the policies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+
+from models.llama import KVCache
+
+EWMA_ALPHA = 0.3
+
+
+@jax.jit
+def gather_pages(kv: KVCache, page_ids_N: jax.Array) -> jax.Array:
+    """Copy pages out of every layer: [L, 2, N, S, K, Dh]."""
+    with jax.named_scope("kv_gather"):
+        return jnp.stack(
+            [jnp.stack([k[page_ids_N], v[page_ids_N]]) for k, v in zip(kv.k, kv.v, strict=True)]
+        )
+
+
+def _scatter(kv: KVCache, page_ids_N: jax.Array, pages_Lx2xNxSxKxDh: jax.Array) -> KVCache:
+    with jax.named_scope("kv_scatter"):
+        k = [layer.at[page_ids_N].set(pages_Lx2xNxSxKxDh[i, 0]) for i, layer in enumerate(kv.k)]
+        v = [layer.at[page_ids_N].set(pages_Lx2xNxSxKxDh[i, 1]) for i, layer in enumerate(kv.v)]
+        return KVCache(k=k, v=v)
+
+
+scatter_pages = jax.jit(_scatter, donate_argnames=("kv",))
+
+
+class _Link:
+    """One direction of the host link: a worker thread, bytes in flight and bandwidth."""
+
+    def __init__(self, name: str, initial_bytes_per_s: float) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tfjax-{name}")
+        self._lock = threading.Lock()
+        self.bytes_in_flight = 0
+        self.bytes_done = 0
+        self.bytes_per_s = initial_bytes_per_s
+
+    def submit(self, array: jax.Array, sharding: jax.sharding.Sharding) -> Future[jax.Array]:
+        nbytes = array.nbytes
+        with self._lock:
+            self.bytes_in_flight += nbytes
+        return self._pool.submit(self._copy, array, sharding, nbytes)
+
+    def _copy(self, array: jax.Array, sharding: jax.sharding.Sharding, nbytes: int) -> jax.Array:
+        start = time.perf_counter()
+        try:
+            out = jax.device_put(array, sharding)
+            out.block_until_ready()
+        finally:
+            with self._lock:
+                self.bytes_in_flight -= nbytes
+        seconds = max(time.perf_counter() - start, 1e-6)
+        with self._lock:
+            self.bytes_done += nbytes
+            self.bytes_per_s += EWMA_ALPHA * (nbytes / seconds - self.bytes_per_s)
+        return out
+
+    def drain(self) -> None:
+        """Block until every copy submitted so far has finished."""
+        self._pool.submit(lambda: None).result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Transfers:
+    """The two links between device memory and pinned host memory."""
+
+    def __init__(self, device: jax.Device, *, max_bytes_in_flight: int) -> None:
+        self.host_sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        self.device_sharding = jax.sharding.SingleDeviceSharding(device)
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.d2h = _Link("d2h", initial_bytes_per_s=5e9)
+        self.h2d = _Link("h2d", initial_bytes_per_s=5e9)
+
+    def offload(self, pages: jax.Array) -> Future[jax.Array]:
+        """Start copying gathered pages to pinned host memory."""
+        return self.d2h.submit(pages, self.host_sharding)
+
+    def load(self, host_pages: jax.Array) -> Future[jax.Array]:
+        """Start copying host pages back into device memory (for `scatter_pages`)."""
+        return self.h2d.submit(host_pages, self.device_sharding)
+
+    def room_bytes(self) -> int:
+        return max(0, self.max_bytes_in_flight - self.d2h.bytes_in_flight)
+
+    def backlog_s(self) -> float:
+        return (
+            self.d2h.bytes_in_flight / self.d2h.bytes_per_s
+            + self.h2d.bytes_in_flight / self.h2d.bytes_per_s
+        )
+
+    def shutdown(self) -> None:
+        self.d2h.shutdown()
+        self.h2d.shutdown()
