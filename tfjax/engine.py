@@ -119,7 +119,7 @@ class Engine:
         prefill_tokens = [self.runner.prefill(w.request, w.num_tokens) for w in work.prefill]
         decode_tokens = self.runner.decode(work.decode) if work.decode else None
         prefill_ids = [int(np.asarray(t)[0]) for t in prefill_tokens]
-        decode_ids = np.asarray(decode_tokens) if decode_tokens is not None else ()
+        decode_ids = np.asarray(decode_tokens)[: len(work.decode)] if work.decode else ()
         now = self.clock()
         self._measure(work, now - start)
         for w, token in zip(work.prefill, prefill_ids, strict=True):

@@ -6,9 +6,9 @@ token ids as a device array (the caller fetches them after dispatching all of a 
 so prefill and decode calls queue back to back on the device).
 
 Shapes are bucketed: decode batches by (rows, page-table width), prefill chunks by length with
-the full page-table width. Every bucket is compiled ahead of time in `warmup` (`lower().
-compile()`), so a call with a shape outside the table fails loudly instead of compiling while
-serving. The KV cache is donated to every call and replaced by the call's output.
+the full page-table width. `warmup` runs every bucket once on padding, so serving never
+compiles (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it
+stays flat). The KV cache is donated to every call and replaced by the call's output.
 """
 
 from __future__ import annotations
@@ -34,18 +34,24 @@ from tfjax.sampling import SamplingInput, sample
 UINT32_MASK = 0xFFFFFFFF
 
 
-def _step(
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+def _forward_logits(
     weights: Weights,
     kv: KVCache,
     step: StepInput,
-    sampling: SamplingInput,
     last_index_B: jax.Array,
     *,
     cfg: ModelConfig,
 ) -> tuple[jax.Array, KVCache]:
+    """Logits [B, V] at each row's `last_index`. Module-level so runners of one model share
+    compilations; sampling is a separate jit because it depends on the batch size only, which
+    halves the compile time of the (batch x tokens x width) bucket table."""
     hidden_BxTxD, kv = forward(weights, cfg, step, kv)
     last_BxD = jnp.take_along_axis(hidden_BxTxD, last_index_B[:, None, None], axis=1)[:, 0]
-    return sample(logits(weights, cfg, last_BxD), sampling), kv
+    return logits(weights, cfg, last_BxD), kv
+
+
+_sample = jax.jit(sample)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +100,6 @@ class Runner:
         self._batch_buckets = config.decode_batch_buckets()
         self._chunk_buckets = config.prefill_chunk_buckets()
         self._width_buckets = config.page_width_buckets(max_model_len)
-        self._jitted = jax.jit(partial(_step, cfg=cfg), donate_argnames=("kv",))
-        self._compiled: dict[Bucket, Callable] = {}
 
     def buckets(self) -> list[Bucket]:
         decode = [Bucket(b, 1, w) for b in self._batch_buckets for w in self._width_buckets]
@@ -103,16 +107,19 @@ class Runner:
         return prefill + decode
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
-        """Compile every bucket; `on_compiled(done, total)` reports progress."""
+        """Compile every bucket by running it once on padding (only PAD_PAGE is written);
+        `on_compiled(done, total)` reports progress."""
         buckets = self.buckets()
+        total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
-            step, sampling, last = self._inputs(bucket, [], [], [], [])
-            lowered = self._jitted.lower(self.weights, self.kv, step, sampling, last)
-            self._compiled[bucket] = lowered.compile()
+            jax.block_until_ready(self._run(bucket, [], [], [], []))
             if on_compiled:
-                on_compiled(i + 1, len(buckets))
-        for n in self._gather_buckets:  # page copies of the host tier, run once to compile
+                on_compiled(i + 1, total)
+        for i, n in enumerate(self._gather_buckets):  # the host tier's page copies
             self.scatter([], self.gather([PAD_PAGE] * n))
+            if on_compiled:
+                on_compiled(len(buckets) + i + 1, total)
+        jax.block_until_ready(self.kv)
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, 2, N, S, K, Dh] copy of `page_ids`, N padded to a bucket."""
@@ -144,21 +151,21 @@ class Runner:
         )
 
     def decode(self, requests: Sequence[Request]) -> jax.Array:
-        """One token for each request (its last token's KV is written); ids [len(requests)]."""
+        """One token for each request (its last token's KV is written): ids [bucket >= len],
+        row i for requests[i] (slice on the host: slicing on device would compile)."""
         width = max(len(r.page_ids) for r in requests)
         bucket = Bucket(
             _ceil_bucket(self._batch_buckets, len(requests)),
             1,
             _ceil_bucket(self._width_buckets, width),
         )
-        out = self._run(
+        return self._run(
             bucket,
             list(requests),
             [[r.token_ids[-1]] for r in requests],
             [[r.num_tokens - 1] for r in requests],
             [0] * len(requests),
         )
-        return out[: len(requests)]
 
     def _run(
         self,
@@ -168,10 +175,9 @@ class Runner:
         positions: list[list[int]],
         last_index: list[int],
     ) -> jax.Array:
-        inputs = self._inputs(bucket, requests, tokens, positions, last_index)
-        fn = self._compiled.get(bucket) or self._jitted  # a miss compiles and is counted
-        out, self.kv = fn(self.weights, self.kv, *inputs)
-        return out
+        step, sampling, last_B = self._inputs(bucket, requests, tokens, positions, last_index)
+        logits_BxV, self.kv = _forward_logits(self.weights, self.kv, step, last_B, cfg=self.cfg)
+        return _sample(logits_BxV, sampling)
 
     def _inputs(
         self,

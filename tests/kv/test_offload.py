@@ -50,17 +50,19 @@ class StormPolicy:
             running = [r for r in kept if r.status is RequestStatus.RUNNING]
         free -= decode_pages_needed(view, running)
         resume, decode = [], [r.request_id for r in running]
+        rows_left = view.max_batch_size - len(kept)
         for r in view.preempted:
             synced = view.host.num_synced_tokens(r.request_id) if view.host else 0
             can_load = 0 < r.num_computed_tokens <= synced
             pages = -(-r.num_tokens // view.page_size)
-            if can_load and self.rng.random() < self.p_resume and pages <= free:
+            if can_load and self.rng.random() < self.p_resume and pages <= free and rows_left:
                 free -= pages
+                rows_left -= 1
                 resume.append(Resume(request_id=r.request_id, mode=ResumeMode.LOAD))
                 if r.num_uncomputed_prefill == 0:
                     decode.append(r.request_id)
         filler = PrefillFiller(
-            view=view, free_pages=free, tokens_left=view.prefill_token_budget, rows_left=99
+            view=view, free_pages=free, tokens_left=view.prefill_token_budget, rows_left=rows_left
         )
         chunks = []
         for r in kept:

@@ -83,11 +83,10 @@ class HostTier:
         """Register a queued copy of pages `page_index_range` (covering the request's first
         `num_tokens` tokens at most) stored from `first_offset` along the array's page axis."""
         copy = self.copies.setdefault(request_id, HostCopy())
+        replaced = [copy.pages.pop(i).host_page_id for i in page_index_range if i in copy.pages]
+        self.allocator.free(replaced)
         host_pages = self.allocator.allocate(len(page_index_range))
         for i, (index, host_page) in enumerate(zip(page_index_range, host_pages, strict=True)):
-            old = copy.pages.get(index)
-            if old is not None:
-                self.allocator.free([old.host_page_id])
             tokens = min(self.page_size, num_tokens - index * self.page_size)
             copy.pages[index] = HostPage(host_page, array, first_offset + i, tokens)
 

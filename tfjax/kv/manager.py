@@ -163,6 +163,7 @@ class KVManager:
         max_pages = min(
             int(budget_bytes // self.offload.io.page_bytes), self.offload.io.max_gather_pages
         )
+        max_pages = min(max_pages, self.offload.host.num_free_pages)
         batch: list[tuple[Request, range]] = []
         for request in sorted(running, key=lambda r: -r.reader.buffer_s(now_s)):
             if max_pages <= 0:
@@ -170,7 +171,7 @@ class KVManager:
             start = self.offload.host.num_queued_tokens(request.request_id) // self.page_size
             full = request.num_computed_tokens // self.page_size
             take = min(full - start, max_pages)
-            if take > 0 and self.offload.host.can_hold(take):
+            if take > 0:
                 batch.append((request, range(start, start + take)))
                 max_pages -= take
         if batch:

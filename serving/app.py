@@ -1,0 +1,411 @@
+"""The OpenAI-compatible HTTP app: routes, SSE streaming, disconnect handling, draining.
+
+`create_app(engine, ...)` wraps any `ServedEngine` (an `EngineClient` with a tokenizer); it
+never builds one, so tests run it against a fake engine and `serving.serve_cmd` against the real
+one. A generation request goes: decode and validate the body (`serving.protocol`), check the
+model name, tokenize (chat: through the model's chat template), check the context length,
+`engine.submit` (its errors become 429/400/503 before anything is sent), then stream the deltas
+as SSE events or collect them into one JSON response.
+
+Every admitted request ends in `_Server._end`, called from a `finally` around sending its
+response: it aborts the engine request unless the engine already finished it, counts the finish
+reason and logs one line. The engine request is therefore aborted and its pages freed however
+the response ends: a client disconnect (raced against the body by `_until_disconnected`, so a
+request still waiting in the queue is aborted too, not only one that is writing), a
+cancellation, or a server error. It does not rely on the event generator's own `finally`, which
+never runs if the client leaves before the generator is first entered.
+
+Chat streams send the role chunk together with the first delta rather than at once, so that
+clients that time TTFT at the first chunk with choices (vLLM's benchmark does) measure the first
+token. Text deltas each become one chunk; the finish reason comes in a chunk of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from serving import protocol as p
+from serving.errors import (
+    SERVER_ERROR,
+    APIError,
+    bad_request,
+    from_engine_error,
+    model_not_found,
+    unavailable,
+)
+from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
+from tfjax.api import Delta, EngineClient, EngineError, RequestStream
+from tfjax.request import FinishReason
+
+logger = logging.getLogger("tfjax.requests")
+T = TypeVar("T")
+
+_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+_ROLE_DELTA = {"role": "assistant", "content": ""}
+_CLIENT_GONE = 499  # nginx's "client closed request": only ever seen by our status counter
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+class ServedEngine(EngineClient, Protocol):
+    tokenizer: Tokenizer
+
+
+@dataclass(slots=True)
+class _Call:
+    """One admitted generation request, from submit to its last delta."""
+
+    header: p.StreamHeader
+    chat: bool
+    sse: bool  # stream the answer as server-sent events
+    include_usage: bool
+    source: RequestStream
+    submit_s: float  # time.monotonic()
+    num_prompt_tokens: int
+    num_output_tokens: int = 0
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
+
+
+def create_app(
+    engine: ServedEngine,
+    *,
+    served_model_name: str | None = None,
+    default_consumption_rate: float = 15.0,
+) -> Starlette:
+    """The ASGI app serving `engine` as `served_model_name` (default: `engine.model_name`).
+
+    `default_consumption_rate` (tokens/s) is used for requests without `consumption_rate`.
+    Call `drain(app, grace_s)` on shutdown before stopping the engine.
+    """
+    if not default_consumption_rate > 0:
+        raise ValueError(f"default_consumption_rate must be > 0, got {default_consumption_rate}")
+    server = _Server(engine, served_model_name or engine.model_name, default_consumption_rate)
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/health", server.health, methods=["GET"]),
+            Route("/metrics", server.metrics_text, methods=["GET"]),
+        ],
+        middleware=[Middleware(StatusCounter, metrics=server.metrics)],
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.server = server
+    return app
+
+
+async def drain(app: Starlette, grace_s: float) -> None:
+    """Refuse new generation requests (503), give running ones `grace_s` to finish, then abort
+    the rest; their streams end with an error event and [DONE]."""
+    await app.state.server.drain(grace_s)
+
+
+class _Server:
+    """Route handlers and the state they share: engine, metrics, requests in flight."""
+
+    def __init__(self, engine: ServedEngine, model_name: str, default_rate: float) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.default_rate = default_rate
+        self.metrics = Metrics(engine.stats)
+        self.created = int(time.time())
+        self.draining = False
+        self._live: set[str] = set()  # ids of requests submitted and not yet ended
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def models(self, request: Request) -> Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tfjax",
+            "max_model_len": self.engine.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not self.engine.is_healthy:  # still warming up, or the engine thread has stopped
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def drain(self, grace_s: float) -> None:
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            for request_id in list(self._live):
+                self.engine.abort(request_id)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        call = await self._admit(request, chat=chat)
+        if call.sse:
+            return _EventStream(self._events(call), on_close=lambda: self._end(call))
+        try:
+            response = await _until_disconnected(request.receive, lambda: self._collect(call))
+        finally:
+            self._end(call)
+        return response or Response(status_code=_CLIENT_GONE)
+
+    async def _admit(self, request: Request, *, chat: bool) -> _Call:
+        """Validate, tokenize and submit; every failure here is an `APIError` (nothing queued)."""
+        body = p.decode_body(await request.body())
+        if chat:
+            messages, options = p.parse_chat(body)
+        else:
+            prompt, options = p.parse_completion(body)
+        if options.model is not None and options.model != self.model_name:
+            raise model_not_found(options.model)
+        if self.draining:
+            raise unavailable("The server is shutting down.")
+        if not self.engine.is_healthy:
+            raise unavailable("The engine is not ready or has stopped.")
+        if chat:
+            prompt_ids = self.engine.tokenizer.encode(self._chat_prompt(messages))
+        else:
+            prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        sampling = p.sampling_params(
+            options,
+            num_prompt_tokens=len(prompt_ids),
+            max_model_len=self.engine.max_model_len,
+            default_max_tokens=None if chat else p.COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        submit_s = time.monotonic()
+        try:
+            source = self.engine.submit(
+                prompt_ids,
+                sampling,
+                consumption_rate=options.consumption_rate or self.default_rate,
+                priority=options.priority,
+                request_id=request_id,
+            )
+        except EngineError as err:
+            raise from_engine_error(err) from None
+        self._live.add(source.request_id)
+        self._idle.clear()
+        return _Call(
+            header=p.StreamHeader(request_id, int(time.time()), self.model_name),
+            chat=chat,
+            sse=options.stream,
+            include_usage=options.include_usage,
+            source=source,
+            submit_s=submit_s,
+            num_prompt_tokens=len(prompt_ids),
+        )
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as err:  # the model's Jinja template may reject any conversation
+            raise bad_request(
+                f"The chat template rejected the messages: {err}", "messages"
+            ) from None
+
+    async def _deltas(self, call: _Call) -> AsyncGenerator[Delta, None]:
+        """The engine's deltas, timed and bookkept on `call`."""
+        async for delta in call.source:
+            if delta.token_ids or delta.text:
+                self._observe_token(call)
+            call.num_output_tokens = delta.num_output_tokens
+            if delta.finish_reason is not None or delta.error is not None:
+                call.final = delta
+            yield delta
+
+    def _end(self, call: _Call) -> None:
+        """Called exactly once per admitted request, after its response ended in any way."""
+        if call.final is None:
+            self.engine.abort(call.source.request_id)
+        self._live.discard(call.source.request_id)
+        if not self._live:
+            self._idle.set()
+        self._log_finished(call)
+
+    def _observe_token(self, call: _Call) -> None:
+        now = time.monotonic()
+        if call.last_token_s is None:
+            call.first_token_s = now
+            self.metrics.ttft.observe(now - call.submit_s)
+        else:
+            self.metrics.itl.observe(now - call.last_token_s)
+        call.last_token_s = now
+
+    def _log_finished(self, call: _Call) -> None:
+        """One line per request. Per-request engine figures (stall, preemptions) belong here
+        once `Delta` carries them on the final delta (`call.final`)."""
+        final = call.final
+        if final is None:
+            reason = FinishReason.ABORT.value  # the client went away or the task was cancelled
+        else:
+            reason = final.finish_reason.value if final.finish_reason else FinishReason.ERROR.value
+        self.metrics.finished.labels(reason).inc()
+        ttft_ms = (
+            "-"
+            if call.first_token_s is None
+            else f"{(call.first_token_s - call.submit_s) * 1e3:.1f}"
+        )
+        logger.info(
+            "%s finish=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.1f",
+            call.header.id,
+            reason,
+            call.num_prompt_tokens,
+            call.num_output_tokens,
+            ttft_ms,
+            (time.monotonic() - call.submit_s) * 1e3,
+        )
+
+    async def _events(self, call: _Call) -> AsyncGenerator[bytes, None]:
+        """SSE events of one request, [DONE] last; `_EventStream` closes it."""
+        h = call.header
+        role_sent = False
+        async with aclosing(self._deltas(call)) as deltas:
+            async for delta in deltas:
+                if call.chat and not role_sent and (delta.token_ids or delta.text):
+                    role_sent = True
+                    yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None))
+                if delta.text:
+                    yield p.sse_event(_text_chunk(call, delta.text, None))
+        failure = _failure(call.final)
+        if failure is not None:
+            yield p.sse_event(failure.payload())
+        else:
+            if call.chat and not role_sent:
+                yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None))
+            yield p.sse_event(_text_chunk(call, "", _FINISH_REASONS[call.final.finish_reason]))
+            if call.include_usage:
+                object_name = "chat.completion.chunk" if call.chat else "text_completion"
+                usage = p.usage(call.final.num_prompt_tokens, call.final.num_output_tokens)
+                yield p.sse_event(p.usage_chunk(h, object_name, usage))
+        yield p.SSE_DONE
+
+    async def _collect(self, call: _Call) -> Response:
+        texts = []
+        async with aclosing(self._deltas(call)) as deltas:
+            async for delta in deltas:
+                texts.append(delta.text)
+        failure = _failure(call.final)
+        if failure is not None:
+            return failure.response()
+        reason = _FINISH_REASONS[call.final.finish_reason]
+        usage = p.usage(call.final.num_prompt_tokens, call.final.num_output_tokens)
+        build = p.chat_response if call.chat else p.completion_response
+        return JSONResponse(build(call.header, "".join(texts), reason, usage))
+
+
+def _text_chunk(call: _Call, text: str, finish_reason: str | None) -> dict[str, Any]:
+    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`)."""
+    if call.chat:
+        return p.chat_chunk(call.header, {"content": text} if text else {}, finish_reason)
+    return p.completion_chunk(call.header, text, finish_reason)
+
+
+def _failure(final: Delta | None) -> APIError | None:
+    """Why a submitted request did not end with stop/length, or None if it did."""
+    if final is None:
+        return APIError(
+            500, "The engine ended the stream without a finish reason.", type=SERVER_ERROR
+        )
+    if final.error is not None or final.finish_reason is FinishReason.ERROR:
+        return APIError(
+            500, f"Generation failed: {final.error or 'engine error'}", type=SERVER_ERROR
+        )
+    if final.finish_reason is FinishReason.ABORT:
+        return APIError(
+            503, "The request was aborted by the server.", type=SERVER_ERROR, code="aborted"
+        )
+    return None
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that stops as soon as the client leaves, then calls `on_close`.
+
+    Starlette's StreamingResponse listens for `http.disconnect` only on ASGI spec < 2.4; on 2.4
+    it notices a gone client at its next write, which for a request still queued in the engine
+    may be minutes away.
+    """
+
+    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await _until_disconnected(receive, lambda: self.stream_response(send))
+        except* OSError:  # a spec 2.4 server failing a write to a gone client
+            pass
+        finally:
+            await self._events.aclose()
+            self._on_close()
+
+
+async def _until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run `work` unless the client disconnects first, in which case cancel it, return None."""
+    results: list[T] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def run_work() -> None:
+            results.append(await work())
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(run_work)
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the body was read already; nothing else may arrive before the disconnect
+        tasks.cancel_scope.cancel()
+    return results[0] if results else None
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes (404) and wrong methods (405) in the OpenAI error shape too."""
+    assert isinstance(exc, HTTPException)
+    return APIError(exc.status_code, str(exc.detail)).response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return APIError(500, "Internal server error.", type=SERVER_ERROR).response()

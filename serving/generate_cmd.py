@@ -1,0 +1,86 @@
+"""`tfjax generate`: greedy generation for one prompt, a smoke test of model loading and forward.
+
+It runs `models.llama.forward` on a private single-sequence paged cache (pages 1..n of one row,
+page 0 the padding page), the same code path the engine uses, without the engine: one jitted
+step for the whole prompt, then one per new token, stopping at EOS or `--max-tokens`. Text is
+printed as it grows; a suffix ending in U+FFFD (an incomplete UTF-8 sequence) is held back
+until the next token completes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from models import LoadedModel, llama, load_model
+from models.config import ModelConfig
+from models.weights import Weights
+
+PAGE_SIZE = 16
+PROMPT_BUCKET = 64
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="greedy-generate text for one prompt")
+    parser.add_argument("--model", default="default", help='"default", a HF dir or a .gguf file')
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    tokenizer = model.tokenizer
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        text = args.prompt
+    generated: list[int] = []
+    printed = ""
+    for token in generate_greedy(model, tokenizer.encode(text), args.max_tokens):
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    print()
+    return 0
+
+
+def generate_greedy(model: LoadedModel, prompt: list[int], max_tokens: int) -> Iterator[int]:
+    """Yield up to `max_tokens` greedy tokens after `prompt`, stopping before an EOS token.
+
+    The prompt is padded to a multiple of PROMPT_BUCKET tokens so that prompts of similar
+    length share one compiled step.
+    """
+    num_row_pages = math.ceil((len(prompt) + max_tokens) / PAGE_SIZE)
+    kv = llama.init_kv_cache(model.config, num_row_pages + 1, PAGE_SIZE)
+    pad_to = math.ceil(len(prompt) / PROMPT_BUCKET) * PROMPT_BUCKET
+    step = llama.single_sequence_step(prompt, 0, PAGE_SIZE, num_row_pages, pad_to=pad_to)
+    last, start = len(prompt) - 1, len(prompt)
+    for _ in range(max_tokens):
+        next_token, kv = _greedy_step(model.weights, model.config, step, kv, last)
+        token = int(next_token)
+        if token in model.tokenizer.eos_token_ids:
+            return
+        yield token
+        step = llama.single_sequence_step([token], start, PAGE_SIZE, num_row_pages)
+        last, start = 0, start + 1
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+def _greedy_step(
+    weights: Weights, cfg: ModelConfig, step: llama.StepInput, kv: llama.KVCache, last: int
+) -> tuple[jax.Array, llama.KVCache]:
+    """The argmax token after position `last` of row 0, and the updated cache."""
+    hidden_BxTxD, kv = llama.forward(weights, cfg, step, kv)
+    return jnp.argmax(llama.logits(weights, cfg, hidden_BxTxD[0, last]), axis=-1), kv

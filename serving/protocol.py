@@ -1,0 +1,336 @@
+"""OpenAI request parsing and validation, and the response and SSE chunk builders.
+
+Parsing is hand-written over the decoded JSON instead of a schema library so that every way a
+body can be wrong (bad JSON, wrong types, NaN, booleans posing as integers, out-of-range values,
+unsupported options) becomes an `APIError` with status 400 and the offending `param`: no body can
+reach the engine invalid or make the server answer 500. Fields we do not know are ignored, as
+OpenAI clients send extras; OpenAI fields we cannot honour (n > 1, logprobs, echo, penalties,
+logit_bias, ...) are rejected rather than silently ignored, because the answer would be wrong.
+
+Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
+of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
+reader consumes, DESIGN.md "Definitions"; the server default when missing), `priority`, `top_k`
+(-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
+
+The builders return plain dicts in the chunk shapes of the OpenAI streaming API (see section 5 of
+the serving notes); `serving.app` decides which to send when.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from serving.errors import bad_request
+from tfjax.request import SamplingParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+SSE_DONE = b"data: [DONE]\n\n"
+
+# OpenAI options we do not implement, with the values (besides null) that mean "off" and are
+# therefore accepted. Compared with their type too, since True == 1 in Python.
+_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+}
+_INT64 = 2**63
+_SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerateOptions:
+    """Everything of a request body but the prompt or messages, validated."""
+
+    model: str | None  # None: the served model
+    max_tokens: int | None  # None: the endpoint's default, see `sampling_params`
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    consumption_rate: float | None = None  # None: the server's --default-consumption-rate
+    priority: int = 0
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body, or a 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise bad_request(f"The request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOptions]:
+    """`prompt` is a string or a list of token ids; a batch of one is unwrapped."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt, _parse_options(body)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise bad_request(
+            "Batched prompts are not supported: send one request per prompt.", param="prompt"
+        )
+    if isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt):
+        return prompt, _parse_options(body)
+    raise bad_request(
+        "'prompt' must be a string or a list of non-negative token ids.", param="prompt"
+    )
+
+
+def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], GenerateOptions]:
+    """Messages come back as `{"role", "content"}` with text parts joined into one string."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list.", param="messages")
+    return [_parse_message(m) for m in messages], _parse_options(body)
+
+
+def sampling_params(
+    options: GenerateOptions,
+    *,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    default_max_tokens: int | None,
+) -> SamplingParams:
+    """Sampling params once the prompt length is known; `default_max_tokens=None` means the
+    rest of the context. Raises a 400 if prompt plus output cannot fit `max_model_len`."""
+    if num_prompt_tokens == 0:
+        raise bad_request("The prompt is empty.", param="prompt")
+    room = max_model_len - num_prompt_tokens
+    max_tokens = options.max_tokens or default_max_tokens or max(room, 1)
+    if max_tokens > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens" if room > 0 else "prompt",
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        seed=None if options.seed is None else options.seed % _SEED_SPACE,
+        stop=options.stop,
+        stop_token_ids=options.stop_token_ids,
+        ignore_eos=options.ignore_eos,
+    )
+
+
+def _parse_options(body: dict[str, Any]) -> GenerateOptions:
+    for name, off in _UNSUPPORTED_UNLESS.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(a) and value == a for a in off):
+            raise bad_request(f"'{name}' is not supported by this server.", param=name)
+    n = _opt_int(body, "n")
+    if n not in (None, 1):
+        raise bad_request("Only n=1 is supported: send one request per choice.", param="n")
+    _opt_str(body, "user")
+
+    stream = _opt_bool(body, "stream") or False
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise bad_request("'stream_options' must be an object.", param="stream_options")
+    if stream_options is not None and not stream:
+        raise bad_request(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
+    include_usage = _opt_bool(stream_options or {}, "include_usage", "stream_options.") or False
+
+    max_tokens = _opt_int(body, "max_completion_tokens")
+    param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = _opt_int(body, "max_tokens"), "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"'{param}' must be at least 1.", param=param)
+
+    temperature = _opt_number(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise bad_request("'temperature' must be >= 0.", param="temperature")
+    top_p = _opt_number(body, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise bad_request("'top_p' must be in (0, 1].", param="top_p")
+    top_k = _opt_int(body, "top_k")
+    if top_k is not None and top_k < -1:
+        raise bad_request("'top_k' must be -1 or 0 (no cut) or a positive integer.", "top_k")
+    seed = _opt_int(body, "seed")
+    if seed is not None and not -_INT64 <= seed < _INT64:
+        raise bad_request("'seed' must fit in a signed 64-bit integer.", param="seed")
+    rate = _opt_number(body, "consumption_rate")
+    if rate is not None and rate <= 0:
+        raise bad_request("'consumption_rate' must be > 0 tokens/s.", param="consumption_rate")
+    priority = _opt_int(body, "priority")
+    if priority is not None and not -_INT64 <= priority < _INT64:
+        raise bad_request("'priority' must fit in a signed 64-bit integer.", param="priority")
+
+    return GenerateOptions(
+        model=_opt_str(body, "model"),
+        max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=max(top_k or 0, 0),
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+        stop_token_ids=_parse_stop_token_ids(body.get("stop_token_ids")),
+        ignore_eos=_opt_bool(body, "ignore_eos") or False,
+        stream=stream,
+        include_usage=include_usage,
+        consumption_rate=rate,
+        priority=priority or 0,
+    )
+
+
+def _parse_message(message: object) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise bad_request("Each message must be an object.", param="messages")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise bad_request("Each message needs a string 'role'.", param="messages")
+    content = message.get("content")
+    if content is None and role == "assistant":  # an assistant turn that only made tool calls
+        content = ""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise bad_request("Only text content parts are supported.", param="messages")
+        if not all(isinstance(p.get("text"), str) for p in content):
+            raise bad_request("Each text content part needs a string 'text'.", param="messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad_request(
+            "Message 'content' must be a string or a list of text parts.", param="messages"
+        )
+    return {"role": role, "content": content}
+
+
+def _parse_stop(stop: object) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request(
+            "'stop' must be a non-empty string or a list of non-empty strings.", param="stop"
+        )
+    return tuple(stops)
+
+
+def _parse_stop_token_ids(ids: object) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < 2**31 for t in ids):
+        raise bad_request("'stop_token_ids' must be a list of token ids.", param="stop_token_ids")
+    return tuple(ids)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1 here
+
+
+def _opt_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and not _is_int(value):
+        raise bad_request(f"'{name}' must be an integer.", param=name)
+    return value
+
+
+def _opt_number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise bad_request(f"'{name}' must be a finite number.", param=name)  # json allows NaN
+    return float(value)
+
+
+def _opt_bool(body: dict[str, Any], name: str, prefix: str = "") -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"'{prefix}{name}' must be a boolean.", param=prefix + name)
+    return value
+
+
+def _opt_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string.", param=name)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeader:
+    """The fields every chunk and response of one request repeats unchanged."""
+
+    id: str
+    created: int  # unix seconds
+    model: str
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": num_prompt_tokens + num_output_tokens,
+    }
+
+
+def completion_chunk(h: StreamHeader, text: str, finish_reason: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(h, "text_completion", [choice], None)
+
+
+def chat_chunk(h: StreamHeader, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(h, "chat.completion.chunk", [choice], None)
+
+
+def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, int]) -> dict[str, Any]:
+    """The `stream_options.include_usage` chunk: no choices, sent just before [DONE]."""
+    return _envelope(h, object_name, [], usage)
+
+
+def completion_response(
+    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, int]
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(h, "text_completion", [choice], usage)
+
+
+def chat_response(
+    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, int]
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(h, "chat.completion", [choice], usage)
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _envelope(
+    h: StreamHeader, object_name: str, choices: list[dict[str, Any]], usage: dict[str, int] | None
+) -> dict[str, Any]:
+    return {
+        "id": h.id,
+        "object": object_name,
+        "created": h.created,
+        "model": h.model,
+        "choices": choices,
+        "usage": usage,
+    }

@@ -1,0 +1,145 @@
+"""`tfjax serve`: build the engine, serve it over HTTP with uvicorn, stop cleanly on a signal.
+
+Flags: the serve-specific ones are registered here; the engine's (`--policy`, `--kv-pages`,
+`--page-size`, `--max-waiting`, `--host-kv-gb`, `--default-consumption-rate`, ...) come from
+`tfjax.config.add_engine_arguments`, so `serve` and the benchmarks share one definition, and
+`tfjax.async_engine.build_engine(args)` turns them into a warmed-up `AsyncEngine`. Both are
+imported when needed, so `tfjax --help` stays fast and JAX loads only for `tfjax serve`.
+
+Start-up: build the engine (weights, compiles), bind, then print exactly one line to stdout,
+`tfjax serving MODEL on http://HOST:PORT`, with the bound port (so `--port 0` works); scripts
+and tests wait for it. Everything else (uvicorn, request log lines) goes to stderr.
+
+Shutdown: the first SIGTERM or SIGINT stops accepting connections and drains (`serving.app.
+drain`): new generation requests get 503, running ones have `--shutdown-grace-s` to finish and
+are then aborted, ending with an SSE error event and [DONE]. Then the engine is shut down and
+the command returns 0. A second SIGINT skips the wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from serving.app import create_app, drain
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_BACKSTOP_S = 10.0  # after the grace period, how long aborted streams get to close
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tfjax.config import add_engine_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (streaming SSE).",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free one)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name clients must send and /v1/models lists (default: the model's name)",
+    )
+    parser.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds running requests get to finish before they are aborted",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the server and of the per-request log lines (tfjax.requests)",
+    )
+    add_engine_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tfjax.async_engine import build_engine
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    engine = build_engine(args)
+    try:
+        app = create_app(
+            engine,
+            served_model_name=args.served_model_name,
+            default_consumption_rate=args.default_consumption_rate,
+        )
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,  # keep the logging set up above: one format, all on stderr
+            log_level=args.log_level,
+            access_log=False,  # tfjax.requests logs one line per generation request instead
+            lifespan="off",
+            timeout_graceful_shutdown=max(args.shutdown_grace_s, 0.0) + _BACKSTOP_S,
+        )
+        model_name = args.served_model_name or engine.model_name
+        _Server(config, app, model_name, max(args.shutdown_grace_s, 0.0)).run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our ready line and signal handling."""
+
+    def __init__(
+        self, config: uvicorn.Config, app: Starlette, model_name: str, grace_s: float
+    ) -> None:
+        super().__init__(config)
+        self.app = app
+        self.model_name = model_name
+        self.grace_s = grace_s
+        self._drain: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            port = self.servers[0].sockets[0].getsockname()[1]
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            print(f"tfjax serving {self.model_name} on http://{host}:{port}", flush=True)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Replaces uvicorn's handlers, which re-raise the signal once the server has stopped
+        and so would kill the process by SIGTERM instead of letting it shut the engine down and
+        exit 0. Handlers run on the event loop, where draining must happen."""
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._drain is not None:
+            self.force_exit = self.force_exit or sig == signal.SIGINT
+            return
+        self._drain = asyncio.create_task(drain(self.app, self.grace_s))
+        self.should_exit = True

@@ -1,0 +1,49 @@
+"""Fixtures: a `FakeEngine`, the app serving it as "fake", and an httpx client on that app."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from serving.app import create_app
+from tests.serving.fake_engine import FakeEngine
+
+DEFAULT_RATE = 12.5
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def app(engine: FakeEngine) -> Starlette:
+    return create_app(engine, served_model_name="fake", default_consumption_rate=DEFAULT_RATE)
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def sse_events(body: str) -> list[Any]:
+    """The `data:` payloads of an SSE body, decoded; `[DONE]` stays a string."""
+    assert body.endswith("\n\n"), body
+    events = []
+    for block in body.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: ") :]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
