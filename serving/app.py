@@ -271,8 +271,7 @@ class _Server:
         call.last_token_s = now
 
     def _log_finished(self, call: _Call) -> None:
-        """One line per request. Per-request engine figures (stall, preemptions) belong here
-        once `Delta` carries them on the final delta (`call.final`)."""
+        """One line per request, with the engine's stall and preemption figures."""
         final = call.final
         if final is None:
             reason = FinishReason.ABORT.value  # the client went away or the task was cancelled
@@ -285,13 +284,16 @@ class _Server:
             else f"{(call.first_token_s - call.submit_s) * 1e3:.1f}"
         )
         logger.info(
-            "%s finish=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.1f",
+            "%s finish=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.1f "
+            "stall_ms=%.1f preemptions=%d",
             call.header.id,
             reason,
             call.num_prompt_tokens,
             call.num_output_tokens,
             ttft_ms,
             (time.monotonic() - call.submit_s) * 1e3,
+            final.stall_s * 1e3 if final else 0.0,
+            final.num_preemptions if final else 0,
         )
 
     async def _events(self, call: _Call) -> AsyncGenerator[bytes, None]:

@@ -35,7 +35,8 @@ class Delta:
     """New output of one request since the previous delta.
 
     `text` never splits a UTF-8 character and never contains (part of) a stop string.
-    The last delta of a stream has `finish_reason` set; `error` is set when the engine failed.
+    The last delta of a stream has `finish_reason` set (and the request's stall and preemption
+    figures); `error` is set when the engine failed.
     """
 
     text: str
@@ -44,6 +45,8 @@ class Delta:
     num_output_tokens: int
     finish_reason: FinishReason | None = None
     error: str | None = None
+    stall_s: float = 0.0  # reader-model stall so far (set on the final delta)
+    num_preemptions: int = 0  # times the request left the device (set on the final delta)
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,6 +185,29 @@ class AsyncEngine:
             num_preemptions=engine.kv.stats.num_preemptions,
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
+            effective_tokens=engine.effective_tokens,
+            **self._offload_stats(),
+        )
+
+    def _offload_stats(self) -> dict[str, object]:
+        kv = self.engine.kv
+        if kv.offload is None:
+            return {}
+        stats, links = kv.stats, kv.offload.transfers
+        return dict(
+            host_pages_used=kv.offload.host.allocator.num_used,
+            host_pages_total=kv.offload.host.allocator.num_usable,
+            offload_bytes_d2h=links.d2h.bytes_done,
+            offload_bytes_h2d=links.h2d.bytes_done,
+            extra={
+                "swap_preemptions": stats.num_swap_preemptions,
+                "host_full_fallbacks": stats.num_host_full_fallbacks,
+                "loads": stats.num_loads,
+                "preempt_seconds_total": stats.preempt_s,
+                "load_seconds_total": stats.load_s,
+                "resume_seconds_total": stats.resume_s,
+                "resumes_timed": stats.num_resumes_timed,
+            },
         )
 
 

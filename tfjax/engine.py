@@ -29,6 +29,7 @@ from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
 from tfjax.kv.manager import KVManager, Offload, StepWork
+from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
 from tfjax.sched.base import Costs, Policy, SchedulerView
 
@@ -77,6 +78,7 @@ class Engine:
         self._detokenizers: dict[str, Detokenizer] = {}
         self.costs = Costs(kv_bytes_per_token=runner.kv_bytes_per_token)
         self.num_generated_tokens = 0
+        self.effective_tokens = 0.0  # paper §7.1.3 weights of finished requests' tokens
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -212,6 +214,8 @@ class Engine:
         request.status = status
         self.kv.release(request)
         del self.requests[request.request_id]
+        reader = request.reader
+        self.effective_tokens += float(token_weights(reader.buffers, reader.num_tokens).sum())
         self._send(request, text, token_ids, finish=reason, error=error)
 
     def _send(
@@ -233,6 +237,8 @@ class Engine:
                 num_output_tokens=request.num_output_tokens,
                 finish_reason=finish,
                 error=error,
+                stall_s=request.reader.stall_s if finish else 0.0,
+                num_preemptions=request.num_preemptions if finish else 0,
             ),
         )
 

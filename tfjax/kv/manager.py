@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import jax
@@ -87,7 +87,8 @@ class KVStats:
     num_host_full_fallbacks: int = 0
     preempt_s: float = 0.0  # total decision -> device pages free
     load_s: float = 0.0  # total time of the load path on the engine thread
-    resume_latencies_s: list[float] = field(default_factory=list)  # decision -> decoding
+    resume_s: float = 0.0  # total decision -> first token after resuming
+    num_resumes_timed: int = 0
 
 
 class KVManager:
@@ -142,7 +143,8 @@ class KVManager:
         """The request produced a token: close its resume-latency measurement if open."""
         start = self._resumed_at.pop(request.request_id, None)
         if start is not None:
-            self.stats.resume_latencies_s.append(time.perf_counter() - start)
+            self.stats.resume_s += time.perf_counter() - start
+            self.stats.num_resumes_timed += 1
 
     def release(self, request: Request) -> None:
         """Free everything `request` holds on both tiers (it finished or was aborted)."""
