@@ -46,9 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--model",
-        default=None,
-        help="HF checkpoint directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)",
+        default="default",
+        help='"default" (the embedded SmolLM2-135M-Instruct), a HF checkpoint dir or a .gguf file',
     )
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free one)")
     parser.add_argument(

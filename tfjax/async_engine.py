@@ -214,6 +214,7 @@ class AsyncEngine:
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     """Load the model named by `args.model`, compile every bucket, start the engine thread."""
     from models import load_model
+    from models.cache import default_cache_dir
     from tfjax.config import engine_config_from_args
     from tfjax.kv.host import HostTier
     from tfjax.kv.manager import Offload
@@ -222,12 +223,16 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     from tfjax.sched.registry import make_policy
 
     config = engine_config_from_args(args)
+    # Compiled buckets persist across starts: the first start compiles (minutes on a
+    # 2-core CPU), later ones load the executables from disk.
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     model = load_model(args.model, dtype=getattr(args, "dtype", None))
     cfg = model.config
     num_pages = config.num_pages or default_num_pages(cfg, config)
     # One request must always fit the pool, so a lone request can never deadlock.
     pool_tokens = (num_pages - 1) * config.page_size
-    max_model_len = min(config.max_model_len or 4096, cfg.max_position_embeddings, pool_tokens)
+    max_model_len = min(config.max_model_len or 2048, cfg.max_position_embeddings, pool_tokens)
     runner = Runner(cfg, model.weights, config, num_pages=num_pages, max_model_len=max_model_len)
     start = time.monotonic()
     runner.warmup(_progress("compiling step buckets"))

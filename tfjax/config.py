@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from tfjax.sched.registry import POLICY_NAMES
+
 DEFAULT_CPU_KV_PAGES = 2048  # x16 tokens = 32k tokens; 1.5 GB for SmolLM2-135M in float32
 
 
-def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    """lo, 2lo, 4lo, ... below hi, then hi: the bucket sizes of one dynamic dimension."""
+def geometric_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+    """lo, lo*f, lo*f^2, ... below hi, then hi: the bucket sizes of one dynamic dimension."""
     out, n = [], lo
     while n < hi:
         out.append(n)
-        n *= 2
+        n *= factor
     out.append(hi)
     return tuple(out)
 
@@ -29,7 +31,7 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None  # None: sized from free device memory (fixed on CPU)
-    max_model_len: int | None = None  # None: min(model context, 4096)
+    max_model_len: int | None = None  # None: min(model context, 2048)
     max_batch_size: int = 32  # decode rows per step
     prefill_token_budget: int = 512  # prompt tokens per step (chunked prefill)
     max_waiting: int = 1024  # waiting requests before new submits are rejected
@@ -55,29 +57,26 @@ class EngineConfig:
             raise ValueError("default_consumption_rate must be > 0")
 
     def decode_batch_buckets(self) -> tuple[int, ...]:
-        return powers_of_two(1, self.max_batch_size)
+        """From 2 rows, never 1: XLA turns a one-token KV scatter into a dynamic-update-slice
+        and then copies every layer's whole KV array (seen in the compiled HLO: 60 copies,
+        ~40x slower batch-1 steps); two rows (one padding) keep the update in place."""
+        return geometric_buckets(min(2, self.max_batch_size), max(2, self.max_batch_size))
 
     def prefill_chunk_buckets(self) -> tuple[int, ...]:
-        return powers_of_two(min(16, self.prefill_token_budget), self.prefill_token_budget)
+        """x4 steps from 32 tokens: a short prompt pads to at most 4x, and few compiles."""
+        return geometric_buckets(min(32, self.prefill_token_budget), self.prefill_token_budget, 4)
 
     def page_width_buckets(self, max_model_len: int) -> tuple[int, ...]:
         """Page-table widths of decode batches: x4 steps keep compiles few and waste < 4x."""
         max_pages = -(-max_model_len // self.page_size)
-        out, n = [], min(8, max_pages)
-        while n < max_pages:
-            out.append(n)
-            n *= 4
-        out.append(max_pages)
-        return tuple(out)
+        return geometric_buckets(min(8, max_pages), max_pages, 4)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `tfjax serve`, the benchmarks and (model flags) `tfjax generate`."""
     d = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument(
-        "--policy", default=d.policy, help="scheduling policy: tokenflow, fcfs, fcfs-chunked, andes"
-    )
+    g.add_argument("--policy", default=d.policy, choices=POLICY_NAMES, help="scheduling policy")
     g.add_argument(
         "--kv-pages",
         type=int,
