@@ -25,7 +25,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.weights import Weights
-from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, powers_of_two
+from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, geometric_buckets
 from tfjax.kv.pages import PAD_PAGE
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.request import Request
@@ -95,7 +95,7 @@ class Runner:
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
         self.page_bytes = self.kv_bytes_per_token * config.page_size
         self.max_gather_pages = self.max_pages_per_row
-        self._gather_buckets = powers_of_two(1, self.max_gather_pages)
+        self._gather_buckets = geometric_buckets(1, self.max_gather_pages)
         self.kv = init_kv_cache(cfg, num_pages, config.page_size)
         self._batch_buckets = config.decode_batch_buckets()
         self._chunk_buckets = config.prefill_chunk_buckets()
