@@ -73,7 +73,9 @@ class Engine:
         self.policy = policy
         self.emit = emit
         self.clock = clock
-        self.kv = KVManager(runner.num_pages, runner.page_size, offload)
+        # The pool may use fewer pages than the runner's array (benchmarks shrink it).
+        num_pages = min(config.num_pages or runner.num_pages, runner.num_pages)
+        self.kv = KVManager(num_pages, runner.page_size, offload)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self.costs = Costs(kv_bytes_per_token=runner.kv_bytes_per_token)

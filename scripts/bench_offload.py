@@ -1,0 +1,241 @@
+"""Preemption and resume costs of the host KV tier, and the paper's Table 2 ablation.
+
+    python scripts/bench_offload.py --out out/bench_offload [--contexts 256,1024,4096]
+
+Part 1, per context length C: one request with C tokens of KV is preempted and resumed by
+  (a) write-through swap: its full pages were copied during decoding, only the tail moves now;
+  (b) write-back swap: everything is copied at preemption;
+  (c) recompute: the KV is dropped and the C tokens are prefilled again.
+  Reported: preempt (decision -> device pages free), host copy done (decision -> copy
+  complete, the earliest a LOAD may start), resume (decision -> next token sampled), and the
+  reader-visible stall in decode steps: (preempt + resume) / decode step time.
+Part 2: the makespan of one burst served in-process by the tokenflow policy with the full
+  host tier and with each mechanism switched off (--no-offload, --no-write-through,
+  --no-overlap), like the paper's Table 2 (RTX 4090: 66.0 / 127.3 / 82.8 / 74.4 s).
+
+CPU numbers: the "host link" is a memcpy between two CPU memory spaces, so swap costs are far
+below a GPU's PCIe link; the ratios, not the absolute times, are what carries over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from models import load_model
+from tfjax.config import EngineConfig
+from tfjax.engine import Engine
+from tfjax.kv.host import HostTier
+from tfjax.kv.manager import Offload
+from tfjax.kv.transfer import Transfers
+from tfjax.request import Request, RequestStatus, SamplingParams
+from tfjax.runner import Runner
+from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode
+from tfjax.sched.registry import make_policy
+
+MAX_BYTES_IN_FLIGHT = 1 << 30
+
+
+def make_offload(runner: Runner, *, write_through: bool = True, overlap: bool = True) -> Offload:
+    return Offload(
+        host=HostTier(int(8e9) // runner.page_bytes, runner.page_size),
+        transfers=Transfers(jax.devices()[0], max_bytes_in_flight=MAX_BYTES_IN_FLIGHT),
+        io=runner,
+        write_through=write_through,
+        overlap=overlap,
+    )
+
+
+def run_plan(engine: Engine, plan: Plan) -> None:
+    engine.policy = _Once(plan)
+    engine.step()
+
+
+class _Once:
+    """A policy that returns one given plan, then decodes everything running."""
+
+    name = "once"
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan_ = plan
+
+    def plan(self, view) -> Plan:
+        plan, self.plan_ = self.plan_, None
+        return plan or Plan(decode=tuple(r.request_id for r in view.running))
+
+
+def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
+    """Preempt + resume one request holding `context` tokens of KV; mode: wt | wb | recompute."""
+    offload = None if mode == "recompute" else make_offload(runner, write_through=mode == "wt")
+    config = EngineConfig(page_size=runner.page_size, max_batch_size=2, prefill_token_budget=512)
+    engine = Engine(
+        runner,
+        tokenizer,
+        config,
+        make_policy("fcfs-chunked"),
+        emit=lambda *_: None,
+        offload=offload,
+    )
+    prompt = np.random.default_rng(context).integers(10, runner.cfg.vocab_size, context).tolist()
+    request = Request("r", prompt, SamplingParams(max_tokens=64, ignore_eos=True), 0.0, 10.0)
+    engine.add_request(request)
+    while request.status is not RequestStatus.RUNNING:
+        engine.step()
+    step_s = []
+    for _ in range(16):  # decode a little; write-through copies the full pages meanwhile
+        start = time.perf_counter()
+        engine.step()
+        step_s.append(time.perf_counter() - start)
+    if offload:
+        offload.transfers.d2h.drain()
+    start = time.perf_counter()
+    run_plan(engine, Plan(preempt=("r",)))
+    preempt_s = time.perf_counter() - start
+    copy_done_s = preempt_s
+    if offload:
+        offload.transfers.d2h.drain()
+        copy_done_s = time.perf_counter() - start
+    resume_mode = ResumeMode.RECOMPUTE if mode == "recompute" else ResumeMode.LOAD
+    start = time.perf_counter()
+    if resume_mode is ResumeMode.LOAD:
+        run_plan(engine, Plan(resume=(Resume(request_id="r", mode=resume_mode),), decode=("r",)))
+    else:
+        chunks = []
+        remaining = request.num_prefill_target
+        resume = (Resume(request_id="r", mode=resume_mode),)
+        while remaining:
+            n = min(512, remaining)
+            run_plan(
+                engine, Plan(resume=resume, prefill=(PrefillChunk(request_id="r", num_tokens=n),))
+            )
+            resume, remaining = (), remaining - n
+            chunks.append(n)
+        run_plan(engine, Plan(decode=("r",)))
+    jax.block_until_ready(runner.kv)
+    resume_s = time.perf_counter() - start
+    engine.abort("r")
+    step = statistics.median(step_s)
+    return {
+        "context": context,
+        "mode": mode,
+        "preempt_ms": 1e3 * preempt_s,
+        "host_copy_done_ms": 1e3 * copy_done_s,
+        "resume_ms": 1e3 * resume_s,
+        "decode_step_ms": 1e3 * step,
+        "stall_steps": (preempt_s + resume_s) / step,
+    }
+
+
+def burst_makespan(runner: Runner, tokenizer, args, variant: str) -> dict:
+    config = EngineConfig(
+        page_size=runner.page_size,
+        max_batch_size=args.max_batch_size,
+        prefill_token_budget=512,
+        offload=variant != "no-offload",
+        write_through=variant != "no-write-through",
+        overlap=variant != "no-overlap",
+        num_pages=args.burst_kv_pages,  # a smaller pool than the array: the burst must not fit
+    )
+    offload = (
+        make_offload(runner, write_through=config.write_through, overlap=config.overlap)
+        if config.offload
+        else None
+    )
+    engine = Engine(
+        runner, tokenizer, config, make_policy("tokenflow"), emit=lambda *_: None, offload=offload
+    )
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.burst):
+        prompt = rng.integers(10, runner.cfg.vocab_size, args.burst_prompt_len).tolist()
+        params = SamplingParams(max_tokens=args.burst_output_len, ignore_eos=True)
+        engine.add_request(Request(f"b{i}", prompt, params, engine.clock(), args.burst_rate))
+    start = time.perf_counter()
+    while engine.has_work:
+        engine.step()
+    makespan = time.perf_counter() - start
+    stats = engine.kv.stats
+    return {
+        "variant": variant,
+        "makespan_s": makespan,
+        "preemptions": stats.num_preemptions,
+        "loads": stats.num_loads,
+        "host_full_fallbacks": stats.num_host_full_fallbacks,
+        "bytes_d2h": offload.transfers.d2h.bytes_done if offload else 0,
+        "bytes_h2d": offload.transfers.h2d.bytes_done if offload else 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--contexts", default="256,1024,4096")
+    parser.add_argument("--burst", type=int, default=16)
+    parser.add_argument("--burst-prompt-len", type=int, default=64)
+    parser.add_argument("--burst-output-len", type=int, default=128)
+    parser.add_argument("--burst-rate", type=float, default=8.0, help="tokens/s per reader")
+    parser.add_argument("--burst-kv-pages", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_offload"))
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    model = load_model(args.model)
+    max_len = max(contexts) + 80
+    config = EngineConfig(max_batch_size=args.max_batch_size, prefill_token_budget=512)
+    runner = Runner(
+        model.config,
+        model.weights,
+        config,
+        num_pages=2 + 2 * (max_len // 16) + 512,
+        max_model_len=max_len,
+    )
+    runner.warmup(lambda d, t: print(f"\rcompiling {d}/{t}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    swaps = []
+    for context in contexts:
+        for mode in ("wt", "wb", "recompute"):
+            print(f"context {context}: {mode}", file=sys.stderr)
+            swaps.append(swap_costs(runner, model.tokenizer, context, mode))
+    print(
+        f"\n{'context':>7} {'mode':>9} {'preempt ms':>10} {'copy done ms':>12} "
+        f"{'resume ms':>9} {'step ms':>7} {'stall steps':>11}"
+    )
+    for row in swaps:
+        print(
+            f"{row['context']:>7} {row['mode']:>9} {row['preempt_ms']:>10.2f} "
+            f"{row['host_copy_done_ms']:>12.2f} {row['resume_ms']:>9.1f} "
+            f"{row['decode_step_ms']:>7.1f} {row['stall_steps']:>11.2f}"
+        )
+    bursts = []
+    for variant in ("full", "no-offload", "no-write-through", "no-overlap"):
+        print(f"burst: {variant}", file=sys.stderr)
+        bursts.append(burst_makespan(runner, model.tokenizer, args, variant))
+    full = bursts[0]["makespan_s"]
+    print(f"\n{'variant':>17} {'makespan s':>10} {'x full':>6} {'preempts':>8} {'loads':>6}")
+    for row in bursts:
+        print(
+            f"{row['variant']:>17} {row['makespan_s']:>10.1f} {row['makespan_s'] / full:>6.2f} "
+            f"{row['preemptions']:>8} {row['loads']:>6}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": str(jax.devices()[0]),
+        "model": model.name,
+        "swap": swaps,
+        "burst": bursts,
+        "burst_args": {k: v for k, v in vars(args).items() if "burst" in k},
+    }
+    (args.out / "bench_offload.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
