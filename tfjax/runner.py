@@ -5,10 +5,11 @@ to the device once per call), runs the compiled forward + sampling, and returns 
 token ids as a device array (the caller fetches them after dispatching all of a step's work,
 so prefill and decode calls queue back to back on the device).
 
-Shapes are bucketed: decode batches by (rows, page-table width), prefill chunks by length with
-the full page-table width. `warmup` runs every bucket once on padding, so serving never
-compiles (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it
-stays flat). The KV cache is donated to every call and replaced by the call's output.
+Shapes are bucketed: decode batches by (rows, page-table width), prefill chunks by (length,
+page-table width), so a short prompt never attends over the longest context's page table.
+`warmup` runs every bucket once on padding, so serving never compiles
+(`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
+flat). The KV cache is donated to every call and replaced by the call's output.
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ class Runner:
 
     def buckets(self) -> list[Bucket]:
         decode = [Bucket(b, 1, w) for b in self._batch_buckets for w in self._width_buckets]
-        prefill = [Bucket(1, t, self.max_pages_per_row) for t in self._chunk_buckets]
+        prefill = [
+            Bucket(1, t, w)
+            for t in self._chunk_buckets
+            for w in self._width_buckets
+            if t <= w * self.page_size  # a chunk never spans more pages than its row has
+        ]
         return prefill + decode
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
@@ -140,7 +146,9 @@ class Runner:
         The request's pages must already cover them; `num_computed_tokens` is not advanced here.
         """
         start = request.num_computed_tokens
-        bucket = Bucket(1, _ceil_bucket(self._chunk_buckets, num_tokens), self.max_pages_per_row)
+        tokens = _ceil_bucket(self._chunk_buckets, num_tokens)
+        pages = max(len(request.page_ids), -(-tokens // self.page_size))
+        bucket = Bucket(1, tokens, _ceil_bucket(self._width_buckets, pages))
         positions = list(range(start, start + num_tokens))
         return self._run(
             bucket,
