@@ -24,6 +24,7 @@ from models.weights import Weights
 
 PAGE_SIZE = 16
 PROMPT_BUCKET = 64
+CONTEXT_BUCKET = 256
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     generated: list[int] = []
     printed = ""
-    for token in generate_greedy(model, tokenizer.encode(text), args.max_tokens):
+    for token, _ in generate_greedy(model, tokenizer.encode(text), args.max_tokens):
         generated.append(token)
         text = tokenizer.decode(generated)
         if not text.endswith("\ufffd"):
@@ -56,23 +57,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_greedy(model: LoadedModel, prompt: list[int], max_tokens: int) -> Iterator[int]:
-    """Yield up to `max_tokens` greedy tokens after `prompt`, stopping before an EOS token.
+def generate_greedy(
+    model: LoadedModel, prompt: list[int], max_tokens: int
+) -> Iterator[tuple[int, jax.Array]]:
+    """Yield (token, float32 logits [V] it was picked from) for up to `max_tokens` greedy
+    tokens after `prompt`, stopping before an EOS token.
 
-    The prompt is padded to a multiple of PROMPT_BUCKET tokens so that prompts of similar
-    length share one compiled step.
+    The prompt is padded to a multiple of PROMPT_BUCKET tokens and the row's page count to a
+    multiple of CONTEXT_BUCKET tokens, so that similar requests share compiled steps.
     """
-    num_row_pages = math.ceil((len(prompt) + max_tokens) / PAGE_SIZE)
-    kv = llama.init_kv_cache(model.config, num_row_pages + 1, PAGE_SIZE)
     pad_to = math.ceil(len(prompt) / PROMPT_BUCKET) * PROMPT_BUCKET
+    num_row_pages = math.ceil((len(prompt) + max_tokens) / CONTEXT_BUCKET) * (
+        CONTEXT_BUCKET // PAGE_SIZE
+    )
+    kv = llama.init_kv_cache(model.config, num_row_pages + 1, PAGE_SIZE)
     step = llama.single_sequence_step(prompt, 0, PAGE_SIZE, num_row_pages, pad_to=pad_to)
     last, start = len(prompt) - 1, len(prompt)
     for _ in range(max_tokens):
-        next_token, kv = _greedy_step(model.weights, model.config, step, kv, last)
+        next_token, logits_V, kv = _greedy_step(model.weights, model.config, step, kv, last)
         token = int(next_token)
         if token in model.tokenizer.eos_token_ids:
             return
-        yield token
+        yield token, logits_V
         step = llama.single_sequence_step([token], start, PAGE_SIZE, num_row_pages)
         last, start = 0, start + 1
 
@@ -80,7 +86,8 @@ def generate_greedy(model: LoadedModel, prompt: list[int], max_tokens: int) -> I
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
 def _greedy_step(
     weights: Weights, cfg: ModelConfig, step: llama.StepInput, kv: llama.KVCache, last: int
-) -> tuple[jax.Array, llama.KVCache]:
-    """The argmax token after position `last` of row 0, and the updated cache."""
+) -> tuple[jax.Array, jax.Array, llama.KVCache]:
+    """The argmax token after position `last` of row 0, its logits, and the updated cache."""
     hidden_BxTxD, kv = llama.forward(weights, cfg, step, kv)
-    return jnp.argmax(llama.logits(weights, cfg, hidden_BxTxD[0, last]), axis=-1), kv
+    logits_V = llama.logits(weights, cfg, hidden_BxTxD[0, last])
+    return jnp.argmax(logits_V), logits_V, kv

@@ -1,0 +1,130 @@
+"""Load a HF checkpoint directory: `config.json` plus one or several `*.safetensors` shards.
+
+Shards are found through `model.safetensors.index.json` when present, else `model.safetensors`,
+else every `*.safetensors` in the directory. Tensors are read with `safetensors.safe_open` in
+numpy (bf16 arrives as `ml_dtypes.bfloat16`), cast to the target dtype and renamed from HF's
+`model.layers.{i}.self_attn.q_proj.weight` style; linear weights are transposed to [in, out].
+A tied model's `lm_head.weight`, if a checkpoint still stores it, is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from models.config import ModelConfig
+from models.errors import ModelLoadError
+from models.loaders import check_shapes
+from models.weights import Layer, Weights
+
+
+def load(path: Path, *, dtype: str) -> tuple[ModelConfig, Weights]:
+    """Config and numpy weights (in `dtype`) of the checkpoint directory `path`."""
+    cfg = read_config(path, dtype=dtype)
+    tensor = _tensor_reader(path, jnp.dtype(dtype))  # bfloat16 is ml_dtypes'
+
+    def linear(name: str) -> np.ndarray:
+        return np.ascontiguousarray(tensor(name).T)
+
+    def bias(name: str) -> np.ndarray | None:
+        return tensor(name) if cfg.attention_bias else None
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        layers.append(
+            Layer(
+                attn_norm=tensor(p + "input_layernorm.weight"),
+                wq=linear(p + "self_attn.q_proj.weight"),
+                wk=linear(p + "self_attn.k_proj.weight"),
+                wv=linear(p + "self_attn.v_proj.weight"),
+                bq=bias(p + "self_attn.q_proj.bias"),
+                bk=bias(p + "self_attn.k_proj.bias"),
+                bv=bias(p + "self_attn.v_proj.bias"),
+                wo=linear(p + "self_attn.o_proj.weight"),
+                mlp_norm=tensor(p + "post_attention_layernorm.weight"),
+                w_gate=linear(p + "mlp.gate_proj.weight"),
+                w_up=linear(p + "mlp.up_proj.weight"),
+                w_down=linear(p + "mlp.down_proj.weight"),
+            )
+        )
+    weights = Weights(
+        embed=tensor("model.embed_tokens.weight"),
+        layers=layers,
+        final_norm=tensor("model.norm.weight"),
+        lm_head=None if cfg.tie_word_embeddings else linear("lm_head.weight"),
+    )
+    check_shapes(cfg, weights, str(path))
+    return cfg, weights
+
+
+def read_config(path: Path, *, dtype: str) -> ModelConfig:
+    """The ModelConfig of checkpoint dir `path` (ModelLoadError if missing or unsupported)."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a HF checkpoint: no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {config_file}: {err}") from None
+    return ModelConfig.from_hf(config, dtype=dtype)
+
+
+def _shard_files(path: Path) -> dict[str, Path]:
+    """Map tensor name -> shard file; an empty dict means "every file, look inside"."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"cannot read {index}: {err!r}") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise ModelLoadError(
+                    f"shard {file.name} listed in {index.name} is missing in {path}"
+                )
+        return files
+    return {}
+
+
+def _tensor_reader(path: Path, dtype: np.dtype) -> Callable[[str], np.ndarray]:
+    """A function name -> numpy array in `dtype`, reading from the right shard."""
+    files = _shard_files(path)
+    handles: dict[Path, safe_open] = {}
+    if not files:
+        single = path / "model.safetensors"
+        candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+        if not candidates:
+            raise ModelLoadError(f"no *.safetensors weights in {path}")
+        for file in candidates:
+            handles[file] = _open(file)
+            files.update(dict.fromkeys(handles[file].keys(), file))
+
+    def tensor(name: str) -> np.ndarray:
+        file = files.get(name)
+        if file is None:
+            raise ModelLoadError(f"tensor {name} is missing from the checkpoint in {path}")
+        if file not in handles:
+            handles[file] = _open(file)
+        try:
+            array = handles[file].get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ModelLoadError(f"corrupt safetensors file {file}: {err}") from None
+        return array.astype(dtype)
+
+    return tensor
+
+
+def _open(file: Path) -> safe_open:
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as err:  # SafetensorError, OSError: both mean this file is unusable
+        raise ModelLoadError(f"corrupt safetensors file {file}: {err}") from None

@@ -1,0 +1,111 @@
+"""The weight pytree of a decoder: `Layer` per block, `Weights` for the whole model.
+
+Both are `jax.tree_util.register_dataclass` pytrees, so they pass through `jit`, `device_put`
+and orbax as they are. Linear weights are stored `[in, out]` (HF's `[out, in]` transposed by the
+loaders) so the forward pass is `x @ w`; q/k follow HF's rotate-half RoPE layout (the GGUF loader
+undoes llama.cpp's interleaving permutation). Optional tensors (q/k/v biases, an untied
+`lm_head`) are `None` when the config says they are absent, which makes them empty subtrees.
+
+`abstract(cfg)` is the one place that states every shape and dtype: the loaders check against it,
+the orbax cache restores into it, and `init_random` fills it for tests and benchmarks. Letters as
+in `models/llama.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Layer:
+    """One decoder block."""
+
+    attn_norm: jax.Array  # [D]
+    wq: jax.Array  # [D, H*Dh]
+    wk: jax.Array  # [D, K*Dh]
+    wv: jax.Array  # [D, K*Dh]
+    bq: jax.Array | None  # [H*Dh], None without attention bias
+    bk: jax.Array | None  # [K*Dh]
+    bv: jax.Array | None  # [K*Dh]
+    wo: jax.Array  # [H*Dh, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate: jax.Array  # [D, F]
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Weights:
+    """The whole model; `lm_head` is None when tied to `embed`."""
+
+    embed: jax.Array  # [V, D]
+    layers: list[Layer]
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]
+
+
+def abstract(cfg: ModelConfig) -> Weights:
+    """Shapes and dtypes of every weight, as `jax.ShapeDtypeStruct` leaves."""
+    dtype = jnp.dtype(cfg.dtype)
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
+    def spec(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def bias(n: int) -> jax.ShapeDtypeStruct | None:
+        return spec(n) if cfg.attention_bias else None
+
+    layer = Layer(
+        attn_norm=spec(d),
+        wq=spec(d, q),
+        wk=spec(d, kv),
+        wv=spec(d, kv),
+        bq=bias(q),
+        bk=bias(kv),
+        bv=bias(kv),
+        wo=spec(q, d),
+        mlp_norm=spec(d),
+        w_gate=spec(d, f),
+        w_up=spec(d, f),
+        w_down=spec(f, d),
+    )
+    return Weights(
+        embed=spec(v, d),
+        layers=[layer] * cfg.num_layers,
+        final_norm=spec(d),
+        lm_head=None if cfg.tie_word_embeddings else spec(d, v),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scale"))
+def init_random(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Weights:
+    """Random weights for tests and benchmarks: N(0, scale), plus one on the norm scales.
+
+    Jitted, drawing one long normal vector cut into the leaves: one RNG kernel to compile
+    instead of one per weight shape, which took seconds on CPU.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract(cfg))
+    sizes = [math.prod(leaf.shape) for _, leaf in leaves]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32) * scale
+    arrays, offset = [], 0
+    for (path, leaf), size in zip(leaves, sizes, strict=True):
+        x = noise[offset : offset + size].reshape(leaf.shape)
+        offset += size
+        is_norm = jax.tree_util.keystr(path[-1:]).endswith("norm")
+        arrays.append((x + 1.0 if is_norm else x).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def num_bytes(weights: Weights) -> int:
+    """Total bytes of all weight arrays (or of their abstract shapes)."""
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(weights))
