@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+from jax.sharding import Mesh
 
 from models import cache, default_model
 from models.config import ModelConfig
 from models.errors import ModelLoadError
 from models.loaders import gguf as gguf_loader
 from models.loaders import safetensors as safetensors_loader
+from models.sharding import placement
 from models.tokenizer import Tokenizer
 from models.weights import Weights
 
@@ -33,16 +35,24 @@ class LoadedModel:
     weights: Weights
     tokenizer: Tokenizer
     source: Path  # the .gguf file or checkpoint directory it came from
+    mesh: Mesh  # the devices the weights are sharded over (one device: no parallelism)
     from_cache: bool  # restored from the converted-weights cache rather than converted
 
 
 def load_model(
-    spec: str, *, dtype: str | None = None, cache_dir: Path | None = None
+    spec: str,
+    *,
+    dtype: str | None = None,
+    cache_dir: Path | None = None,
+    tensor_parallel: int = 1,
 ) -> LoadedModel:
     """Load "default", a HF checkpoint directory, or a path ending in .gguf.
 
     `dtype` defaults to float32 on CPU and bfloat16 on GPU/TPU; `cache_dir` to
-    `cache.default_cache_dir()`. Raises ModelLoadError with a one-line reason on failure.
+    `cache.default_cache_dir()`. With `tensor_parallel` > 1, every weight goes straight from
+    host memory into its sharding over a mesh of that many devices (`models.sharding`);
+    otherwise onto the default device.
+    Raises ModelLoadError with a one-line reason on failure.
     """
     cache_dir = cache_dir or cache.default_cache_dir()
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -58,9 +68,9 @@ def load_model(
 
     entry = cache.entry_dir(cache_dir, source, dtype)
     start = time.perf_counter()
-    restored = cache.restore(entry)
+    restored = cache.restore(entry, tensor_parallel)
     if restored is None:
-        cfg, weights, tokenizer = _convert(source, name, dtype)
+        cfg, weights, tokenizer = _convert(source, name, dtype, tensor_parallel)
         start = time.perf_counter()
         try:
             cache.save(entry, cfg, weights, tokenizer)
@@ -76,12 +86,15 @@ def load_model(
         weights=weights,
         tokenizer=tokenizer,
         source=source,
+        mesh=mesh_of(weights),
         from_cache=restored is not None,
     )
 
 
-def _convert(source: Path, name: str, dtype: str) -> tuple[ModelConfig, Weights, Tokenizer]:
-    """Read and convert `source`, with weights placed on the default device."""
+def _convert(
+    source: Path, name: str, dtype: str, tensor_parallel: int
+) -> tuple[ModelConfig, Weights, Tokenizer]:
+    """Read and convert `source`, with weights placed by `placement`."""
     _log(f"converting {name} ({dtype}) from {source}...")
     start = time.perf_counter()
     if source.suffix == ".gguf":
@@ -93,10 +106,13 @@ def _convert(source: Path, name: str, dtype: str) -> tuple[ModelConfig, Weights,
         safetensors_loader.read_config(source, dtype=dtype)
         tokenizer = Tokenizer.from_hf_dir(source)
         cfg, host_weights = safetensors_loader.load(source, dtype=dtype)
-    # Committed to a device, as restored weights are, so both paths share compiled steps.
-    weights = jax.device_put(host_weights, jax.devices()[0])
+    weights = jax.device_put(host_weights, placement(cfg, tensor_parallel))
     _log(f"converted {name} in {time.perf_counter() - start:.1f} s")
     return cfg, weights, tokenizer
+
+
+def mesh_of(weights: Weights) -> Mesh:
+    return weights.embed.sharding.mesh
 
 
 def _log(message: str) -> None:

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from models import weights as weights_lib
 from models.config import ModelConfig, RopeScaling
+from models.sharding import placement
 from models.tokenizer import Tokenizer
 from models.weights import Weights
 
@@ -47,16 +48,22 @@ def entry_dir(cache_dir: Path, source: Path, dtype: str) -> Path:
     return cache_dir / "converted" / f"{source.name}-{dtype}-{key}"
 
 
-def restore(entry: Path) -> tuple[ModelConfig, Weights, Tokenizer] | None:
-    """The cached model onto the default device, or None when absent or unreadable."""
+def restore(entry: Path, tensor_parallel: int = 1) -> tuple[ModelConfig, Weights, Tokenizer] | None:
+    """The cached model, placed like a fresh conversion (`models.placement`), or None when
+    absent or unreadable."""
     if not (entry / "config.json").is_file():
         return None
     try:
         cfg = _config_from_json(json.loads((entry / "config.json").read_text()))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    except (OSError, ValueError, TypeError) as err:
+        print(f"ignoring unreadable cache entry {entry}: {err}", file=sys.stderr)
+        return None
+    shardings = placement(cfg, tensor_parallel)  # a bad --tensor-parallel raises here
+    try:
         target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
             weights_lib.abstract(cfg),
+            shardings,
         )
         with ocp.StandardCheckpointer() as checkpointer:
             weights = checkpointer.restore((entry / "params").absolute(), target)

@@ -59,17 +59,19 @@ class StepInput:
     kv_lens: jax.Array  # [B] int32 valid keys of the row after this step's writes (pad row: 0)
 
 
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int) -> KVCache:
+def init_kv_cache(
+    cfg: ModelConfig, num_pages: int, page_size: int, sharding: jax.sharding.Sharding | None = None
+) -> KVCache:
     """A zeroed cache of `num_pages` pages (page 0 included) in cfg.dtype.
 
-    The arrays are committed to the default device, like a jitted step's outputs, so the first
-    step and every later one (fed the returned cache) hit the same compiled executable.
+    The arrays are committed (to `sharding`, by default the default device), like a jitted
+    step's outputs, so the first step and every later one hit the same compiled executable.
     """
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    dtype, device = jnp.dtype(cfg.dtype), jax.devices()[0]
+    dtype, where = jnp.dtype(cfg.dtype), sharding or jax.devices()[0]
     return KVCache(
-        k=[jnp.zeros(shape, dtype, device=device) for _ in range(cfg.num_layers)],
-        v=[jnp.zeros(shape, dtype, device=device) for _ in range(cfg.num_layers)],
+        k=[jnp.zeros(shape, dtype, device=where) for _ in range(cfg.num_layers)],
+        v=[jnp.zeros(shape, dtype, device=where) for _ in range(cfg.num_layers)],
     )
 
 

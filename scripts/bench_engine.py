@@ -26,11 +26,12 @@ import jax
 import numpy as np
 
 from models import load_model
+from models.cache import default_cache_dir
 from models.weights import num_bytes
 from tfjax.config import EngineConfig
 from tfjax.kv.pages import PageAllocator
 from tfjax.request import Request, SamplingParams
-from tfjax.runner import Runner
+from tfjax.runner import Runner, enable_compilation_cache
 
 
 def copy_bandwidth_bytes_per_s(num_bytes_: int = 256 << 20, repeats: int = 5) -> float:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
+    enable_compilation_cache(default_cache_dir())
     model = load_model(args.model)
     max_len = args.prompt_len + args.new_tokens
     config = EngineConfig(

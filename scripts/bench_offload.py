@@ -30,13 +30,14 @@ import jax
 import numpy as np
 
 from models import load_model
+from models.cache import default_cache_dir
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.host import HostTier
 from tfjax.kv.manager import Offload
 from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus, SamplingParams
-from tfjax.runner import Runner
+from tfjax.runner import Runner, enable_compilation_cache
 from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode
 from tfjax.sched.registry import make_policy
 
@@ -46,7 +47,7 @@ MAX_BYTES_IN_FLIGHT = 1 << 30
 def make_offload(runner: Runner, *, write_through: bool = True, overlap: bool = True) -> Offload:
     return Offload(
         host=HostTier(int(8e9) // runner.page_bytes, runner.page_size),
-        transfers=Transfers(jax.devices()[0], max_bytes_in_flight=MAX_BYTES_IN_FLIGHT),
+        transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=MAX_BYTES_IN_FLIGHT),
         io=runner,
         write_through=write_through,
         overlap=overlap,
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
 
+    enable_compilation_cache(default_cache_dir())
     model = load_model(args.model)
     max_len = max(contexts) + 80
     config = EngineConfig(max_batch_size=args.max_batch_size, prefill_token_budget=512)

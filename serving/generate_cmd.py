@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from models import LoadedModel, llama, load_model
 from models.config import ModelConfig
+from models.sharding import kv_sharding
 from models.weights import Weights
 
 PAGE_SIZE = 16
@@ -35,11 +36,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=1, help="shard over this many local devices"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    model = load_model(
+        args.model,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        tensor_parallel=args.tensor_parallel,
+    )
     tokenizer = model.tokenizer
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -70,7 +79,7 @@ def generate_greedy(
     num_row_pages = math.ceil((len(prompt) + max_tokens) / CONTEXT_BUCKET) * (
         CONTEXT_BUCKET // PAGE_SIZE
     )
-    kv = llama.init_kv_cache(model.config, num_row_pages + 1, PAGE_SIZE)
+    kv = llama.init_kv_cache(model.config, num_row_pages + 1, PAGE_SIZE, kv_sharding(model.mesh))
     step = llama.single_sequence_step(prompt, 0, PAGE_SIZE, num_row_pages, pad_to=pad_to)
     last, start = len(prompt) - 1, len(prompt)
     for _ in range(max_tokens):

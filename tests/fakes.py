@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,6 +42,7 @@ class FakeTokenizer:
 
 class FakeRunner:
     kv_bytes_per_token = 64
+    pages_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def __init__(self, *, num_pages: int, page_size: int = 4, max_model_len: int = 256) -> None:
         self.page_size = page_size

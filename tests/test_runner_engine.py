@@ -79,7 +79,7 @@ def make_engine(weights, *, num_pages: int, policy, budget: int = 32, offload: b
     if offload:
         io = Offload(
             host=HostTier(256, PAGE_SIZE),
-            transfers=Transfers(jax.devices()[0], max_bytes_in_flight=1 << 24),
+            transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=1 << 24),
             io=runner,
         )
     rec = Recorder()

@@ -26,8 +26,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-import jax
-
 from tfjax.api import (
     Delta,
     EngineDeadError,
@@ -219,21 +217,27 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     from tfjax.kv.host import HostTier
     from tfjax.kv.manager import Offload
     from tfjax.kv.transfer import Transfers
-    from tfjax.runner import Runner, default_num_pages
+    from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
     from tfjax.sched.registry import make_policy
 
     config = engine_config_from_args(args)
-    # Compiled buckets persist across starts: the first start compiles (minutes on a
-    # 2-core CPU), later ones load the executables from disk.
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    model = load_model(args.model, dtype=getattr(args, "dtype", None))
+    enable_compilation_cache(default_cache_dir())
+    model = load_model(
+        args.model, dtype=getattr(args, "dtype", None), tensor_parallel=config.tensor_parallel
+    )
     cfg = model.config
     num_pages = config.num_pages or default_num_pages(cfg, config)
     # One request must always fit the pool, so a lone request can never deadlock.
     pool_tokens = (num_pages - 1) * config.page_size
     max_model_len = min(config.max_model_len or 2048, cfg.max_position_embeddings, pool_tokens)
-    runner = Runner(cfg, model.weights, config, num_pages=num_pages, max_model_len=max_model_len)
+    runner = Runner(
+        cfg,
+        model.weights,
+        config,
+        num_pages=num_pages,
+        max_model_len=max_model_len,
+        mesh=model.mesh,
+    )
     start = time.monotonic()
     runner.warmup(_progress("compiling step buckets"))
     print(f"compiled in {time.monotonic() - start:.1f} s", file=sys.stderr)
@@ -242,7 +246,9 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if config.offload:
         offload = Offload(
             host=HostTier(int(config.host_kv_gb * 1e9) // runner.page_bytes, config.page_size),
-            transfers=Transfers(jax.devices()[0], max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT),
+            transfers=Transfers(
+                runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT
+            ),
             io=runner,
             write_through=config.write_through,
             overlap=config.overlap,

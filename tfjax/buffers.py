@@ -46,10 +46,15 @@ class Reader:
             self.last_read_s = gen_s
             self.buffers.append(0)
         else:
-            self.buffers.append(self.buffer_tokens(gen_s))
-            due_s = self.last_read_s + 1.0 / self.rate
-            self.stall_s += max(0.0, gen_s - due_s)
-            self.last_read_s = max(due_s, gen_s)
+            last = self.last_read_s
+            # buffer_tokens(gen_s), inlined: this runs once per generated token.
+            self.buffers.append(math.ceil((last - gen_s) * self.rate - _EPS) if last > gen_s else 0)
+            due_s = last + 1.0 / self.rate
+            if gen_s > due_s:
+                self.stall_s += gen_s - due_s
+                self.last_read_s = gen_s
+            else:
+                self.last_read_s = due_s
         self.gen_times_s.append(gen_s)
 
     def buffer_tokens(self, now_s: float) -> int:

@@ -43,6 +43,7 @@ class EngineConfig:
     overlap: bool = True  # let loads run while evictions are in flight
     host_kv_gb: float = 4.0
     device_memory_fraction: float = 0.8  # of free device memory given to KV when sizing
+    tensor_parallel: int = 1  # devices the model and KV are sharded over (models.sharding)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -55,6 +56,8 @@ class EngineConfig:
             raise ValueError("num_pages must be >= 2 (page 0 is the padding page)")
         if self.default_consumption_rate <= 0:
             raise ValueError("default_consumption_rate must be > 0")
+        if self.tensor_parallel < 1:
+            raise ValueError("tensor_parallel must be >= 1")
 
     def decode_batch_buckets(self) -> tuple[int, ...]:
         """From 2 rows, never 1: XLA turns a one-token KV scatter into a dynamic-update-slice
@@ -130,6 +133,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="overlap",
         help="no loads while evictions are in flight",
+    )
+    g.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=d.tensor_parallel,
+        help="shard the model and KV over this many local devices",
     )
     g.add_argument(
         "--schedule-interval",

@@ -18,13 +18,16 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
+from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
 from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, geometric_buckets
 from tfjax.kv.pages import PAD_PAGE
@@ -62,6 +65,13 @@ class Bucket:
     width: int  # pages per row in the page table
 
 
+def enable_compilation_cache(cache_dir: Path) -> None:
+    """Persist compiled buckets under `cache_dir`: the first start compiles (minutes for a
+    30-layer model on a 2-core CPU), later starts load the executables from disk."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def kv_bytes_per_token(cfg: ModelConfig) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
@@ -86,8 +96,10 @@ class Runner:
         *,
         num_pages: int,
         max_model_len: int,
+        mesh: Mesh | None = None,
     ) -> None:
         self.cfg = cfg
+        self.mesh = mesh or make_mesh(1, cfg)
         self.weights = weights
         self.page_size = config.page_size
         self.num_pages = num_pages
@@ -97,7 +109,10 @@ class Runner:
         self.page_bytes = self.kv_bytes_per_token * config.page_size
         self.max_gather_pages = self.max_pages_per_row
         self._gather_buckets = geometric_buckets(1, self.max_gather_pages)
-        self.kv = init_kv_cache(cfg, num_pages, config.page_size)
+        self.kv = init_kv_cache(cfg, num_pages, config.page_size, kv_sharding(self.mesh))
+        # Step inputs are replicated over the mesh; gathered pages keep the KV's head split.
+        self._input_sharding = NamedSharding(self.mesh, PartitionSpec())
+        self.pages_sharding = gathered_pages_sharding(self.mesh)
         self._batch_buckets = config.decode_batch_buckets()
         self._chunk_buckets = config.prefill_chunk_buckets()
         self._width_buckets = config.page_width_buckets(max_model_len)
@@ -238,7 +253,7 @@ class Runner:
             seed=seed_B,
             output_index=index_B,
         )
-        return jax.device_put((step, sampling, last_B))
+        return jax.device_put((step, sampling, last_B), self._input_sharding)
 
 
 def _ceil_bucket(buckets: Sequence[int], n: int) -> int:

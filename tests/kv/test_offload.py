@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import random
 
-import jax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +103,7 @@ def make_offload_engine(
     runner = FakeRunner(num_pages=num_pages, page_size=PAGE_SIZE)
     offload = Offload(
         host=HostTier(host_pages, PAGE_SIZE),
-        transfers=Transfers(jax.devices()[0], max_bytes_in_flight=1 << 20),
+        transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=1 << 20),
         io=runner,
         write_through=write_through,
         overlap=overlap,

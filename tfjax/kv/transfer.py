@@ -87,9 +87,11 @@ class _Link:
 class Transfers:
     """The two links between device memory and pinned host memory."""
 
-    def __init__(self, device: jax.Device, *, max_bytes_in_flight: int) -> None:
-        self.host_sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-        self.device_sharding = jax.sharding.SingleDeviceSharding(device)
+    def __init__(self, pages_sharding: jax.sharding.Sharding, *, max_bytes_in_flight: int) -> None:
+        """`pages_sharding`: how gathered pages lie on the device(s) (`Runner.pages_sharding`);
+        their host copies keep the same split, in pinned host memory."""
+        self.device_sharding = pages_sharding
+        self.host_sharding = pages_sharding.with_memory_kind("pinned_host")
         self.max_bytes_in_flight = max_bytes_in_flight
         self.d2h = _Link("d2h", initial_bytes_per_s=5e9)
         self.h2d = _Link("h2d", initial_bytes_per_s=5e9)

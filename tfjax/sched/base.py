@@ -84,7 +84,9 @@ class Costs:
         for lo, hi in zip(sizes, sizes[1:], strict=False):
             if batch_size <= hi:
                 frac = (batch_size - lo) / (hi - lo)
-                return self.decode_step_s[lo] + frac * (self.decode_step_s[hi] - self.decode_step_s[lo])
+                return self.decode_step_s[lo] + frac * (
+                    self.decode_step_s[hi] - self.decode_step_s[lo]
+                )
         top = sizes[-1]
         return self.decode_step_s[top] * batch_size / top
 

@@ -13,15 +13,25 @@ Two variants, as in the paper's baselines:
   running requests and spends the prefill token budget on pending prompts alongside.
 
 Admission keeps `headroom_pages_per_running` free pages per running request (default 1) so
-that the admitted prompt does not force a preemption on the very next decode step.
+that the admitted prompt does not force a preemption on the very next decode step. vLLM's
+rule alone only delays the ping-pong by a step: the preempted request is the newest, so it is
+readmitted as soon as its pages are free and preempted again a few steps later, re-prefilling
+each time. `RetractBackoff` (SGLang's new_token_ratio, on by default) stops that: after a
+preemption, admission also reserves a decaying share of the residents' remaining outputs.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView
+
+_ARRIVAL = attrgetter("arrival_s")
 
 
 @dataclass(slots=True)
@@ -36,82 +46,141 @@ class PrefillFiller:
     tokens_left: int
     rows_left: int  # requests that may still become resident (decode batch cap)
 
-    def try_add(self, request: Request, *, new_resident: bool, reserve_pages: int = 0) -> int:
-        """Plan the next chunk of `request` if it fits; return its length (0 if none fits)."""
+    def try_add(
+        self,
+        request: Request,
+        *,
+        new_resident: bool,
+        reserve_pages: int = 0,
+        from_scratch: bool = False,
+    ) -> int:
+        """Plan the next chunk of `request` if it fits; return its length (0 if none fits).
+
+        `from_scratch`: the request is being resumed by recompute, so its prefill restarts at
+        token 0 (a PREEMPTED request still carries its old `num_computed_tokens`).
+        """
         if new_resident and self.rows_left <= 0:
             return 0
-        remaining = request.num_uncomputed_prefill
-        num_tokens = min(remaining, self.tokens_left)
+        computed = 0 if from_scratch else request.num_computed_tokens
+        num_tokens = min(request.num_prefill_target - computed, self.tokens_left)
         if num_tokens <= 0:
             return 0
-        pages = self.view.pages_for(request, request.num_computed_tokens + num_tokens)
+        pages = self.view.pages_for(request, computed + num_tokens)
         if pages + reserve_pages > self.free_pages:
             # Fit a shorter chunk into the pages there are, whole pages only.
             spare = self.free_pages - reserve_pages - self.view.pages_for(request, 0)
-            num_tokens = min(num_tokens, self._tokens_in_pages(request, spare))
+            capacity = (len(request.page_ids) + max(0, spare)) * self.view.page_size
+            num_tokens = min(num_tokens, capacity - computed)
             if num_tokens <= 0:
                 return 0
-            pages = self.view.pages_for(request, request.num_computed_tokens + num_tokens)
+            pages = self.view.pages_for(request, computed + num_tokens)
         self.free_pages -= pages
         self.tokens_left -= num_tokens
         if new_resident:
             self.rows_left -= 1
         return num_tokens
 
-    def _tokens_in_pages(self, request: Request, num_pages: int) -> int:
-        """How many more tokens fit if `request` gets `num_pages` more pages."""
-        capacity = (len(request.page_ids) + max(0, num_pages)) * self.view.page_size
-        return capacity - request.num_computed_tokens
-
 
 def decode_pages_needed(view: SchedulerView, requests: list[Request]) -> int:
     """Pages that decoding one token of each of `requests` allocates this step."""
-    return sum(view.pages_for(r, r.num_tokens) for r in requests)
+    ps = view.page_size  # view.pages_for(r, r.num_tokens), inlined: runs every step
+    return sum(
+        max(0, -(-(len(r.prompt_ids) + len(r.output_ids)) // ps) - len(r.page_ids))
+        for r in requests
+    )
+
+
+@dataclass(slots=True)
+class RetractBackoff:
+    """SGLang's cure for admit/preempt ping-pong, without reserving outputs up front.
+
+    Allocating pages as tokens come lets admission overcommit memory; when the running set
+    then runs out of pages, the newest request is preempted, and admitting it again as soon
+    as a few pages are free makes it thrash (prefill, preempt, recompute, ...). SGLang's
+    scheduler answers this with `new_token_ratio`: after a retract, admission reserves that
+    fraction of every resident request's remaining output (clipped at `clip_tokens`), and the
+    ratio decays linearly over `decay_steps` steps. Defaults are SGLang's (0.7, 600 steps,
+    4096), except that the ratio starts at 0: no reservation until memory has run out once.
+    """
+
+    ratio_after_preempt: float = 0.7
+    decay_steps: int = 600
+    clip_tokens: int = 4096
+    ratio: float = 0.0
+
+    def reserve_pages(self, view: SchedulerView, residents: Iterable[Request]) -> int:
+        if self.ratio <= 0.0:
+            return 0
+        clip = self.clip_tokens
+        left = sum(min(clip, r.sampling.max_tokens - r.num_output_tokens) for r in residents)
+        return math.ceil(self.ratio * left / view.page_size)
+
+    def on_step(self, *, preempted: bool) -> None:
+        if preempted:
+            self.ratio = self.ratio_after_preempt
+        elif self.ratio > 0.0:
+            self.ratio = max(0.0, self.ratio - self.ratio_after_preempt / self.decay_steps)
 
 
 class FcfsPolicy:
-    def __init__(self, *, chunked: bool = False, headroom_pages_per_running: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        chunked: bool = False,
+        headroom_pages_per_running: int = 1,
+        retract_backoff: bool = True,
+    ) -> None:
         self.chunked = chunked
         self.headroom_pages_per_running = headroom_pages_per_running
+        self.backoff = RetractBackoff() if retract_backoff else None
         self.name = "fcfs-chunked" if chunked else "fcfs"
 
     def plan(self, view: SchedulerView) -> Plan:
-        resident = sorted(view.resident, key=lambda r: r.arrival_s)
+        resident = list(heapq.merge(view.prefilling, view.running, key=_ARRIVAL))
         free = view.num_free_pages
         preempt: list[str] = []
         # Preempt newest-first until every remaining running request can decode.
-        while resident:
-            decoding = [r for r in resident if r.status is RequestStatus.RUNNING]
-            if decode_pages_needed(view, decoding) <= free:
-                break
+        need = decode_pages_needed(view, [r for r in resident if r.status is RequestStatus.RUNNING])
+        while resident and need > free:
             victim = resident.pop()
             preempt.append(victim.request_id)
             free += len(victim.page_ids)
+            if victim.status is RequestStatus.RUNNING:
+                need -= view.pages_for(victim, victim.num_tokens)
         running = [r for r in resident if r.status is RequestStatus.RUNNING]
         prefilling = [r for r in resident if r.status is not RequestStatus.RUNNING]
-        free -= decode_pages_needed(view, running)
+        free -= need
         filler = PrefillFiller(
             view=view,
             free_pages=free,
             tokens_left=view.prefill_token_budget,
             rows_left=view.max_batch_size - len(resident),
         )
-        chunks = [PrefillChunk(request_id=r.request_id, num_tokens=n) for r in prefilling
-                  if (n := filler.try_add(r, new_resident=False))]
+        chunks = [
+            PrefillChunk(request_id=r.request_id, num_tokens=n)
+            for r in prefilling
+            if (n := filler.try_add(r, new_resident=False))
+        ]
         resume: list[Resume] = []
         admit: list[str] = []
-        if not preempt:
+        if not preempt and (view.preempted or view.waiting):
             headroom = self.headroom_pages_per_running * len(running)
-            pending = sorted([*view.preempted, *view.waiting], key=lambda r: r.arrival_s)
-            for request in pending:
-                n = filler.try_add(request, new_resident=True, reserve_pages=headroom)
+            if self.backoff is not None:
+                headroom += self.backoff.reserve_pages(view, resident)
+            for request in heapq.merge(view.preempted, view.waiting, key=_ARRIVAL):
+                recompute = request.status is RequestStatus.PREEMPTED
+                n = filler.try_add(
+                    request, new_resident=True, reserve_pages=headroom, from_scratch=recompute
+                )
                 if not n:
                     break  # strict FCFS: nobody overtakes the head of the queue
                 chunks.append(PrefillChunk(request_id=request.request_id, num_tokens=n))
-                if request.status is RequestStatus.PREEMPTED:
+                if recompute:
                     resume.append(Resume(request_id=request.request_id, mode=ResumeMode.RECOMPUTE))
                 else:
                     admit.append(request.request_id)
+        if self.backoff is not None:
+            self.backoff.on_step(preempted=bool(preempt))
         decode = [r.request_id for r in running]
         if chunks and not self.chunked:
             decode = []  # prefill-first: running streams wait for the prompts

@@ -1,0 +1,91 @@
+"""Tensor parallelism: a 1-D device mesh and the Megatron-style placement of every weight.
+
+Column-parallel (output dim split over `tp`): wq, wk, wv and their biases (whole heads per
+device), w_gate and w_up. Row-parallel (input dim split): wo and w_down, whose matmuls end in
+a partial sum that XLA (GSPMD) all-reduces. The paged KV cache is split on its KV-head axis,
+so each device holds its heads' pages for every page id and the page tables stay global.
+The embedding is replicated (a gather by token id); an untied lm_head is split on the vocab
+(XLA gathers the logits for sampling). Norm scales are replicated.
+
+Everything is expressed as `NamedSharding`s handed to `jax.device_put` / jit inputs, so the
+model code is unchanged and the collectives are XLA's. Loading puts each host (numpy) weight
+straight into its sharding: no device ever holds the whole model.
+
+Multi-host: the same mesh spans processes after `jax.distributed.initialize()`; loaders would
+then need `jax.make_array_from_callback` so each process reads only its shards, and the host KV
+tier would copy each process's local shards. Neither is exercised here (one host, CPU CI).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.config import ModelConfig
+from models.errors import UserError
+from models.weights import Layer, Weights, abstract
+
+AXIS = "tp"
+
+
+def make_mesh(num_devices: int, cfg: ModelConfig) -> Mesh:
+    """A `tp` mesh over the first `num_devices` local devices; UserError if it cannot work."""
+    available = len(jax.local_devices())
+    if num_devices > available:
+        raise UserError(f"--tensor-parallel {num_devices} exceeds the {available} local devices")
+    for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        if getattr(cfg, name) % num_devices:
+            raise UserError(
+                f"--tensor-parallel {num_devices} does not divide {name}={getattr(cfg, name)}"
+            )
+    return Mesh(np.array(jax.local_devices()[:num_devices]), (AXIS,))
+
+
+def weight_shardings(cfg: ModelConfig, mesh: Mesh) -> Weights:
+    """A `Weights` tree of NamedShardings matching `abstract(cfg)` (None leaves stay None)."""
+
+    def spec(*axes: str | None) -> NamedSharding:
+        return NamedSharding(mesh, P(*axes))
+
+    column, row, replicated = spec(None, AXIS), spec(AXIS, None), spec()
+    bias = spec(AXIS) if cfg.attention_bias else None
+    layer = Layer(
+        attn_norm=replicated,
+        wq=column,
+        wk=column,
+        wv=column,
+        bq=bias,
+        bk=bias,
+        bv=bias,
+        wo=row,
+        mlp_norm=replicated,
+        w_gate=column,
+        w_up=column,
+        w_down=row,
+    )
+    shapes = abstract(cfg)
+    return Weights(
+        embed=replicated,
+        layers=[layer] * cfg.num_layers,
+        final_norm=replicated,
+        lm_head=None if shapes.lm_head is None else column,
+    )
+
+
+def placement(cfg: ModelConfig, tensor_parallel: int) -> Weights:
+    """Where each weight lives: its sharding over a `tensor_parallel`-device mesh (one device
+    means no parallelism). Always committed, so converted and restored weights (and the
+    runner's KV, sharded over the same mesh) share compiled steps."""
+    return weight_shardings(cfg, make_mesh(tensor_parallel, cfg))
+
+
+def kv_sharding(mesh: Mesh) -> NamedSharding:
+    """Per-layer KV pages [P, S, K, Dh]: split on K."""
+    return NamedSharding(mesh, P(None, None, AXIS, None))
+
+
+def gathered_pages_sharding(mesh: Mesh, memory_kind: str | None = None) -> NamedSharding:
+    """Gathered pages [L, 2, N, S, K, Dh] (the host tier's unit of transfer): split on K."""
+    return NamedSharding(mesh, P(None, None, None, None, AXIS, None), memory_kind=memory_kind)

@@ -1,0 +1,174 @@
+"""Cost models of (hardware, model) pairs for the simulator, each figure with its source.
+
+A step that decodes B rows with C context tokens in total and prefills P prompt tokens takes
+
+    step_s = overhead_s + per_row_s * B + max(mem_s, compute_s)
+    mem_s = (weight_bytes + C * kv_bytes_per_token) / mem_bytes_per_s
+    compute_s = (B + P) * flops_per_token / flops_per_s
+
+a roofline: decode reads all weights and the batch's KV once per step; prefill and large
+batches are bound by matmul FLOPs (2 * params per token; prefill attention's quadratic term is
+left out). `mem_bytes_per_s` and `flops_per_s` are effective rates: peak times the efficiency
+stated in each profile's `source`. `Costs` handed to the policies are derived from the same
+formula, as the engine's EWMA measurements would be.
+
+Never tune a profile to make a policy win: change a figure only with a better public source or
+an engine measurement (`scripts/bench_engine.py`), and say so in `source`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tfjax.sched.base import Costs
+
+GIB = 1024**3
+LLAMA3_8B_PARAMS = 8.03e9
+LLAMA3_8B_KV_BYTES = 32 * 8 * 128 * 2 * 2  # layers * kv heads * head dim * (K, V) * bf16 = 128 KiB
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CostProfile:
+    name: str
+    source: str  # one line per figure: value and where it comes from
+    page_size: int
+    num_device_pages: int  # usable KV pages on the device (the pad page comes on top)
+    num_host_pages: int  # pinned-host KV pool, in pages
+    kv_bytes_per_token: int
+    max_batch_size: int
+    prefill_token_budget: int
+    overhead_s: float  # per step: launch, sampling, scheduling
+    per_row_s: float  # per decode row, for backends that are not roofline-shaped (CPU)
+    weight_bytes: float
+    mem_bytes_per_s: float  # effective
+    flops_per_token: float
+    flops_per_s: float  # effective
+    d2h_bytes_per_s: float
+    h2d_bytes_per_s: float
+
+    @property
+    def device_kv_tokens(self) -> int:
+        return self.num_device_pages * self.page_size
+
+    def step_s(self, *, num_decode: int, context_tokens: int, num_prefill: int = 0) -> float:
+        if num_decode == 0 and num_prefill == 0:
+            return 0.0
+        mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.mem_bytes_per_s
+        compute = (num_decode + num_prefill) * self.flops_per_token / self.flops_per_s
+        return self.overhead_s + self.per_row_s * num_decode + max(mem, compute)
+
+    def costs(self, mean_context_tokens: float) -> Costs:
+        """What the engine would have measured at this mean context length."""
+        sizes = sorted(
+            {1 << k for k in range(int(math.log2(self.max_batch_size)) + 1)} | {self.max_batch_size}
+        )
+        return Costs(
+            decode_step_s={
+                b: self.step_s(num_decode=b, context_tokens=int(b * mean_context_tokens))
+                for b in sizes
+            },
+            prefill_token_s=self.flops_per_token / self.flops_per_s,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            d2h_bytes_per_s=self.d2h_bytes_per_s,
+            h2d_bytes_per_s=self.h2d_bytes_per_s,
+        )
+
+
+def _pages(kv_bytes: float, kv_bytes_per_token: int, page_size: int) -> int:
+    return int(kv_bytes // (kv_bytes_per_token * page_size))
+
+
+# SmolLM2-135M on this repo's 2-core CPU, float32: 30 layers * 3 kv heads * 64 dim * 2 * 4 B.
+_SMOL_KV = 30 * 3 * 64 * 2 * 4
+CPU_SMOLLM2 = CostProfile(
+    name="cpu-smollm2",
+    source="""provisional, from DESIGN.md notes (replace with scripts/bench_engine.py results):
+decode 29 ms at batch 1 and 153 ms at batch 32 (DESIGN.md, unrolled layers, donated KV);
+fitted as 7.7 ms + 2.08 ms/row + max(weights 538 MB / 28 GB/s, tokens * 0.27 GFLOP / 110 GFLOP/s)
+(memory ~26-30 GB/s and ~110 GFLOP/s at M=32 are DESIGN.md's measurements);
+KV 45 KiB/token (f32), 512 pages of 16 tokens on the device, 8192 on the host (engine defaults
+are not fixed yet: assumption); host copies ~10 GB/s (memcpy on this CPU, assumption);
+batch cap 32, prefill budget 256 tokens/step (assumption)""",
+    page_size=16,
+    num_device_pages=512,
+    num_host_pages=8192,
+    kv_bytes_per_token=_SMOL_KV,
+    max_batch_size=32,
+    prefill_token_budget=256,
+    overhead_s=7.7e-3,
+    per_row_s=2.08e-3,
+    weight_bytes=538e6,
+    mem_bytes_per_s=28e9,
+    flops_per_token=2 * 134.5e6,
+    flops_per_s=110e9,
+    d2h_bytes_per_s=10e9,
+    h2d_bytes_per_s=10e9,
+)
+
+_4090_MEM = 24 * GIB
+_4090_STATIC = 0.88 * _4090_MEM
+RTX4090_LLAMA3_8B = CostProfile(
+    name="rtx4090-llama3-8b",
+    source="""RTX 4090 + Llama-3-8B bf16 (paper §7.1 setup):
+memory bandwidth 1008 GB/s (NVIDIA spec), 80% effective (assumption);
+bf16 dense tensor 165.2 TFLOP/s with FP32 accumulate (NVIDIA Ada whitepaper), 50% MFU (assumption);
+24 GiB, static memory fraction 0.88 (assumption, SGLang-style mem-frac for a 24 GB card)
+minus 16.06 GB of weights (8.03B params * 2 B) leaves ~6.6 GB = ~50k tokens of KV at 128 KiB/token
+(32 layers * 8 kv heads * 128 dim * K,V * 2 B);
+PCIe 4.0 x16 ~25 GB/s effective each way; host KV pool 64 GiB (assumption: half of a
+128 GB workstation); batch cap 256 (vLLM's default max_num_seqs);
+prefill budget 2048 tokens/step (assumption, a common chunked-prefill size for 24 GB cards);
+1 ms per-step overhead (assumption)""",
+    page_size=16,
+    num_device_pages=_pages(_4090_STATIC - 2 * LLAMA3_8B_PARAMS, LLAMA3_8B_KV_BYTES, 16),
+    num_host_pages=_pages(64 * GIB, LLAMA3_8B_KV_BYTES, 16),
+    kv_bytes_per_token=LLAMA3_8B_KV_BYTES,
+    max_batch_size=256,
+    prefill_token_budget=2048,
+    overhead_s=1e-3,
+    per_row_s=0.0,
+    weight_bytes=2 * LLAMA3_8B_PARAMS,
+    mem_bytes_per_s=0.8 * 1008e9,
+    flops_per_token=2 * LLAMA3_8B_PARAMS,
+    flops_per_s=0.5 * 165.2e12,
+    d2h_bytes_per_s=25e9,
+    h2d_bytes_per_s=25e9,
+)
+
+_H200_MEM = 141e9
+H200_LLAMA3_8B = CostProfile(
+    name="h200-llama3-8b",
+    source="""H200 SXM + Llama-3-8B bf16 (paper §7.1 setup):
+memory bandwidth 4.8 TB/s (NVIDIA spec), 80% effective (assumption);
+bf16 dense tensor 989 TFLOP/s (NVIDIA spec, without sparsity), 50% MFU (assumption);
+141 GB with mem-frac 0.3 as in the paper: 42.3 GB static minus 16.06 GB of weights leaves
+~26.2 GB = ~200k tokens of KV at 128 KiB/token;
+PCIe 5.0 x16 ~50 GB/s effective each way; host KV pool 256 GiB (assumption: an 8-GPU H200
+server has 2 TB of RAM); batch cap 256 (vLLM's default max_num_seqs);
+prefill budget 8192 tokens/step (assumption, a common chunked-prefill size for large GPUs);
+1 ms per-step overhead (assumption)""",
+    page_size=16,
+    num_device_pages=_pages(0.3 * _H200_MEM - 2 * LLAMA3_8B_PARAMS, LLAMA3_8B_KV_BYTES, 16),
+    num_host_pages=_pages(256 * GIB, LLAMA3_8B_KV_BYTES, 16),
+    kv_bytes_per_token=LLAMA3_8B_KV_BYTES,
+    max_batch_size=256,
+    prefill_token_budget=8192,
+    overhead_s=1e-3,
+    per_row_s=0.0,
+    weight_bytes=2 * LLAMA3_8B_PARAMS,
+    mem_bytes_per_s=0.8 * 4.8e12,
+    flops_per_token=2 * LLAMA3_8B_PARAMS,
+    flops_per_s=0.5 * 989e12,
+    d2h_bytes_per_s=50e9,
+    h2d_bytes_per_s=50e9,
+)
+
+PROFILES = {p.name: p for p in (CPU_SMOLLM2, RTX4090_LLAMA3_8B, H200_LLAMA3_8B)}
+
+
+def get_profile(name: str) -> CostProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}") from None
