@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from tfjax.api import (
@@ -122,6 +123,23 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post(lambda: self.engine.abort(request_id))
+
+    async def check_invariants(self) -> str | None:
+        """Run the engine's between-steps invariant check on its thread; None when it holds,
+        else what is wrong (for /health?deep=1 and the test suite's idle checks)."""
+        if not self.is_healthy:
+            return "the engine thread has stopped"
+        done: Future[str | None] = Future()
+
+        def check() -> None:
+            try:
+                self.engine.check_idle()
+                done.set_result(None)
+            except AssertionError as err:
+                done.set_result(f"invariant broken: {err}")
+
+        self._post(check)
+        return await asyncio.wrap_future(done)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort everything in flight and stop the engine thread."""
