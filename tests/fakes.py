@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfjax.engine import Engine
 from tfjax.request import Request
 
 VOCAB = 1000
@@ -42,6 +43,7 @@ class FakeTokenizer:
 
 class FakeRunner:
     kv_bytes_per_token = 64
+    prefill_token_s = 1e-4  # cost estimates a real runner measures at warm-up
     pages_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def __init__(self, *, num_pages: int, page_size: int = 4, max_model_len: int = 256) -> None:
@@ -50,6 +52,7 @@ class FakeRunner:
         self.max_model_len = max_model_len
         self.kv = np.full((num_pages, page_size), -1, np.int64)
         self.num_calls = 0
+        self.decode_step_s = {1: 0.01, 32: 0.05}
 
     def prefill(self, request: Request, num_tokens: int) -> np.ndarray:
         start = request.num_computed_tokens
@@ -93,3 +96,29 @@ class FakeRunner:
         flat = self.kv[request.page_ids].reshape(-1)[:length]
         assert (flat >= 0).all(), "read a slot that was never written"
         return flat.tolist()
+
+
+def drive(
+    engine: Engine,
+    requests: Sequence[Request],
+    *,
+    every: int = 1,
+    sync_transfers: bool = False,
+    max_steps: int = 10_000,
+) -> int:
+    """Submit one request per `every` steps, step until all finish, checking the page books
+    after every step; with `sync_transfers`, wait for host copies after each step. Returns the
+    number of steps."""
+    pending, steps = list(requests), 0
+    while pending or engine.has_work:
+        if pending and steps % every == 0:
+            engine.add_request(pending.pop(0))
+        engine.step()
+        if sync_transfers and engine.kv.offload:
+            engine.kv.offload.transfers.d2h.drain()
+        engine.check_idle()
+        steps += 1
+        assert steps < max_steps, "no progress"
+    if engine.kv.offload:
+        engine.kv.offload.transfers.d2h.drain()
+    return steps

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.fakes import FakeRunner, FakeTokenizer, reference_tokens
+from tests.fakes import FakeRunner, FakeTokenizer, drive, reference_tokens
 from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
@@ -58,18 +58,6 @@ def make_request(i: int, prompt_len: int, max_tokens: int) -> Request:
     )
 
 
-def run_staggered(engine: Engine, requests: list[Request], every: int = 2) -> None:
-    pending = list(requests)
-    steps = 0
-    while pending or engine.has_work:
-        if pending and steps % every == 0:
-            engine.add_request(pending.pop(0))
-        engine.step()
-        engine.check_idle()
-        steps += 1
-        assert steps < 10_000
-
-
 @pytest.mark.parametrize("chunked", [True, False])
 def test_concurrent_requests_match_one_at_a_time(chunked: bool) -> None:
     engine, rec = make_engine(num_pages=256, chunked=chunked)
@@ -77,7 +65,7 @@ def test_concurrent_requests_match_one_at_a_time(chunked: bool) -> None:
     expected = {
         r.request_id: reference_tokens(r.prompt_ids, r.sampling.max_tokens) for r in requests
     }
-    run_staggered(engine, requests)
+    drive(engine, requests, every=2)
     for request_id, tokens in expected.items():
         assert rec.tokens(request_id) == tokens
         assert rec.finish(request_id) is FinishReason.LENGTH
@@ -87,7 +75,7 @@ def test_concurrent_requests_match_one_at_a_time(chunked: bool) -> None:
 def test_small_pool_preempts_by_recompute_and_outputs_stay_identical() -> None:
     engine, rec = make_engine(num_pages=20, max_batch=8)
     requests = [make_request(i, prompt_len=9, max_tokens=20) for i in range(8)]
-    run_staggered(engine, requests, every=1)
+    drive(engine, requests, every=1)
     assert engine.kv.stats.num_preemptions > 0
     for r in requests:
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 20)

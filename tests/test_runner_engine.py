@@ -15,7 +15,7 @@ import pytest
 from models.config import ModelConfig
 from models.llama import forward, init_kv_cache, logits, single_sequence_step
 from models.weights import init_random
-from tests.fakes import FakeTokenizer
+from tests.fakes import FakeTokenizer, drive
 from tests.kv.test_offload import StormPolicy
 from tests.test_engine import Recorder
 from tfjax.config import EngineConfig
@@ -97,24 +97,11 @@ def requests_for(n: int, max_tokens: int, **sampling) -> list[Request]:
     return out
 
 
-def run(engine: Engine, requests: list[Request], every: int = 1, sync_transfers: bool = False):
-    pending, steps = list(requests), 0
-    while pending or engine.has_work:
-        if pending and steps % every == 0:
-            engine.add_request(pending.pop(0))
-        engine.step()
-        if sync_transfers and engine.kv.offload:
-            engine.kv.offload.transfers.d2h.drain()
-        engine.check_idle()
-        steps += 1
-        assert steps < 3000
-
-
 def test_batched_chunked_engine_matches_one_at_a_time(weights) -> None:
     engine, rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True), budget=16)
     requests = requests_for(16, max_tokens=8)
     compiles = COMPILES.count
-    run(engine, requests, every=2)
+    drive(engine, requests, every=2)
     assert COMPILES.count == compiles, "compiled while serving"
     for r in requests[:6]:
         assert rec.tokens(r.request_id) == greedy_reference(weights, r.prompt_ids, 8)
@@ -123,8 +110,8 @@ def test_batched_chunked_engine_matches_one_at_a_time(weights) -> None:
 def test_recompute_preemption_keeps_outputs(weights) -> None:
     calm, calm_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
     tight, tight_rec = make_engine(weights, num_pages=14, policy=FcfsPolicy(chunked=True))
-    run(calm, requests_for(8, max_tokens=24))
-    run(tight, requests_for(8, max_tokens=24))
+    drive(calm, requests_for(8, max_tokens=24))
+    drive(tight, requests_for(8, max_tokens=24))
     assert tight.kv.stats.num_preemptions > 0
     for r in requests_for(8, max_tokens=24):
         assert tight_rec.tokens(r.request_id) == calm_rec.tokens(r.request_id)
@@ -137,12 +124,12 @@ def test_transfers_overlapping_steps_never_corrupt_kv(weights) -> None:
         engine, rec = make_engine(
             weights, num_pages=64, policy=StormPolicy(9, 0.15, 0.6), offload=True
         )
-        run(engine, requests_for(12, max_tokens=16), sync_transfers=sync)
+        drive(engine, requests_for(12, max_tokens=16), sync_transfers=sync)
         assert engine.kv.stats.num_loads > 0
         results.append({r.request_id: rec.tokens(r.request_id) for r in requests_for(12, 16)})
     assert results[0] == results[1]
     calm, calm_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
-    run(calm, requests_for(12, max_tokens=16))
+    drive(calm, requests_for(12, max_tokens=16))
     assert results[0] == {r.request_id: calm_rec.tokens(r.request_id) for r in requests_for(12, 16)}
 
 
@@ -150,11 +137,11 @@ def test_seeded_sampling_ignores_batch_neighbours(weights) -> None:
     sampling = dict(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
     alone, alone_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
     target = requests_for(1, max_tokens=12, **sampling)[0]
-    run(alone, [target])
+    drive(alone, [target])
     crowd, crowd_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
     others = requests_for(6, max_tokens=12, temperature=0.7, seed=7)[1:]
     target = requests_for(1, max_tokens=12, **sampling)[0]
-    run(crowd, [others[0], others[1], target, *others[2:]])
+    drive(crowd, [others[0], others[1], target, *others[2:]])
     assert crowd_rec.tokens("r0") == alone_rec.tokens("r0")
     assert alone_rec.tokens("r0") != greedy_reference(weights, target.prompt_ids, 12)
 
@@ -162,7 +149,7 @@ def test_seeded_sampling_ignores_batch_neighbours(weights) -> None:
 def test_sampling_respects_top_k_one_as_greedy(weights) -> None:
     engine, rec = make_engine(weights, num_pages=64, policy=FcfsPolicy(chunked=True))
     request = requests_for(1, max_tokens=6, temperature=1.5, top_k=1, seed=3)[0]
-    run(engine, [request])
+    drive(engine, [request])
     assert rec.tokens("r0") == greedy_reference(weights, request.prompt_ids, 6)
     assert np.all(np.asarray(rec.tokens("r0")) >= 0)
 

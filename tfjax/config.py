@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from models.errors import UserError
 from tfjax.sched.registry import POLICY_NAMES
 
 DEFAULT_CPU_KV_PAGES = 2048  # x16 tokens = 32k tokens; 1.5 GB for SmolLM2-135M in float32
@@ -165,4 +166,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         )
         if value is not None
     }
+    if policy_params and kwargs.get("policy", EngineConfig.policy) != "tokenflow":
+        raise UserError("--schedule-interval and --buffer-conservativeness need --policy tokenflow")
     return EngineConfig(**kwargs, policy_params=policy_params)

@@ -45,6 +45,8 @@ class StepRunner(Protocol):
     num_pages: int
     max_model_len: int
     kv_bytes_per_token: int
+    decode_step_s: dict[int, float]  # first estimates per batch size (from warm-up)
+    prefill_token_s: float
 
     def prefill(self, request: Request, num_tokens: int) -> jax.Array: ...
 
@@ -78,7 +80,11 @@ class Engine:
         self.kv = KVManager(num_pages, runner.page_size, offload)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
-        self.costs = Costs(kv_bytes_per_token=runner.kv_bytes_per_token)
+        self.costs = Costs(
+            kv_bytes_per_token=runner.kv_bytes_per_token,
+            decode_step_s=dict(runner.decode_step_s),
+            prefill_token_s=runner.prefill_token_s,
+        )
         self.num_generated_tokens = 0
         self.effective_tokens = 0.0  # paper §7.1.3 weights of finished requests' tokens
 

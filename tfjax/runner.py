@@ -15,6 +15,7 @@ flat). The KV cache is donated to every call and replaced by the call's output.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -116,6 +117,8 @@ class Runner:
         self._batch_buckets = config.decode_batch_buckets()
         self._chunk_buckets = config.prefill_chunk_buckets()
         self._width_buckets = config.page_width_buckets(max_model_len)
+        self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
+        self.prefill_token_s = 1e-3
 
     def buckets(self) -> list[Bucket]:
         decode = [Bucket(b, 1, w) for b in self._batch_buckets for w in self._width_buckets]
@@ -136,11 +139,28 @@ class Runner:
             jax.block_until_ready(self._run(bucket, [], [], [], []))
             if on_compiled:
                 on_compiled(i + 1, total)
+        self._time_steps()
         for i, n in enumerate(self._gather_buckets):  # the host tier's page copies
             self.scatter([], self.gather([PAD_PAGE] * n))
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
         jax.block_until_ready(self.kv)
+
+    def _time_steps(self) -> None:
+        """First cost estimates for the policies, before any request ran: decode step time
+        per batch bucket (narrowest page table) and prefill seconds per token (largest chunk).
+        The engine refines both with every real step (EWMA)."""
+
+        def seconds(bucket: Bucket) -> float:
+            start = time.perf_counter()
+            jax.block_until_ready(self._run(bucket, [], [], [], []))
+            return time.perf_counter() - start
+
+        width = self._width_buckets[0]
+        self.decode_step_s = {b: seconds(Bucket(b, 1, width)) for b in self._batch_buckets}
+        chunk = self._chunk_buckets[-1]
+        widest = _ceil_bucket(self._width_buckets, -(-chunk // self.page_size))
+        self.prefill_token_s = seconds(Bucket(1, chunk, widest)) / chunk
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, 2, N, S, K, Dh] copy of `page_ids`, N padded to a bucket."""

@@ -12,7 +12,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeRunner, FakeTokenizer, reference_tokens
+from tests.fakes import FakeRunner, FakeTokenizer, drive, reference_tokens
 from tests.test_engine import Recorder, make_request
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
@@ -112,20 +112,6 @@ def make_offload_engine(
     recorder = Recorder()
     engine = Engine(runner, FakeTokenizer(), config, policy, emit=recorder, offload=offload)
     return engine, recorder
-
-
-def drive(engine: Engine, requests, every: int = 1, max_steps: int = 5000) -> int:
-    """Add requests one per `every` steps and step until done; return steps taken."""
-    pending, steps = list(requests), 0
-    while pending or engine.has_work:
-        if pending and steps % every == 0:
-            engine.add_request(pending.pop(0))
-        engine.step()
-        engine.check_idle()
-        steps += 1
-        assert steps < max_steps, "no progress"
-    engine.kv.offload.transfers.d2h.drain()
-    return steps
 
 
 @settings(max_examples=8, deadline=None)

@@ -5,7 +5,6 @@ through the host tier under TP, and `tfjax serve --tensor-parallel 2` streaming.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,15 +12,17 @@ from pathlib import Path
 
 import httpx
 
+from tests.serving.live import live_server
+
 ROOT = Path(__file__).resolve().parents[2]
-FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
 def test_tensor_parallel_matches_single_device() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tests.parallel.tp_checks"],
         cwd=ROOT,
-        env=dict(os.environ, **FOUR_DEVICES),
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **FOUR_DEVICES),
         capture_output=True,
         text=True,
         timeout=600,
@@ -31,33 +32,11 @@ def test_tensor_parallel_matches_single_device() -> None:
 
 
 def test_server_with_tensor_parallel_two_streams(tiny_llama3_dir: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, TFJAX_CACHE_DIR=str(tmp_path), **FOUR_DEVICES)
     args = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "serve",
-        "--model",
-        str(tiny_llama3_dir),
-        "--port",
-        "0",
-        "--tensor-parallel",
-        "2",
-        "--max-batch-size",
-        "2",
-        "--max-model-len",
-        "64",
-        "--kv-pages",
-        "32",
-        "--prefill-token-budget",
-        "32",
-    ]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
-    try:
-        match = re.search(r"on (http://\S+)", proc.stdout.readline())
-        assert match, f"server did not start (exit {proc.poll()})"
+        "--model", str(tiny_llama3_dir), "--tensor-parallel", "2", "--max-batch-size", "2",
+        "--max-model-len", "64", "--kv-pages", "32", "--prefill-token-budget", "32",
+    ]  # fmt: skip
+    with live_server(args, tmp_path, FOUR_DEVICES) as (proc, url):
         body = {
             "prompt": "hello",
             "max_tokens": 5,
@@ -65,12 +44,9 @@ def test_server_with_tensor_parallel_two_streams(tiny_llama3_dir: Path, tmp_path
             "ignore_eos": True,
             "model": Path(tiny_llama3_dir).name,
         }
-        with httpx.stream("POST", f"{match.group(1)}/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         assert sum('"text"' in e for e in events) >= 5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()

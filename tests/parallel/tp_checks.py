@@ -12,13 +12,12 @@ import sys
 import jax
 import numpy as np
 
-from models.config import ModelConfig
 from models.sharding import make_mesh, placement
 from models.weights import init_random
-from tests.fakes import FakeTokenizer
+from tests.fakes import FakeTokenizer, drive
 from tests.kv.test_offload import StormPolicy
 from tests.test_engine import Recorder
-from tests.test_runner_engine import requests_for, run
+from tests.test_runner_engine import TINY, requests_for
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.host import HostTier
@@ -27,21 +26,7 @@ from tfjax.kv.transfer import Transfers
 from tfjax.runner import Runner
 from tfjax.sched.fcfs import FcfsPolicy
 
-LLAMA = ModelConfig(
-    architecture="llama",
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=8,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-    attention_bias=False,
-)
+LLAMA = dataclasses.replace(TINY, vocab_size=512, num_heads=8, num_kv_heads=4, head_dim=8)
 QWEN2 = dataclasses.replace(
     LLAMA, architecture="qwen2", attention_bias=True, tie_word_embeddings=True
 )
@@ -66,7 +51,7 @@ def engine_tokens(cfg, host_weights, tp: int, *, storm: bool = False) -> dict[st
     requests = requests_for(6, max_tokens=10)
     for r in requests:
         r.prompt_ids = [t % cfg.vocab_size for t in r.prompt_ids]
-    run(engine, requests)
+    drive(engine, requests)
     if storm:
         assert engine.kv.stats.num_loads > 0, "the storm never resumed by LOAD"
     return {r.request_id: rec.tokens(r.request_id) for r in requests}

@@ -4,11 +4,8 @@ must free pages, and a clean SIGTERM exit."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,46 +14,18 @@ import httpx
 import openai
 import pytest
 
-READY = re.compile(r"tfjax serving (\S+) on (http://\S+)")
+from tests.serving.live import live_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    env = dict(os.environ, TFJAX_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
     args = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "serve",
-        "--model",
-        str(tiny_llama3_dir),
-        "--port",
-        "0",
-        "--policy",
-        "tokenflow",
-        "--max-batch-size",
-        "4",
-        "--max-model-len",
-        "128",
-        "--kv-pages",
-        "64",
-        "--prefill-token-budget",
-        "64",
-        "--served-model-name",
-        "tiny",
-    ]
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
-    try:
-        line = proc.stdout.readline()  # the one line printed when ready
-        match = READY.search(line)
-        assert match, f"no ready line, got {line!r} (exit {proc.poll()})"
-        yield {"proc": proc, "url": match.group(2), "model": match.group(1)}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        "--model", str(tiny_llama3_dir), "--policy", "tokenflow", "--max-batch-size", "4",
+        "--max-model-len", "128", "--kv-pages", "64", "--prefill-token-budget", "64",
+        "--served-model-name", "tiny",
+    ]  # fmt: skip
+    with live_server(args, tmp_path_factory.mktemp("cache")) as (proc, url):
+        yield {"proc": proc, "url": url}
 
 
 def device_pages_used(url: str) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Plan, ResumeMode, SchedulerView
 from tfjax.sched.fcfs import RetractBackoff
-from tfjax.sched.tokenflow import assemble_plan
+from tfjax.sched.plan_builder import assemble_plan
 
 _RUNNING = RequestStatus.RUNNING
 

@@ -7,8 +7,9 @@ JAX (a test enforces it), so the same objects run in the real engine and in `tfj
 
 Contract of a plan (checked by `KVManager.execute`, which raises on violation):
 - `preempt` names resident requests (PREFILLING or RUNNING) that leave the device this step.
-- `resume` names PREEMPTED requests: LOAD brings their host KV back (RUNNING once loaded), and
-  RECOMPUTE turns them into PREFILLING requests that re-prefill their tokens.
+- `resume` names PREEMPTED requests: LOAD brings their host KV back (RUNNING once loaded, or
+  PREFILLING if it was preempted mid-prefill), and RECOMPUTE turns them into PREFILLING
+  requests that re-prefill their tokens. LOAD needs the whole host copy completed.
 - `admit` names WAITING requests that become PREFILLING.
 - `prefill` gives at most one chunk per PREFILLING request (including those admitted or resumed
   by recompute in this plan); chunks are processed in order.
@@ -112,6 +113,10 @@ class HostView(Protocol):
 
     def num_synced_tokens(self, request_id: str) -> int:
         """Tokens of this request whose KV copy on the host has completed."""
+        ...
+
+    def num_queued_tokens(self, request_id: str) -> int:
+        """Tokens whose host copy has completed or is in flight (>= synced)."""
         ...
 
 

@@ -9,10 +9,13 @@ with the largest buffer. A decision:
 
 1. Capacity (Eq. 6): if the declared rates of the working set W (resident + preempted) exceed
    Gamma = `Costs.decode_capacity(n)`, n the batch the device holds at the current mean
-   context of W and the queue, fall back to FCFS for W (arrival order, no displacement, newest
-   preempted first) and admit nothing until the next decision.
+   context of W and the queue, fall back to plain FCFS until the next decision (arrival
+   order, no displacement, newest preempted first; waiting requests are admitted as device
+   memory allows, never into host overcommit). Admitting nothing at all, as a literal reading
+   of the paper has it, deadlocks once W drains (seen with fast readers in the live server).
 2. Working set: waiting requests join in arrival order while the rates stay under Gamma, W
-   stays under Eq. 4's bound and the admitted prompts fit in one interval of prefill.
+   stays under Eq. 4's bound and the admitted prompts fit in one interval of prefill; an
+   empty W always takes the head of the queue, whatever its rate.
 3. Balancing: requests without a first token first (arrival order); then residents and
    critical non-residents by predicted buffer in seconds (a non-resident's minus its load or
    recompute time, negative while its reader stalls; a resident's minus `hysteresis_s`), then
@@ -71,8 +74,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView
-from tfjax.sched.fcfs import PrefillFiller, decode_pages_needed
+from tfjax.sched.base import Plan, ResumeMode, SchedulerView
+from tfjax.sched.plan_builder import assemble_plan, is_decode_ready
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
@@ -89,135 +92,22 @@ def wanting_since(request: Request) -> float:
     return request.reader.last_read_s + 1.0 / request.reader.rate
 
 
-def is_decode_ready(request: Request) -> bool:
-    """Has a first token and all its KV but the last token's: can decode once resident."""
-    return bool(request.output_ids) and request.num_computed_tokens == request.num_prefill_target
-
-
 def resume_mode(view: SchedulerView, request: Request) -> ResumeMode | None:
     """LOAD when the host holds all of the request's KV and t_IO < t_recompute (paper §4.2.3).
 
-    None (not now) while the host copy is partial: the tail copied at preemption is still in
-    flight, and recomputing would throw the copy away.
+    None (not now) while the rest of the host copy is in flight (the tail copied at
+    preemption): recomputing would throw the copy away.
     """
     if view.host is None or not is_decode_ready(request):
         return ResumeMode.RECOMPUTE
     synced = view.host.num_synced_tokens(request.request_id)
     if synced != request.num_computed_tokens:
-        return None if synced > 0 else ResumeMode.RECOMPUTE
+        in_flight = view.host.num_queued_tokens(request.request_id) == request.num_computed_tokens
+        return None if in_flight else ResumeMode.RECOMPUTE
     costs = view.costs
     t_io = costs.io_backlog_s + costs.load_s(request.num_computed_tokens)
     t_recompute = costs.recompute_s(request.num_prefill_target)
     return ResumeMode.LOAD if t_io < t_recompute else ResumeMode.RECOMPUTE
-
-
-def assemble_plan(
-    view: SchedulerView,
-    *,
-    victims: Sequence[Request] = (),
-    bring: Callable[[], Sequence[Request]] = tuple,
-    pressure_order: Callable[[list[Request]], list[Request]],
-    choose_mode: Callable[[Request], ResumeMode | None],
-    reserve_pages: Callable[[list[Request]], int] = len,
-    prefill_first: bool = False,
-    max_misses: int = 8,
-) -> Plan:
-    """Turn a decision into a plan that satisfies base.py's contract.
-
-    `victims` are preempted first. If the remaining RUNNING requests still need more pages than
-    are free, residents are preempted in `pressure_order` until they fit, and then nothing is
-    brought in this step (vLLM's rule). Otherwise PREFILLING requests get chunks in arrival
-    order, and `bring()` (called only if rows and pages are left) lists PREEMPTED and WAITING
-    requests to resume (mode from `choose_mode`; None: not now) or admit. A newcomer must fit
-    whole (its prompt or context, not just a first chunk) on top of `reserve_pages(running)`
-    (default: one page per running request) and of the pages resident prefills still need;
-    after `max_misses` newcomers that do not fit the scan stops (a full scan every step costs
-    O(preempted) for nothing). LOAD-resumed decode-ready requests decode in the same step.
-    With `prefill_first`, a step that prefills a prompt of a request with no first token yet
-    decodes nothing.
-    """
-    victim_ids = {r.request_id for r in victims}
-    preempt = [r.request_id for r in victims]
-    free = view.num_free_pages + sum(len(r.page_ids) for r in victims)
-    resident = [r for r in view.resident if r.request_id not in victim_ids]
-    running = [r for r in resident if r.status is _RUNNING]
-    need = decode_pages_needed(view, running)
-    pressured = need > free
-    if pressured:
-        for victim in pressure_order(resident):
-            if need <= free:
-                break
-            preempt.append(victim.request_id)
-            free += len(victim.page_ids)
-            if victim.status is _RUNNING:
-                need -= view.pages_for(victim, victim.num_tokens)
-        gone = set(preempt)
-        resident = [r for r in resident if r.request_id not in gone]
-        running = [r for r in resident if r.status is _RUNNING]
-    filler = PrefillFiller(
-        view=view,
-        free_pages=free - need,
-        tokens_left=view.prefill_token_budget,
-        rows_left=view.max_batch_size - len(resident),
-    )
-    ps = view.page_size
-    chunks: list[PrefillChunk] = []
-    prefilling_now: list[Request] = []
-    unfinished = 0  # pages that resident prefills still need after this step's chunks
-    for r in resident:
-        if r.status is _RUNNING:
-            continue
-        if n := filler.try_add(r, new_resident=False):
-            chunks.append(PrefillChunk(request_id=r.request_id, num_tokens=n))
-            prefilling_now.append(r)
-        unfinished += -(-r.num_prefill_target // ps) - -(-(r.num_computed_tokens + n) // ps)
-    decode = [r.request_id for r in running]
-    resume: list[Resume] = []
-    admit: list[str] = []
-    reserve = reserve_pages(running) + unfinished
-    misses = 0
-    if not pressured and filler.rows_left > 0 and filler.free_pages > reserve:
-        for r in bring():
-            if filler.rows_left <= 0 or filler.free_pages <= reserve or misses >= max_misses:
-                break
-            # Newcomers must fit whole (their whole prompt or context), not just a first chunk:
-            # a prompt admitted into pages it cannot finish in forces a preemption later.
-            ready = r.status is _PREEMPTED and is_decode_ready(r)
-            whole = -(-(r.num_tokens if ready else r.num_prefill_target) // ps)
-            mode = None
-            if whole + reserve <= filler.free_pages:
-                mode = choose_mode(r) if r.status is _PREEMPTED else ResumeMode.RECOMPUTE
-            if mode is ResumeMode.LOAD:
-                filler.free_pages -= whole if ready else -(-r.num_computed_tokens // ps)
-                filler.rows_left -= 1
-                if ready:
-                    decode.append(r.request_id)
-                resume.append(Resume(request_id=r.request_id, mode=mode))
-            elif mode is ResumeMode.RECOMPUTE and (
-                n := filler.try_add(
-                    r,
-                    new_resident=True,
-                    reserve_pages=reserve,
-                    from_scratch=r.status is _PREEMPTED,
-                )
-            ):
-                reserve += -(-r.num_prefill_target // ps) - -(-n // ps)
-                chunks.append(PrefillChunk(request_id=r.request_id, num_tokens=n))
-                if r.status is _PREEMPTED:
-                    resume.append(Resume(request_id=r.request_id, mode=mode))
-                else:
-                    admit.append(r.request_id)
-            else:
-                misses += 1
-    if prefill_first and (admit or any(not r.output_ids for r in prefilling_now)):
-        decode = []
-    return Plan(
-        preempt=tuple(preempt),
-        resume=tuple(resume),
-        admit=tuple(admit),
-        prefill=tuple(chunks),
-        decode=tuple(decode),
-    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -390,7 +280,9 @@ class TokenFlowPolicy:
     def _fill_order(self, view: SchedulerView) -> list[Request]:
         """Who may take free pages without displacing anyone."""
         if self.fallback:
-            return sorted(view.preempted, key=lambda r: r.arrival_s)
+            # Plain FCFS: the working set does not grow past what is already in it, but when
+            # it drains, the queue must move on (a full stop would never end).
+            return sorted([*view.preempted, *view.waiting], key=lambda r: r.arrival_s)
         return sorted(
             [*self._admissible(view, limit_tokens=None), *view.preempted], key=wanting_since
         )
@@ -407,7 +299,10 @@ class TokenFlowPolicy:
         out: list[Request] = []
         tokens = 0
         for r in view.waiting:
-            if demand + r.consumption_rate > self._gamma or len(members) + len(out) >= bound:
+            # An empty working set always takes one request, however fast its reader: the
+            # capacity rule limits sharing the device, it must never leave it idle.
+            over_capacity = (members or out) and demand + r.consumption_rate > self._gamma
+            if over_capacity or len(members) + len(out) >= bound:
                 break
             if limit_tokens is not None and out and tokens + r.num_prompt_tokens > limit_tokens:
                 break

@@ -66,6 +66,10 @@ class HostModel:
     def num_synced_tokens(self, request_id: str) -> int:
         return self.synced.get(request_id, 0)
 
+    def num_queued_tokens(self, request_id: str) -> int:
+        """Copies complete when queued here (their time is charged to the step)."""
+        return self.num_synced_tokens(request_id)
+
     def sync(self, request_id: str, num_tokens: int) -> bool:
         """Raise the watermark to `num_tokens`; False (and no change) if the pool is full."""
         old = self.synced.get(request_id, 0)

@@ -1,0 +1,479 @@
+"""Compare scheduling policies on the live server: one `tfjax serve` per policy, same workload.
+
+For each policy (`tokenflow`, `fcfs`, `andes`; with `--include-no-offload` also `tokenflow
+--no-offload`) this starts `tfjax serve` on 127.0.0.1 with a free port and the same model, seed,
+workload and server flags, waits for its ready line, runs `bench_serving`'s client against it,
+stops it with SIGTERM and waits for it to exit. Then it prints a side-by-side table with ratios
+against fcfs and writes DIR/summary.json (one row per policy), DIR/<policy>/result.json (the full
+bench_serving result) with its plots, DIR/workload.json and DIR/ttft_cdf.png (all policies).
+
+The workload should sit in the paper's regime: the burst holds more requests than the device KV
+pool keeps resident at once, while the engine's decode capacity still exceeds the burst's summed
+consumption rates, so serving everyone just in time is possible and FCFS instead makes the late
+arrivals queue. `--calibrate` derives such a workload on this machine: it starts a server
+(policy fcfs, default pool) or uses `--calibrate-url`, measures decode capacity Gamma(b) (tokens/s
+with b concurrent streams, in the window when all b are decoding), and then, for a resident set
+of R requests (`--resident`):
+
+    burst B      = ceil(oversubscription * R)                  (default 2.5 R)
+    mean rate    = headroom * Gamma(R) / B                     (default headroom 0.6; the rate
+                   mix keeps its shape and is scaled to this mean)
+    output len   = what the slowest reader reads in the time budget per policy
+    KV pages     = R * ceil((input + output) / page_size) + 1  (page 0 is padding), rounded up
+                   to a multiple of 16 so that repeated calibrations reuse compiled shapes
+
+and prints that reasoning. Without `--calibrate` the workload flags are used as given. Their
+defaults come from these rules applied to one calibration on this 2-core machine (2026-11-27,
+while other jobs were running, so probably pessimistic): Gamma(1, 2, 4, 8) = 5.7, 11.2, 18.6,
+21.4 tok/s through HTTP. With R = 4: B = 10, mean rate 0.6 * 18.6 / 10 = 1.1 tok/s (the paper's
+15:20 shape: 0.9 and 1.2 tok/s), 80 output tokens, 4 * ceil(144 / 16) + 1 = 37 -> 48 pages. A
+faster machine leaves the workload in the regime (capacity only grows), just less loaded:
+calibrate before reading much into the numbers.
+
+A new `--kv-pages` value changes the KV array shapes, so the first server start with it compiles
+for minutes (later starts hit the XLA cache); the time budget covers the runs, not that compile.
+
+    .venv/bin/python scripts/compare_policies.py --out out/compare --calibrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _bench_plots
+import bench_serving as bench
+import workload_client as wc
+from workload_client import ClientRequest
+
+from tfjax.sim.workload import parse_rate_mix
+
+REPO = Path(__file__).resolve().parents[1]
+READY = re.compile(r"tfjax serving (?P<model>.+) on (?P<url>http://\S+)")
+POLICIES = ("tokenflow", "fcfs", "andes")
+BASELINE = "fcfs"
+SUMMARY_KEYS = (
+    "mean_ttft_s",
+    "p99_ttft_s",
+    "effective_throughput",
+    "raw_throughput",
+    "stall_ratio",
+)
+
+# The default workload, derived in the module docstring.
+DEFAULT_BURST = 10
+DEFAULT_INPUT_LEN = 64
+DEFAULT_OUTPUT_LEN = 80
+DEFAULT_RATE_MIX = "0.9:0.4,1.2:0.6"
+DEFAULT_KV_PAGES = 48
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyRun:
+    label: str  # directory and table name
+    policy: str
+    server_flags: tuple[str, ...] = ()
+
+
+def policy_runs(names: Sequence[str], include_no_offload: bool) -> list[PolicyRun]:
+    runs = [PolicyRun(label=n, policy=n) for n in names]
+    if include_no_offload:
+        runs.append(
+            PolicyRun(
+                label="tokenflow-no-offload", policy="tokenflow", server_flags=("--no-offload",)
+            )
+        )
+    return runs
+
+
+@contextmanager
+def serve(
+    policy: str, flags: Sequence[str], log_path: Path, start_timeout_s: float
+) -> Iterator[tuple[str, str]]:
+    """Run `tfjax serve` until the block ends; yields (base URL, served model name).
+
+    Stdout is read on a thread (it carries only the ready line, but must never fill its pipe);
+    stderr goes to `log_path`. On exit: SIGTERM, wait, and kill only if it does not stop.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--policy",
+        policy,
+        *flags,
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        print(f"$ {shlex.join(cmd)}", file=log, flush=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            yield _wait_ready(proc, start_timeout_s, log_path)
+        finally:
+            _stop(proc)
+
+
+def _wait_ready(proc: subprocess.Popen, timeout_s: float, log_path: Path) -> tuple[str, str]:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if match := READY.search(line):
+            return match.group("url"), match.group("model")
+    raise RuntimeError(f"server not ready (exit code {proc.poll()}); see {log_path}")
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def steady_decode_rate(records: Sequence[bench.RequestRecord]) -> float:
+    """Tokens/s of concurrent streams while all of them were decoding.
+
+    The window runs from the last first token to the first last token, so prefill and the tail
+    with fewer streams are left out; with no such window, all tokens over the whole span.
+    """
+    ok = [r for r in records if r.ok]
+    if not ok:
+        raise RuntimeError(
+            "calibration requests failed: "
+            + "; ".join(sorted({r.error or "no tokens" for r in records}))
+        )
+    lo = max(r.chunk_times_s[0] for r in ok)
+    hi = min(r.chunk_times_s[-1] for r in ok)
+    tokens = sum(
+        n for r in ok for t, n in zip(r.chunk_times_s, r.chunk_tokens, strict=True) if lo < t <= hi
+    )
+    if hi - lo > 0.5 and tokens:
+        return tokens / (hi - lo)
+    span = max(r.chunk_times_s[-1] for r in ok) - min(r.chunk_times_s[0] for r in ok)
+    return sum(r.output_tokens for r in ok) / span
+
+
+def measure_capacity(
+    base_url: str, model: str, batch_sizes: Sequence[int], *, prompt_len: int, output_len: int
+) -> dict[int, float]:
+    """Gamma(b): decode tokens/s with b concurrent streams, for each b."""
+    cfg = bench.ClientConfig(base_url=base_url, model=model, request_timeout_s=300)
+    capacity = {}
+    for b in batch_sizes:
+        reqs = [
+            ClientRequest(
+                index=i, arrival_s=0.0, prompt_len=prompt_len, output_len=output_len, rate=1000.0
+            )
+            for i in range(b)
+        ]
+        records, _ = asyncio.run(bench.run_requests(cfg, reqs, progress=False))
+        capacity[b] = steady_decode_rate(records)
+        print(f"  Gamma({b}) = {capacity[b]:.1f} tok/s ({capacity[b] / b:.1f} per stream)")
+    return capacity
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    burst_size: int
+    input_len: int
+    output_len: int
+    rate_mix: str
+    kv_pages: int
+    reasoning: tuple[str, ...]
+
+
+def derive_workload(
+    capacity: dict[int, float],
+    *,
+    resident: int,
+    oversubscription: float,
+    headroom: float,
+    rate_mix_shape: str,
+    input_len: int,
+    max_output_len: int,
+    page_size: int,
+    run_budget_s: float,
+) -> Workload:
+    """The paper's regime on this machine, from measured capacity (see the module docstring)."""
+    if resident not in capacity:
+        raise ValueError(f"--resident {resident} was not measured: {sorted(capacity)}")
+    gamma = capacity[resident]
+    burst = math.ceil(oversubscription * resident)
+    mean_rate = headroom * gamma / burst
+    mix = parse_rate_mix(rate_mix_shape)
+    shape_mean = sum(r * s for r, s in mix) / sum(s for _, s in mix)
+    scaled = [(round(r * mean_rate / shape_mean, 1), s) for r, s in mix]
+    rate_mix = ",".join(f"{r:g}:{s:g}" for r, s in scaled)
+    slowest = min(r for r, _ in scaled)
+    # The slowest reader needs output/slowest seconds; leave 40% of the budget for TTFT waits.
+    output_len = max(16, min(max_output_len, int(0.6 * run_budget_s * slowest)))
+    pages_each = math.ceil((input_len + output_len) / page_size)
+    kv_pages = 16 * math.ceil((resident * pages_each + 1) / 16)
+    reasoning = (
+        f"decode capacity with R = {resident} resident streams: Gamma(R) = {gamma:.1f} tok/s",
+        f"burst B = ceil({oversubscription:g} * R) = {burst} requests > R: the pool cannot keep "
+        "the whole burst resident",
+        f"mean consumption rate = {headroom:g} * Gamma(R) / B = {mean_rate:.2f} tok/s, so the "
+        f"burst reads {burst * mean_rate:.1f} tok/s < Gamma(R): just-in-time service is possible",
+        f"rate mix {rate_mix_shape} scaled to that mean: {rate_mix}",
+        f"output length {output_len} (cap {max_output_len}): the slowest reader "
+        f"({slowest:g} tok/s) reads it in {output_len / slowest:.0f} s of the {run_budget_s:.0f} s "
+        "budget per policy",
+        f"KV pages = R * ceil(({input_len} + {output_len}) / {page_size}) + 1 = "
+        f"{resident * pages_each + 1}, rounded up to {kv_pages}",
+        f"FCFS decodes the first ~R at {gamma / resident:.1f} tok/s each; later arrivals wait "
+        f"about {output_len / (gamma / resident):.0f} s per wave of R",
+    )
+    return Workload(
+        burst_size=burst,
+        input_len=input_len,
+        output_len=output_len,
+        rate_mix=rate_mix,
+        kv_pages=kv_pages,
+        reasoning=reasoning,
+    )
+
+
+def calibrate(args: argparse.Namespace, out_dir: Path, num_policies: int) -> Workload:
+    batches = sorted({int(b) for b in args.calibrate_batches.split(",")} | {args.resident})
+    print(f"calibrating decode capacity at batch sizes {batches}")
+    kwargs = dict(prompt_len=args.input_len_mean, output_len=args.calibrate_output_len)
+    if args.calibrate_url:
+        url = args.calibrate_url.rstrip("/")
+        capacity = measure_capacity(url, bench.served_model(url), batches, **kwargs)
+    else:
+        log = out_dir / "calibrate-server.log"
+        with serve("fcfs", args.common_server_flags, log, args.server_start_timeout) as server:
+            capacity = measure_capacity(*server, batches, **kwargs)
+    run_budget = (args.time_budget - num_policies * args.expected_start_s) / num_policies
+    workload = derive_workload(
+        capacity,
+        resident=args.resident,
+        oversubscription=args.oversubscription,
+        headroom=args.headroom,
+        rate_mix_shape=args.rate_mix,
+        input_len=args.input_len_mean,
+        max_output_len=args.output_len_mean,
+        page_size=args.page_size,
+        run_budget_s=run_budget,
+    )
+    print("derived workload:")
+    for line in workload.reasoning:
+        print(f"  - {line}")
+    (out_dir / "calibration.json").write_text(
+        json.dumps({"capacity_tok_s": capacity, "workload": workload.__dict__}, indent=1) + "\n"
+    )
+    return workload
+
+
+def summary_row(label: str, result: dict[str, Any], start_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"policy": label}
+    row |= {k: result.get(k) for k in SUMMARY_KEYS}
+    row["preemptions"] = result.get("preemptions")
+    row |= {
+        "completed": result["completed"],
+        "failed": result["failed"],
+        "server_start_s": start_s,
+        "duration_s": result["duration"],
+    }
+    return row
+
+
+_COLUMNS = (  # summary key, header
+    ("mean_ttft_s", "mean TTFT s"),
+    ("p99_ttft_s", "p99 TTFT s"),
+    ("effective_throughput", "eff tok/s"),
+    ("raw_throughput", "raw tok/s"),
+    ("stall_ratio", "stall ratio"),
+    ("preemptions", "preempt"),
+    ("failed", "failed"),
+)
+
+
+def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """Policies side by side; each summary metric with its ratio to fcfs."""
+    base = next((r for r in rows if r["policy"] == BASELINE and "error" not in r), None)
+    head = f"{'policy':<22}" + "".join(f"{h:>18}" for _, h in _COLUMNS)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        cells = []
+        for key, _ in _COLUMNS:
+            v = row.get(key)
+            cell = "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+            b = base.get(key) if base else None
+            if key in SUMMARY_KEYS and v is not None and b and row is not base:
+                cell += f" ({v / b:.2f}x)"
+            cells.append(f"{cell:>18}")
+        lines.append(f"{row['policy']:<22}" + "".join(cells) + f"  {row.get('error', '')}")
+    lines.append(f"(x: ratio to {BASELINE}; TTFT and stall ratio: lower is better)")
+    return "\n".join(lines)
+
+
+def run_policy(
+    run: PolicyRun,
+    args: argparse.Namespace,
+    flags: Sequence[str],
+    requests: Sequence[ClientRequest],
+    run_dir: Path,
+) -> tuple[dict[str, Any], list[bench.RequestRecord], float]:
+    """Start the policy's server, run the workload, stop it; returns (result, records, start s)."""
+    t0 = time.monotonic()
+    print(f"[{run.label}] starting server ...", flush=True)
+    log = run_dir / "server.log"
+    with serve(run.policy, [*flags, *run.server_flags], log, args.server_start_timeout) as server:
+        url, model = server
+        start_s = time.monotonic() - t0
+        print(f"[{run.label}] ready at {url} after {start_s:.0f} s", flush=True)
+        cfg = bench.client_config(args, url, model)
+        one_run = bench.benchmark(
+            cfg, requests, percentiles=bench.percentiles_of(args), progress=args.progress
+        )
+        result, records = asyncio.run(one_run)
+    return result, records, start_s
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=bench.HelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--include-no-offload",
+        action="store_true",
+        help="also run tokenflow --no-offload (recompute only)",
+    )
+    s = parser.add_argument_group("server (the same for every policy)")
+    s.add_argument("--model", default="default", help="tfjax serve --model")
+    s.add_argument("--kv-pages", type=int, default=None, help=f"default {DEFAULT_KV_PAGES}")
+    s.add_argument("--max-batch-size", type=int, default=None)
+    s.add_argument("--page-size", type=int, default=16)
+    s.add_argument("--server-args", default="", help="more `tfjax serve` flags, one string")
+    s.add_argument("--server-start-timeout", type=float, default=900.0, help="seconds")
+    c = parser.add_argument_group("calibration")
+    c.add_argument(
+        "--calibrate", action="store_true", help="derive the workload (see the description)"
+    )
+    c.add_argument("--calibrate-url", default=None, help="measure this server, start none")
+    c.add_argument("--calibrate-batches", default="1,2,4,8")
+    c.add_argument("--calibrate-output-len", type=int, default=48)
+    c.add_argument("--resident", type=int, default=4, help="R: requests the pool keeps")
+    c.add_argument("--oversubscription", type=float, default=2.5, help="B / R")
+    c.add_argument("--headroom", type=float, default=0.6, help="summed rates / Gamma(R)")
+    c.add_argument("--time-budget", type=float, default=600.0, help="seconds for all policies")
+    c.add_argument(
+        "--expected-start-s",
+        type=float,
+        default=45.0,
+        help="seconds a cached server start takes (budget planning)",
+    )
+    wc.add_workload_arguments(parser)
+    bench.add_client_arguments(parser)
+    parser.set_defaults(
+        burst_size=DEFAULT_BURST,
+        input_len_mean=DEFAULT_INPUT_LEN,
+        output_len_mean=DEFAULT_OUTPUT_LEN,
+        rate_mix=DEFAULT_RATE_MIX,
+        request_timeout=240.0,
+    )
+    args = parser.parse_args(argv)
+    common = ["--model", args.model, "--page-size", str(args.page_size), "--log-level", "info"]
+    if args.max_batch_size is not None:
+        common += ["--max-batch-size", str(args.max_batch_size)]
+    args.common_server_flags = common + shlex.split(args.server_args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (e.g. from `timeout`) raises SystemExit, so `serve` still stops the server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    args = parse_args(argv)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = policy_runs([p for p in args.policies.split(",") if p], args.include_no_offload)
+    t_start = time.monotonic()
+    kv_pages = args.kv_pages or DEFAULT_KV_PAGES
+    if args.calibrate:
+        w = calibrate(args, out_dir, len(runs))
+        args.burst_size, args.output_len_mean, args.rate_mix = (
+            w.burst_size,
+            w.output_len,
+            w.rate_mix,
+        )
+        args.arrival = "burst"
+        kv_pages = args.kv_pages or w.kv_pages
+    requests = wc.requests_from_args(args)
+    flags = [*args.common_server_flags, "--kv-pages", str(kv_pages)]
+    workload = {"kv_pages": kv_pages, "server_flags": flags, **wc.workload_summary(requests)}
+    workload["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (out_dir / "workload.json").write_text(json.dumps(workload, indent=1) + "\n")
+    print(f"workload: {json.dumps(wc.workload_summary(requests))}, kv_pages {kv_pages}")
+
+    rows, ttfts = [], {}
+    for run in runs:
+        try:
+            result, records, start_s = run_policy(run, args, flags, requests, out_dir / run.label)
+        except RuntimeError as err:  # the server did not start: record it, go on
+            print(f"[{run.label}] {err}", file=sys.stderr)
+            rows.append({"policy": run.label, "error": str(err), "failed": len(requests)})
+            continue
+        result["workload"] = workload
+        result["policy"] = run.label
+        bench.save(result, records, out_dir / run.label, plots=args.plots)
+        print(bench.format_table(result, title=run.label))
+        rows.append(summary_row(run.label, result, start_s))
+        ttfts[run.label] = [r.chunk_times_s[0] - r.send_s for r in records if r.ok]
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plots:
+        _bench_plots.plot_ttft_cdfs(ttfts, out_dir / "ttft_cdf.png")
+    print(format_comparison(rows))
+    total = time.monotonic() - t_start
+    print(f"total {total:.0f} s for {len(runs)} policies; wrote {out_dir / 'summary.json'}")
+    if total > args.time_budget:
+        print(f"warning: over the {args.time_budget:.0f} s budget", file=sys.stderr)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

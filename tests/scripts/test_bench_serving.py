@@ -1,0 +1,282 @@
+"""The live benchmark's client core against a fake OpenAI SSE server with a known token schedule.
+
+The fake server (Starlette under uvicorn on 127.0.0.1, in a thread) streams each request's tokens
+at fixed delays after it arrives, chosen by `max_tokens`:
+
+- 5 tokens, reader rate 10 tok/s, text chunks at 0.3, 0.4, 0.5, 1.0, 1.1 s: TTFT 0.3 s; token 4
+  is due at 0.6 s and comes at 1.0 s, a 0.4 s stall; no buffer ever, so all 5 tokens weigh 1.
+- 10 tokens, rate 1 tok/s, chunks with `token_ids` of 4 then 6 tokens at 0.2 and 0.25 s: the
+  buffers when tokens arrive are 0, 0, 1, 2, 3, ... and with L = 10 only B <= 1 weighs 1, B = 2
+  weighs 0, so 3 effective tokens; no stall.
+- 3 tokens, rate 5 tok/s, text chunks at 0.2 and 0.3 s but usage says 3: the missing token is
+  added to the last chunk (`tokens_added_at_end` = 1). Token 2 is read at 0.4 s, so token 3
+  finds a buffer of 1 > 0.2 L = 0.6 and weighs 0: 2 effective tokens; no stall.
+- `max_tokens` 7: HTTP 429, a failed request.
+
+Hand-computed values are checked with tolerances for scheduling jitter on a busy machine, and
+exactly against DESIGN.md's formulas applied to the arrival times the client recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import bench_serving as bench  # scripts/ is on sys.path (conftest.py)
+import compare_policies as cp
+import pytest
+import uvicorn
+import workload_client as wc
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tfjax.sim.workload import LengthDist, assign_rates
+
+# max_tokens -> (chunk kind, [(delay after arrival s, tokens)], usage completion_tokens)
+SCHEDULES = {
+    5: ("text", [(0.3, 1), (0.4, 1), (0.5, 1), (1.0, 1), (1.1, 1)], 5),
+    10: ("ids", [(0.2, 4), (0.25, 6)], 10),
+    3: ("text", [(0.2, 1), (0.3, 1)], 3),
+}
+RATES = {5: 10.0, 10: 1.0, 3: 5.0, 7: 15.0}
+
+
+def _fake_app() -> Starlette:
+    calls = {"n": 0}
+
+    async def completions(request: Request) -> Response:
+        start = time.monotonic()
+        body = await request.json()
+        calls["n"] += 1
+        assert body["stream"] and body["stream_options"] == {"include_usage": True}
+        assert body["ignore_eos"] is True and body["consumption_rate"] == RATES[body["max_tokens"]]
+        if body["max_tokens"] not in SCHEDULES:
+            return JSONResponse({"error": {"message": "queue full"}}, status_code=429)
+        kind, schedule, total = SCHEDULES[body["max_tokens"]]
+
+        def event(choices: list, usage: dict | None = None) -> bytes:
+            return f"data: {json.dumps({'choices': choices, 'usage': usage})}\n\n".encode()
+
+        async def events():
+            yield b": ping\n\n"
+            for delay, n in schedule:
+                await asyncio.sleep(max(0.0, start + delay - time.monotonic()))
+                choice = {"index": 0, "text": "tok" * n, "finish_reason": None}
+                if kind == "ids":
+                    choice["token_ids"] = list(range(n))
+                yield event([choice])
+            yield event([{"index": 0, "text": "", "finish_reason": "length"}])
+            yield event([], {"prompt_tokens": len(body["prompt"]), "completion_tokens": total})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def metrics(request: Request) -> Response:
+        text = f"# TYPE tfjax_preemptions counter\ntfjax_preemptions_total {calls['n']}.0\n"
+        return PlainTextResponse(text)
+
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(_fake_app(), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(5)
+
+
+def _design_stall_and_weights(times: list[float], rate: float) -> tuple[float, float]:
+    """DESIGN.md's reader model and token weights, written out independently of tfjax."""
+    stall, read, weights, reads = 0.0, None, [], []
+    for g in times:
+        if read is None:
+            buffer, read = 0, g
+        else:
+            buffer = sum(c > g for c in reads)
+            stall += max(0.0, g - (read + 1 / rate))
+            read = max(read + 1 / rate, g)
+        reads.append(read)
+        weights.append(buffer)
+    tau = 0.1 * len(times)
+    w = [1.0 if b <= tau else max(0.0, 1 - (b - tau) / tau) for b in weights]
+    return stall, sum(w)
+
+
+def test_client_metrics_against_a_known_schedule(base_url: str, tmp_path: Path) -> None:
+    requests = [
+        wc.ClientRequest(index=i, arrival_s=0.0, prompt_len=4, output_len=n, rate=RATES[n])
+        for i, n in enumerate((5, 10, 3, 7))
+    ]
+    cfg = bench.ClientConfig(base_url=base_url, model="fake", request_timeout_s=20)
+    result, records = asyncio.run(bench.benchmark(cfg, requests, progress=False))
+    by_len = {r.max_tokens: r for r in records}
+
+    assert result["completed"] == 3 and result["failed"] == 1
+    assert by_len[7].error.startswith("HTTP 429")
+    assert [r.output_tokens for r in records] == [5, 10, 3, 0]
+    assert by_len[10].chunk_tokens == [4, 6]
+    assert by_len[3].chunk_tokens == [1, 2] and by_len[3].tokens_added_at_end == 1
+    assert result["total_output_tokens"] == 18 and result["total_input_tokens"] == 12
+    assert result["preemptions"] == 4  # the fake counts completion calls as "preemptions"
+
+    rows = {row["max_tokens"]: row for row in result["requests"]}
+    assert rows[5]["ttft_s"] == pytest.approx(0.3, abs=0.1)
+    assert rows[10]["ttft_s"] == pytest.approx(0.2, abs=0.1)
+    assert rows[5]["stall_s"] == pytest.approx(0.4, abs=0.1)
+    assert rows[10]["stall_s"] == 0.0 and rows[3]["stall_s"] == 0.0
+    assert [rows[n]["effective_tokens"] for n in (5, 10, 3)] == [5.0, 3.0, 2.0]
+
+    # Exactly DESIGN.md's definitions on the recorded times.
+    stall_sum, eff_sum = 0.0, 0.0
+    for r in records[:3]:
+        times = [t for t, n in zip(r.chunk_times_s, r.chunk_tokens, strict=True) for _ in range(n)]
+        stall, eff = _design_stall_and_weights(times, r.rate)
+        assert r.send_s <= times[0]
+        stall_sum, eff_sum = stall_sum + stall, eff_sum + eff
+    span = max(r.chunk_times_s[-1] for r in records[:3]) - min(r.send_s for r in records[:3])
+    assert eff_sum == 10.0
+    assert result["effective_tokens"] == 10.0
+    assert result["effective_throughput"] == pytest.approx(10.0 / span)
+    assert result["raw_throughput"] == pytest.approx(18.0 / span)
+    assert span == pytest.approx(1.1, abs=0.15)
+    reading = 5 / 10 + 10 / 1 + 3 / 5
+    assert result["stall_ratio"] == pytest.approx(stall_sum / reading)
+    assert result["stall_ratio"] == pytest.approx(0.4 / reading, abs=0.01)
+    ttfts = [r.chunk_times_s[0] - r.send_s for r in records[:3]]
+    assert result["mean_ttft_ms"] == pytest.approx(sum(ttfts) / 3 * 1e3)
+    assert result["mean_ttft_s"] == pytest.approx(sum(ttfts) / 3)
+    # ITL per chunk: 4 + 1 + 1 gaps; the 0.5 s gap of the first request is the largest.
+    assert result["p99_itl_ms"] == pytest.approx(500, abs=100)
+
+    json.dumps(result, allow_nan=False)  # strict JSON
+    bench.save(result, records, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "result.json",
+        "timelines.png",
+        "ttft_cdf.png",
+        "buffers.png",
+    }
+    assert "Effective throughput" in bench.format_table(result)
+
+
+def test_trace_layouts(tmp_path: Path) -> None:
+    azure = tmp_path / "azure.csv"
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n"
+        "2023-11-16 18:15:51.2224670,879,55\n"
+    )
+    rows = wc.read_trace(azure)
+    assert [(r.input_len, r.output_len) for r in rows] == [(374, 44), (396, 109), (879, 55)]
+    reqs = wc.trace_requests(rows, time_scale=0.5, length_scale=0.5, rate_mix="20")
+    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 2.1572895, 2.2709385])
+    assert [(r.prompt_len, r.output_len, r.rate) for r in reqs][1] == (198, 54, 20.0)
+
+    burst = tmp_path / "burstgpt.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "45,GPT-4,1087,0,1087,Conversation log\n"  # failed request: skipped
+        "118,ChatGPT,417,276,693,API log\n"
+        "130,ChatGPT,100,20,120,API log\n"
+    )
+    rows = wc.read_trace(burst)
+    assert [r.timestamp_s for r in rows] == [5.0, 118.0, 130.0]
+    sliced = wc.trace_requests(rows, start_s=100, duration_s=20, max_input_len=300)
+    assert [(r.arrival_s, r.prompt_len, r.output_len) for r in sliced] == [(0.0, 300, 276)]
+
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"timestamp": 1.5, "input_len": 8, "output_len": 4}\n')
+    assert wc.read_trace(jsonl)[0] == wc.TraceRow(timestamp_s=1.5, input_len=8, output_len=4)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="unknown columns"):
+        wc.read_trace(bad)
+
+
+def _arrivals(**kw) -> list[tuple]:
+    base = dict(
+        arrival="gamma",
+        num_requests=2000,
+        input_len=LengthDist(mean=64, std=16),
+        output_len=LengthDist(mean=32),
+        request_rate=4.0,
+        burstiness=0.25,
+        seed=3,
+    )
+    return [
+        (r.arrival_s, r.prompt_len, r.output_len, r.rate)
+        for r in wc.synthetic_requests(**(base | kw))
+    ]
+
+
+def test_arrivals_are_seeded_and_follow_vllm_burstiness() -> None:
+    assert _arrivals() == _arrivals()
+    assert _arrivals() != _arrivals(seed=4)
+    assert {a[0] for a in _arrivals(arrival="burst", num_requests=10)} == {0.0}
+    times = [a[0] for a in _arrivals()]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    mean = sum(gaps) / len(gaps)
+    cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+    assert mean == pytest.approx(0.25, rel=0.15)
+    assert cv == pytest.approx(2.0, rel=0.2)  # gamma shape k = 0.25: cv = 1/sqrt(k)
+    req = wc.ClientRequest(index=3, arrival_s=0, prompt_len=16, output_len=4, rate=1.0)
+    ids = wc.make_prompt(req, mode="ids", seed=0)
+    assert ids == wc.make_prompt(req, mode="ids", seed=0) and len(ids) == 16
+    assert len(wc.make_prompt(req, mode="text", seed=0).split()) == 16
+
+
+def test_calibration_derives_the_paper_regime() -> None:
+    w = cp.derive_workload(
+        {1: 30.0, 4: 80.0},
+        resident=4,
+        oversubscription=2.5,
+        headroom=0.6,
+        rate_mix_shape="15:0.4,20:0.6",
+        input_len=64,
+        max_output_len=128,
+        page_size=16,
+        run_budget_s=30.0,
+    )
+    assert w.burst_size == 10  # > R = 4 resident
+    assert w.rate_mix == "4:0.4,5.3:0.6"  # 0.6 * 80 tok/s over 10 readers, 15:20 kept
+    rates = assign_rates(w.rate_mix, 10, random.Random(0))
+    assert sum(rates) == pytest.approx(0.6 * 80.0, rel=0.01)  # the burst reads < Gamma(R)
+    assert w.output_len == int(0.6 * 30 * 4.0)  # 72: the slowest reader's share of the budget
+    assert w.kv_pages == 48  # 4 * ceil((64 + 72) / 16) + 1 = 37, rounded up to 16
+    rec = bench.RequestRecord(index=0, rate=1.0, prompt_len=1, max_tokens=4, scheduled_s=0.0)
+    rec.chunk_times_s, rec.chunk_tokens, rec.output_tokens = [0.0, 1.0, 2.0, 3.0], [1] * 4, 4
+    other = bench.RequestRecord(index=1, rate=1.0, prompt_len=1, max_tokens=3, scheduled_s=0.0)
+    other.chunk_times_s, other.chunk_tokens, other.output_tokens = [0.5, 1.5, 2.5], [1] * 3, 3
+    # Window (0.5, 2.5]: tokens at 1.0, 2.0 and 1.5, 2.5 -> 4 tokens in 2 s.
+    assert cp.steady_decode_rate([rec, other]) == pytest.approx(2.0)
+    keys = ("mean_ttft_s", "p99_ttft_s", "effective_throughput", "raw_throughput", "stall_ratio")
+    rows = [
+        {"policy": "fcfs", **dict(zip(keys, (2.0, 4.0, 10.0, 20.0, 0.1), strict=True))},
+        {"policy": "tokenflow", **dict(zip(keys, (1.0, 1.0, 15.0, 20.0, 0.05), strict=True))},
+    ]
+    table = cp.format_comparison(rows)
+    assert "1.00 (0.50x)" in table and "15.00 (1.50x)" in table
