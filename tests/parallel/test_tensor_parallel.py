@@ -4,6 +4,7 @@ through the host tier under TP, and `tfjax serve --tensor-parallel 2` streaming.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,11 +43,12 @@ def test_server_with_tensor_parallel_two_streams(tiny_llama3_dir: Path, tmp_path
             "max_tokens": 5,
             "stream": True,
             "ignore_eos": True,
+            "stream_options": {"include_usage": True},
             "model": Path(tiny_llama3_dir).name,
         }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]"
-        assert sum('"text"' in e for e in events) >= 5
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
