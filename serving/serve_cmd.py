@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # absl (imported by orbax) has already put a handler on the root logger
     )
     engine = build_engine(args)
     try:
