@@ -24,6 +24,7 @@ garbage that is never used. Compute runs in cfg.dtype; RMSNorm, softmax and logi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from models.config import ModelConfig
 from models.weights import Layer, Weights
 
 PAD_PAGE = 0
+SMALL_BATCH_ROWS = 8  # up to this many rows, `_linear` runs one GEMV per row on CPU
 
 
 @jax.tree_util.register_dataclass
@@ -132,9 +134,9 @@ def _attention(
     with jax.named_scope("attention"):
         b, t, _ = x_BxTxD.shape
         h, k, g, dh = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
-        q = x_BxTxD @ layer.wq
-        kx = x_BxTxD @ layer.wk
-        vx = x_BxTxD @ layer.wv
+        q = _linear(x_BxTxD, layer.wq)
+        kx = _linear(x_BxTxD, layer.wk)
+        vx = _linear(x_BxTxD, layer.wv)
         if layer.bq is not None:
             q = q + layer.bq[None, None, :]
             kx = kx + layer.bk[None, None, :]
@@ -159,15 +161,41 @@ def _attention(
         )
         probs_BxKxGxTxL = jax.nn.softmax(scores_BxKxGxTxL, axis=-1).astype(x_BxTxD.dtype)
         out_BxTxKxGxDh = jnp.einsum("bkgtl,blkd->btkgd", probs_BxKxGxTxL, values_BxLxKxDh)
-        return out_BxTxKxGxDh.reshape(b, t, h * dh) @ layer.wo, k_PxSxKxDh, v_PxSxKxDh
+        out_BxTxD = _linear(out_BxTxKxGxDh.reshape(b, t, h * dh), layer.wo)
+        return out_BxTxD, k_PxSxKxDh, v_PxSxKxDh
 
 
 def _write_pages(pages_PxSxKxDh: jax.Array, slot_ids_BxT: jax.Array, new_BxTxKxDh: jax.Array):
-    """Scatter each token's K or V to its flat slot; in place when the cache is donated."""
+    """Scatter each token's K or V to its flat slot; in place when the cache is donated.
+
+    A one-token write would lower to a dynamic-update-slice, after which XLA CPU copies the
+    whole layer cache (60 copies per SmolLM2 step, seen in the compiled HLO); a second update
+    into the padding page's slot 0 keeps it a scatter, which stays in place.
+    """
     p, s, k, dh = pages_PxSxKxDh.shape
-    flat = pages_PxSxKxDh.reshape(p * s, k, dh)
-    flat = flat.at[slot_ids_BxT.reshape(-1)].set(new_BxTxKxDh.reshape(-1, k, dh))
+    slots = slot_ids_BxT.reshape(-1)
+    updates = new_BxTxKxDh.reshape(-1, k, dh)
+    if slots.shape[0] == 1:
+        slots = jnp.concatenate([slots, jnp.zeros_like(slots)])  # slot 0: in PAD_PAGE
+        updates = jnp.concatenate([updates, updates])
+    flat = pages_PxSxKxDh.reshape(p * s, k, dh).at[slots].set(updates)
     return flat.reshape(p, s, k, dh)
+
+
+def _linear(x_xI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """x @ w, as one matrix-vector product per row when there are few rows, on CPU.
+
+    XLA CPU's matrix-matrix kernel is slow for 2-8 rows: on SmolLM2's [576, 1536] weights, 8
+    rows took 51 ms per 30 layers as one GEMM but 18 ms as 8 GEMVs (each weight stays in cache
+    across the rows), and 2 rows were 2x slower than 1. Decode batches are that small, so
+    this decides batch-1..8 step time. The row count is static, so this is a trace-time choice.
+    """
+    rows = math.prod(x_xI.shape[:-1])
+    if rows == 1 or rows > SMALL_BATCH_ROWS or jax.default_backend() != "cpu":
+        return x_xI @ w_IxO
+    flat_RxI = x_xI.reshape(rows, -1)
+    out_RxO = jnp.stack([flat_RxI[i] @ w_IxO for i in range(rows)])
+    return out_RxO.reshape(*x_xI.shape[:-1], w_IxO.shape[-1])
 
 
 def _gather_pages(pages_PxSxKxDh: jax.Array, page_table_BxW: jax.Array) -> jax.Array:
@@ -180,7 +208,8 @@ def _gather_pages(pages_PxSxKxDh: jax.Array, page_table_BxW: jax.Array) -> jax.A
 def _mlp(layer: Layer, x_BxTxD: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     with jax.named_scope("mlp"):
-        return (jax.nn.silu(x_BxTxD @ layer.w_gate) * (x_BxTxD @ layer.w_up)) @ layer.w_down
+        gate_BxTxF = jax.nn.silu(_linear(x_BxTxD, layer.w_gate))
+        return _linear(gate_BxTxF * _linear(x_BxTxD, layer.w_up), layer.w_down)
 
 
 def single_sequence_step(

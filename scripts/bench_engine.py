@@ -81,14 +81,19 @@ def bench_ours(runner: Runner, batch: int, prompt_len: int, new_tokens: int, see
     }
 
 
-def bench_hf(model_path: Path, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def load_hf(model_path: Path):
+    """transformers' model for the same checkpoint (torch, float32, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": model_path.name} if model_path.suffix == ".gguf" else {}
     directory = model_path.parent if model_path.suffix == ".gguf" else model_path
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
-    model.eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+
+
+def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    import torch
+
     vocab = model.config.vocab_size
     ids = torch.from_numpy(np.random.default_rng(seed).integers(10, vocab, (batch, prompt_len)))
 
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth_bytes_per_s()
     weight_bytes = num_bytes(model.weights)
     floor_ms = 1e3 * weight_bytes / bandwidth
+    hf_model = None if args.no_hf else load_hf(model.source)
     rows = []
     for batch in batches:
         print(f"batch {batch}: ours", file=sys.stderr)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not args.no_hf:
             print(f"batch {batch}: HF transformers", file=sys.stderr)
-            row["hf"] = bench_hf(model.source, batch, args.prompt_len, args.new_tokens, args.seed)
+            row["hf"] = bench_hf(hf_model, batch, args.prompt_len, args.new_tokens, args.seed)
         rows.append(row)
 
     print(

@@ -61,10 +61,7 @@ class EngineConfig:
             raise ValueError("tensor_parallel must be >= 1")
 
     def decode_batch_buckets(self) -> tuple[int, ...]:
-        """From 2 rows, never 1: XLA turns a one-token KV scatter into a dynamic-update-slice
-        and then copies every layer's whole KV array (seen in the compiled HLO: 60 copies,
-        ~40x slower batch-1 steps); two rows (one padding) keep the update in place."""
-        return geometric_buckets(min(2, self.max_batch_size), max(2, self.max_batch_size))
+        return geometric_buckets(1, self.max_batch_size)
 
     def prefill_chunk_buckets(self) -> tuple[int, ...]:
         """x4 steps from 32 tokens: a short prompt pads to at most 4x, and few compiles."""
