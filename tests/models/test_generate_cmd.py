@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,6 @@ def test_missing_model_raises_model_load_error(tmp_path: Path) -> None:
         args.run(args)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("serving.serve_cmd") is None, reason="serving.cli needs serve_cmd"
-)
 def test_cli_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture) -> None:
     from serving import cli
 
