@@ -90,10 +90,9 @@ def test_prefill_and_decode_logits_match_hf(case: Case) -> None:
     assert _rel_err(case.logits_NxV, want[first : first + len(case.tokens)]) < MAX_REL_ERR
 
 
+@pytest.mark.parametrize("case", ["llama3", "qwen2"], indirect=True)  # 30 layers eagerly: slow
 def test_every_prompt_position_matches_hf(case: Case) -> None:
     """All prompt positions of one eager pass (the jitted path only returns the last)."""
-    if case.ours.name.startswith("SmolLM2"):
-        pytest.skip("30 layers eagerly is slow; the tiny models cover this path")
     cfg, prompt = case.ours.config, case.prompt
     num_pages = len(prompt) // 16 + 1
     step = llama.single_sequence_step(prompt, 0, 16, num_pages)
@@ -104,9 +103,8 @@ def test_every_prompt_position_matches_hf(case: Case) -> None:
     assert _rel_err(got, _hf_logits(case.hf_model, prompt)) < MAX_REL_ERR
 
 
+@pytest.mark.parametrize("case", ["smollm2"], indirect=True)
 def test_default_model_answers_paris(case: Case) -> None:
-    if not case.ours.name.startswith("SmolLM2"):
-        pytest.skip("a chat check for the default model")
     tokenizer = case.ours.tokenizer
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}]
