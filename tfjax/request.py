@@ -83,7 +83,10 @@ class Request:
     sampling: SamplingParams
     arrival_s: float
     consumption_rate: float  # tokens/s the reader consumes (DESIGN.md, "Definitions")
-    priority: int = 0
+    priority: int = 0  # lower is served first (vLLM's priority scheduling); ties by arrival
+    # False: the client reads the whole answer at the end (a non-streaming call), so there is
+    # no buffer to keep fed and every token is wanted as soon as possible.
+    streaming: bool = True
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

@@ -6,6 +6,7 @@ import pytest
 
 from tests.sched.helpers import PF, FakeHost, P, R, check_plan, make_request, make_view
 from tfjax.sched.base import Costs, ResumeMode
+from tfjax.sched.fcfs import FcfsPolicy
 from tfjax.sched.tokenflow import TokenFlowConfig, TokenFlowPolicy, resume_mode
 
 # 0.1 s per decode step up to batch 64: an interval (0.5 s) of growth is 5 tokens = 2 pages.
@@ -72,7 +73,8 @@ def test_switch_budget_limits_context_switches_not_new_prompts() -> None:
 
 def test_capacity_fallback_is_plain_fcfs() -> None:
     # Gamma here is at most 16 rows / 0.1 s = 160 tok/s; one 1000 tok/s reader exceeds it.
-    # Then no one is preempted for anyone and the queue moves in arrival order, as memory allows.
+    # Then the plan is fcfs's: b is admitted and prefilled first (prefill-first), nobody is
+    # preempted and a waits for the prompt.
     a = resident("a", 0.02, rate=1000.0)
     b = make_request("b", arrival=5.0, rate=2.0)
     view = make_view([a, b], total_pages=64, host=synced(a), costs=SLOW)
@@ -80,7 +82,8 @@ def test_capacity_fallback_is_plain_fcfs() -> None:
     plan = policy.plan(view)
     check_plan(view, plan)
     assert policy.fallback and policy.num_fallback_decisions == 1
-    assert plan.preempt == () and plan.decode == ("a",) and plan.admit == ("b",)
+    assert plan == FcfsPolicy().plan(view)
+    assert plan.preempt == () and plan.decode == () and plan.admit == ("b",)
 
 
 def test_a_reader_faster_than_the_device_still_gets_served() -> None:

@@ -7,11 +7,23 @@ import pytest
 from tfjax.sim import PROFILES, get_profile
 
 
-def test_cpu_profile_matches_the_design_notes() -> None:
+def test_cpu_profile_matches_the_engine_benchmark() -> None:
     cpu = get_profile("cpu-smollm2")
-    assert "provisional, from DESIGN.md notes" in cpu.source
-    assert cpu.step_s(num_decode=1, context_tokens=0) == pytest.approx(0.029, rel=0.02)
-    assert cpu.step_s(num_decode=32, context_tokens=0) == pytest.approx(0.153, rel=0.02)
+    assert "bench_engine.py" in cpu.source
+    # The measured steps at the benchmark's context (~160 tokens a row), linear in between.
+    assert cpu.step_s(num_decode=1, context_tokens=160) == pytest.approx(0.0462)
+    assert cpu.step_s(num_decode=8, context_tokens=8 * 160) == pytest.approx(0.1363)
+    assert cpu.step_s(num_decode=32, context_tokens=32 * 160) == pytest.approx(0.2909)
+    assert cpu.step_s(num_decode=20, context_tokens=0) == pytest.approx((0.1363 + 0.2909) / 2)
+    # A longer context reads more KV: 1000 extra tokens of 46 KiB at 22.3 GB/s.
+    longer = cpu.step_s(num_decode=1, context_tokens=1160) - 0.0462
+    assert longer == pytest.approx(1000 * 46080 / 22.3e9)
+    # Prefill at the measured 363 tok/s on top of the step.
+    assert cpu.step_s(num_decode=0, context_tokens=0, num_prefill=1) == pytest.approx(0.0462)
+    assert 1 / (cpu.step_s(num_decode=0, context_tokens=0, num_prefill=1001) - 0.0462) * 1000 == (
+        pytest.approx(363, rel=0.01)
+    )
+    assert cpu.num_device_pages == 2047 and cpu.max_batch_size == 32
 
 
 def test_gpu_profiles() -> None:

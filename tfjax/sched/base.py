@@ -23,7 +23,7 @@ neither `prefill` nor `decode`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,6 +103,24 @@ class Costs:
 
     def evict_s(self, num_tokens: int) -> float:
         return num_tokens * self.kv_bytes_per_token / self.d2h_bytes_per_s
+
+
+def queue_key(request: Request) -> tuple[int, float]:
+    """Serving order of every policy: lower `priority` first, ties by arrival (vLLM's rule)."""
+    return (request.priority, request.arrival_s)
+
+
+def buffer_s(request: Request, now_s: float) -> float:
+    """Seconds of reading the request has in hand; 0 for a non-streaming request, which reads
+    nothing before its last token and so is never ahead of its reader."""
+    return request.reader.buffer_s(now_s) if request.streaming else 0.0
+
+
+def declared_demand(requests: Iterable[Request], row_rate: float) -> float:
+    """Tokens/s these readers want: the declared rates of streaming requests, and `row_rate`
+    (one batch row's share of the device) for each non-streaming one, which wants its tokens
+    as fast as a row makes them."""
+    return sum(r.consumption_rate if r.streaming else row_rate for r in requests)
 
 
 class HostView(Protocol):

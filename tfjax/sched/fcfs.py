@@ -1,9 +1,11 @@
 """First-come-first-served continuous batching: the SGLang-style baseline.
 
-Requests are served in arrival order. Pages are allocated as tokens are generated (no
-reservation of the whole output), and a request is preempted only when the running set needs
-a page that does not exist: the newest resident request goes first, by recompute, and nothing
-is admitted or resumed in a step that preempted (vLLM's rule, which stops admit/preempt
+Requests are served in arrival order, or by `priority` first when requests carry one (vLLM's
+priority scheduling: lower value first, ties by arrival; `base.queue_key`). Pages are
+allocated as tokens are generated (no reservation of the whole output), and a request is
+preempted only when the running set needs a page that does not exist: the last resident in
+that order (lowest priority, then newest) goes first, by recompute, and nothing is admitted or
+resumed in a step that preempted (vLLM's rule, which stops admit/preempt
 ping-pong). Preempted requests come back before newer waiting ones because they arrived first.
 
 Two variants, as in the paper's baselines:
@@ -22,16 +24,12 @@ preemption, admission also reserves a decaying share of the residents' remaining
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from operator import attrgetter
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView
-
-_ARRIVAL = attrgetter("arrival_s")
+from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView, queue_key
 
 
 @dataclass(slots=True)
@@ -136,10 +134,10 @@ class FcfsPolicy:
         self.name = "fcfs-chunked" if chunked else "fcfs"
 
     def plan(self, view: SchedulerView) -> Plan:
-        resident = list(heapq.merge(view.prefilling, view.running, key=_ARRIVAL))
+        resident = sorted([*view.prefilling, *view.running], key=queue_key)
         free = view.num_free_pages
         preempt: list[str] = []
-        # Preempt newest-first until every remaining running request can decode.
+        # Preempt from the back of the queue order until every remaining running request can decode.
         need = decode_pages_needed(view, [r for r in resident if r.status is RequestStatus.RUNNING])
         while resident and need > free:
             victim = resident.pop()
@@ -167,7 +165,7 @@ class FcfsPolicy:
             headroom = self.headroom_pages_per_running * len(running)
             if self.backoff is not None:
                 headroom += self.backoff.reserve_pages(view, resident)
-            for request in heapq.merge(view.preempted, view.waiting, key=_ARRIVAL):
+            for request in sorted([*view.preempted, *view.waiting], key=queue_key):
                 recompute = request.status is RequestStatus.PREEMPTED
                 n = filler.try_add(
                     request, new_resident=True, reserve_pages=headroom, from_scratch=recompute

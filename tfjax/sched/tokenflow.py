@@ -7,20 +7,32 @@ request decodes (work conservation), prefill chunks fill the token budget, free 
 waiting and preempted requests by `wanting_since`, and a missing page preempts the resident
 with the largest buffer. A decision:
 
-1. Capacity (Eq. 6): if the declared rates of the working set W (resident + preempted) exceed
-   Gamma = `Costs.decode_capacity(n)`, n the batch the device holds at the current mean
-   context of W and the queue, fall back to plain FCFS until the next decision (arrival
-   order, no displacement, newest preempted first; waiting requests are admitted as device
-   memory allows, never into host overcommit). Admitting nothing at all, as a literal reading
-   of the paper has it, deadlocks once W drains (seen with fast readers in the live server).
-2. Working set: waiting requests join in arrival order while the rates stay under Gamma, W
-   stays under Eq. 4's bound and the admitted prompts fit in one interval of prefill; an
-   empty W always takes the head of the queue, whatever its rate.
-3. Balancing: requests without a first token first (arrival order); then residents and
+1. Capacity (Eq. 6): if the declared rates of the working set exceed Gamma =
+   `Costs.decode_capacity(n)`, the policy is `fcfs` until the next decision: every plan is
+   the one an `FcfsPolicy` (kept alongside, with its own retract backoff) makes, so admission,
+   batching, prefill and preemption are exactly FCFS's. n is the batch the device would
+   actually run: the live requests, capped by the batch cap and by the requests the device
+   pages hold at the mean context of W and the queue; the costs are the step times measured
+   at each batch size, so on a CPU, where a batch-32 step costs twice a batch-8 one, Gamma is
+   the batch-32 rate and not the batch-8 one. The working set is W (resident + preempted)
+   plus the waiting requests FCFS would admit now (queue order, while the batch cap and the
+   free pages last). Judging W alone, as a literal reading of the paper has it, never sees
+   overload: W is what admission let in under Gamma, so a burst of fast readers was admitted
+   a Gamma's worth at a time and the device ran a third of the batch it could hold.
+   Non-streaming requests (`Request.streaming` False) declare one batch row's rate (Gamma/n).
+2. Working set: waiting requests join in queue order (`priority`, then arrival) while the
+   rates stay under Gamma, W stays under Eq. 4's bound and the admitted prompts fit in one
+   interval of prefill; an empty W always takes the head of the queue, whatever its rate.
+   Admission is work-conserving: the requests that fit in the free pages and rows are the
+   ones the capacity check counted, so they are all admitted (or the policy is FCFS).
+3. Balancing, within each `priority` level (lower value first; a request is never displaced,
+   and no swap is made, in favour of a request of lower priority): requests without a first
+   token and non-streaming requests first (arrival order); then residents and
    critical non-residents by predicted buffer in seconds (a non-resident's minus its load or
    recompute time, negative while its reader stalls; a resident's minus `hysteresis_s`), then
    by rate; non-critical preempted requests last (they only fill free space). Residents that
-   fail the safety rule `b_j >= mu * r_j * (t_evict + t_load + t_schedule)` are pinned. A
+   fail the safety rule `b_j >= mu * r_j * (t_evict + t_load + t_schedule)` are pinned, and so
+   are non-streaming residents (no buffer: their client reads at the end). A
    greedy pass fills the device pages (context plus one interval of growth) and the batch
    cap; one pass of adjacent swaps keeps swaps that raise utility beyond their switch cost.
    Chosen newcomers are placed longest-wanting first, preempting left-out residents (worst
@@ -74,7 +86,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, ResumeMode, SchedulerView
+from tfjax.sched.base import (
+    Plan,
+    ResumeMode,
+    SchedulerView,
+    buffer_s,
+    declared_demand,
+    queue_key,
+)
+from tfjax.sched.fcfs import FcfsPolicy
 from tfjax.sched.plan_builder import assemble_plan, is_decode_ready
 
 _RUNNING = RequestStatus.RUNNING
@@ -84,10 +104,11 @@ _PREEMPTED = RequestStatus.PREEMPTED
 def wanting_since(request: Request) -> float:
     """Since when the reader has wanted a token it does not have (may lie in the future).
 
-    Arrival for a request without tokens, else the time its reader runs dry. Waiting for a
-    first token and stalling cost the same in QoS (lambda = mu = 1), so both queue by this.
+    Arrival for a request without tokens or without a streaming reader, else the time its
+    reader runs dry. Waiting for a first token and stalling cost the same in QoS
+    (lambda = mu = 1), so both queue by this.
     """
-    if not request.output_ids:
+    if not request.output_ids or not request.streaming:
         return request.arrival_s
     return request.reader.last_read_s + 1.0 / request.reader.rate
 
@@ -157,11 +178,13 @@ class TokenFlowPolicy:
         self._next_decision_s = -math.inf
         self._last_arrival_s = -math.inf
         self._gamma = math.inf
+        self._row_rate = math.inf  # Gamma / n: what one batch row makes
         self._bound: int | None = None  # Eq. 4's W_static, computed at most once per decision
         self.fallback = False  # capacity check failed at the last decision
         self.num_decisions = 0  # full decisions (stressed, not in fallback)
         self.num_fallback_decisions = 0
         self._draining_backlog = False  # prefill-first until the prompt backlog is gone
+        self._fcfs = FcfsPolicy()  # plans every step while demand exceeds capacity
         # Device seconds that context switches (loads, re-prefills) may still block: refilled
         # at `switch_budget` per second up to four intervals' worth, which it starts with.
         cfg = self.config
@@ -175,7 +198,9 @@ class TokenFlowPolicy:
         if arrived or view.now_s >= self._next_decision_s:
             self._next_decision_s = view.now_s + self.config.schedule_interval_s
             self._refill_switch_credit(view.now_s)
-            self._gamma = self._capacity(view)
+            batch = self._device_batch(view)
+            self._gamma = view.costs.decode_capacity(batch)
+            self._row_rate = self._gamma / batch
             self._bound = None
             self.fallback = self._demand(view) > self._gamma
             self.num_fallback_decisions += self.fallback
@@ -183,6 +208,8 @@ class TokenFlowPolicy:
                 self.num_decisions += 1
                 victims, chosen = self._balance(view)
                 return self._assemble(view, victims, lambda: chosen)
+        if self.fallback:
+            return self._fcfs.plan(view)
         return self._assemble(view, [], lambda: self._fill_order(view))
 
     def _refill_switch_credit(self, now_s: float) -> None:
@@ -196,19 +223,15 @@ class TokenFlowPolicy:
         self, view: SchedulerView, victims: list[Request], bring: Callable[[], Sequence[Request]]
     ) -> Plan:
         now = view.now_s
-        if self.fallback:
 
-            def order(rs: list[Request]) -> list[Request]:
-                return sorted(rs, key=lambda r: r.arrival_s, reverse=True)
-        else:
-
-            def order(rs: list[Request]) -> list[Request]:
-                # Largest buffer first; prefills (no token yet) last, newest first.
-                return sorted(
-                    rs,
-                    key=lambda r: (r.status is _RUNNING, r.reader.buffer_s(now), r.arrival_s),
-                    reverse=True,
-                )
+        def order(rs: list[Request]) -> list[Request]:
+            # Lowest priority first; within it largest buffer first, prefills (no token yet)
+            # last, newest first.
+            return sorted(
+                rs,
+                key=lambda r: (r.priority, r.status is _RUNNING, buffer_s(r, now), r.arrival_s),
+                reverse=True,
+            )
 
         interval_tokens = self.config.schedule_interval_s / view.costs.decode_step_time(
             max(1, len(view.running))
@@ -241,17 +264,29 @@ class TokenFlowPolicy:
         return self._draining_backlog and -(-pending // view.page_size) <= view.num_free_pages
 
     def _demand(self, view: SchedulerView) -> float:
-        return sum(r.consumption_rate for r in (*view.resident, *view.preempted))
+        """Declared rates of W plus those of the waiting requests FCFS would admit now."""
+        members = [*view.resident, *view.preempted]
+        rows = view.max_batch_size - len(view.resident)
+        free = view.num_free_pages
+        for r in sorted(view.waiting, key=queue_key):
+            pages = -(-r.num_prompt_tokens // view.page_size) + 1
+            if rows <= 0 or pages > free:
+                break
+            members.append(r)
+            rows -= 1
+            free -= pages
+        return declared_demand(members, self._row_rate)
 
-    def _capacity(self, view: SchedulerView) -> float:
-        """Gamma: decode tokens/s at the batch the device holds at W's mean context."""
+    def _device_batch(self, view: SchedulerView) -> int:
+        """n of Eq. 6: the batch the device would run, the live requests capped by the batch
+        cap and by how many fit in the device pages at the mean context of W and the queue."""
         members = [*view.resident, *view.preempted, *view.waiting]
         if not members:
-            return math.inf
+            return 1
         mean_tokens = sum(len(r.prompt_ids) + len(r.output_ids) for r in members) / len(members)
         pages_each = math.ceil(mean_tokens / view.page_size) + 1
-        batch = max(1, min(view.max_batch_size, view.num_total_pages // pages_each))
-        return view.costs.decode_capacity(batch)
+        fit = view.num_total_pages // pages_each
+        return max(1, min(view.max_batch_size, fit, len(members)))
 
     def _working_set_bound(self, view: SchedulerView, members: list[Request]) -> int:
         """Eq. 4: W_static = M / beta, beta = mean final footprint (prompt + max_tokens)."""
@@ -270,44 +305,43 @@ class TokenFlowPolicy:
         if view.waiting:
             return True
         now, critical = view.now_s, self.config.critical_buffer_s
-        if any(r.reader.buffer_s(now) < critical for r in view.running):
+        if any(r.streaming and r.reader.buffer_s(now) < critical for r in view.running):
             return True
         io = _IoModel(view)
         return any(
-            r.reader.buffer_s(now) - io.resume_s(r, r.num_tokens) < critical for r in view.preempted
+            buffer_s(r, now) - io.resume_s(r, r.num_tokens) < critical for r in view.preempted
         )
 
     def _fill_order(self, view: SchedulerView) -> list[Request]:
-        """Who may take free pages without displacing anyone."""
-        if self.fallback:
-            # Plain FCFS: the working set does not grow past what is already in it, but when
-            # it drains, the queue must move on (a full stop would never end).
-            return sorted([*view.preempted, *view.waiting], key=lambda r: r.arrival_s)
+        """Who may take free pages without displacing anyone: by priority, then wanting."""
         return sorted(
-            [*self._admissible(view, limit_tokens=None), *view.preempted], key=wanting_since
+            [*self._admissible(view, limit_tokens=None), *view.preempted],
+            key=lambda r: (r.priority, wanting_since(r)),
         )
 
     def _admissible(self, view: SchedulerView, *, limit_tokens: int | None) -> list[Request]:
-        """Step 2: waiting requests (arrival order) the working set can take now."""
+        """Step 2: waiting requests (queue order) the working set can take now."""
         if not view.waiting:
             return []
         members = [*view.resident, *view.preempted]
-        demand = sum(r.consumption_rate for r in members)
+        row_rate = self._row_rate
+        demand = declared_demand(members, row_rate)
         if self._bound is None:  # once per decision: O(W) host lookups
             self._bound = self._working_set_bound(view, [*members, *view.waiting[:1]])
         bound = self._bound
         out: list[Request] = []
         tokens = 0
-        for r in view.waiting:
+        for r in sorted(view.waiting, key=queue_key):
+            rate = r.consumption_rate if r.streaming else row_rate
             # An empty working set always takes one request, however fast its reader: the
             # capacity rule limits sharing the device, it must never leave it idle.
-            over_capacity = (members or out) and demand + r.consumption_rate > self._gamma
+            over_capacity = (members or out) and demand + rate > self._gamma
             if over_capacity or len(members) + len(out) >= bound:
                 break
             if limit_tokens is not None and out and tokens + r.num_prompt_tokens > limit_tokens:
                 break
             out.append(r)
-            demand += r.consumption_rate
+            demand += rate
             tokens += r.num_prompt_tokens
         return out
 
@@ -334,18 +368,23 @@ class TokenFlowPolicy:
         for r in view.prefilling:
             held = len(r.page_ids)
             pages = max(held, -(-r.num_prefill_target // ps)) + growth_pages(r, len(r.output_ids))
-            cands.append(_Candidate(r, True, True, pages, held, 0.0, 0.0, (0, r.arrival_s)))
+            key = (r.priority, 0, r.arrival_s)
+            cands.append(_Candidate(r, True, True, pages, held, 0.0, 0.0, key))
         for r in view.running:
             num_output = len(r.output_ids)
             num_tokens = len(r.prompt_ids) + num_output
             reader, rate = r.reader, r.consumption_rate
+            held = len(r.page_ids)
+            pages = max(held, -(-num_tokens // ps)) + growth_pages(r, num_output)
+            if not r.streaming:  # no reader buffer: it stays until it is done
+                key = (r.priority, 0, r.arrival_s)
+                cands.append(_Candidate(r, True, True, pages, held, 0.0, 0.0, key))
+                continue
             buf = max(0.0, reader.last_read_s + 1.0 / reader.rate - now)  # reader.buffer_s(now)
             # Safety rule, b_j >= mu * r_j * (t_evict + t_load + t_schedule), b_j in tokens.
             window = io.evict_s(r) + io.back_s(r, num_tokens) + interval
             pinned = reader.buffer_tokens(now) < max(1.0, mu * rate * window)
-            held = len(r.page_ids)
-            pages = max(held, -(-num_tokens // ps)) + growth_pages(r, num_output)
-            key = (1, math.floor((buf - hysteresis) * inv_bucket), -rate, r.arrival_s)
+            key = (r.priority, 1, math.floor((buf - hysteresis) * inv_bucket), -rate, r.arrival_s)
             cands.append(_Candidate(r, True, pinned, pages, held, 0.0, buf, key))
         for r in [*view.preempted, *self._admissible(view, limit_tokens=admit_limit)]:
             num_output = len(r.output_ids)
@@ -355,12 +394,13 @@ class TokenFlowPolicy:
             # stall claims a place more strongly than a fresh one.
             pred = wanting_since(r) - now - overhead
             pages = -(-num_tokens // ps) + growth_pages(r, num_output)
-            if not num_output:
-                key = (0, r.arrival_s)
+            if not num_output or not r.streaming:
+                key = (r.priority, 0, r.arrival_s)
             elif pred < critical or not cfg.displace_only_critical:
-                key = (1, math.floor(pred * inv_bucket), -r.consumption_rate, r.arrival_s)
+                group = math.floor(pred * inv_bucket)
+                key = (r.priority, 1, group, -r.consumption_rate, r.arrival_s)
             else:
-                key = (2, pred, -r.consumption_rate, r.arrival_s)
+                key = (r.priority, 2, pred, -r.consumption_rate, r.arrival_s)
             cands.append(_Candidate(r, False, False, pages, 0, overhead, pred, key))
 
         # Greedy fill: pinned residents first, then by key, while pages and rows last.
@@ -387,12 +427,14 @@ class TokenFlowPolicy:
         victims: list[Request] = []
         bring: list[Request] = []
         newcomers = [c for c in order if c.chosen and not c.resident]
-        for c in sorted(newcomers, key=lambda c: wanting_since(c.request)):
+        for c in sorted(newcomers, key=lambda c: (c.request.priority, wanting_since(c.request))):
+            rank = c.request.priority
             displaces = free < c.pages or rows < 1
             # Context switches spend the switch budget; new prompts (TTFT) do not.
             if displaces and c.request.output_ids and c.overhead_s > self._switch_credit_s:
                 continue
-            while (free < c.pages or rows < 1) and spare:
+            # Victims come worst first, so once the next one outranks the newcomer, all do.
+            while (free < c.pages or rows < 1) and spare and spare[0].request.priority >= rank:
                 v = spare.pop(0)
                 victims.append(v.request)
                 free += v.pages
@@ -427,7 +469,7 @@ class TokenFlowPolicy:
             return value + cfg.gamma * r.consumption_rate * interval * phi
 
         for a, b in zip(order, order[1:], strict=False):
-            if a.chosen == b.chosen:
+            if a.chosen == b.chosen or a.request.priority != b.request.priority:
                 continue
             out_c, in_c = (a, b) if a.chosen else (b, a)
             if in_c.pages - out_c.pages > pages_left:

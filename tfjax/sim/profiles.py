@@ -9,7 +9,14 @@ A step that decodes B rows with C context tokens in total and prefills P prompt 
 a roofline: decode reads all weights and the batch's KV once per step; prefill and large
 batches are bound by matmul FLOPs (2 * params per token; prefill attention's quadratic term is
 left out). `mem_bytes_per_s` and `flops_per_s` are effective rates: peak times the efficiency
-stated in each profile's `source`. `Costs` handed to the policies are derived from the same
+stated in each profile's `source`.
+
+A profile measured on the machine itself (`decode_table_s`, from `scripts/bench_engine.py`)
+replaces the decode part of the roofline: the measured step time at B rows (linear between
+measured sizes, as the engine interpolates its own measurements), plus reading the KV of the
+context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
+tokens' FLOPs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a
+batch-8 one), and it is that shape that decides whether a smaller batch pays. `Costs` handed to the policies are derived from the same
 formula, as the engine's EWMA measurements would be.
 
 Never tune a profile to make a policy win: change a figure only with a better public source or
@@ -46,6 +53,8 @@ class CostProfile:
     flops_per_s: float  # effective
     d2h_bytes_per_s: float
     h2d_bytes_per_s: float
+    decode_table_s: tuple[tuple[int, float], ...] = ()  # measured (batch, step s); () roofline
+    table_context_tokens: int = 0  # context per row the table was measured at
 
     @property
     def device_kv_tokens(self) -> int:
@@ -54,6 +63,12 @@ class CostProfile:
     def step_s(self, *, num_decode: int, context_tokens: int, num_prefill: int = 0) -> float:
         if num_decode == 0 and num_prefill == 0:
             return 0.0
+        if self.decode_table_s:
+            measured = Costs(decode_step_s=dict(self.decode_table_s))
+            decode = measured.decode_step_time(num_decode) if num_decode else self.overhead_s
+            extra_context = max(0, context_tokens - num_decode * self.table_context_tokens)
+            kv = extra_context * self.kv_bytes_per_token / self.mem_bytes_per_s
+            return decode + kv + num_prefill * self.flops_per_token / self.flops_per_s
         mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.mem_bytes_per_s
         compute = (num_decode + num_prefill) * self.flops_per_token / self.flops_per_s
         return self.overhead_s + self.per_row_s * num_decode + max(mem, compute)
@@ -83,27 +98,31 @@ def _pages(kv_bytes: float, kv_bytes_per_token: int, page_size: int) -> int:
 _SMOL_KV = 30 * 3 * 64 * 2 * 4
 CPU_SMOLLM2 = CostProfile(
     name="cpu-smollm2",
-    source="""provisional, from DESIGN.md notes (replace with scripts/bench_engine.py results):
-decode 29 ms at batch 1 and 153 ms at batch 32 (DESIGN.md, unrolled layers, donated KV);
-fitted as 7.7 ms + 2.08 ms/row + max(weights 538 MB / 28 GB/s, tokens * 0.27 GFLOP / 110 GFLOP/s)
-(memory ~26-30 GB/s and ~110 GFLOP/s at M=32 are DESIGN.md's measurements);
-KV 45 KiB/token (f32), 512 pages of 16 tokens on the device, 8192 on the host (engine defaults
-are not fixed yet: assumption); host copies ~10 GB/s (memcpy on this CPU, assumption);
-batch cap 32, prefill budget 256 tokens/step (assumption)""",
+    source="""measured with scripts/bench_engine.py --no-hf --batches 1,8,32 on this machine, idle
+(README, "Engine microbenchmark"; prompt 128, 64 new tokens, so ~160 tokens of context per row):
+decode step 46.2 / 136.3 / 290.9 ms at batch 1 / 8 / 32; prefill 363 tok/s at batch 32
+(2 * 134.5M FLOP/token at 97.7 GFLOP/s effective); copy bandwidth 22.3 GB/s (KV reads beyond the
+measured context). Engine defaults of `tfjax serve` on this CPU: 2047 usable pages of 16 tokens
+(the live run in issue 13 reported 2,047 free pages), batch cap 32, prefill budget 512 tokens/step;
+host tier 4 GB (--host-kv-gb default) = 5689 pages of 46 KiB/token (f32);
+host copies ~10 GB/s (memcpy on this CPU, assumption); a prefill-only step has the batch-1 step's
+overhead, 46.2 ms minus one token's FLOPs (assumption)""",
     page_size=16,
-    num_device_pages=512,
-    num_host_pages=8192,
+    num_device_pages=2047,
+    num_host_pages=_pages(4e9, _SMOL_KV, 16),
     kv_bytes_per_token=_SMOL_KV,
     max_batch_size=32,
-    prefill_token_budget=256,
-    overhead_s=7.7e-3,
-    per_row_s=2.08e-3,
+    prefill_token_budget=512,
+    overhead_s=46.2e-3 - 2 * 134.5e6 / 97.7e9,
+    per_row_s=0.0,
     weight_bytes=538e6,
-    mem_bytes_per_s=28e9,
+    mem_bytes_per_s=22.3e9,
     flops_per_token=2 * 134.5e6,
-    flops_per_s=110e9,
+    flops_per_s=97.7e9,
     d2h_bytes_per_s=10e9,
     h2d_bytes_per_s=10e9,
+    decode_table_s=((1, 46.2e-3), (8, 136.3e-3), (32, 290.9e-3)),
+    table_context_tokens=160,
 )
 
 _4090_MEM = 24 * GIB
