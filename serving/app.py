@@ -235,6 +235,7 @@ class _Server:
                 consumption_rate=options.consumption_rate or self.default_rate,
                 priority=options.priority,
                 request_id=request_id,
+                streaming=options.stream,
             )
         except EngineError as err:
             raise from_engine_error(err) from None

@@ -97,10 +97,12 @@ class EngineClient(Protocol):
         consumption_rate: float | None = None,
         priority: int = 0,
         request_id: str | None = None,
+        streaming: bool = True,
     ) -> RequestStream:
         """Queue a request; raises `QueueFullError`, `PromptTooLongError` or `EngineDeadError`
         at once (nothing is queued then). Must be called from the event loop thread.
-        `consumption_rate=None` means the server default."""
+        `consumption_rate=None` means the server default; `streaming=False`: the client reads
+        the answer at the end (`Request.streaming`)."""
         ...
 
     def abort(self, request_id: str) -> None:

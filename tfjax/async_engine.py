@@ -99,6 +99,7 @@ class AsyncEngine:
         consumption_rate: float | None = None,
         priority: int = 0,
         request_id: str | None = None,
+        streaming: bool = True,
     ) -> RequestStream:
         if not self.is_healthy:
             raise EngineDeadError("the engine has stopped")
@@ -118,6 +119,7 @@ class AsyncEngine:
             arrival_s=self.engine.clock(),
             consumption_rate=consumption_rate or self.default_rate,
             priority=priority,
+            streaming=streaming,
         )
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)

@@ -67,6 +67,7 @@ class Submission:
     consumption_rate: float | None
     priority: int
     request_id: str
+    streaming: bool = True
 
 
 class FakeStream:
@@ -146,11 +147,14 @@ class FakeEngine:
         consumption_rate: float | None = None,
         priority: int = 0,
         request_id: str | None = None,
+        streaming: bool = True,
     ) -> FakeStream:
         if self.raise_on_submit is not None:
             raise self.raise_on_submit
         request_id = request_id or f"fake-{len(self.submitted)}"
-        sub = Submission(list(prompt_ids), sampling, consumption_rate, priority, request_id)
+        sub = Submission(
+            list(prompt_ids), sampling, consumption_rate, priority, request_id, streaming
+        )
         self.submitted.append(sub)
         self.streams[request_id] = FakeStream(self, sub)
         return self.streams[request_id]

@@ -45,9 +45,10 @@ async def test_completion_non_streaming(client: httpx.AsyncClient) -> None:
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
 
 
-async def test_completion_streaming(client: httpx.AsyncClient) -> None:
+async def test_completion_streaming(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "stream": True})
     assert r.status_code == 200
+    assert engine.submitted[0].streaming
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     _check_stream_header(events)
@@ -169,12 +170,14 @@ async def test_parameters_pass_through(client: httpx.AsyncClient, engine: FakeEn
     assert (s.stop, s.stop_token_ids, s.ignore_eos) == (("\n",), (7,), True)
     assert (sub.consumption_rate, sub.priority) == (20.0, -3)
     assert sub.request_id.startswith("cmpl-")
+    assert not sub.streaming  # no "stream": the client reads the whole answer at the end
 
 
 async def test_defaults(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     assert (await client.post("/v1/completions", json={"prompt": "hi"})).status_code == 200
     (sub,) = engine.submitted
     assert sub.consumption_rate == DEFAULT_RATE
+    assert not sub.streaming
     s = sub.sampling
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (1.0, 1.0, 0, None, ())
 

@@ -27,6 +27,12 @@ Parameters (`AndesConfig`):
 - `running_bonus` = 0.5 and `solver_every_steps` = 10: the official code's values.
 - `preemption_cap` = 1.0: average solver preemptions per request seen (the paper's P).
 
+`priority` (lower value first, ties by arrival; `base.queue_key`) orders admission and the
+pressure victims (lowest priority, newest first) as in `fcfs`, and ranks the solver's
+candidates before their QoE density, so the solver never trades a request for one of lower
+priority. Non-streaming requests (read at the end) are never solver victims: a buffer they
+do not have cannot justify pausing them.
+
 Not implemented: the paper's overhead-aware refiner (admit only if the gain beats the QoE the
 switch costs everyone else); the official code has none either. Without it, on workloads with
 long prompts the solver trades long residents for short newcomers and pays with re-prefills.
@@ -39,7 +45,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, ResumeMode, SchedulerView
+from tfjax.sched.base import Plan, ResumeMode, SchedulerView, queue_key
 from tfjax.sched.fcfs import RetractBackoff
 from tfjax.sched.plan_builder import assemble_plan
 
@@ -94,13 +100,13 @@ class AndesPolicy:
             victims, bring = self._solve(view)
 
         def fcfs_order() -> list[Request]:
-            return sorted([*view.preempted, *view.waiting], key=lambda r: r.arrival_s)
+            return sorted([*view.preempted, *view.waiting], key=queue_key)
 
         plan = assemble_plan(
             view,
             victims=victims,
             bring=(lambda: bring) if bring is not None else fcfs_order,
-            pressure_order=lambda rs: sorted(rs, key=lambda r: r.arrival_s, reverse=True),
+            pressure_order=lambda rs: sorted(rs, key=queue_key, reverse=True),
             choose_mode=lambda r: ResumeMode.RECOMPUTE,
             reserve_pages=lambda running: len(running) + self.backoff.reserve_pages(view, running),
         )
@@ -130,7 +136,7 @@ class AndesPolicy:
             pages = max(1, math.ceil((r.num_tokens + 1) / ps))
             return self._gain(view, r, decode_rate) / pages
 
-        ranked = sorted(cands, key=lambda r: (-density(r), r.arrival_s))
+        ranked = sorted(cands, key=lambda r: (r.priority, -density(r), r.arrival_s))
         pages_left = view.num_total_pages
         rows_left = view.max_batch_size
         chosen: set[str] = set()
@@ -145,7 +151,7 @@ class AndesPolicy:
         for r in reversed(ranked):  # lowest density first
             if len(victims) >= budget:
                 break
-            if (r.status is _RUNNING) and r.request_id not in chosen:
+            if r.status is _RUNNING and r.streaming and r.request_id not in chosen:
                 victims.append(r)
         self.num_solver_preemptions += len(victims)
         bring = [

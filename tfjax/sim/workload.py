@@ -4,7 +4,10 @@ Synthetic: arrivals are a burst (all at `start_s`), Poisson (exponential gaps at
 or gamma (gaps with coefficient of variation `cv`, burstier than Poisson when cv > 1). Input
 and output lengths are normal (the paper's Table 1 gives only means; `std` defaults to a
 quarter of the mean), rounded and clipped to [1, 2 * mean]. Consumption rates come from a mix
-such as "15:0.4,20:0.6": exact shares of the requests, shuffled. Everything is drawn from one
+such as "15:0.4,20:0.6": exact shares of the requests, shuffled; a request that declares no
+rate gets the server's default (`tfjax serve --default-consumption-rate`, 15), so a mix of
+slow declared readers and undeclared ones is e.g. "2:0.5,15:0.5". `streaming=False` makes
+every request non-streaming (read at the end). Everything is drawn from one
 `random.Random(seed)`, so a spec always gives the same requests.
 
 Trace replay reads the Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`),
@@ -43,6 +46,7 @@ class WorkloadSpec:
     rates: str = "15:0.4,20:0.6"  # consumption rate mix, tokens/s : share
     start_s: float = 0.0
     seed: int = 0
+    streaming: bool = True  # False: every client reads its whole answer at the end
 
     def __post_init__(self) -> None:
         if self.arrival not in ("burst", "poisson", "gamma"):
@@ -76,13 +80,16 @@ def assign_rates(text: str, n: int, rng: random.Random) -> list[float]:
     return rates
 
 
-def _request(i: int, arrival_s: float, input_len: int, output_len: int, rate: float) -> Request:
+def _request(
+    i: int, arrival_s: float, input_len: int, output_len: int, rate: float, streaming: bool = True
+) -> Request:
     return Request(
         request_id=f"r{i:06d}",
         prompt_ids=[1] * input_len,
         sampling=SamplingParams(max_tokens=output_len, ignore_eos=True),
         arrival_s=arrival_s,
         consumption_rate=rate,
+        streaming=streaming,
     )
 
 
@@ -99,7 +106,14 @@ def make_requests(spec: WorkloadSpec) -> list[Request]:
         arrivals.append(t)
     rates = assign_rates(spec.rates, spec.num_requests, rng)
     return [
-        _request(i, arrivals[i], spec.input_len.sample(rng), spec.output_len.sample(rng), rates[i])
+        _request(
+            i,
+            arrivals[i],
+            spec.input_len.sample(rng),
+            spec.output_len.sample(rng),
+            rates[i],
+            spec.streaming,
+        )
         for i in range(spec.num_requests)
     ]
 
