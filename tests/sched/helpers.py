@@ -54,6 +54,8 @@ def make_request(
     buffer_s: float = 0.0,
     now: float = 10.0,
     computed: int | None = None,
+    priority: int = 0,
+    streaming: bool = True,
 ) -> Request:
     """A request in `status` with `output` tokens whose reader has `buffer_s` left at `now`.
 
@@ -66,6 +68,8 @@ def make_request(
         sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
         arrival_s=arrival,
         consumption_rate=rate,
+        priority=priority,
+        streaming=streaming,
     )
     r.output_ids = [1] * output
     if output:

@@ -176,3 +176,20 @@ def test_config_validation() -> None:
         TokenFlowConfig(schedule_interval_s=0)
     with pytest.raises(TypeError):
         TokenFlowPolicy(no_such_knob=1)
+
+
+def test_a_non_streaming_resident_is_never_displaced_for_its_buffer() -> None:
+    # The case of test_new_request_displaces_only_a_safely_preemptible_resident, but the
+    # resident's client reads at the end: its "buffer" of generated tokens is no reason to
+    # pause it. It wants a whole row's rate (Gamma here: the device holds one request), so the
+    # device is at capacity and the plan is fcfs's: b starts in the two free pages.
+    for streaming, displaced in ((True, True), (False, False)):
+        a = resident("a", 3.0)
+        a.streaming = streaming
+        b = make_request("b", arrival=5.0, rate=2.0)
+        view = make_view([a, b], total_pages=14, host=synced(a), costs=SLOW)
+        plan = TokenFlowPolicy().plan(view)
+        check_plan(view, plan)
+        assert plan.preempt == (("a",) if displaced else ())
+        if not displaced:
+            assert plan == FcfsPolicy().plan(view)

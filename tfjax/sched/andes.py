@@ -30,8 +30,9 @@ Parameters (`AndesConfig`):
 `priority` (lower value first, ties by arrival; `base.queue_key`) orders admission and the
 pressure victims (lowest priority, newest first) as in `fcfs`, and ranks the solver's
 candidates before their QoE density, so the solver never trades a request for one of lower
-priority. Non-streaming requests (read at the end) are never solver victims: a buffer they
-do not have cannot justify pausing them.
+priority. Non-streaming requests (read at the end) rank first within their priority, in
+arrival order, and are never solver victims: a buffer they do not have cannot justify
+pausing them.
 
 Not implemented: the paper's overhead-aware refiner (admit only if the gain beats the QoE the
 switch costs everyone else); the official code has none either. Without it, on workloads with
@@ -136,7 +137,12 @@ class AndesPolicy:
             pages = max(1, math.ceil((r.num_tokens + 1) / ps))
             return self._gain(view, r, decode_rate) / pages
 
-        ranked = sorted(cands, key=lambda r: (r.priority, -density(r), r.arrival_s))
+        # Non-streaming requests have no reader to trade off: within their priority they go
+        # first, in arrival order (their QoE density is not defined without a reading rate).
+        ranked = sorted(
+            cands,
+            key=lambda r: (r.priority, r.streaming, -density(r) if r.streaming else 0.0, r.arrival_s),
+        )
         pages_left = view.num_total_pages
         rows_left = view.max_batch_size
         chosen: set[str] = set()

@@ -202,7 +202,9 @@ class TokenFlowPolicy:
             self._gamma = view.costs.decode_capacity(batch)
             self._row_rate = self._gamma / batch
             self._bound = None
-            self.fallback = self._demand(view) > self._gamma
+            # At capacity exactly (e.g. only non-streaming requests) there is no slack to share
+            # out either; the tolerance absorbs the rounding of n * (Gamma / n).
+            self.fallback = self._demand(view) >= self._gamma * (1.0 - 1e-9)
             self.num_fallback_decisions += self.fallback
             if not self.fallback and self._is_stressed(view):
                 self.num_decisions += 1
@@ -333,10 +335,10 @@ class TokenFlowPolicy:
         tokens = 0
         for r in sorted(view.waiting, key=queue_key):
             rate = r.consumption_rate if r.streaming else row_rate
-            # An empty working set always takes one request, however fast its reader: the
-            # capacity rule limits sharing the device, it must never leave it idle.
-            over_capacity = (members or out) and demand + rate > self._gamma
-            if over_capacity or len(members) + len(out) >= bound:
+            # An empty working set always takes one request, however fast its reader or long
+            # its output: the rules limit sharing the device, they must never leave it idle.
+            over = demand + rate > self._gamma or len(members) + len(out) >= bound
+            if over and (members or out):
                 break
             if limit_tokens is not None and out and tokens + r.num_prompt_tokens > limit_tokens:
                 break
