@@ -141,17 +141,24 @@ def test_load_or_recompute() -> None:
     assert resume_mode(make_view([half], host=synced(half)), half) is ResumeMode.RECOMPUTE
 
 
-def test_prefill_first_only_while_a_prompt_backlog_lasts() -> None:
-    a = resident("a", 3.0)
+def test_prefill_first_while_a_prompt_backlog_lasts_or_buffers_allow() -> None:
+    # A prefill step of 8 new tokens takes 0.1 s (batch-1 step) + 8 ms: a reader with 3 s of
+    # buffer waits it out, one with 0.05 s rides along (decodes in the same step).
+    thin = resident("a", 0.05)
     short = make_request("s", arrival=5.0, rate=2.0, prompt=8)
-    view = make_view([a, short], total_pages=64, host=synced(a), costs=SLOW, budget=64)
+    view = make_view([thin, short], total_pages=64, host=synced(thin), costs=SLOW, budget=64)
     plan = TokenFlowPolicy().plan(view)
     assert plan.admit == ("s",) and plan.decode == ("a",)  # 8 queued tokens: decode rides along
+    deep = resident("a", 3.0)
+    view = make_view([deep, short], total_pages=64, host=synced(deep), costs=SLOW, budget=64)
+    plan = TokenFlowPolicy().plan(view)
+    assert plan.admit == ("s",) and plan.decode == ()  # the buffer covers the prefill step
     long = make_request("l", arrival=5.0, rate=2.0, prompt=80)
-    view = make_view([a, long], total_pages=64, host=synced(a), costs=SLOW, budget=64)
+    view = make_view([thin, long], total_pages=64, host=synced(thin), costs=SLOW, budget=64)
     plan = TokenFlowPolicy().plan(view)
     assert plan.admit == ("l",) and plan.decode == ()  # 80 > 64 queued: prefill first
     assert TokenFlowPolicy(prefill_first_backlog=2.0).plan(view).decode == ("a",)
+    a = resident("a", 3.0)
     # A recompute re-prefill never pauses the others.
     c = make_request("c", PF, arrival=1.0, output=5, rate=2.0, computed=4)
     view = make_view([a, c], total_pages=64, host=synced(a), costs=SLOW)

@@ -64,7 +64,9 @@ the simulator on the H200 400-request burst (docs/architecture/scheduler.md has 
   (SGLang's prefill-first): each decode row slows the step and so every queued prompt (never
   prefill-first: p99 TTFT +5% here, +1.5% on the 4090 burst). Not while the queued prompts
   exceed the free pages: then memory holds them back and decoding frees it (Azure replay: p99
-  TTFT 4.2 s instead of 6.5 s). With a short queue decode rows ride along almost free.
+  TTFT 4.2 s instead of 6.5 s). With a short queue decode rows ride along only for a reader
+  whose buffer would not last the prefill step: on a GPU they ride almost free, on a CPU a
+  batch-8 step costs three batch-1 steps and every ride slows the prompts (issue 13).
 - `v_i` = decode rate * the §7.1.3 weight the next token would get (L estimated by
   `max_tokens`); `phi(b)` = exp(-b / `phi_scale_s`), b the predicted buffer in seconds (raw
   tokens would make e^-b vanish above ~10 tokens), `phi_scale_s` = 1.0.
@@ -246,14 +248,17 @@ class TokenFlowPolicy:
             pressure_order=order,
             choose_mode=lambda r: resume_mode(view, r),
             reserve_pages=lambda running: growth * len(running),
-            prefill_first=self._prompt_backlog(view),
+            prefill_first=self._prefill_first(view),
         )
 
-    def _prompt_backlog(self, view: SchedulerView) -> bool:
+    def _prefill_first(self, view: SchedulerView) -> bool:
         """Prefill-first from when more than `prefill_first_backlog` steps of new prompts are
         queued (a burst) until no new prompt is left, so the burst's last prompts wait too;
         but not while the queued prompts do not fit in the free pages: then memory, not
-        compute, holds them back, and decoding is what frees it."""
+        compute, holds them back, and decoding is what frees it. With a shorter queue, also
+        whenever every streaming reader has the buffer to wait out one prefill step: then
+        the decode rows riding along would only slow the prompts (a CPU's batch-8 step costs
+        three batch-1 steps), and nobody stalls for their absence."""
         limit = self.config.prefill_first_backlog * view.prefill_token_budget
         pending = 0
         for r in (*view.prefilling, *view.waiting):
@@ -263,7 +268,12 @@ class TokenFlowPolicy:
             self._draining_backlog = True
         elif pending == 0:
             self._draining_backlog = False
-        return self._draining_backlog and -(-pending // view.page_size) <= view.num_free_pages
+            return False
+        if self._draining_backlog and -(-pending // view.page_size) <= view.num_free_pages:
+            return True
+        costs, now = view.costs, view.now_s
+        wait_s = costs.decode_step_time(1) + costs.recompute_s(min(pending, limit))
+        return all(r.reader.buffer_s(now) >= wait_s for r in view.running if r.streaming)
 
     def _demand(self, view: SchedulerView) -> float:
         """Declared rates of W plus those of the waiting requests FCFS would admit now."""
