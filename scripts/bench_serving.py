@@ -3,7 +3,10 @@
 Sends streaming `POST /v1/completions` requests (`stream: true`, `stream_options.include_usage`)
 on an arrival schedule (burst, Poisson, gamma, or a replayed trace; `scripts/workload_client.py`
 draws it), each with a consumption rate from a mix (`consumption_rate` in the body, our extension;
-`ignore_eos` forces the drawn output length). Every client records when each token arrived and
+`ignore_eos` forces the drawn output length). A `ClientRequest` may also leave its rate
+undeclared (the server's default applies; the reader model still reads at `rate`) or be a
+non-streaming call (`stream: false`: its tokens arrive at once with the response, so TTFT is
+its whole latency). Every client records when each token arrived and
 feeds `tfjax.buffers.Reader`, so TTFT, stall, stall ratio, effective and raw throughput and QoS
 come from `tfjax.qos` with the exact definitions of DESIGN.md, measured at the client.
 
@@ -106,11 +109,13 @@ async def send_request(
         "model": cfg.model,
         "prompt": make_prompt(req, mode=cfg.prompt_mode, seed=cfg.seed),
         "max_tokens": req.output_len,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": req.stream,
     }
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
     if cfg.extensions:
-        body["consumption_rate"] = req.rate
+        if req.declared:
+            body["consumption_rate"] = req.rate
         body["ignore_eos"] = cfg.ignore_eos
     if cfg.temperature is not None:
         body["temperature"] = cfg.temperature
@@ -118,7 +123,8 @@ async def send_request(
     rec.send_s = time.perf_counter() - t0
     try:
         async with asyncio.timeout(cfg.request_timeout_s):
-            await _stream(client, cfg.base_url + "/v1/completions", body, rec, t0)
+            receive = _stream if req.stream else _complete
+            await receive(client, cfg.base_url + "/v1/completions", body, rec, t0)
     except TimeoutError:
         rec.error = f"timeout after {cfg.request_timeout_s} s"
     except (httpx.HTTPError, OSError, ValueError) as err:
@@ -168,6 +174,26 @@ async def _stream(
         rec.tokens_added_at_end = usage_tokens - rec.output_tokens
         rec.chunk_tokens[-1] += rec.tokens_added_at_end
         rec.output_tokens = usage_tokens
+
+
+async def _complete(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord, t0: float
+) -> None:
+    """A non-streaming call: every token arrives with the response, as one chunk."""
+    resp = await client.post(url, json=body)
+    now = time.perf_counter() - t0
+    if resp.status_code != 200:
+        rec.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+        return
+    answer = resp.json()
+    usage = answer.get("usage") or {}
+    rec.output_tokens = int(usage.get("completion_tokens") or 0)
+    rec.prompt_len = int(usage.get("prompt_tokens") or rec.prompt_len)
+    if rec.output_tokens:
+        rec.chunk_times_s.append(now)
+        rec.chunk_tokens.append(rec.output_tokens)
+    for choice in answer.get("choices") or []:
+        rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
 
 
 def _chunk_tokens(choices: list[dict[str, Any]], usage: dict[str, Any], counted: int) -> int:

@@ -33,7 +33,21 @@ calibrate before reading much into the numbers.
 A new `--kv-pages` value changes the KV array shapes, so the first server start with it compiles
 for minutes (later starts hit the XLA cache); the time budget covers the runs, not that compile.
 
+`--workloads` runs more workloads one after the other (each in DIR/<workload>/, a table each
+and a combined table at the end). `paper` is the workload above; the others are issue 13's
+ordinary bursts as a plain OpenAI client sends them, on the server's default flags (default
+KV pool and batch cap; `--kv-pages` only if given): 32 requests at once, ~17-token prompts,
+64 tokens each (`ignore_eos`):
+- `undeclared`: streamed, no `consumption_rate` (the server's --default-consumption-rate, 15);
+- `overloaded`: streamed, each declaring 15 tok/s (480 tok/s against ~110 a batch of 32 makes
+  on this CPU);
+- `non-streaming`: `stream: false`, no rate: the mean E2E latency is the figure that matters;
+- `mixed`: half stream declaring 2 tok/s (slow readers), half undeclared.
+The reader model scores undeclared streams at 15 tok/s, what the server assumed for them.
+
     .venv/bin/python scripts/compare_policies.py --out out/compare --calibrate
+    .venv/bin/python scripts/compare_policies.py --out out/compare13 --policies tokenflow,fcfs \
+        --workloads undeclared,overloaded,non-streaming,mixed
 """
 
 from __future__ import annotations
@@ -53,7 +67,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +76,7 @@ import bench_serving as bench
 import workload_client as wc
 from workload_client import ClientRequest
 
-from tfjax.sim.workload import parse_rate_mix
+from tfjax.sim.workload import LengthDist, parse_rate_mix
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"tfjax serving (?P<model>.+) on (?P<url>http://\S+)")
@@ -71,6 +85,7 @@ BASELINE = "fcfs"
 SUMMARY_KEYS = (
     "mean_ttft_s",
     "p99_ttft_s",
+    "mean_e2el_ms",
     "effective_throughput",
     "raw_throughput",
     "stall_ratio",
@@ -82,6 +97,39 @@ DEFAULT_INPUT_LEN = 64
 DEFAULT_OUTPUT_LEN = 80
 DEFAULT_RATE_MIX = "0.9:0.4,1.2:0.6"
 DEFAULT_KV_PAGES = 48
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrdinaryBurst:
+    """Issue 13's burst: what a plain OpenAI client sends to a server on default flags."""
+
+    rate_mix: str  # the reader model's rates (undeclared streams: the server default, 15)
+    declared: frozenset[float] = frozenset()  # rates sent as consumption_rate; others are not
+    stream: bool = True
+    num_requests: int = 32
+    input_len: LengthDist = LengthDist(mean=17, std=2)
+    output_len: LengthDist = LengthDist(mean=64, std=0)
+
+    def requests(self, seed: int) -> list[ClientRequest]:
+        drawn = wc.synthetic_requests(
+            arrival="burst",
+            num_requests=self.num_requests,
+            input_len=self.input_len,
+            output_len=self.output_len,
+            rate_mix=self.rate_mix,
+            seed=seed,
+        )
+        return [replace(r, declared=r.rate in self.declared, stream=self.stream) for r in drawn]
+
+
+PAPER_WORKLOAD = "paper"  # the calibrated paper regime of the module docstring
+ORDINARY_BURSTS = {
+    "undeclared": OrdinaryBurst(rate_mix="15"),
+    "overloaded": OrdinaryBurst(rate_mix="15", declared=frozenset({15.0})),
+    "non-streaming": OrdinaryBurst(rate_mix="15", stream=False),
+    "mixed": OrdinaryBurst(rate_mix="2:0.5,15:0.5", declared=frozenset({2.0})),
+}
+WORKLOADS = (PAPER_WORKLOAD, *ORDINARY_BURSTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,6 +373,7 @@ def summary_row(label: str, result: dict[str, Any], start_s: float) -> dict[str,
 _COLUMNS = (  # summary key, header
     ("mean_ttft_s", "mean TTFT s"),
     ("p99_ttft_s", "p99 TTFT s"),
+    ("mean_e2el_ms", "mean E2E ms"),
     ("effective_throughput", "eff tok/s"),
     ("raw_throughput", "raw tok/s"),
     ("stall_ratio", "stall ratio"),
@@ -334,11 +383,14 @@ _COLUMNS = (  # summary key, header
 
 
 def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
-    """Policies side by side; each summary metric with its ratio to fcfs."""
-    base = next((r for r in rows if r["policy"] == BASELINE and "error" not in r), None)
-    head = f"{'policy':<22}" + "".join(f"{h:>18}" for _, h in _COLUMNS)
+    """Policies side by side; each summary metric with its ratio to fcfs of the same workload."""
+    bases = {r.get("workload"): r for r in rows if r["policy"] == BASELINE and "error" not in r}
+    workloads = {r.get("workload") for r in rows}
+    label = "workload / policy" if workloads != {None} else "policy"
+    head = f"{label:<28}" + "".join(f"{h:>18}" for _, h in _COLUMNS)
     lines = [head, "-" * len(head)]
     for row in rows:
+        base = bases.get(row.get("workload"))
         cells = []
         for key, _ in _COLUMNS:
             v = row.get(key)
@@ -347,7 +399,10 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
             if key in SUMMARY_KEYS and v is not None and b and row is not base:
                 cell += f" ({v / b:.2f}x)"
             cells.append(f"{cell:>18}")
-        lines.append(f"{row['policy']:<22}" + "".join(cells) + f"  {row.get('error', '')}")
+        name = row["policy"]
+        if row.get("workload") is not None:
+            name = f"{row['workload']} / {name}"
+        lines.append(f"{name:<28}" + "".join(cells) + f"  {row.get('error', '')}")
     lines.append(f"(x: ratio to {BASELINE}; TTFT and stall ratio: lower is better)")
     return "\n".join(lines)
 
@@ -379,6 +434,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=bench.HelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--workloads",
+        default=PAPER_WORKLOAD,
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (see the description)",
+    )
     parser.add_argument(
         "--include-no-offload",
         action="store_true",
@@ -418,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         request_timeout=240.0,
     )
     args = parser.parse_args(argv)
+    args.workload_names = [w for w in args.workloads.split(",") if w]
+    if unknown := sorted(set(args.workload_names) - set(WORKLOADS)):
+        parser.error(f"unknown workload {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     common = ["--model", args.model, "--page-size", str(args.page_size), "--log-level", "info"]
     if args.max_batch_size is not None:
         common += ["--max-batch-size", str(args.max_batch_size)]
@@ -425,30 +488,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    # SIGTERM (e.g. from `timeout`) raises SystemExit, so `serve` still stops the server.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    args = parse_args(argv)
-    out_dir: Path = args.out
+def run_workload(
+    name: str, args: argparse.Namespace, runs: Sequence[PolicyRun], out_dir: Path
+) -> list[dict[str, Any]]:
+    """Every policy on one workload; returns its summary rows (also in out_dir/summary.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = policy_runs([p for p in args.policies.split(",") if p], args.include_no_offload)
-    t_start = time.monotonic()
-    kv_pages = args.kv_pages or DEFAULT_KV_PAGES
-    if args.calibrate:
-        w = calibrate(args, out_dir, len(runs))
-        args.burst_size, args.output_len_mean, args.rate_mix = (
-            w.burst_size,
-            w.output_len,
-            w.rate_mix,
-        )
-        args.arrival = "burst"
-        kv_pages = args.kv_pages or w.kv_pages
-    requests = wc.requests_from_args(args)
-    flags = [*args.common_server_flags, "--kv-pages", str(kv_pages)]
-    workload = {"kv_pages": kv_pages, "server_flags": flags, **wc.workload_summary(requests)}
+    if name == PAPER_WORKLOAD:
+        kv_pages = args.kv_pages or DEFAULT_KV_PAGES
+        if args.calibrate:
+            w = calibrate(args, out_dir, len(runs))
+            args.burst_size, args.output_len_mean, args.rate_mix = (
+                w.burst_size,
+                w.output_len,
+                w.rate_mix,
+            )
+            args.arrival = "burst"
+            kv_pages = args.kv_pages or w.kv_pages
+        requests = wc.requests_from_args(args)
+    else:
+        kv_pages = args.kv_pages  # None: the server's default pool, as a new user runs it
+        requests = ORDINARY_BURSTS[name].requests(args.seed)
+    flags = list(args.common_server_flags)
+    if kv_pages is not None:
+        flags += ["--kv-pages", str(kv_pages)]
+    workload = {"name": name, "kv_pages": kv_pages, "server_flags": flags}
+    workload |= wc.workload_summary(requests)
+    workload["declared"] = sum(r.declared for r in requests)
+    workload["streamed"] = sum(r.stream for r in requests)
     workload["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (out_dir / "workload.json").write_text(json.dumps(workload, indent=1) + "\n")
-    print(f"workload: {json.dumps(wc.workload_summary(requests))}, kv_pages {kv_pages}")
+    print(f"workload {name}: {json.dumps(wc.workload_summary(requests))}, kv_pages {kv_pages}")
 
     rows, ttfts = [], {}
     for run in runs:
@@ -456,22 +525,43 @@ def main(argv: list[str] | None = None) -> int:
             result, records, start_s = run_policy(run, args, flags, requests, out_dir / run.label)
         except RuntimeError as err:  # the server did not start: record it, go on
             print(f"[{run.label}] {err}", file=sys.stderr)
-            rows.append({"policy": run.label, "error": str(err), "failed": len(requests)})
+            rows.append(
+                {"workload": name, "policy": run.label, "error": str(err), "failed": len(requests)}
+            )
             continue
         result["workload"] = workload
         result["policy"] = run.label
         bench.save(result, records, out_dir / run.label, plots=args.plots)
-        print(bench.format_table(result, title=run.label))
-        rows.append(summary_row(run.label, result, start_s))
+        print(bench.format_table(result, title=f"{name} / {run.label}"))
+        rows.append({"workload": name} | summary_row(run.label, result, start_s))
         ttfts[run.label] = [r.chunk_times_s[0] - r.send_s for r in records if r.ok]
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.plots:
         _bench_plots.plot_ttft_cdfs(ttfts, out_dir / "ttft_cdf.png")
     print(format_comparison(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (e.g. from `timeout`) raises SystemExit, so `serve` still stops the server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    args = parse_args(argv)
+    out_dir: Path = args.out
+    runs = policy_runs([p for p in args.policies.split(",") if p], args.include_no_offload)
+    t_start = time.monotonic()
+    names = args.workload_names
+    rows = []
+    for name in names:
+        # One workload keeps the old layout (files in DIR itself).
+        rows += run_workload(name, args, runs, out_dir if len(names) == 1 else out_dir / name)
+    if len(names) > 1:
+        (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print("\nall workloads:")
+        print(format_comparison(rows))
     total = time.monotonic() - t_start
     print(f"total {total:.0f} s for {len(runs)} policies; wrote {out_dir / 'summary.json'}")
-    if total > args.time_budget:
-        print(f"warning: over the {args.time_budget:.0f} s budget", file=sys.stderr)
+    if total > args.time_budget * len(names):
+        print(f"warning: over the {args.time_budget:.0f} s budget per workload", file=sys.stderr)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -60,7 +60,9 @@ class ClientRequest:
     arrival_s: float
     prompt_len: int
     output_len: int  # max_tokens, forced with ignore_eos
-    rate: float  # consumption rate, tokens/s
+    rate: float  # consumption rate, tokens/s (the reader model's, also when not declared)
+    declared: bool = True  # False: the request sends no consumption_rate (server default)
+    stream: bool = True  # False: a non-streaming call, every token arrives at the end
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
