@@ -200,3 +200,25 @@ def test_a_non_streaming_resident_is_never_displaced_for_its_buffer() -> None:
         assert plan.preempt == (("a",) if displaced else ())
         if not displaced:
             assert plan == FcfsPolicy().plan(view)
+
+
+def test_capacity_fallback_resumes_by_load_where_fcfs_would_recompute() -> None:
+    # Overloaded (a 1000 tok/s reader): the plan is fcfs's, except that a preempted request
+    # whose host copy is complete comes back by LOAD (47 tokens: 12 pages, its next token fits
+    # in the last one) and decodes in the same step, instead of re-prefilling 47 tokens.
+    a = resident("a", 0.02, rate=1000.0)
+    c = make_request("c", P, arrival=1.0, output=40, rate=2.0, buffer_s=0.0)
+    view = make_view([a, c], total_pages=64, host=synced(a, c), costs=SLOW)
+    policy = TokenFlowPolicy()
+    plan = policy.plan(view)
+    check_plan(view, plan)
+    assert policy.fallback
+    assert [(x.request_id, x.mode) for x in plan.resume] == [("c", ResumeMode.LOAD)]
+    assert plan.prefill == () and plan.decode == ("a", "c")
+    fcfs = FcfsPolicy().plan(view)
+    assert [(x.request_id, x.mode) for x in fcfs.resume] == [("c", ResumeMode.RECOMPUTE)]
+    # While the tail of c's copy is still in flight, c waits a step (fcfs order: nobody passes).
+    in_flight = FakeHost({"a": 47, "c": 40}, queued={"a": 47, "c": 47})
+    view = make_view([a, c], total_pages=64, host=in_flight, costs=SLOW)
+    plan = TokenFlowPolicy().plan(view)
+    assert plan.resume == () and plan.decode == ("a",)

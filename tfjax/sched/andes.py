@@ -139,10 +139,10 @@ class AndesPolicy:
 
         # Non-streaming requests have no reader to trade off: within their priority they go
         # first, in arrival order (their QoE density is not defined without a reading rate).
-        ranked = sorted(
-            cands,
-            key=lambda r: (r.priority, r.streaming, -density(r) if r.streaming else 0.0, r.arrival_s),
-        )
+        def rank(r: Request) -> tuple:
+            return (r.priority, r.streaming, -density(r) if r.streaming else 0.0, r.arrival_s)
+
+        ranked = sorted(cands, key=rank)
         pages_left = view.num_total_pages
         rows_left = view.max_batch_size
         chosen: set[str] = set()

@@ -105,6 +105,11 @@ class Costs:
         return num_tokens * self.kv_bytes_per_token / self.d2h_bytes_per_s
 
 
+def is_decode_ready(request: Request) -> bool:
+    """Has a first token and all its KV but the last token's: can decode once resident."""
+    return bool(request.output_ids) and request.num_computed_tokens == request.num_prefill_target
+
+
 def queue_key(request: Request) -> tuple[int, float]:
     """Serving order of every policy: lower `priority` first, ties by arrival (vLLM's rule)."""
     return (request.priority, request.arrival_s)

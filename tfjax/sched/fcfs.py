@@ -25,11 +25,22 @@ preemption, admission also reserves a decaying share of the residents' remaining
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView, queue_key
+from tfjax.sched.base import (
+    Plan,
+    PrefillChunk,
+    Resume,
+    ResumeMode,
+    SchedulerView,
+    is_decode_ready,
+    queue_key,
+)
+
+# How a preempted request comes back (None: not this step); FCFS alone always recomputes.
+ResumeChooser = Callable[[SchedulerView, Request], ResumeMode | None]
 
 
 @dataclass(slots=True)
@@ -127,8 +138,10 @@ class FcfsPolicy:
         chunked: bool = False,
         headroom_pages_per_running: int = 1,
         retract_backoff: bool = True,
+        resume_mode: ResumeChooser | None = None,
     ) -> None:
         self.chunked = chunked
+        self.resume_mode = resume_mode
         self.headroom_pages_per_running = headroom_pages_per_running
         self.backoff = RetractBackoff() if retract_backoff else None
         self.name = "fcfs-chunked" if chunked else "fcfs"
@@ -167,6 +180,16 @@ class FcfsPolicy:
                 headroom += self.backoff.reserve_pages(view, resident)
             for request in sorted([*view.preempted, *view.waiting], key=queue_key):
                 recompute = request.status is RequestStatus.PREEMPTED
+                mode = self.resume_mode(view, request) if recompute and self.resume_mode else None
+                if mode is ResumeMode.LOAD:
+                    if not self._load(view, filler, request, headroom):
+                        break
+                    resume.append(Resume(request_id=request.request_id, mode=mode))
+                    if is_decode_ready(request):
+                        running.append(request)
+                    continue
+                if recompute and self.resume_mode and mode is None:
+                    break  # its host copy is still in flight: it comes back next step
                 n = filler.try_add(
                     request, new_resident=True, reserve_pages=headroom, from_scratch=recompute
                 )
@@ -179,6 +202,7 @@ class FcfsPolicy:
                     admit.append(request.request_id)
         if self.backoff is not None:
             self.backoff.on_step(preempted=bool(preempt))
+        # A LOAD-resumed decode-ready request decodes in the step that loads it.
         decode = [r.request_id for r in running]
         if chunks and not self.chunked:
             decode = []  # prefill-first: running streams wait for the prompts
@@ -189,3 +213,15 @@ class FcfsPolicy:
             prefill=tuple(chunks),
             decode=tuple(decode),
         )
+
+    @staticmethod
+    def _load(view: SchedulerView, filler: PrefillFiller, request: Request, headroom: int) -> bool:
+        """Take pages and a row for a LOAD resume (its whole context, plus the next token's
+        page if it decodes this step) if they are there."""
+        num_tokens = request.num_tokens if is_decode_ready(request) else request.num_computed_tokens
+        pages = -(-num_tokens // view.page_size)
+        if filler.rows_left <= 0 or pages + headroom > filler.free_pages:
+            return False
+        filler.free_pages -= pages
+        filler.rows_left -= 1
+        return True

@@ -11,16 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView
+from tfjax.sched.base import (
+    Plan,
+    PrefillChunk,
+    Resume,
+    ResumeMode,
+    SchedulerView,
+    is_decode_ready,
+)
 from tfjax.sched.fcfs import PrefillFiller, decode_pages_needed
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
-
-
-def is_decode_ready(request: Request) -> bool:
-    """Has a first token and all its KV but the last token's: can decode once resident."""
-    return bool(request.output_ids) and request.num_computed_tokens == request.num_prefill_target
 
 
 def assemble_plan(

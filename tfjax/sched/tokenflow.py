@@ -94,10 +94,11 @@ from tfjax.sched.base import (
     SchedulerView,
     buffer_s,
     declared_demand,
+    is_decode_ready,
     queue_key,
 )
 from tfjax.sched.fcfs import FcfsPolicy
-from tfjax.sched.plan_builder import assemble_plan, is_decode_ready
+from tfjax.sched.plan_builder import assemble_plan
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
@@ -186,7 +187,8 @@ class TokenFlowPolicy:
         self.num_decisions = 0  # full decisions (stressed, not in fallback)
         self.num_fallback_decisions = 0
         self._draining_backlog = False  # prefill-first until the prompt backlog is gone
-        self._fcfs = FcfsPolicy()  # plans every step while demand exceeds capacity
+        # Plans every step while demand exceeds capacity; resumes by LOAD where that is cheaper.
+        self._fcfs = FcfsPolicy(resume_mode=resume_mode)
         # Device seconds that context switches (loads, re-prefills) may still block: refilled
         # at `switch_budget` per second up to four intervals' worth, which it starts with.
         cfg = self.config

@@ -9,15 +9,15 @@ A step that decodes B rows with C context tokens in total and prefills P prompt 
 a roofline: decode reads all weights and the batch's KV once per step; prefill and large
 batches are bound by matmul FLOPs (2 * params per token; prefill attention's quadratic term is
 left out). `mem_bytes_per_s` and `flops_per_s` are effective rates: peak times the efficiency
-stated in each profile's `source`.
+stated in each profile's `source`. `Costs` handed to the policies are derived from the same
+formula, as the engine's EWMA measurements would be.
 
 A profile measured on the machine itself (`decode_table_s`, from `scripts/bench_engine.py`)
 replaces the decode part of the roofline: the measured step time at B rows (linear between
 measured sizes, as the engine interpolates its own measurements), plus reading the KV of the
 context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
 tokens' FLOPs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a
-batch-8 one), and it is that shape that decides whether a smaller batch pays. `Costs` handed to the policies are derived from the same
-formula, as the engine's EWMA measurements would be.
+batch-8 one), and it is that shape that decides whether a smaller batch pays.
 
 Never tune a profile to make a policy win: change a figure only with a better public source or
 an engine measurement (`scripts/bench_engine.py`), and say so in `source`.

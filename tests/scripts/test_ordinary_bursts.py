@@ -1,0 +1,89 @@
+"""Issue 13's live workloads: what the client sends for undeclared, non-streaming and mixed
+bursts, and how compare_policies tabulates several workloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import bench_serving as bench  # scripts/ is on sys.path (conftest.py)
+import compare_policies as cp
+import httpx
+import pytest
+
+
+def test_ordinary_bursts_are_issue_13s() -> None:
+    for name, workload in cp.ORDINARY_BURSTS.items():
+        reqs = workload.requests(seed=0)
+        assert len(reqs) == 32 and {r.arrival_s for r in reqs} == {0.0}, name
+        assert {r.output_len for r in reqs} == {64}
+        prompts = [r.prompt_len for r in reqs]  # ~17: normal, std 2
+        assert abs(sum(prompts) / 32 - 17) < 1.5 and min(prompts) >= 9 and max(prompts) <= 25
+    undeclared = cp.ORDINARY_BURSTS["undeclared"].requests(seed=0)
+    assert not any(r.declared for r in undeclared) and all(r.stream for r in undeclared)
+    assert {r.rate for r in undeclared} == {15.0}  # scored at the server's default rate
+    overloaded = cp.ORDINARY_BURSTS["overloaded"].requests(seed=0)
+    assert all(r.declared and r.rate == 15.0 for r in overloaded)
+    non_streaming = cp.ORDINARY_BURSTS["non-streaming"].requests(seed=0)
+    assert not any(r.stream or r.declared for r in non_streaming)
+    mixed = cp.ORDINARY_BURSTS["mixed"].requests(seed=0)
+    assert sorted((r.rate, r.declared) for r in mixed) == [(2.0, True)] * 16 + [(15.0, False)] * 16
+
+
+def _send(req, answer: dict) -> tuple[dict, bench.RequestRecord]:
+    """Send `req` to a mock server that answers `answer`; returns (the body sent, record)."""
+    sent = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.update(json.loads(request.content))
+        return httpx.Response(200, json=answer)
+
+    async def go() -> bench.RequestRecord:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            cfg = bench.ClientConfig(base_url="http://mock", model="m")
+            return await bench.send_request(client, cfg, req, time.perf_counter())
+
+    return sent, asyncio.run(go())
+
+
+def test_a_non_streaming_undeclared_request() -> None:
+    req = cp.ORDINARY_BURSTS["non-streaming"].requests(seed=0)[0]
+    answer = {
+        "choices": [{"index": 0, "text": "x" * 64, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": req.prompt_len, "completion_tokens": 64},
+    }
+    body, rec = _send(req, answer)
+    assert body["stream"] is False and "stream_options" not in body
+    assert "consumption_rate" not in body and body["ignore_eos"] is True
+    # All 64 tokens arrive with the response: one chunk, TTFT = the whole latency.
+    assert rec.ok and rec.chunk_tokens == [64] and rec.finish_reason == "length"
+    assert rec.chunk_times_s[0] == pytest.approx(rec.end_s, abs=0.05)
+
+
+def test_a_declared_stream_sends_its_rate() -> None:
+    req = next(r for r in cp.ORDINARY_BURSTS["mixed"].requests(seed=0) if r.declared)
+    body, rec = _send(req, {})  # not SSE: the stream ends without [DONE]
+    assert body["stream"] is True and body["consumption_rate"] == 2.0
+    assert body["stream_options"] == {"include_usage": True}
+    assert rec.error == "stream ended without [DONE]"
+
+
+def test_comparison_ratios_are_per_workload() -> None:
+    keys = ("p99_ttft_s", "mean_e2el_ms", "raw_throughput")
+    measured = [
+        ("undeclared", "fcfs", (4.0, 10.0, 100.0)),
+        ("undeclared", "tokenflow", (4.4, 11.0, 95.0)),
+        ("mixed", "fcfs", (2.0, 20.0, 50.0)),
+        ("mixed", "tokenflow", (1.0, 30.0, 60.0)),
+    ]
+    rows = [{"workload": w, "policy": p, **dict(zip(keys, v, strict=True))} for w, p, v in measured]
+    table = cp.format_comparison(rows)
+    assert "undeclared / tokenflow" in table and "mixed / fcfs" in table
+    assert "4.40 (1.10x)" in table and "95.00 (0.95x)" in table  # against undeclared's fcfs
+    assert "1.00 (0.50x)" in table and "60.00 (1.20x)" in table  # against mixed's fcfs
+
+
+def test_unknown_workload_is_an_error() -> None:
+    with pytest.raises(SystemExit):
+        cp.parse_args(["--out", "x", "--workloads", "undeclared,nope"])
