@@ -240,7 +240,7 @@ def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
         pos_RxQ = (kv_len_R - q_lens_NxR[i])[:, None] + jnp.arange(nq)[None]
 
         def one_block(j, carry):
-            m, l, acc = carry  # [R, K, G, Q], same, [R, K, G, Q, Dh] (float32)
+            m, total, acc = carry  # max, sum [R, K, G, Q]; output [R, K, G, Q, Dh] (f32)
             pages_RxB = jax.lax.dynamic_slice_in_dim(table_RxW, j * block_pages, block_pages, 1)
             keys = k_PxSxKxDh[pages_RxB].reshape(r, block, k, dh)
             values = v_PxSxKxDh[pages_RxB].reshape(r, block, k, dh)
@@ -248,9 +248,7 @@ def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
             visible_RxQxB = (key_pos_B[None, None] < kv_len_R[:, None, None]) & (
                 key_pos_B[None, None] <= pos_RxQ[:, :, None]
             )
-            scores = jnp.einsum(
-                "rqkgd,rbkd->rkgqb", q, keys, preferred_element_type=jnp.float32
-            )
+            scores = jnp.einsum("rqkgd,rbkd->rkgqb", q, keys, preferred_element_type=jnp.float32)
             scores = jnp.where(visible_RxQxB[:, None, None], scores, MASKED)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             probs = jnp.exp(scores - m_new[..., None])
@@ -261,15 +259,15 @@ def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
                 values,
                 preferred_element_type=jnp.float32,
             )
-            return m_new, l * scale + probs.sum(axis=-1), acc * scale[..., None] + pv
+            return m_new, total * scale + probs.sum(axis=-1), acc * scale[..., None] + pv
 
         init = (
             jnp.full((r, k, g, nq), MASKED, jnp.float32),
             jnp.zeros((r, k, g, nq), jnp.float32),
             jnp.zeros((r, k, g, nq, dh), jnp.float32),
         )
-        _, l, acc = jax.lax.fori_loop(0, num_blocks_N[i], one_block, init)
-        o_RxQxHxDh = (acc / l[..., None]).transpose(0, 3, 1, 2, 4).reshape(r, nq, h, dh)
+        _, total, acc = jax.lax.fori_loop(0, num_blocks_N[i], one_block, init)
+        o_RxQxHxDh = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(r, nq, h, dh)
         return out.at[i].set(o_RxQxHxDh.astype(out.dtype))
 
     out = jnp.zeros((n, r, nq, h, dh), q_NxRxQxHxDh.dtype)
@@ -355,17 +353,13 @@ def _attend_tpu(q_TxHxDh, kv_PxSx2KxDh, batch: AttentionBatch, *, kernel=None) -
     kernel's `q_len <= kv_len` causal convention and the tiles contiguous."""
     t, h, dh = q_TxHxDh.shape
     padded_dh = kv_PxSx2KxDh.shape[-1]
-    nq_R = jnp.asarray(
-        [QUERY_TILE] * batch.num_tiles + [1] * batch.num_decode_rows, jnp.int32
-    )
+    nq_R = jnp.asarray([QUERY_TILE] * batch.num_tiles + [1] * batch.num_decode_rows, jnp.int32)
     kv_lens_R = batch.kv_lens + nq_R - jnp.maximum(batch.q_lens, 1)
     cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(nq_R)]).astype(jnp.int32)
     num_rows = jnp.asarray([batch.page_table.shape[0]], jnp.int32)
     q = jnp.pad(q_TxHxDh, ((0, 0), (0, 0), (0, padded_dh - dh)))
     run = kernel or partial(tpu_ragged.ragged_paged_attention)
-    out = run(
-        q, kv_PxSx2KxDh, kv_lens_R, batch.page_table, cu_q_lens, num_rows, sm_scale=dh**-0.5
-    )
+    out = run(q, kv_PxSx2KxDh, kv_lens_R, batch.page_table, cu_q_lens, num_rows, sm_scale=dh**-0.5)
     return out[..., :dh]
 
 
@@ -382,6 +376,10 @@ def _write_slots(pages, slots_T: jax.Array, new: jax.Array, slot_axis: int = 0) 
         slots_T = jnp.concatenate([slots_T, jnp.zeros_like(slots_T)])  # slot 0: PAD_PAGE
         new = jnp.concatenate([new, new], axis=slot_axis)
     shape = pages.shape
-    flat_shape = (*shape[:slot_axis], shape[slot_axis] * shape[slot_axis + 1], *shape[slot_axis + 2 :])
+    flat_shape = (
+        *shape[:slot_axis],
+        shape[slot_axis] * shape[slot_axis + 1],
+        *shape[slot_axis + 2 :],
+    )
     index = (slice(None),) * slot_axis + (slots_T,)
     return pages.reshape(flat_shape).at[index].set(new).reshape(shape)

@@ -77,7 +77,8 @@ def _valid(batch: AttentionBatch) -> np.ndarray:
 def _run(backend, q, batch, layer):
     if backend.name == "tpu":
         # The reference kernel loops over rows in Python, so this runs eagerly.
-        return attention._attend_tpu(q, layer[0], batch, kernel=tpu_ragged.ref_ragged_paged_attention)
+        kernel = tpu_ragged.ref_ragged_paged_attention
+        return attention._attend_tpu(q, layer[0], batch, kernel=kernel)
     return jax.jit(backend.attend)(q, layer, batch)
 
 
