@@ -2,8 +2,9 @@
 
 Column-parallel (output dim split over `tp`): wq, wk, wv and their biases (whole heads per
 device), w_gate and w_up. Row-parallel (input dim split): wo and w_down, whose matmuls end in
-a partial sum that XLA (GSPMD) all-reduces. The paged KV cache is split on its KV-head axis,
-so each device holds its heads' pages for every page id and the page tables stay global.
+a partial sum that XLA (GSPMD) all-reduces. The paged KV cache is split on its KV-head axis
+(wherever the backend's `KVLayout` puts it), so each device holds its heads' pages for every
+page id and the page tables stay global.
 The embedding is replicated (a gather by token id); an untied lm_head is split on the vocab
 (XLA gathers the logits for sampling). Norm scales are replicated.
 
@@ -23,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from models.attention import KVLayout, backend_for
 from models.config import ModelConfig
 from models.errors import UserError
 from models.weights import Layer, Weights, abstract
@@ -81,11 +83,21 @@ def placement(cfg: ModelConfig, tensor_parallel: int) -> Weights:
     return weight_shardings(cfg, make_mesh(tensor_parallel, cfg))
 
 
-def kv_sharding(mesh: Mesh) -> NamedSharding:
-    """Per-layer KV pages [P, S, K, Dh]: split on K."""
-    return NamedSharding(mesh, P(None, None, AXIS, None))
+def kv_sharding(mesh: Mesh, layout: KVLayout | None = None) -> NamedSharding:
+    """Per-layer KV pages in `layout` (default: this platform's backend): split on K."""
+    layout = layout or backend_for().layout
+    return NamedSharding(mesh, _split_at(layout.head_axis, len(layout.shape(1, 1, 1, 1))))
 
 
-def gathered_pages_sharding(mesh: Mesh, memory_kind: str | None = None) -> NamedSharding:
-    """Gathered pages [L, 2, N, S, K, Dh] (the host tier's unit of transfer): split on K."""
-    return NamedSharding(mesh, P(None, None, None, None, AXIS, None), memory_kind=memory_kind)
+def gathered_pages_sharding(
+    mesh: Mesh, layout: KVLayout | None = None, memory_kind: str | None = None
+) -> NamedSharding:
+    """Gathered pages [L, A, N, ...] (the host tier's unit of transfer): split on K."""
+    layout = layout or backend_for().layout
+    rank = len(layout.shape(1, 1, 1, 1))
+    head = 3 + layout.head_axis - (layout.head_axis > layout.page_axis)
+    return NamedSharding(mesh, _split_at(head, rank + 2), memory_kind=memory_kind)
+
+
+def _split_at(axis: int, rank: int) -> P:
+    return P(*(AXIS if i == axis else None for i in range(rank)))

@@ -97,6 +97,6 @@ def _greedy_step(
     weights: Weights, cfg: ModelConfig, step: llama.StepInput, kv: llama.KVCache, last: int
 ) -> tuple[jax.Array, jax.Array, llama.KVCache]:
     """The argmax token after position `last` of row 0, its logits, and the updated cache."""
-    hidden_BxTxD, kv = llama.forward(weights, cfg, step, kv)
-    logits_V = llama.logits(weights, cfg, hidden_BxTxD[0, last])
+    hidden_TxD, kv = llama.forward(weights, cfg, step, kv)
+    logits_V = llama.logits(weights, cfg, hidden_TxD[last])
     return jnp.argmax(logits_V), logits_V, kv

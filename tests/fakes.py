@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfjax.engine import Engine
+from tfjax.kv.manager import PrefillWork
 from tfjax.request import Request
 
 VOCAB = 1000
@@ -53,6 +54,13 @@ class FakeRunner:
         self.kv = np.full((num_pages, page_size), -1, np.int64)
         self.num_calls = 0
         self.decode_step_s = {1: 0.01, 32: 0.05}
+
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> np.ndarray:
+        """The runner's one call per step: prefill chunks' next tokens, then decode rows'."""
+        ids = [int(self.prefill(w.request, w.num_tokens)[0]) for w in prefill]
+        if decode:
+            ids.extend(self.decode(decode).tolist())
+        return np.array(ids, np.int64)
 
     def prefill(self, request: Request, num_tokens: int) -> np.ndarray:
         start = request.num_computed_tokens

@@ -66,7 +66,7 @@ def greedy_reference(weights, prompt: list[int], num_tokens: int) -> list[int]:
         step = single_sequence_step([tokens[pos]], pos, PAGE_SIZE, pages)
         hidden, kv = _one_token_step()(weights, step, kv)
         if pos >= len(prompt) - 1:
-            out.append(int(jnp.argmax(logits(weights, TINY, hidden[0, -1]))))
+            out.append(int(jnp.argmax(logits(weights, TINY, hidden[0]))))
             tokens.append(out[-1])
     return out
 

@@ -1,8 +1,9 @@
 """`EngineConfig`: every engine knob in one frozen, checked place, and its CLI flags.
 
 Bucket lists fix every dynamic shape the runner compiles (DESIGN.md: "Every dynamic shape is
-bucketed ... compiled at start-up"): decode batch sizes, prefill chunk lengths and the page
-table width of a decode batch (powers of two up to the longest context). The ablation
+bucketed ... compiled at start-up"): decode rows and prefill tiles (QUERY_TILE-token rows) of
+the one ragged call per step. There are no page-table width buckets: the attention backends
+read only each row's own pages, so the table always has the longest row's width. The ablation
 switches of the host tier (offload, write-through, load-evict overlap) live here too, so that
 the paper's Table 2 can be repeated from the command line.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 
+from models.attention import BACKEND_NAMES, QUERY_TILE
 from models.errors import UserError
 from tfjax.sched.registry import POLICY_NAMES
 
@@ -45,6 +47,7 @@ class EngineConfig:
     host_kv_gb: float = 4.0
     device_memory_fraction: float = 0.8  # of free device memory given to KV when sizing
     tensor_parallel: int = 1  # devices the model and KV are sharded over (models.sharding)
+    attention_backend: str = "auto"  # models.attention backend; auto: by jax.default_backend()
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -59,18 +62,23 @@ class EngineConfig:
             raise ValueError("default_consumption_rate must be > 0")
         if self.tensor_parallel < 1:
             raise ValueError("tensor_parallel must be >= 1")
+        if self.attention_backend not in BACKEND_NAMES:
+            raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}")
 
     def decode_batch_buckets(self) -> tuple[int, ...]:
         return geometric_buckets(1, self.max_batch_size)
 
-    def prefill_chunk_buckets(self) -> tuple[int, ...]:
-        """x4 steps from 32 tokens: a short prompt pads to at most 4x, and few compiles."""
-        return geometric_buckets(min(32, self.prefill_token_budget), self.prefill_token_budget, 4)
+    def prefill_tile_buckets(self) -> tuple[int, ...]:
+        """Prefill rows of QUERY_TILE tokens per step, x4 steps: a chunk pads to < one tile,
+        so a step holds at most budget/QT tiles plus one partial tile per chunk (chunks are
+        rows, at most max_batch_size)."""
+        most = -(-self.prefill_token_budget // QUERY_TILE) + self.max_batch_size - 1
+        return geometric_buckets(1, most, 4)
 
-    def page_width_buckets(self, max_model_len: int) -> tuple[int, ...]:
-        """Page-table widths of decode batches: x4 steps keep compiles few and waste < 4x."""
-        max_pages = -(-max_model_len // self.page_size)
-        return geometric_buckets(min(8, max_pages), max_pages, 4)
+    def mixed_decode_buckets(self) -> tuple[int, ...]:
+        """Decode rows of a step that also prefills: x4 steps from 8, since the tiles'
+        tokens dominate such a step and every (tiles, rows) pair is a compile."""
+        return geometric_buckets(min(8, self.max_batch_size), self.max_batch_size, 4)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +147,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.tensor_parallel,
         help="shard the model and KV over this many local devices",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        choices=BACKEND_NAMES,
+        help="attention kernels (auto: Pallas on GPU/TPU, blockwise JAX on CPU)",
     )
     g.add_argument(
         "--schedule-interval",

@@ -2,7 +2,7 @@
 
     step():  plan = policy.plan(view)        who is admitted, preempted, resumed, run
              work = kv.execute(plan)          pages and statuses
-             tokens = runner(work)            jitted prefill chunks + one decode batch
+             tokens = runner.step(work)       ONE jitted call: prefill chunks + decode rows
              postprocess(tokens)              readers, detokenizing, stop checks, deltas
 
 The engine owns every live `Request` (in arrival order: dict insertion order) and its
@@ -28,7 +28,7 @@ import numpy as np
 from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
-from tfjax.kv.manager import KVManager, Offload, StepWork
+from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
 from tfjax.sched.base import Costs, Policy, SchedulerView
@@ -48,9 +48,9 @@ class StepRunner(Protocol):
     decode_step_s: dict[int, float]  # first estimates per batch size (from warm-up)
     prefill_token_s: float
 
-    def prefill(self, request: Request, num_tokens: int) -> jax.Array: ...
-
-    def decode(self, requests: Sequence[Request]) -> jax.Array: ...
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> jax.Array:
+        """Token ids sampled after each prefill chunk, then after each decode row."""
+        ...
 
 
 class Tokenizer(Decoder, Protocol):
@@ -126,10 +126,8 @@ class Engine:
         if work.is_empty:
             return False
         start = self.clock()
-        prefill_tokens = [self.runner.prefill(w.request, w.num_tokens) for w in work.prefill]
-        decode_tokens = self.runner.decode(work.decode) if work.decode else None
-        prefill_ids = [int(np.asarray(t)[0]) for t in prefill_tokens]
-        decode_ids = np.asarray(decode_tokens)[: len(work.decode)] if work.decode else ()
+        ids = np.asarray(self.runner.step(work.prefill, work.decode)).tolist()
+        prefill_ids, decode_ids = ids[: len(work.prefill)], ids[len(work.prefill) :]
         now = self.clock()
         self._measure(work, now - start)
         for w, token in zip(work.prefill, prefill_ids, strict=True):
@@ -139,9 +137,9 @@ class Engine:
                 request.status = RequestStatus.RUNNING
                 if not request.output_ids:  # a recomputed request already has its next token
                     self._append(request, token, now)
-        for request, token in zip(work.decode, decode_ids, strict=True):
+        for request, token in zip(work.decode, decode_ids[: len(work.decode)], strict=True):
             request.num_computed_tokens += 1
-            self._append(request, int(token), now)
+            self._append(request, token, now)
         running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
         self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
         return True
@@ -251,15 +249,19 @@ class Engine:
         )
 
     def _measure(self, work: StepWork, seconds: float) -> None:
-        """Fold this step's time into the cost estimates the policies see."""
-        if work.prefill and not work.decode:
-            num_tokens = sum(w.num_tokens for w in work.prefill)
-            old = self.costs.prefill_token_s
-            sample = seconds / num_tokens
-            self.costs = replace(self.costs, prefill_token_s=old + EWMA_ALPHA * (sample - old))
-        elif work.decode and not work.prefill:
+        """Fold this step's time into the cost estimates the policies see. A mixed step's
+        prefill share is what it took beyond the current estimate of its decode rows."""
+        prefill_s = seconds
+        if work.decode:
             batch = len(work.decode)
             table = dict(self.costs.decode_step_s)
-            old = table.get(batch, seconds)
-            table[batch] = old + EWMA_ALPHA * (seconds - old)
-            self.costs = replace(self.costs, decode_step_s=table)
+            if work.prefill:
+                prefill_s = seconds - self.costs.decode_step_time(batch)
+            else:
+                old = table.get(batch, seconds)
+                table[batch] = old + EWMA_ALPHA * (seconds - old)
+                self.costs = replace(self.costs, decode_step_s=table)
+        if work.prefill and prefill_s > 0:
+            old = self.costs.prefill_token_s
+            sample = prefill_s / sum(w.num_tokens for w in work.prefill)
+            self.costs = replace(self.costs, prefill_token_s=old + EWMA_ALPHA * (sample - old))

@@ -1,12 +1,15 @@
 """`Runner`: owns the device state (weights, paged KV) and the compiled step per bucket.
 
-The engine hands it requests; it turns them into one padded `StepInput` (host numpy, crossing
-to the device once per call), runs the compiled forward + sampling, and returns the sampled
-token ids as a device array (the caller fetches them after dispatching all of a step's work,
-so prefill and decode calls queue back to back on the device).
+The engine hands it one step's work -- prefill chunks of any number of requests and all decode
+rows -- and it runs them as ONE jitted call over a token-flattened ragged batch
+(`models.llama.StepInput`, rows defined in `models.attention`): prefill chunks as tiles of
+QUERY_TILE tokens, then one token per decode row, every row with its own page table, KV length
+and query count. It returns the sampled token ids as a device array: prefill chunks first (in
+the order given), then decode rows (in the order given).
 
-Shapes are bucketed: decode batches by (rows, page-table width), prefill chunks by (length,
-page-table width), so a short prompt never attends over the longest context's page table.
+Shapes are bucketed on (prefill tiles, decode rows) only: the page table always has the
+longest row's width, since every attention backend reads only each row's own pages. Decode
+rows are sorted by length inside the call so that the CPU backend's row groups are even.
 `warmup` runs every bucket once on padding, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
 flat). The KV cache is donated to every call and replaced by the call's output.
@@ -26,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models.attention import QUERY_TILE, AttentionBatch, Backend, backend_for
 from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
 from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, geometric_buckets
+from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.request import Request
@@ -39,21 +44,21 @@ from tfjax.sampling import SamplingInput, sample
 UINT32_MASK = 0xFFFFFFFF
 
 
-@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
+@partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
 def _forward_logits(
     weights: Weights,
     kv: KVCache,
     step: StepInput,
-    last_index_B: jax.Array,
+    last_index_N: jax.Array,
     *,
     cfg: ModelConfig,
+    backend: Backend,
 ) -> tuple[jax.Array, KVCache]:
-    """Logits [B, V] at each row's `last_index`. Module-level so runners of one model share
-    compilations; sampling is a separate jit because it depends on the batch size only, which
-    halves the compile time of the (batch x tokens x width) bucket table."""
-    hidden_BxTxD, kv = forward(weights, cfg, step, kv)
-    last_BxD = jnp.take_along_axis(hidden_BxTxD, last_index_B[:, None, None], axis=1)[:, 0]
-    return logits(weights, cfg, last_BxD), kv
+    """Logits [N, V] at the flat tokens `last_index`. Module-level so runners of one model
+    share compilations; sampling is a separate jit because it depends on the row count only,
+    which halves the compile time of the bucket table."""
+    hidden_TxD, kv = forward(weights, cfg, step, kv, backend)
+    return logits(weights, cfg, hidden_TxD[last_index_N]), kv
 
 
 _sample = jax.jit(sample)
@@ -61,9 +66,12 @@ _sample = jax.jit(sample)
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    batch: int
-    tokens: int
-    width: int  # pages per row in the page table
+    tiles: int  # prefill rows of QUERY_TILE tokens
+    rows: int  # decode rows
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tiles * QUERY_TILE + self.rows
 
 
 def enable_compilation_cache(cache_dir: Path) -> None:
@@ -102,6 +110,7 @@ class Runner:
         self.cfg = cfg
         self.mesh = mesh or make_mesh(1, cfg)
         self.weights = weights
+        self.backend = backend_for(config.attention_backend)
         self.page_size = config.page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
@@ -110,25 +119,27 @@ class Runner:
         self.page_bytes = self.kv_bytes_per_token * config.page_size
         self.max_gather_pages = self.max_pages_per_row
         self._gather_buckets = geometric_buckets(1, self.max_gather_pages)
-        self.kv = init_kv_cache(cfg, num_pages, config.page_size, kv_sharding(self.mesh))
+        layout = self.backend.layout
+        self.kv = init_kv_cache(
+            cfg, num_pages, config.page_size, kv_sharding(self.mesh, layout), self.backend
+        )
         # Step inputs are replicated over the mesh; gathered pages keep the KV's head split.
         self._input_sharding = NamedSharding(self.mesh, PartitionSpec())
-        self.pages_sharding = gathered_pages_sharding(self.mesh)
-        self._batch_buckets = config.decode_batch_buckets()
-        self._chunk_buckets = config.prefill_chunk_buckets()
-        self._width_buckets = config.page_width_buckets(max_model_len)
+        self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
+        self._decode_buckets = config.decode_batch_buckets()
+        self._tile_buckets = config.prefill_tile_buckets()
+        self._mixed_decode_buckets = config.mixed_decode_buckets()
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
         self.prefill_token_s = 1e-3
 
     def buckets(self) -> list[Bucket]:
-        decode = [Bucket(b, 1, w) for b in self._batch_buckets for w in self._width_buckets]
-        prefill = [
-            Bucket(1, t, w)
-            for t in self._chunk_buckets
-            for w in self._width_buckets
-            if t <= w * self.page_size  # a chunk never spans more pages than its row has
-        ]
-        return prefill + decode
+        """Decode-only, prefill-only and mixed steps; mixed ones pad decode rows coarsely
+        (the prefill tiles dominate their cost), which keeps the table small."""
+        return (
+            [Bucket(0, r) for r in self._decode_buckets]
+            + [Bucket(t, 0) for t in self._tile_buckets]
+            + [Bucket(t, r) for t in self._tile_buckets for r in self._mixed_decode_buckets]
+        )
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
         """Compile every bucket by running it once on padding (only PAD_PAGE is written);
@@ -136,7 +147,7 @@ class Runner:
         buckets = self.buckets()
         total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
-            jax.block_until_ready(self._run(bucket, [], [], [], []))
+            jax.block_until_ready(self._run(bucket, [], []))
             if on_compiled:
                 on_compiled(i + 1, total)
         self._time_steps()
@@ -148,132 +159,135 @@ class Runner:
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
-        per batch bucket (narrowest page table) and prefill seconds per token (largest chunk).
+        per batch bucket and prefill seconds per token (largest prefill bucket).
         The engine refines both with every real step (EWMA)."""
 
         def seconds(bucket: Bucket) -> float:
             start = time.perf_counter()
-            jax.block_until_ready(self._run(bucket, [], [], [], []))
+            jax.block_until_ready(self._run(bucket, [], []))
             return time.perf_counter() - start
 
-        width = self._width_buckets[0]
-        self.decode_step_s = {b: seconds(Bucket(b, 1, width)) for b in self._batch_buckets}
-        chunk = self._chunk_buckets[-1]
-        widest = _ceil_bucket(self._width_buckets, -(-chunk // self.page_size))
-        self.prefill_token_s = seconds(Bucket(1, chunk, widest)) / chunk
+        self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self._decode_buckets}
+        largest = Bucket(self._tile_buckets[-1], 0)
+        self.prefill_token_s = seconds(largest) / largest.num_tokens
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
-        """Fresh [L, 2, N, S, K, Dh] copy of `page_ids`, N padded to a bucket."""
-        return gather_pages(self.kv, self._padded_pages(page_ids, len(page_ids)))
+        """Fresh [L, A, N, ...] copy of `page_ids` (A arrays per layer, the page axis moved
+        to N, which is padded to a bucket)."""
+        padded = self._padded_pages(page_ids, len(page_ids))
+        return gather_pages(self.kv, padded, page_axis=self.backend.layout.page_axis)
 
     def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
         """Write `pages[:, :, i]` into device page `page_ids[i]`; other entries hit PAD_PAGE."""
-        self.kv = scatter_pages(self.kv, self._padded_pages(page_ids, pages.shape[2]), pages)
+        padded = self._padded_pages(page_ids, pages.shape[2])
+        self.kv = scatter_pages(self.kv, padded, pages, page_axis=self.backend.layout.page_axis)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
         out = np.full(_ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
-    def prefill(self, request: Request, num_tokens: int) -> jax.Array:
-        """Write KV of the next `num_tokens` prompt tokens; return the token sampled after them.
-
-        The request's pages must already cover them; `num_computed_tokens` is not advanced here.
-        """
-        start = request.num_computed_tokens
-        tokens = _ceil_bucket(self._chunk_buckets, num_tokens)
-        pages = max(len(request.page_ids), -(-tokens // self.page_size))
-        bucket = Bucket(1, tokens, _ceil_bucket(self._width_buckets, pages))
-        positions = list(range(start, start + num_tokens))
-        return self._run(
-            bucket,
-            [request],
-            [request.token_ids[start : start + num_tokens]],
-            [positions],
-            [num_tokens - 1],
-        )
-
-    def decode(self, requests: Sequence[Request]) -> jax.Array:
-        """One token for each request (its last token's KV is written): ids [bucket >= len],
-        row i for requests[i] (slice on the host: slicing on device would compile)."""
-        width = max(len(r.page_ids) for r in requests)
-        bucket = Bucket(
-            _ceil_bucket(self._batch_buckets, len(requests)),
-            1,
-            _ceil_bucket(self._width_buckets, width),
-        )
-        return self._run(
-            bucket,
-            list(requests),
-            [[r.token_ids[-1]] for r in requests],
-            [[r.num_tokens - 1] for r in requests],
-            [0] * len(requests),
-        )
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> jax.Array:
+        """Write the KV of each prefill chunk's next `num_tokens` prompt tokens and of each
+        decode row's last token, in one call; return the token sampled after each: ids
+        [>= len(prefill) + len(decode)], prefill chunks first (slice on the host: slicing on
+        device would compile). Pages must already cover the tokens; `num_computed_tokens`
+        is not advanced here."""
+        tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
+        if not tiles:
+            bucket = Bucket(0, _ceil_bucket(self._decode_buckets, len(decode)))
+        else:
+            rows = _ceil_bucket(self._mixed_decode_buckets, len(decode)) if decode else 0
+            bucket = Bucket(_ceil_bucket(self._tile_buckets, tiles), rows)
+        return self._run(bucket, prefill, decode)
 
     def _run(
-        self,
-        bucket: Bucket,
-        requests: list[Request],
-        tokens: list[list[int]],
-        positions: list[list[int]],
-        last_index: list[int],
+        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> jax.Array:
-        step, sampling, last_B = self._inputs(bucket, requests, tokens, positions, last_index)
-        logits_BxV, self.kv = _forward_logits(self.weights, self.kv, step, last_B, cfg=self.cfg)
-        return _sample(logits_BxV, sampling)
+        step, sampling, last = self._inputs(bucket, prefill, decode)
+        logits_NxV, self.kv = _forward_logits(
+            self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
+        )
+        return _sample(logits_NxV, sampling)
 
     def _inputs(
-        self,
-        bucket: Bucket,
-        requests: list[Request],
-        tokens: list[list[int]],
-        positions: list[list[int]],
-        last_index: list[int],
+        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> tuple[StepInput, SamplingInput, jax.Array]:
-        """Pad one call's rows into the bucket's host arrays and move them to the device."""
-        b, t, w, s = bucket.batch, bucket.tokens, bucket.width, self.page_size
-        tokens_BxT = np.zeros((b, t), np.int32)
-        positions_BxT = np.zeros((b, t), np.int32)
-        slots_BxT = np.zeros((b, t), np.int32)  # pad tokens write into PAD_PAGE
-        page_table_BxW = np.full((b, w), PAD_PAGE, np.int32)
-        kv_lens_B = np.ones((b,), np.int32)  # pad rows see one (pad) key: no empty softmax
-        last_B = np.zeros((b,), np.int32)
-        temperature_B = np.zeros((b,), np.float32)
-        top_k_B = np.zeros((b,), np.int32)
-        top_p_B = np.ones((b,), np.float32)
-        seed_B = np.zeros((b,), np.uint32)
-        index_B = np.zeros((b,), np.int32)
-        for row, request in enumerate(requests):
-            pos = np.asarray(positions[row], np.int32)
+        """Pack one step into the bucket's host arrays and move them to the device."""
+        s, split = self.page_size, bucket.tiles * QUERY_TILE
+        num_rows = num_out = bucket.tiles + bucket.rows
+        tokens_T = np.zeros(bucket.num_tokens, np.int32)
+        positions_T = np.zeros(bucket.num_tokens, np.int32)
+        slots_T = np.zeros(bucket.num_tokens, np.int32)  # pad tokens write into PAD_PAGE
+        table_RxW = np.full((num_rows, self.max_pages_per_row), PAD_PAGE, np.int32)
+        kv_lens_R = np.ones(num_rows, np.int32)  # pad rows see one (pad) key: no empty softmax
+        q_lens_R = np.zeros(num_rows, np.int32)
+        last_N = np.zeros(num_out, np.int32)
+        sampling = _SamplingRows(num_out)
+
+        def put(row: int, first: int, request: Request, start: int, n: int) -> None:
+            """Row `row` holds tokens start..start+n of `request` at flat index `first`.."""
+            pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(request.page_ids, np.int32)
-            n = len(pos)
-            tokens_BxT[row, :n] = tokens[row]
-            positions_BxT[row, :n] = pos
-            slots_BxT[row, :n] = pages[pos // s] * s + pos % s
-            page_table_BxW[row, : len(pages)] = pages
-            kv_lens_B[row] = pos[-1] + 1
-            last_B[row] = last_index[row]
-            params = request.sampling
-            temperature_B[row] = params.temperature
-            top_k_B[row] = params.top_k
-            top_p_B[row] = params.top_p
-            seed_B[row] = (params.seed or 0) & UINT32_MASK
-            index_B[row] = request.num_output_tokens
+            tokens_T[first : first + n] = request.token_ids[start : start + n]
+            positions_T[first : first + n] = pos
+            slots_T[first : first + n] = pages[pos // s] * s + pos % s
+            table_RxW[row, : len(pages)] = pages
+            kv_lens_R[row] = start + n
+            q_lens_R[row] = n
+
+        tile = 0
+        for out, work in enumerate(prefill):
+            request, start = work.request, work.request.num_computed_tokens
+            for offset in range(0, work.num_tokens, QUERY_TILE):
+                n = min(QUERY_TILE, work.num_tokens - offset)
+                put(tile, tile * QUERY_TILE, request, start + offset, n)
+                tile += 1
+            last_N[out] = (tile - 1) * QUERY_TILE + n - 1
+            sampling.set(out, request)
+        by_length = sorted(range(len(decode)), key=lambda i: -decode[i].num_tokens)
+        for row, i in enumerate(by_length):
+            request = decode[i]
+            put(bucket.tiles + row, split + row, request, request.num_tokens - 1, 1)
+            last_N[len(prefill) + i] = split + row
+            sampling.set(len(prefill) + i, request)
         step = StepInput(
-            tokens=tokens_BxT,
-            positions=positions_BxT,
-            slot_ids=slots_BxT,
-            page_table=page_table_BxW,
-            kv_lens=kv_lens_B,
+            tokens=tokens_T,
+            positions=positions_T,
+            slot_ids=slots_T,
+            attention=AttentionBatch(
+                page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
+            ),
         )
-        sampling = SamplingInput(
-            temperature=temperature_B,
-            top_k=top_k_B,
-            top_p=top_p_B,
-            seed=seed_B,
-            output_index=index_B,
+        return jax.device_put((step, sampling.arrays(), last_N), self._input_sharding)
+
+
+class _SamplingRows:
+    """Host arrays of per-row sampling parameters; pad rows are greedy."""
+
+    def __init__(self, n: int) -> None:
+        self.temperature = np.zeros(n, np.float32)
+        self.top_k = np.zeros(n, np.int32)
+        self.top_p = np.ones(n, np.float32)
+        self.seed = np.zeros(n, np.uint32)
+        self.index = np.zeros(n, np.int32)
+
+    def set(self, row: int, request: Request) -> None:
+        params = request.sampling
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.seed[row] = (params.seed or 0) & UINT32_MASK
+        self.index[row] = request.num_output_tokens
+
+    def arrays(self) -> SamplingInput:
+        return SamplingInput(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            output_index=self.index,
         )
-        return jax.device_put((step, sampling, last_B), self._input_sharding)
 
 
 def _ceil_bucket(buckets: Sequence[int], n: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,23 +28,35 @@ from models.llama import KVCache
 EWMA_ALPHA = 0.3
 
 
-@jax.jit
-def gather_pages(kv: KVCache, page_ids_N: jax.Array) -> jax.Array:
-    """Copy pages out of every layer: [L, 2, N, S, K, Dh]."""
+@partial(jax.jit, static_argnames=("page_axis",))
+def gather_pages(kv: KVCache, page_ids_N: jax.Array, *, page_axis: int) -> jax.Array:
+    """Copy pages out of every layer: [L, A, N, ...] (A arrays per layer, page axis first)."""
     with jax.named_scope("kv_gather"):
         return jnp.stack(
-            [jnp.stack([k[page_ids_N], v[page_ids_N]]) for k, v in zip(kv.k, kv.v, strict=True)]
+            [
+                jnp.stack(
+                    [jnp.moveaxis(a.take(page_ids_N, axis=page_axis), page_axis, 0) for a in layer]
+                )
+                for layer in kv.layers
+            ]
         )
 
 
-def _scatter(kv: KVCache, page_ids_N: jax.Array, pages_Lx2xNxSxKxDh: jax.Array) -> KVCache:
+def _scatter(kv: KVCache, page_ids_N: jax.Array, pages_LxAxN: jax.Array, *, page_axis: int):
     with jax.named_scope("kv_scatter"):
-        k = [layer.at[page_ids_N].set(pages_Lx2xNxSxKxDh[i, 0]) for i, layer in enumerate(kv.k)]
-        v = [layer.at[page_ids_N].set(pages_Lx2xNxSxKxDh[i, 1]) for i, layer in enumerate(kv.v)]
-        return KVCache(k=k, v=v)
+        index = (slice(None),) * page_axis + (page_ids_N,)
+        return KVCache(
+            layers=[
+                tuple(
+                    a.at[index].set(jnp.moveaxis(pages_LxAxN[i, j], 0, page_axis))
+                    for j, a in enumerate(layer)
+                )
+                for i, layer in enumerate(kv.layers)
+            ]
+        )
 
 
-scatter_pages = jax.jit(_scatter, donate_argnames=("kv",))
+scatter_pages = jax.jit(_scatter, static_argnames=("page_axis",), donate_argnames=("kv",))
 
 
 class _Link:

@@ -1,0 +1,144 @@
+"""Every attention backend against the dense reference on CPU.
+
+Batches mix prefill tiles (full and partial, first and later chunks) with decode rows of very
+different lengths and empty padding rows; the cache holds random keys everywhere, so a backend
+that reads a page outside a row's table, or a key past a query's position, gives a different
+answer. The GPU kernel runs in the Pallas interpreter. JAX 0.10's TPU interpreter cannot run
+`ragged_paged_attention` on CPU ("ReshapeTransform has no attribute indices"), so the TPU
+backend is checked with JAX's reference implementation of that kernel (same signature) in
+its place: that tests our layout, row and length conversions, not the Mosaic kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as tpu_ragged
+
+from models import attention
+from models.attention import QUERY_TILE, AttentionBatch, backend_for
+
+HEAD_DIM = 16
+
+
+def _batch(rng, page_size: int, kv_heads: int, groups: int, *, decode_lens, prefill):
+    """A cache of random K/V, one row table per request, and the flat query batch.
+
+    `prefill`: (start, num_tokens) per chunk; `decode_lens`: KV length per decode row, 0 for
+    a padding row. Each request owns distinct pages in a shuffled order."""
+    rows = [(s + n, n) for s, n in prefill]
+    num_pages = 1 + sum(-(-(kv or 1) // page_size) for kv, _ in rows) + sum(
+        -(-(d or 1) // page_size) for d in decode_lens
+    )
+    width = max(-(-max([kv for kv, _ in rows] + list(decode_lens) + [1]) // page_size), 1)
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    tables, kv_lens, q_lens = [], [], []
+    for kv, n in rows:
+        pages = [free.pop() for _ in range(-(-kv // page_size))]
+        for tile_start in range(0, n, QUERY_TILE):
+            q = min(QUERY_TILE, n - tile_start)
+            tables.append(pages + [0] * (width - len(pages)))
+            kv_lens.append(kv - n + tile_start + q)
+            q_lens.append(q)
+    num_tiles = len(tables)
+    for d in decode_lens:
+        pages = [free.pop() for _ in range(-(-d // page_size))] if d else []
+        tables.append(pages + [0] * (width - len(pages)))
+        kv_lens.append(d or 1)
+        q_lens.append(1 if d else 0)
+    batch = AttentionBatch(
+        page_table=jnp.asarray(tables, jnp.int32),
+        kv_lens=jnp.asarray(kv_lens, jnp.int32),
+        q_lens=jnp.asarray(q_lens, jnp.int32),
+        num_tiles=num_tiles,
+    )
+    t = num_tiles * QUERY_TILE + len(decode_lens)
+    q = jnp.asarray(rng.normal(size=(t, kv_heads * groups, HEAD_DIM)), jnp.float32)
+    slots_kv = rng.normal(size=(2, num_pages * page_size, kv_heads, HEAD_DIM))
+    return batch, q, jnp.asarray(slots_kv, jnp.float32), num_pages
+
+
+def _cache(backend, slots_kv, num_pages, page_size, dtype):
+    layout = backend.layout
+    shape = layout.shape(num_pages, page_size, slots_kv.shape[2], HEAD_DIM)
+    layer = tuple(jnp.zeros(shape, dtype) for _ in range(layout.arrays))
+    slots = jnp.arange(num_pages * page_size, dtype=jnp.int32)
+    return backend.write(layer, slots, slots_kv[0].astype(dtype), slots_kv[1].astype(dtype))
+
+
+def _valid(batch: AttentionBatch) -> np.ndarray:
+    """Flat query indices whose output is used (valid queries of non-padding rows)."""
+    rows = attention.row_of_token(batch)
+    return np.flatnonzero(attention.query_index(batch) < np.asarray(batch.q_lens)[rows])
+
+
+def _run(backend, q, batch, layer):
+    if backend.name == "tpu":
+        # The reference kernel loops over rows in Python, so this runs eagerly.
+        kernel = tpu_ragged.ref_ragged_paged_attention
+        return attention._attend_tpu(q, layer[0], batch, kernel=kernel)
+    return jax.jit(backend.attend)(q, layer, batch)
+
+
+MIXED = dict(decode_lens=[1, 700, 0, 37, 5, 0, 130, 16], prefill=[(0, 45), (64, 32), (300, 7)])
+
+
+@pytest.mark.parametrize("name", ["cpu", "tpu"])
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_backend_matches_reference(name, page_size, groups) -> None:
+    rng = np.random.default_rng(page_size * 10 + groups)
+    batch, q, slots_kv, num_pages = _batch(rng, page_size, 2, groups, **MIXED)
+    reference = backend_for("reference")
+    want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype))
+    backend = backend_for(name)
+    got = _run(backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype))
+    valid = _valid(batch)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5)
+    assert np.isfinite(np.asarray(got)).all(), "padding rows must stay finite"
+
+
+@pytest.mark.parametrize("page_size,groups", [(8, 3), (16, 8), (32, 1)])
+def test_gpu_backend_in_interpreter(page_size, groups) -> None:
+    """Pallas GPU paged attention (interpreted) for decode rows, dense fused attention for
+    prefill tiles; decode rows up to 700 keys exercise several of the kernel's splits."""
+    rng = np.random.default_rng(page_size + groups)
+    batch, q, slots_kv, num_pages = _batch(rng, page_size, 2, groups, **MIXED)
+    reference = backend_for("reference")
+    want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype))
+    backend = backend_for("gpu", interpret=True)
+    got = _run(backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype))
+    valid = _valid(batch)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5)
+
+
+def test_decode_only_and_prefill_only_batches() -> None:
+    """Each section alone (the other empty), as the runner's decode-only and prefill-only
+    buckets run it."""
+    rng = np.random.default_rng(7)
+    reference = backend_for("reference")
+    cpu = backend_for("cpu")
+    for spec in (dict(decode_lens=[3, 260], prefill=[]), dict(decode_lens=[], prefill=[(0, 70)])):
+        batch, q, slots_kv, num_pages = _batch(rng, 16, 3, 3, **spec)
+        want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, 16, q.dtype))
+        got = _run(cpu, q, batch, _cache(cpu, slots_kv, num_pages, 16, q.dtype))
+        valid = _valid(batch)
+        np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5)
+
+
+def test_reference_is_plain_causal_attention() -> None:
+    """The reference itself, against softmax(q k^T / sqrt(d)) v written out for one row."""
+    rng = np.random.default_rng(3)
+    batch, q, slots_kv, num_pages = _batch(rng, 8, 1, 2, decode_lens=[], prefill=[(0, 5)])
+    reference = backend_for("reference")
+    got = np.asarray(_run(reference, q, batch, _cache(reference, slots_kv, num_pages, 8, q.dtype)))
+    pages = np.asarray(batch.page_table[0])
+    order = (pages[:, None] * 8 + np.arange(8)[None]).reshape(-1)[:5]
+    keys, values = np.asarray(slots_kv[0])[order, 0], np.asarray(slots_kv[1])[order, 0]
+    for i in range(5):
+        for head in range(2):
+            s = keys[: i + 1] @ np.asarray(q)[i, head] / np.sqrt(HEAD_DIM)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[i, head], p @ values[: i + 1] / p.sum(), atol=1e-5)
