@@ -63,6 +63,7 @@ class _Once:
     """A policy that returns one given plan, then decodes everything running."""
 
     name = "once"
+    resumes_by_load = True
 
     def __init__(self, plan: Plan) -> None:
         self.plan_ = plan
@@ -80,7 +81,7 @@ def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
         runner,
         tokenizer,
         config,
-        make_policy("fcfs-chunked"),
+        make_policy("tokenflow"),  # resumes by LOAD, so the engine keeps host copies
         emit=lambda *_: None,
         offload=offload,
     )
@@ -106,7 +107,9 @@ def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
     resume_mode = ResumeMode.RECOMPUTE if mode == "recompute" else ResumeMode.LOAD
     start = time.perf_counter()
     if resume_mode is ResumeMode.LOAD:
-        run_plan(engine, Plan(resume=(Resume(request_id="r", mode=resume_mode),), decode=("r",)))
+        run_plan(engine, Plan(resume=(Resume(request_id="r", mode=resume_mode),)))
+        offload.transfers.h2d.drain()  # the load runs off the engine thread; wait for it here
+        run_plan(engine, Plan(decode=("r",)))  # the step scatters the pages, then decodes
     else:
         chunks = []
         remaining = request.num_prefill_target

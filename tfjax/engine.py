@@ -77,7 +77,7 @@ class Engine:
         self.clock = clock
         # The pool may use fewer pages than the runner's array (benchmarks shrink it).
         num_pages = min(config.num_pages or runner.num_pages, runner.num_pages)
-        self.kv = KVManager(num_pages, runner.page_size, offload)
+        self.kv = KVManager(num_pages, runner.page_size, offload, swaps=policy.resumes_by_load)
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self.costs = Costs(
@@ -121,6 +121,7 @@ class Engine:
 
     def step(self) -> bool:
         """Run one step; return False when the plan had nothing to run."""
+        self.kv.complete_loads()
         plan = self.policy.plan(self.view())
         work = self.kv.execute(plan, self.requests)
         if work.is_empty:
@@ -157,10 +158,12 @@ class Engine:
             page_size=self.runner.page_size,
             num_free_pages=self.kv.device.num_free,
             num_total_pages=self.kv.device.num_usable,
-            max_batch_size=self.config.max_batch_size,
+            # LOADING requests hold their rows (and pages) until they rejoin the batch.
+            max_batch_size=self.config.max_batch_size - len(by_status[RequestStatus.LOADING]),
             prefill_token_budget=self.config.prefill_token_budget,
             costs=self._costs_with_io(),
             host=self.kv.host,
+            loading=by_status[RequestStatus.LOADING],
         )
 
     def _costs_with_io(self) -> Costs:

@@ -11,8 +11,13 @@ Lifecycle (`RequestStatus`):
         ^                  |  ^                             |
         |                  |  +--resume by recompute----+   |
         |                  +--------preempt------------>PREEMPTED<--preempt--+
-        |                                               |  resume by load -> RUNNING
+        |                                               |  resume by load
+        |                                            LOADING --pages arrived--> RUNNING
+        |                                                     (or PREFILLING mid-prefill)
     (any non-final state) --abort--> ABORTED
+
+A LOADING request holds fresh device pages while its host copy travels back; it is in no
+batch until the copy has arrived, which may take several steps.
 
 Token bookkeeping: `token_ids` is prompt + output. `num_computed_tokens` counts tokens whose
 KV sits in device pages; a RUNNING request always has exactly one uncomputed token, the last
@@ -33,6 +38,7 @@ class RequestStatus(enum.Enum):
     PREFILLING = "prefilling"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    LOADING = "loading"  # resumed by LOAD, host KV on its way back to its device pages
     FINISHED = "finished"
     ABORTED = "aborted"
 

@@ -30,6 +30,7 @@ class StormPolicy:
     """Preempts and resumes at random (LOAD whenever the host copy allows), else FCFS."""
 
     name = "storm"
+    resumes_by_load = True
 
     def __init__(self, seed: int, p_preempt: float, p_resume: float) -> None:
         self.rng = random.Random(seed)
@@ -135,7 +136,7 @@ def test_preempt_resume_storm_keeps_outputs_and_books(
     for r in requests:
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 12), r.request_id
     assert engine.kv.stats.num_preemptions > 0
-    assert engine.kv.device.num_used == 0 and engine.kv.host.allocator.num_used == 0
+    assert engine.kv.device.num_used == 0 and engine.kv.host.num_used_pages == 0
 
 
 def test_swap_resume_restores_kv_exactly_with_and_without_write_through() -> None:
@@ -152,7 +153,10 @@ def test_swap_resume_restores_kv_exactly_with_and_without_write_through() -> Non
         assert request.status is RequestStatus.PREEMPTED and request.page_ids == []
         engine.kv.offload.transfers.d2h.drain()
         policy.p_preempt = 0.0
-        engine.step()  # resumes by LOAD and decodes
+        engine.step()  # resumes by LOAD: the copy starts, the request is LOADING
+        assert request.status is RequestStatus.LOADING and engine.kv.stats.num_loads == 0
+        engine.kv.offload.transfers.h2d.drain()
+        engine.step()  # the pages arrived: scattered, and the request decodes again
         assert engine.kv.stats.num_loads == 1
         restored = engine.runner.kv[request.page_ids]
         n = saved.size - (saved == -1).sum()

@@ -1,34 +1,49 @@
 """`HostTier`: which pages of which request have a copy in pinned host memory.
 
-A request's host copy is a map from its page index to a `HostPage`: the host array that holds
-the page (one array per gather, shared by every page gathered with it), the page's position in
-that array, how many of its tokens the copy covers, and whether the copy has completed. A page
-counts as host-resident only once its copy completed (its future is done).
+Every copy to the host is one `HostBlock`: the array one gather produced (its page axis padded
+to the gather bucket) and the future of its device-to-host copy. Gathers are per request, so a
+block holds one request's pages and a resume moves only that request's bytes. A request's host
+copy maps its page index to a `HostPage` (block, position in the block, tokens it covers). A
+page counts as host-resident only once its block's copy completed (its future is done).
 
-Accounting: host pages are allocated from a `PageAllocator` sized from `--host-kv-gb` when a
-copy is queued and freed when the request ends, resumes by recompute, or a newer copy of the
-same page replaces an old one (the last page of a request is copied partially when it is
-preempted and again once it is full). The arrays themselves are freed by the garbage collector
-when no `HostPage` refers to them; on CUDA, PJRT serves pinned host memory from its own
-preallocated pool (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`), which is why we count pages instead of
-managing one giant array.
+Accounting is in page slots of held blocks, padding included: a block occupies its whole
+padded page axis from the moment its copy is queued until no `HostPage` refers to it (the
+request ended, resumed by recompute, or newer copies replaced all its pages: the last page of
+a request is copied partially when it is preempted and again once it is full). Every page has
+the same byte size, so slots times `page_bytes` are the bytes actually held, and the budget
+from `--host-kv-gb` bounds them. The arrays themselves are freed by the garbage collector once
+unreferenced; on CUDA, PJRT serves pinned host memory from its own preallocated pool
+(`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`), which is why we count slots instead of managing one
+giant array.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import jax
 
-from tfjax.kv.pages import PageAllocator
+
+@dataclass(slots=True, eq=False)
+class HostBlock:
+    """One gathered array on its way to (or in) pinned host memory."""
+
+    array: Future[jax.Array]  # [L, 2, N, S, K, Dh] pinned_host, once done
+    num_slots: int  # N: pages held, padding included
+    nbytes: int  # of the whole array (what a load moves)
+    num_refs: int = 0  # `HostPage`s that point here
+
+    @property
+    def done(self) -> bool:
+        return self.array.done()
 
 
 @dataclass(slots=True)
 class HostPage:
-    host_page_id: int
-    array: Future[jax.Array]  # [L, 2, N, S, K, Dh] pinned_host, once done
-    offset: int  # index of this page along N
+    block: HostBlock
+    offset: int  # index of this page along the block's page axis
     num_tokens: int  # tokens of the page this copy holds (< page size for a partial tail)
 
 
@@ -40,7 +55,7 @@ class HostCopy:
         """Tokens covered by the contiguous run of copied pages from page 0."""
         tokens, index = 0, 0
         while (page := self.pages.get(index)) is not None:
-            if done_only and not page.array.done():
+            if done_only and not page.block.done:
                 break
             tokens = index * page_size + page.num_tokens
             if page.num_tokens < page_size:
@@ -51,14 +66,18 @@ class HostCopy:
 
 class HostTier:
     def __init__(self, num_pages: int, page_size: int) -> None:
-        self.allocator = PageAllocator(num_pages, reserve_pad_page=False)
+        """`num_pages`: the budget in page slots (`--host-kv-gb` // page bytes)."""
+        if num_pages < 1:
+            raise ValueError(f"the host tier needs at least one page, got {num_pages}")
+        self.num_total_pages = num_pages
         self.page_size = page_size
+        self.num_used_pages = 0  # slots of live blocks, padding included
         self.copies: dict[str, HostCopy] = {}
 
     # HostView (what policies see)
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        return self.num_total_pages - self.num_used_pages
 
     def num_synced_tokens(self, request_id: str) -> int:
         copy = self.copies.get(request_id)
@@ -69,35 +88,48 @@ class HostTier:
         copy = self.copies.get(request_id)
         return copy.covered_tokens(self.page_size, done_only=False) if copy else 0
 
-    def can_hold(self, num_pages: int) -> bool:
-        return self.allocator.can_allocate(num_pages)
+    def can_hold(self, num_slots: int) -> bool:
+        return num_slots <= self.num_free_pages
 
     def add(
-        self,
-        request_id: str,
-        array: Future[jax.Array],
-        first_offset: int,
-        page_index_range: range,
-        num_tokens: int,
+        self, request_id: str, block: HostBlock, page_index_range: range, num_tokens: int
     ) -> None:
-        """Register a queued copy of pages `page_index_range` (covering the request's first
-        `num_tokens` tokens at most) stored from `first_offset` along the array's page axis."""
+        """Register a queued copy of the request's pages `page_index_range` (covering its
+        first `num_tokens` tokens at most), stored from offset 0 of the fresh `block`. The
+        caller checked `can_hold(block.num_slots)`."""
+        if not self.can_hold(block.num_slots):
+            raise ValueError(f"{block.num_slots} host slots asked, {self.num_free_pages} free")
+        self.num_used_pages += block.num_slots
         copy = self.copies.setdefault(request_id, HostCopy())
-        replaced = [copy.pages.pop(i).host_page_id for i in page_index_range if i in copy.pages]
-        self.allocator.free(replaced)
-        host_pages = self.allocator.allocate(len(page_index_range))
-        for i, (index, host_page) in enumerate(zip(page_index_range, host_pages, strict=True)):
+        self._unref(copy.pages.pop(i) for i in page_index_range if i in copy.pages)
+        for offset, index in enumerate(page_index_range):
             tokens = min(self.page_size, num_tokens - index * self.page_size)
-            copy.pages[index] = HostPage(host_page, array, first_offset + i, tokens)
+            copy.pages[index] = HostPage(block, offset, tokens)
+            block.num_refs += 1
 
     def drop(self, request_id: str) -> None:
         copy = self.copies.pop(request_id, None)
         if copy is not None:
-            self.allocator.free([p.host_page_id for p in copy.pages.values()])
+            self._unref(copy.pages.values())
 
     def check(self) -> None:
-        self.allocator.check()
-        owned = sum(len(c.pages) for c in self.copies.values())
-        assert owned == self.allocator.num_used, (
-            f"host copies own {owned} pages, allocator says {self.allocator.num_used}"
+        blocks = {id(p.block): p.block for c in self.copies.values() for p in c.pages.values()}
+        refs: dict[int, int] = {}
+        for copy in self.copies.values():
+            for page in copy.pages.values():
+                refs[id(page.block)] = refs.get(id(page.block), 0) + 1
+        for key, block in blocks.items():
+            assert block.num_refs == refs[key], (
+                f"host block has {block.num_refs} refs, not {refs[key]}"
+            )
+        held = sum(b.num_slots for b in blocks.values())
+        assert held == self.num_used_pages, (
+            f"host blocks hold {held} page slots, the books say {self.num_used_pages}"
         )
+        assert self.num_used_pages <= self.num_total_pages, "host budget exceeded"
+
+    def _unref(self, pages: Iterable[HostPage]) -> None:
+        for page in list(pages):
+            page.block.num_refs -= 1
+            if page.block.num_refs == 0:
+                self.num_used_pages -= page.block.num_slots

@@ -4,16 +4,24 @@ It owns the device `PageAllocator` and, when offload is on, the `Offload` bundle
 transfer links, the runner's page gather/scatter). It moves requests between statuses and
 returns the `StepWork` the runner executes; it never runs the model.
 
+The host tier is used only when the policy can resume by LOAD (`swaps`); a policy that always
+recomputes gets neither write-through nor swap preemption, whose copies it would never read.
+All copies are per request: one gather, one buffer, one transfer per request and call, so a
+resume moves only that request's pages.
+
 Preempt: synced pages are already on the host (write-through), so only the unsynced tail is
 gathered into a fresh buffer and queued for the host; the device pages are free at once, in
-this very step. With the host pool full, or offload off, the KV is dropped and the request
-will resume by recompute (logged). Resume by LOAD: fresh device pages, host arrays copied
-back by the H2D worker and scattered on this thread; without overlap, loads first wait for
-queued evictions. Write-through (`write_through`) runs after each step.
+this very step. With the host budget exhausted, or offload off, the KV is dropped and the
+request will resume by recompute (logged). Resume by LOAD: fresh device pages at once, the
+request turns LOADING and the H2D worker copies its host blocks back (after queued evictions
+under `--no-overlap`); `complete_loads`, called at the start of every step, scatters the
+arrived ones on the engine thread, which never waits for a copy. Plan entries that decode or
+prefill a request resumed by LOAD in the same plan are skipped: it joins the batch in the
+first step after its pages arrived. Write-through (`write_through`) runs after each step.
 
-Invariants, checked by `check` whenever the engine is idle and in tests: both allocators
-balance, every device page in use belongs to exactly one live request, and every host copy
-belongs to a live request.
+Invariants, checked by `check` whenever the engine is idle and in tests: both tiers' books
+balance, every device page in use belongs to exactly one live request, every host copy belongs
+to a live request, and exactly the LOADING requests have a load in flight.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
 import jax
 
-from tfjax.kv.host import HostTier
-from tfjax.kv.pages import PageAllocator
+from tfjax.kv.host import HostBlock, HostTier
+from tfjax.kv.pages import PAD_PAGE, PageAllocator
 from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Plan, ResumeMode
@@ -63,6 +72,19 @@ class Offload:
     overlap: bool = True
 
 
+@dataclass(slots=True)
+class PendingLoad:
+    """A LOADING request's H2D copies: (device array future, device page per block slot)."""
+
+    request: Request
+    parts: list[tuple[Future[jax.Array], list[int]]]
+    started_s: float
+
+    @property
+    def arrived(self) -> bool:
+        return all(future.done() for future, _ in self.parts)
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillWork:
     request: Request
@@ -83,21 +105,31 @@ class StepWork:
 class KVStats:
     num_preemptions: int = 0
     num_swap_preemptions: int = 0  # KV kept on the host
-    num_loads: int = 0
+    num_loads: int = 0  # completed
     num_host_full_fallbacks: int = 0
     preempt_s: float = 0.0  # total decision -> device pages free
-    load_s: float = 0.0  # total time of the load path on the engine thread
+    load_s: float = 0.0  # total resume decision -> pages scattered (off the engine thread)
     resume_s: float = 0.0  # total decision -> first token after resuming
     num_resumes_timed: int = 0
 
 
 class KVManager:
-    def __init__(self, num_pages: int, page_size: int, offload: Offload | None = None) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        offload: Offload | None = None,
+        *,
+        swaps: bool = True,
+    ) -> None:
+        """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back."""
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
         self.offload = offload
+        self.swaps = swaps
         self.stats = KVStats()
         self._resumed_at: dict[str, float] = {}
+        self._loads: dict[str, PendingLoad] = {}
 
     @property
     def host(self) -> HostTier | None:
@@ -114,10 +146,12 @@ class KVManager:
         for request_id in plan.preempt:
             resident = (RequestStatus.PREFILLING, RequestStatus.RUNNING)
             self._preempt(self._get(requests, request_id, *resident))
+        loading = set()
         for resume in plan.resume:
             request = self._get(requests, resume.request_id, RequestStatus.PREEMPTED)
             if resume.mode is ResumeMode.LOAD:
                 self._load(request)
+                loading.add(request.request_id)
             else:
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
@@ -127,6 +161,8 @@ class KVManager:
             request.status = RequestStatus.PREFILLING
         prefill = []
         for chunk in plan.prefill:
+            if chunk.request_id in loading:
+                continue
             request = self._get(requests, chunk.request_id, RequestStatus.PREFILLING)
             if not 0 < chunk.num_tokens <= request.num_uncomputed_prefill:
                 raise PlanError(f"bad chunk {chunk} for {request.num_uncomputed_prefill} tokens")
@@ -134,10 +170,30 @@ class KVManager:
             prefill.append(PrefillWork(request, chunk.num_tokens))
         decode = []
         for request_id in plan.decode:
+            if request_id in loading:
+                continue
             request = self._get(requests, request_id, RequestStatus.RUNNING)
             self._grow(request, request.num_tokens)
             decode.append(request)
         return StepWork(prefill=tuple(prefill), decode=tuple(decode))
+
+    def complete_loads(self) -> int:
+        """Scatter every load whose pages have all arrived and hand the request back to the
+        scheduler (RUNNING, or PREFILLING if it was preempted mid-prefill). Never waits."""
+        arrived = [load for load in self._loads.values() if load.arrived]
+        for load in arrived:
+            assert self.offload is not None
+            for future, pages in load.parts:
+                self.offload.io.scatter(pages, future.result())
+            request = load.request
+            del self._loads[request.request_id]
+            if not self.offload.write_through:
+                self.offload.host.drop(request.request_id)  # write-back: swap-in frees the copy
+            done = request.num_uncomputed_prefill == 0
+            request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
+            self.stats.num_loads += 1
+            self.stats.load_s += time.perf_counter() - load.started_s
+        return len(arrived)
 
     def on_decoded(self, request: Request) -> None:
         """The request produced a token: close its resume-latency measurement if open."""
@@ -147,7 +203,9 @@ class KVManager:
             self.stats.num_resumes_timed += 1
 
     def release(self, request: Request) -> None:
-        """Free everything `request` holds on both tiers (it finished or was aborted)."""
+        """Free everything `request` holds on both tiers (it finished or was aborted); a load
+        still in flight is forgotten, its arriving pages never scattered."""
+        self._loads.pop(request.request_id, None)
         self.device.free(request.page_ids)
         request.page_ids = []
         if self.host:
@@ -156,29 +214,25 @@ class KVManager:
 
     def write_through(self, running: Sequence[Request], now_s: float, budget_s: float) -> int:
         """Queue copies of full, not yet copied pages of `running` to the host, largest
-        virtual buffer first (the likeliest to be preempted next), at most what the D2H link
-        moves in `budget_s` (the next step's estimated compute time). Returns pages queued."""
-        if not (self.offload and self.offload.write_through):
+        virtual buffer first (the likeliest to be preempted next), one buffer per request, at
+        most what the D2H link moves in `budget_s` (the next step's estimated compute time).
+        Only when the policy can resume by LOAD. Returns pages queued."""
+        if not (self.offload and self.offload.write_through and self.swaps):
             return 0
-        link = self.offload.transfers
+        host, link = self.offload.host, self.offload.transfers
         budget_bytes = min(budget_s * link.d2h.bytes_per_s, link.room_bytes())
         max_pages = min(
             int(budget_bytes // self.offload.io.page_bytes), self.offload.io.max_gather_pages
         )
-        max_pages = min(max_pages, self.offload.host.num_free_pages)
-        batch: list[tuple[Request, range]] = []
+        queued = 0
         for request in sorted(running, key=lambda r: -r.reader.buffer_s(now_s)):
-            if max_pages <= 0:
+            start = host.num_queued_tokens(request.request_id) // self.page_size
+            take = min(request.num_computed_tokens // self.page_size - start, max_pages - queued)
+            if take > 0 and self._copy_out(request, range(start, start + take)):
+                queued += take
+            if queued >= max_pages:
                 break
-            start = self.offload.host.num_queued_tokens(request.request_id) // self.page_size
-            full = request.num_computed_tokens // self.page_size
-            take = min(full - start, max_pages)
-            if take > 0:
-                batch.append((request, range(start, start + take)))
-                max_pages -= take
-        if batch:
-            self._copy_out(batch)
-        return sum(len(pages) for _, pages in batch)
+        return queued
 
     def check(self, requests: Mapping[str, Request]) -> None:
         self.device.check()
@@ -187,6 +241,8 @@ class KVManager:
         assert len(owned) == self.device.num_used, (
             f"requests own {len(owned)} pages, allocator says {self.device.num_used} in use"
         )
+        loading = {i for i, r in requests.items() if r.status is RequestStatus.LOADING}
+        assert loading == set(self._loads), f"LOADING {loading}, loads in flight {set(self._loads)}"
         if self.host:
             self.host.check()
             assert set(self.host.copies) <= set(requests), "host copy of a finished request"
@@ -197,13 +253,11 @@ class KVManager:
         start = time.perf_counter()
         self.stats.num_preemptions += 1
         request.num_preemptions += 1
-        host = self.host
+        host = self.host if self.swaps else None
         if host is not None:
             first = host.num_queued_tokens(request.request_id) // self.page_size
             tail = range(first, len(request.page_ids))
-            if host.can_hold(len(tail)):
-                if tail:
-                    self._copy_out([(request, tail)])
+            if not tail or self._copy_out(request, tail):
                 self.stats.num_swap_preemptions += 1
             else:
                 self.stats.num_host_full_fallbacks += 1
@@ -220,49 +274,47 @@ class KVManager:
         request.status = RequestStatus.PREEMPTED
         self.stats.preempt_s += time.perf_counter() - start
 
-    def _copy_out(self, batch: Sequence[tuple[Request, range]]) -> None:
-        """Gather the given page index ranges into one buffer and queue it for the host."""
+    def _copy_out(self, request: Request, pages: range) -> bool:
+        """Gather `request`'s pages `pages` into one fresh buffer of its own and queue it for
+        the host. False (nothing queued) when the padded buffer does not fit the host budget."""
         assert self.offload is not None
-        device_pages = [r.page_ids[i] for r, pages in batch for i in pages]
-        future = self.offload.transfers.offload(self.offload.io.gather(device_pages))
-        offset = 0
-        for request, pages in batch:
-            self.offload.host.add(
-                request.request_id, future, offset, pages, request.num_computed_tokens
-            )
-            offset += len(pages)
+        host = self.offload.host
+        if not host.can_hold(len(pages)):
+            return False
+        gathered = self.offload.io.gather([request.page_ids[i] for i in pages])
+        num_slots = gathered.shape[2]
+        if not host.can_hold(num_slots):
+            return False
+        block = HostBlock(self.offload.transfers.offload(gathered), num_slots, gathered.nbytes)
+        host.add(request.request_id, block, pages, request.num_computed_tokens)
+        return True
 
     def _load(self, request: Request) -> None:
+        """Start bringing `request`'s host copy back: fresh device pages now, one H2D copy per
+        host block on the link's worker; `complete_loads` scatters them once all arrived."""
         host, offload = self.host, self.offload
-        if host is None or offload is None:
-            raise PlanError("resume by LOAD needs the host tier (offload is off)")
+        if host is None or offload is None or not self.swaps:
+            raise PlanError("resume by LOAD needs the host tier and a policy that loads")
         if host.num_synced_tokens(request.request_id) < request.num_computed_tokens:
             raise PlanError(f"{request.request_id}: host copy incomplete, cannot LOAD")
-        start = time.perf_counter()
-        if not offload.overlap:
-            offload.transfers.d2h.drain()
         self._grow(request, request.num_computed_tokens)
-        copy = host.copies[request.request_id]
-        by_array: dict[int, list[tuple[int, int]]] = {}  # id(array) -> [(offset, device page)]
-        arrays = {}
-        for index, page in copy.pages.items():
-            if index < len(request.page_ids):
-                by_array.setdefault(id(page.array), []).append(
-                    (page.offset, request.page_ids[index])
-                )
-                arrays[id(page.array)] = page.array
-        loads = {key: offload.transfers.load(arrays[key].result()) for key in by_array}
-        for key, entries in by_array.items():
-            targets = [0] * max(offset for offset, _ in entries) + [0]
-            for offset, device_page in entries:
-                targets[offset] = device_page
-            offload.io.scatter(targets, loads[key].result())
-        if not offload.write_through:
-            host.drop(request.request_id)  # write-back: swap-in releases the host copy
-        done = request.num_uncomputed_prefill == 0
-        request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
-        self.stats.num_loads += 1
-        self.stats.load_s += time.perf_counter() - start
+        targets: dict[int, tuple[HostBlock, list[int]]] = {}  # id(block) -> (block, pages)
+        for index, page in host.copies[request.request_id].pages.items():
+            block, pages = targets.setdefault(
+                id(page.block), (page.block, [PAD_PAGE] * page.block.num_slots)
+            )
+            pages[page.offset] = request.page_ids[index]
+        parts = [
+            (
+                offload.transfers.load(
+                    block.array, block.nbytes, after_evictions=not offload.overlap
+                ),
+                pages,
+            )
+            for block, pages in targets.values()
+        ]
+        self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
+        request.status = RequestStatus.LOADING
 
     def _drop_kv(self, request: Request) -> None:
         if self.host:

@@ -6,9 +6,10 @@ The only JAX in `tfjax/kv/`. Rules (serving-anchors notes §3):
   array (`gather_pages`, jitted and bucketed) and hands that array to a worker, which runs
   `jax.device_put(buf, <pinned_host sharding>)` and waits for it.
 - Loads run the other way: a worker puts the host array back on the device, and the engine
-  thread scatters it into freshly allocated pages (`scatter_pages`, KV donated).
+  thread scatters it into freshly allocated pages (`scatter_pages`, KV donated) once the copy
+  is done; the engine thread never waits for it.
 - Each direction has one worker thread (copies in one direction serialize on the link
-  anyway), and bytes in flight are capped: `can_offload` tells the write-through how much
+  anyway), and bytes in flight are capped: `room_bytes` tells the write-through how much
   room is left.
 Bandwidth is measured per direction (EWMA of completed copies) and fed to the policies.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
@@ -69,15 +71,20 @@ class _Link:
         self.bytes_done = 0
         self.bytes_per_s = initial_bytes_per_s
 
-    def submit(self, array: jax.Array, sharding: jax.sharding.Sharding) -> Future[jax.Array]:
-        nbytes = array.nbytes
+    def submit(
+        self, source: Callable[[], jax.Array], nbytes: int, sharding: jax.sharding.Sharding
+    ) -> Future[jax.Array]:
+        """Copy `source()` (resolved on the worker, so it may wait there) to `sharding`."""
         with self._lock:
             self.bytes_in_flight += nbytes
-        return self._pool.submit(self._copy, array, sharding, nbytes)
+        return self._pool.submit(self._copy, source, sharding, nbytes)
 
-    def _copy(self, array: jax.Array, sharding: jax.sharding.Sharding, nbytes: int) -> jax.Array:
-        start = time.perf_counter()
+    def _copy(
+        self, source: Callable[[], jax.Array], sharding: jax.sharding.Sharding, nbytes: int
+    ) -> jax.Array:
         try:
+            array = source()
+            start = time.perf_counter()
             out = jax.device_put(array, sharding)
             out.block_until_ready()
         finally:
@@ -111,11 +118,21 @@ class Transfers:
 
     def offload(self, pages: jax.Array) -> Future[jax.Array]:
         """Start copying gathered pages to pinned host memory."""
-        return self.d2h.submit(pages, self.host_sharding)
+        return self.d2h.submit(lambda: pages, pages.nbytes, self.host_sharding)
 
-    def load(self, host_pages: jax.Array) -> Future[jax.Array]:
-        """Start copying host pages back into device memory (for `scatter_pages`)."""
-        return self.h2d.submit(host_pages, self.device_sharding)
+    def load(
+        self, host_pages: Future[jax.Array], nbytes: int, *, after_evictions: bool = False
+    ) -> Future[jax.Array]:
+        """Start copying host pages back into device memory (for `scatter_pages`). The H2D
+        worker, not the caller, waits for the host copy to exist and, with
+        `after_evictions` (no load-evict overlap), for every eviction queued before."""
+
+        def source() -> jax.Array:
+            if after_evictions:
+                self.d2h.drain()
+            return host_pages.result()
+
+        return self.h2d.submit(source, nbytes, self.device_sharding)
 
     def room_bytes(self) -> int:
         return max(0, self.max_bytes_in_flight - self.d2h.bytes_in_flight)

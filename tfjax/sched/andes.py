@@ -79,6 +79,7 @@ def qoe(expected: float, actual: float) -> float:
 
 class AndesPolicy:
     name = "andes"
+    resumes_by_load = False  # always recomputes
 
     def __init__(self, config: AndesConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or AndesConfig(), **overrides)

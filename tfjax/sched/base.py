@@ -7,9 +7,12 @@ JAX (a test enforces it), so the same objects run in the real engine and in `tfj
 
 Contract of a plan (checked by `KVManager.execute`, which raises on violation):
 - `preempt` names resident requests (PREFILLING or RUNNING) that leave the device this step.
-- `resume` names PREEMPTED requests: LOAD brings their host KV back (RUNNING once loaded, or
-  PREFILLING if it was preempted mid-prefill), and RECOMPUTE turns them into PREFILLING
-  requests that re-prefill their tokens. LOAD needs the whole host copy completed.
+- `resume` names PREEMPTED requests: LOAD brings their host KV back (LOADING while the copy
+  travels, possibly over several steps, then RUNNING, or PREFILLING if it was preempted
+  mid-prefill), and RECOMPUTE turns them into PREFILLING requests that re-prefill their
+  tokens. LOAD needs the whole host copy completed, and a policy whose `resumes_by_load` is
+  False never asks for it (the engine then keeps no host copies at all). A plan may list a
+  request it resumes by LOAD in `decode`: that entry is skipped until the load arrived.
 - `admit` names WAITING requests that become PREFILLING.
 - `prefill` gives at most one chunk per PREFILLING request (including those admitted or resumed
   by recompute in this plan); chunks are processed in order.
@@ -155,10 +158,11 @@ class SchedulerView:
     page_size: int
     num_free_pages: int
     num_total_pages: int
-    max_batch_size: int  # decode rows per step
+    max_batch_size: int  # decode rows per step this plan may fill (LOADING ones excluded)
     prefill_token_budget: int  # prompt tokens per step
     costs: Costs
     host: HostView | None = None
+    loading: Sequence[Request] = ()  # LOADING: hold their pages, in no batch until loaded
 
     @property
     def resident(self) -> list[Request]:
@@ -171,5 +175,6 @@ class SchedulerView:
 
 class Policy(Protocol):
     name: str
+    resumes_by_load: bool  # may plan ResumeMode.LOAD: only then is KV written to the host
 
     def plan(self, view: SchedulerView) -> Plan: ...

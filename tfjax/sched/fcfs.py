@@ -132,6 +132,8 @@ class RetractBackoff:
 
 
 class FcfsPolicy:
+    resumes_by_load = False  # always recomputes
+
     def __init__(
         self,
         *,

@@ -175,6 +175,7 @@ class _Candidate:
 
 class TokenFlowPolicy:
     name = "tokenflow"
+    resumes_by_load = True  # LOAD when t_IO < t_recompute (`resume_mode`)
 
     def __init__(self, config: TokenFlowConfig | None = None, **overrides: Any) -> None:
         self.config = replace(config or TokenFlowConfig(), **overrides)
