@@ -51,6 +51,9 @@ MAX_STOP_STRINGS = 16  # OpenAI allows 4
 MAX_STOP_CHARS = 256
 # Slower readers make 1/rate overflow the reader model's float arithmetic (5e-324 -> inf).
 MIN_CONSUMPTION_RATE = 1e-3  # tokens/s: one token every ~17 minutes
+# No valid body nests deeper than messages[i].content[j] (4 levels); a deep one is an attack or
+# a bug, and every later walk over the body (validation, re-encoding) would pay for its depth.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,11 +83,27 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise bad_request(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
     try:  # JSON lets "\ud800" through; tokenizers and our own UTF-8 answers cannot take it
         json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise bad_request("The request body contains a lone UTF-16 surrogate.") from None
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0, `[]` is 1), without recursion."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        depth = max(depth, d + 1)
+        stack.extend((child, d + 1) for child in node)
+    return depth
 
 
 def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOptions]:

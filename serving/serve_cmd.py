@@ -30,7 +30,12 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from serving.app import create_app, drain
+from serving.app import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    create_app,
+    drain,
+)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _BACKSTOP_S = 10.0  # after the grace period, how long aborted streams get to close
@@ -64,6 +69,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="on SIGTERM, seconds running requests get to finish before they are aborted",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="larger request bodies get 413 before they are parsed",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        help="drop a streaming client (abort its request) that takes no data for this long; "
+        "0: never",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -88,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             engine,
             served_model_name=args.served_model_name,
             default_consumption_rate=args.default_consumption_rate,
+            max_request_bytes=args.max_request_bytes,
+            stream_idle_timeout_s=args.stream_idle_timeout_s or None,
         )
         config = uvicorn.Config(
             app,
