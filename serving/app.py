@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
     APIError,
@@ -128,6 +129,7 @@ def create_app(
         max_request_bytes=max_request_bytes,
         stream_idle_timeout_s=stream_idle_timeout_s,
     )
+    dashboard = Dashboard(engine)
     app = Starlette(
         routes=[
             Route("/v1/completions", server.completions, methods=["POST"]),
@@ -135,6 +137,8 @@ def create_app(
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_text, methods=["GET"]),
+            Route("/dashboard", dashboard.page, methods=["GET"]),
+            Route("/dashboard/state", dashboard.state, methods=["GET"]),
         ],
         middleware=[Middleware(StatusCounter, metrics=server.metrics)],
         exception_handlers={
