@@ -22,9 +22,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-import sys
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -302,6 +300,7 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     from tfjax.kv.host import HostTier
     from tfjax.kv.manager import Offload
     from tfjax.kv.transfer import Transfers
+    from tfjax.progress import ProgressBar
     from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
     from tfjax.sched.registry import make_policy
 
@@ -323,9 +322,7 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         max_model_len=max_model_len,
         mesh=model.mesh,
     )
-    start = time.monotonic()
-    runner.warmup(_progress("compiling step buckets"))
-    print(f"compiled in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    runner.warmup(ProgressBar("step buckets"))
     policy = make_policy(config.policy, **config.policy_params)
     offload = None
     if config.offload:
@@ -345,11 +342,3 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         tokenizer=model.tokenizer,
         max_waiting=config.max_waiting,
     )
-
-
-def _progress(label: str) -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return report
