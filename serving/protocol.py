@@ -9,12 +9,12 @@ logit_bias, ...) are rejected rather than silently ignored, because the answer w
 
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
-reader consumes, DESIGN.md "Definitions"; at least `MIN_CONSUMPTION_RATE`; the server default
+reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the server default
 when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 
-The builders return plain dicts in the chunk shapes of the OpenAI streaming API (see section 5 of
-the serving notes); `serving.app` decides which to send when.
+The builders return plain dicts in the chunk shapes of the OpenAI streaming API;
+`serving.app` decides which to send when.
 """
 
 from __future__ import annotations
