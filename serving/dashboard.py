@@ -81,25 +81,7 @@ class Dashboard:
                     "admit": list(decision.admit),
                 },
             },
-            "requests": [
-                {
-                    "id": r.request_id,
-                    "status": r.status,
-                    "priority": r.priority,
-                    "age_s": r.age_s,
-                    "consumption_rate": r.consumption_rate,
-                    "buffer_tokens": r.buffer_tokens,
-                    "buffer_s": r.buffer_s,
-                    "ttft_s": r.ttft_s,
-                    "tokens_generated": r.num_output_tokens,
-                    "max_tokens": r.max_tokens,
-                    "stall_s": r.stall_s,
-                    "preemptions": r.num_preemptions,
-                    "device_pages": r.device_pages,
-                    "host_pages": r.host_pages,
-                }
-                for r in state.requests
-            ],
+            "requests": [r._asdict() for r in state.requests],
         }
 
     def _rates(self, state: LiveState) -> tuple[float | None, float | None]:

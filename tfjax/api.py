@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from tfjax.request import FinishReason, SamplingParams
 
@@ -69,22 +69,23 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestState:
-    """One live request as the dashboard draws it. Times in seconds, rates in tokens/s."""
+class RequestState(NamedTuple):
+    """One live request as the dashboard draws it (field names are its JSON keys). Times in
+    seconds, rates in tokens/s. A tuple: hundreds are built per refresh, on the engine thread.
+    """
 
-    request_id: str
-    status: str
+    id: str
+    status: str  # RequestStatus.value
     priority: int
     age_s: float  # since arrival
     consumption_rate: float
     buffer_tokens: int  # generated, not yet read by the reader model
     buffer_s: float  # until the reader wants a token that does not exist yet
     ttft_s: float | None  # None: no token yet
-    num_output_tokens: int
+    tokens_generated: int
     max_tokens: int
     stall_s: float  # including a stall going on now
-    num_preemptions: int
+    preemptions: int
     device_pages: int
     host_pages: int  # pages whose host copy has completed
 

@@ -12,7 +12,6 @@ prefill are not decisions worth showing; they happen every step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -57,20 +56,20 @@ def build_live_state(
         synced = host_synced_tokens(r.request_id) if host_synced_tokens else 0
         rows.append(
             RequestState(
-                request_id=r.request_id,
-                status=r.status.value,
-                priority=r.priority,
-                age_s=now_s - r.arrival_s,
-                consumption_rate=reader.rate,
-                buffer_tokens=reader.buffer_tokens(now_s),
-                buffer_s=reader.buffer_s(now_s),
-                ttft_s=None if reader.first_token_s is None else reader.first_token_s - r.arrival_s,
-                num_output_tokens=r.num_output_tokens,
-                max_tokens=r.sampling.max_tokens,
-                stall_s=reader.stall_until_s(now_s),
-                num_preemptions=r.num_preemptions,
-                device_pages=len(r.page_ids),
-                host_pages=math.ceil(synced / page_size),
+                r.request_id,
+                r.status.value,
+                r.priority,
+                now_s - r.arrival_s,
+                reader.rate,
+                reader.buffer_tokens(now_s),
+                reader.buffer_s(now_s),
+                None if reader.first_token_s is None else reader.first_token_s - r.arrival_s,
+                r.num_output_tokens,
+                r.sampling.max_tokens,
+                reader.stall_until_s(now_s),
+                r.num_preemptions,
+                len(r.page_ids),
+                -(-synced // page_size),
             )
         )
     return LiveState(now_s, policy, stats, last_decision, tuple(rows))
