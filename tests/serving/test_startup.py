@@ -50,7 +50,8 @@ def start_output(model_dir: Path, cache: Path, log: Path, *extra: str) -> list[s
             "--kv-pages", "16", "--prefill-token-budget", "32", *extra]  # fmt: skip
     with serve_subprocess(args, cache, log):
         pass  # ready: stop it at once
-    return log.read_text().split("\n")[:-1]  # not splitlines(): it splits at the bar's \r too
+    # Bytes: text mode and splitlines() would both split at the progress bar's \r.
+    return log.read_bytes().decode().split("\n")[:-1]
 
 
 @pytest.mark.slow
