@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 from headless_chromium import HeadlessChromium
 
-RATES = (2.0, 4.0, 8.0, 15.0)  # tokens/s: slow, medium and fast readers
 PROMPTS = (
     "Explain how a bicycle stays upright.",
     "Write a short story about a lighthouse keeper.",
@@ -42,19 +41,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--after-s", type=float, default=10.0, help="burst age at the shot")
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[2.0, 4.0, 8.0, 15.0],
+        help="reader consumption rates (tokens/s), assigned round robin; on a slow CPU pick "
+        "rates the device can serve, e.g. 0.5,1,1.5,2",
+    )
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=900)
     return parser.parse_args()
 
 
-async def one_stream(c: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> None:
+async def one_stream(c: httpx.AsyncClient, model: str, i: int, args: argparse.Namespace) -> None:
     body = {
         "model": model,
         "prompt": PROMPTS[i % len(PROMPTS)],
-        "max_tokens": max_tokens,
+        "max_tokens": args.max_tokens,
         "stream": True,
         "ignore_eos": True,
-        "consumption_rate": RATES[i % len(RATES)],
+        "consumption_rate": args.rates[i % len(args.rates)],
     }
     async with c.stream("POST", "/v1/completions", json=body) as response:
         async for _ in response.aiter_lines():
@@ -68,8 +74,7 @@ def run_burst(args: argparse.Namespace, model: str, stop: threading.Event) -> No
         limits = httpx.Limits(max_connections=None)
         async with httpx.AsyncClient(base_url=args.base_url, timeout=None, limits=limits) as c:
             tasks = [
-                asyncio.create_task(one_stream(c, model, i, args.max_tokens))
-                for i in range(args.requests)
+                asyncio.create_task(one_stream(c, model, i, args)) for i in range(args.requests)
             ]
             while not stop.is_set() and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.1)
