@@ -26,13 +26,13 @@ from tests.reliability.harness import (
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH")
 
 NUM_REQUESTS = 8
-NUM_TOKENS = 60
+NUM_TOKENS = 60  # with 40 pages of 4 tokens, about two requests fit at once: ~4 waves
 ROWS = """[...document.querySelectorAll('tr[data-request-id]')].map(tr => ({
   id: tr.dataset.requestId, status: tr.dataset.status, tokens: Number(tr.dataset.tokens)}))"""
 
 
 def test_rows_appear_update_and_leave() -> None:
-    runner = PacedRunner(num_pages=256, page_size=PAGE_SIZE, step_s=0.03)
+    runner = PacedRunner(num_pages=256, page_size=PAGE_SIZE, step_s=0.02)
     engine = make_engine(runner, policy="tokenflow", num_pages=40)  # not all fit at once
     with serve(engine) as live, HeadlessChromium() as browser:
         results: list = []
