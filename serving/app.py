@@ -15,6 +15,12 @@ request still waiting in the queue is aborted too, not only one that is writing)
 cancellation, or a server error. It does not rely on the event generator's own `finally`, which
 never runs if the client leaves before the generator is first entered.
 
+Edges: a body above `max_request_bytes` is answered 413 as soon as its `Content-Length` (or,
+for a chunked body, the bytes read so far) says so, before any parsing; `serving.protocol`
+rejects absurd nesting. A streaming client that stops reading makes our writes block once the
+socket buffers are full; a write blocked for `stream_idle_timeout_s` drops the client like a
+disconnect (its engine request is aborted and its pages freed).
+
 Chat streams send the role chunk together with the first delta rather than at once, so that
 clients that time TTFT at the first chunk with choices (vLLM's benchmark does) measure the first
 token. Text deltas each become one chunk; the finish reason comes in a chunk of its own.
@@ -38,15 +44,17 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
     APIError,
     bad_request,
     from_engine_error,
     model_not_found,
+    payload_too_large,
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
@@ -60,6 +68,8 @@ _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 _ROLE_DELTA = {"role": "assistant", "content": ""}
 _CLIENT_GONE = 499  # nginx's "client closed request": only ever seen by our status counter
 _DEEP_CHECK_TIMEOUT_S = 10.0  # /health?deep=1: the check waits for the current step
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # ~1M tokens of prompt ids as JSON: more than any context
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 
 
 class Tokenizer(Protocol):
@@ -96,15 +106,30 @@ def create_app(
     *,
     served_model_name: str | None = None,
     default_consumption_rate: float = 15.0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S,
 ) -> Starlette:
     """The ASGI app serving `engine` as `served_model_name` (default: `engine.model_name`).
 
     `default_consumption_rate` (tokens/s) is used for requests without `consumption_rate`.
+    Bodies above `max_request_bytes` get 413; a stream whose client has not taken a write for
+    `stream_idle_timeout_s` (None: never) is dropped.
     Call `drain(app, grace_s)` on shutdown before stopping the engine.
     """
     if not default_consumption_rate > 0:
         raise ValueError(f"default_consumption_rate must be > 0, got {default_consumption_rate}")
-    server = _Server(engine, served_model_name or engine.model_name, default_consumption_rate)
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    if stream_idle_timeout_s is not None and not stream_idle_timeout_s > 0:
+        raise ValueError(f"stream_idle_timeout_s must be > 0, got {stream_idle_timeout_s}")
+    server = _Server(
+        engine,
+        served_model_name or engine.model_name,
+        default_consumption_rate,
+        max_request_bytes=max_request_bytes,
+        stream_idle_timeout_s=stream_idle_timeout_s,
+    )
+    dashboard = Dashboard(engine)
     app = Starlette(
         routes=[
             Route("/v1/completions", server.completions, methods=["POST"]),
@@ -112,6 +137,8 @@ def create_app(
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_text, methods=["GET"]),
+            Route("/dashboard", dashboard.page, methods=["GET"]),
+            Route("/dashboard/state", dashboard.state, methods=["GET"]),
         ],
         middleware=[Middleware(StatusCounter, metrics=server.metrics)],
         exception_handlers={
@@ -133,13 +160,23 @@ async def drain(app: Starlette, grace_s: float) -> None:
 class _Server:
     """Route handlers and the state they share: engine, metrics, requests in flight."""
 
-    def __init__(self, engine: ServedEngine, model_name: str, default_rate: float) -> None:
+    def __init__(
+        self,
+        engine: ServedEngine,
+        model_name: str,
+        default_rate: float,
+        *,
+        max_request_bytes: int,
+        stream_idle_timeout_s: float | None,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.default_rate = default_rate
         self.metrics = Metrics(engine.stats)
         self.created = int(time.time())
         self.draining = False
+        self.max_request_bytes = max_request_bytes
+        self.stream_idle_timeout_s = stream_idle_timeout_s
         self._live: set[str] = set()  # ids of requests submitted and not yet ended
         self._idle = asyncio.Event()
         self._idle.set()
@@ -196,7 +233,11 @@ class _Server:
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         call = await self._admit(request, chat=chat)
         if call.sse:
-            return _EventStream(self._events(call), on_close=lambda: self._end(call))
+            return _EventStream(
+                self._events(call),
+                on_close=lambda: self._end(call),
+                idle_timeout_s=self.stream_idle_timeout_s,
+            )
         try:
             response = await _until_disconnected(request.receive, lambda: self._collect(call))
         finally:
@@ -205,7 +246,7 @@ class _Server:
 
     async def _admit(self, request: Request, *, chat: bool) -> _Call:
         """Validate, tokenize and submit; every failure here is an `APIError` (nothing queued)."""
-        body = p.decode_body(await request.body())
+        body = p.decode_body(await _read_body(request, self.max_request_bytes))
         if chat:
             messages, options = p.parse_chat(body)
         else:
@@ -383,20 +424,50 @@ class _EventStream(StreamingResponse):
     may be minutes away.
     """
 
-    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        on_close: Callable[[], None],
+        idle_timeout_s: float | None,
+    ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self._events = events
         self._on_close = on_close
+        self._idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_give_up(message: Message) -> None:
+            """uvicorn's send waits while the socket's buffers are full (flow control)."""
+            with anyio.fail_after(self._idle_timeout_s):
+                await send(message)
+
         try:
-            await _until_disconnected(receive, lambda: self.stream_response(send))
+            await _until_disconnected(receive, lambda: self.stream_response(send_or_give_up))
         except* OSError:  # a spec 2.4 server failing a write to a gone client
             pass
+        except* TimeoutError:
+            logger.warning(
+                "dropped a stream whose client took no data for %s s", self._idle_timeout_s
+            )
         finally:
             await self._events.aclose()
             self._on_close()
+
+
+async def _read_body(request: Request, limit_bytes: int) -> bytes:
+    """The whole body, or a 413 once it is known to exceed `limit_bytes` (from the declared
+    length before reading anything, else as the chunks arrive)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        raise payload_too_large(limit_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise payload_too_large(limit_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:

@@ -7,7 +7,8 @@ status code to their exception class (400 BadRequestError, 404 NotFoundError, 42
 RateLimitError, 503 InternalServerError), so the status matters more than `type`.
 
 Statuses: 400 for anything wrong with the body (including a prompt too long for the context,
-code "context_length_exceeded" as OpenAI sends it), 404 for an unknown model or route, 429 when
+code "context_length_exceeded" as OpenAI sends it), 404 for an unknown model or route, 413 for a
+body above `--max-request-bytes` (decided before it is parsed), 429 when
 the engine's waiting queue is full, 503 when the engine is loading, dead or shutting down.
 """
 
@@ -58,6 +59,14 @@ def error_payload(
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def payload_too_large(limit_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this server's limit of {limit_bytes} bytes.",
+        code="request_too_large",
+    )
 
 
 def model_not_found(model: str) -> APIError:

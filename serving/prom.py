@@ -31,6 +31,8 @@ ENDPOINTS = (
     "/v1/models",
     "/health",
     "/metrics",
+    "/dashboard",
+    "/dashboard/state",
 )  # any other path is counted as "other", so random URLs cannot grow the label set
 
 # Under preemptive scheduling a first token or a token gap can legitimately take seconds.

@@ -9,12 +9,12 @@ logit_bias, ...) are rejected rather than silently ignored, because the answer w
 
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
-reader consumes, DESIGN.md "Definitions"; at least `MIN_CONSUMPTION_RATE`; the server default
+reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the server default
 when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 
-The builders return plain dicts in the chunk shapes of the OpenAI streaming API (see section 5 of
-the serving notes); `serving.app` decides which to send when.
+The builders return plain dicts in the chunk shapes of the OpenAI streaming API;
+`serving.app` decides which to send when.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ MAX_STOP_STRINGS = 16  # OpenAI allows 4
 MAX_STOP_CHARS = 256
 # Slower readers make 1/rate overflow the reader model's float arithmetic (5e-324 -> inf).
 MIN_CONSUMPTION_RATE = 1e-3  # tokens/s: one token every ~17 minutes
+# No valid body nests deeper than messages[i].content[j] (4 levels); a deep one is an attack or
+# a bug, and every later walk over the body (validation, re-encoding) would pay for its depth.
+MAX_JSON_DEPTH = 32
+_CONTAINERS = frozenset({dict, list})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,11 +84,27 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise bad_request(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
     try:  # JSON lets "\ud800" through; tokenizers and our own UTF-8 answers cannot take it
         json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise bad_request("The request body contains a lone UTF-16 surrogate.") from None
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of JSON as `json.loads` returns it (a scalar is 0, `[]` is 1), without
+    recursion. A container's children are only walked when some are containers (the type scan
+    runs in C), so a prompt of a million token ids costs milliseconds."""
+    depth, stack = 0, [(value, 1)] if type(value) in _CONTAINERS else []
+    while stack:
+        node, level = stack.pop()
+        depth = max(depth, level)
+        children = node.values() if type(node) is dict else node
+        if not _CONTAINERS.isdisjoint(set(map(type, children))):
+            stack.extend((c, level + 1) for c in children if type(c) in _CONTAINERS)
+    return depth
 
 
 def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOptions]:

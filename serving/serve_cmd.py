@@ -8,7 +8,9 @@ imported when needed, so `tfjax --help` stays fast and JAX loads only for `tfjax
 
 Start-up: build the engine (weights, compiles), bind, then print exactly one line to stdout,
 `tfjax serving MODEL on http://HOST:PORT`, with the bound port (so `--port 0` works); scripts
-and tests wait for it. Everything else (uvicorn, request log lines) goes to stderr.
+and tests wait for it. Everything else goes to stderr, and little of it: the model load line,
+one progress bar with an ETA while step buckets compile (seconds when the persistent XLA cache
+is warm), then one line per request; libraries log only warnings unless `--log-level debug`.
 
 Shutdown: the first SIGTERM or SIGINT stops accepting connections and drains (`serving.app.
 drain`): new generation requests get 503, running ones have `--shutdown-grace-s` to finish and
@@ -30,9 +32,16 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from serving.app import create_app, drain
+from serving.app import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    create_app,
+    drain,
+)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+OWN_LOGGERS = ("tfjax", "models", "serving")
+NOISY_LOGGERS = ("absl", "jax", "orbax", "uvicorn")
 _BACKSTOP_S = 10.0  # after the grace period, how long aborted streams get to close
 
 
@@ -64,10 +73,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="on SIGTERM, seconds running requests get to finish before they are aborted",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="larger request bodies get 413 before they are parsed",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=DEFAULT_STREAM_IDLE_TIMEOUT_S,
+        help="drop a streaming client (abort its request) that takes no data for this long; "
+        "0: never",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="log level of the server and of the per-request log lines (tfjax.requests)",
+        help="level of tfjax's own log lines (one per request at info); debug also shows "
+        "the libraries' (uvicorn, absl, orbax, jax), which are otherwise kept to warnings",
     )
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
@@ -76,25 +99,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tfjax.async_engine import build_engine
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,  # absl (imported by orbax) has already put a handler on the root logger
-    )
+    library_level = configure_logging(args.log_level)
     engine = build_engine(args)
     try:
         app = create_app(
             engine,
             served_model_name=args.served_model_name,
             default_consumption_rate=args.default_consumption_rate,
+            max_request_bytes=args.max_request_bytes,
+            stream_idle_timeout_s=args.stream_idle_timeout_s or None,
         )
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_config=None,  # keep the logging set up above: one format, all on stderr
-            log_level=args.log_level,
+            log_level=library_level,
             access_log=False,  # tfjax.requests logs one line per generation request instead
             lifespan="off",
             timeout_graceful_shutdown=max(args.shutdown_grace_s, 0.0) + _BACKSTOP_S,
@@ -104,6 +124,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def configure_logging(level_name: str) -> int:
+    """Our loggers at `level_name`; every library's (absl and orbax while loading weights,
+    jax probing for backends, uvicorn announcing itself, ...) at WARNING unless `debug`, so
+    that a start prints a few lines of its own and nothing else. Returns the libraries' level.
+    """
+    level = getattr(logging, level_name.upper())
+    library_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    logging.basicConfig(
+        level=library_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # absl (imported by orbax) may already have a handler on the root logger
+    )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for name in NOISY_LOGGERS:  # these set their own levels, so the root's does not reach them
+        logging.getLogger(name).setLevel(library_level)
+    return library_level
 
 
 class _Server(uvicorn.Server):

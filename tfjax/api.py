@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from tfjax.request import FinishReason, SamplingParams
 
@@ -69,6 +69,46 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class RequestState(NamedTuple):
+    """One live request as the dashboard draws it (field names are its JSON keys). Times in
+    seconds, rates in tokens/s. A tuple: hundreds are built per refresh, on the engine thread.
+    """
+
+    id: str
+    status: str  # RequestStatus.value
+    priority: int
+    age_s: float  # since arrival
+    consumption_rate: float
+    buffer_tokens: int  # generated, not yet read by the reader model
+    buffer_s: float  # until the reader wants a token that does not exist yet
+    ttft_s: float | None  # None: no token yet
+    tokens_generated: int
+    max_tokens: int
+    stall_s: float  # including a stall going on now
+    preemptions: int
+    device_pages: int
+    host_pages: int  # pages whose host copy has completed
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A plan that moved requests, and when (engine clock)."""
+
+    at_s: float
+    preempt: tuple[str, ...]
+    resume: tuple[str, ...]
+    admit: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveState:
+    now_s: float  # engine clock when built
+    policy: str
+    stats: EngineStats
+    last_decision: Decision | None
+    requests: tuple[RequestState, ...]  # arrival order
+
+
 class RequestStream(Protocol):
     """Deltas of one submitted request. Iterate it once; the last delta has `finish_reason`.
     Abandoning it does not abort the request: call `EngineClient.abort(request_id)`."""
@@ -108,4 +148,13 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None:
         """Abort a request (unknown or finished ids are ignored); its stream then ends with
         `FinishReason.ABORT` and its pages are freed within one engine step."""
+        ...
+
+
+@runtime_checkable
+class LiveStateSource(Protocol):
+    """An engine that can show its live requests (`AsyncEngine`; the app's /dashboard)."""
+
+    async def live_state(self) -> LiveState | None:
+        """A snapshot taken between two steps; None if the engine never made one."""
         ...

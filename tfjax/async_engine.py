@@ -22,9 +22,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-import sys
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -34,11 +32,13 @@ from tfjax.api import (
     Delta,
     EngineDeadError,
     EngineStats,
+    LiveState,
     PromptTooLongError,
     QueueFullError,
     RequestStream,
 )
 from tfjax.engine import Engine
+from tfjax.live_state import DecisionRecorder, build_live_state
 from tfjax.metrics import COMPILES
 from tfjax.request import FinishReason, Request, RequestStatus, SamplingParams
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
 MAX_OFFLOAD_BYTES_IN_FLIGHT = 256 << 20  # caps pinned staging memory held by queued copies
+LIVE_STATE_WAIT_S = 0.3  # how long a dashboard refresh waits for the step in progress
 _ids = itertools.count()
 
 
@@ -78,6 +79,10 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
         self._compiles_at_start = COMPILES.count
         self._stats = EngineStats()
+        self._decisions = DecisionRecorder(engine.policy)
+        engine.policy = self._decisions
+        self._live_pending: Future[LiveState] | None = None
+        self._live_latest: LiveState | None = None
         engine.emit = self._emit
         self._thread = threading.Thread(target=self._run, name="tfjax-engine", daemon=True)
         self._thread.start()
@@ -150,6 +155,24 @@ class AsyncEngine:
         self._post(check)
         return await asyncio.wrap_future(done)
 
+    async def live_state(self) -> LiveState | None:
+        """A snapshot for the dashboard, built on the engine thread after the step in progress.
+
+        Concurrent callers share one build. If the step takes longer than `LIVE_STATE_WAIT_S`,
+        the newest snapshot built so far is returned (None before the first), so a page
+        refreshing twice a second never waits for a long step and steps never wait for it.
+        """
+        pending = self._live_pending
+        if self.is_healthy and (pending is None or pending.done()):
+            pending = self._live_pending = Future()
+            self._post(lambda: self._publish_live_state(pending))
+        if pending is not None and not pending.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(pending)), LIVE_STATE_WAIT_S
+                )
+        return self._live_latest
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort everything in flight and stop the engine thread."""
         self._post(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])
@@ -218,6 +241,21 @@ class AsyncEngine:
                 self._wake.wait(timeout=None if not self.engine.has_work else 0.005)
                 self._wake.clear()
 
+    def _publish_live_state(self, done: Future[LiveState]) -> None:
+        engine = self.engine
+        host = engine.kv.host
+        state = build_live_state(
+            engine.requests,
+            now_s=engine.clock(),
+            policy=self._decisions.name,
+            stats=self._stats,
+            last_decision=self._decisions.last,
+            page_size=engine.runner.page_size,
+            host_synced_tokens=host.num_synced_tokens if host is not None else None,
+        )
+        self._live_latest = state
+        done.set_result(state)
+
     def _snapshot(self) -> EngineStats:
         engine = self.engine
         return EngineStats(
@@ -264,6 +302,7 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
     from tfjax.kv.host import HostTier
     from tfjax.kv.manager import Offload
     from tfjax.kv.transfer import Transfers
+    from tfjax.progress import ProgressBar
     from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
     from tfjax.sched.registry import make_policy
 
@@ -285,9 +324,7 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         max_model_len=max_model_len,
         mesh=model.mesh,
     )
-    start = time.monotonic()
-    runner.warmup(_progress("compiling step buckets"))
-    print(f"compiled in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    runner.warmup(ProgressBar("step buckets"))
     policy = make_policy(config.policy, **config.policy_params)
     offload = None
     if config.offload:
@@ -307,11 +344,3 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         tokenizer=model.tokenizer,
         max_waiting=config.max_waiting,
     )
-
-
-def _progress(label: str) -> Callable[[int, int], None]:
-    def report(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return report

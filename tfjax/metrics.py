@@ -1,4 +1,5 @@
-"""Process-wide XLA compile counter: a compile while serving is a bug (DESIGN.md).
+"""Process-wide XLA compile counter: a compile while serving is a bug (every dynamic shape is
+bucketed and compiled at start-up, tfjax/config.py).
 
 `jax.monitoring` reports every backend compile; the engine records the count when warm-up
 ends and exports `compiles_after_warmup` to /metrics, and tests assert it stays flat.

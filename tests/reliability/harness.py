@@ -256,19 +256,24 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(
-    engine: ProbedAsyncEngine, *, grace_s: float = 2.0, send_buffer_bytes: int | None = None
+    engine: ProbedAsyncEngine,
+    *,
+    grace_s: float = 2.0,
+    send_buffer_bytes: int | None = None,
+    **app_options: Any,
 ) -> Iterator[LiveServer]:
     """Serve `engine` with uvicorn on 127.0.0.1 (a free port) in a thread; stop both on exit.
 
-    `send_buffer_bytes` fixes the kernel send buffer of every accepted connection (they
-    inherit it from the listening socket); otherwise Linux grows it up to `tcp_wmem`'s 4 MiB,
-    which a test of stalled readers would have to fill first."""
+    `app_options` go to `create_app` (limits, timeouts). `send_buffer_bytes` fixes the kernel
+    send buffer of every accepted connection (they inherit it from the listening socket);
+    otherwise Linux grows it up to `tcp_wmem`'s 4 MiB, which a test of stalled readers would
+    have to fill first."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if send_buffer_bytes is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     sock.bind(("127.0.0.1", 0))
-    app = create_app(engine, served_model_name=MODEL)
+    app = create_app(engine, served_model_name=MODEL, **app_options)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

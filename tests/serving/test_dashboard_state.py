@@ -1,0 +1,222 @@
+"""`GET /dashboard/state` against an engine state built step by step with a manual clock and a
+scripted policy on the fake runner, so every number below can be checked by hand from the
+reader model (tfjax/buffers.py): token j is read at c_j = max(c_{j-1} + 1/r, g_j)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from serving.app import create_app
+from serving.dashboard import Dashboard
+from tests.fakes import FakeRunner, FakeTokenizer
+from tfjax.api import EngineStats, LiveState
+from tfjax.async_engine import LIVE_STATE_WAIT_S, AsyncEngine
+from tfjax.config import EngineConfig
+from tfjax.engine import Engine
+from tfjax.live_state import DecisionRecorder, build_live_state
+from tfjax.request import Request, SamplingParams
+from tfjax.sched.base import Plan, PrefillChunk, SchedulerView
+
+pytestmark = pytest.mark.anyio
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ScriptedPolicy:
+    """Returns the given plans one per call, then empty plans (the state stays put)."""
+
+    name = "scripted"
+
+    def __init__(self, plans: list[Plan]) -> None:
+        self.plans = list(plans)
+
+    def plan(self, view: SchedulerView) -> Plan:
+        return self.plans.pop(0) if self.plans else Plan()
+
+
+def request(rid: str, num_prompt: int, arrival_s: float, rate: float) -> Request:
+    sampling = SamplingParams(max_tokens=50, ignore_eos=True)
+    return Request(rid, list(range(3, 3 + num_prompt)), sampling, arrival_s, rate)
+
+
+@pytest.fixture
+def async_engine() -> Iterator[AsyncEngine]:
+    clock = ManualClock()
+    a = request("A", 6, arrival_s=2.0, rate=2.0)
+    b = request("B", 2, arrival_s=8.0, rate=0.5)
+    c = request("C", 3, arrival_s=9.5, rate=4.0)
+    steps = [  # (clock, requests added, plan)
+        (4.0, [a], Plan(admit=("A",), prefill=(PrefillChunk(request_id="A", num_tokens=6),))),
+        (4.5, [], Plan(decode=("A",))),
+        (5.0, [], Plan(decode=("A",))),
+        (
+            9.0,
+            [b],
+            Plan(
+                admit=("B",), prefill=(PrefillChunk(request_id="B", num_tokens=2),), decode=("A",)
+            ),
+        ),
+        (9.1, [], Plan(decode=("A", "B"))),
+    ]
+    config = EngineConfig(page_size=4, max_batch_size=8, prefill_token_budget=64)
+    policy = ScriptedPolicy([plan for _, _, plan in steps] + [Plan(admit=("C",))])
+    engine = Engine(
+        FakeRunner(num_pages=64, page_size=4),
+        FakeTokenizer(),
+        config,
+        policy,
+        emit=lambda *_: None,
+        clock=clock,
+    )
+    for t, new, _ in steps:
+        clock.t = t
+        for r in new:
+            engine.add_request(r)
+        assert engine.step()
+    clock.t = 9.8  # the admission of C, planned by the engine thread
+    engine.add_request(c)
+    served = AsyncEngine(engine, model_name="fake-model", tokenizer=None, max_waiting=10)
+    deadline = time.monotonic() + 10
+    while served._decisions.last is None:
+        assert time.monotonic() < deadline, "the engine thread never planned"
+        time.sleep(0.001)
+    clock.t = 10.0
+    yield served
+    served.shutdown()
+
+
+async def test_state_matches_the_hand_computed_reader_model(async_engine: AsyncEngine) -> None:
+    app = create_app(async_engine, served_model_name="fake")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/dashboard/state")
+    assert r.status_code == 200, r.text
+    state = r.json()
+    assert state["now_s"] == 10.0
+    rows = {row["id"]: row for row in state["requests"]}
+    assert list(rows) == ["A", "B", "C"]  # arrival order
+    # A (r = 2/s): tokens at 4.0, 4.5, 5.0, 9.0, 9.1 are read at 4.0, 4.5, 5.0, 9.0 (due at
+    # 5.5: stall 3.5 s), 9.5. At 10.0 nothing is unread and the reader is due at 10.0.
+    assert rows["A"] == pytest.approx(
+        dict(
+            id="A", status="running", priority=0, age_s=8.0, consumption_rate=2.0,
+            buffer_tokens=0, buffer_s=0.0, ttft_s=2.0, tokens_generated=5, max_tokens=50,
+            stall_s=3.5, preemptions=0, device_pages=3, host_pages=0,
+        )
+    )  # fmt: skip
+    # B (r = 0.5/s): tokens at 9.0 and 9.1 are read at 9.0 and 11.0: one unread at 10.0, and
+    # the reader wants a third token at 13.0.
+    assert rows["B"] == pytest.approx(
+        dict(
+            id="B", status="running", priority=0, age_s=2.0, consumption_rate=0.5,
+            buffer_tokens=1, buffer_s=3.0, ttft_s=1.0, tokens_generated=2, max_tokens=50,
+            stall_s=0.0, preemptions=0, device_pages=1, host_pages=0,
+        )
+    )  # fmt: skip
+    assert rows["C"]["status"] == "prefilling" and rows["C"]["ttft_s"] is None
+    assert rows["C"]["age_s"] == pytest.approx(0.5) and rows["C"]["tokens_generated"] == 0
+    engine = state["engine"]
+    assert engine["policy"] == "scripted" and engine["model"] == "fake-model"
+    assert engine["device_pages_used"] == 4 and engine["queue_length"] == 0
+    assert engine["num_running"] == 3 and engine["host_pages_total"] == 0
+    decision = engine["last_decision"]
+    assert decision.pop("age_s") == pytest.approx(0.2)
+    assert decision == {"preempt": [], "resume": [], "admit": ["C"]}
+    assert engine["decode_tok_s"] is None  # one sample: no rate yet
+
+
+def test_rates_are_counter_differences_over_the_window() -> None:
+    dashboard = Dashboard(engine=None)  # to_json reads the engine only for model and health
+
+    def state(now: float, generated: int, effective: float) -> LiveState:
+        stats = EngineStats(num_generated_tokens=generated, effective_tokens=effective)
+        return LiveState(now, "p", stats, None, ())
+
+    assert dashboard._rates(state(100.0, 0, 0.0)) == (None, None)
+    assert dashboard._rates(state(102.0, 40, 10.0)) == (20.0, 5.0)
+    assert dashboard._rates(state(104.0, 100, 10.0)) == (25.0, 2.5)
+    # 115: the samples at 100 and 102 are older than 10 s; 104 stays as the window's start.
+    assert dashboard._rates(state(115.0, 320, 65.0)) == (20.0, 5.0)
+
+
+def test_host_pages_round_up_and_statuses_are_generic() -> None:
+    r = request("X", 5, arrival_s=0.0, rate=1.0)
+    r.page_ids = [7, 8]
+    state = build_live_state(
+        {"X": r},
+        now_s=1.0,
+        policy="p",
+        stats=EngineStats(),
+        last_decision=None,
+        page_size=4,
+        host_synced_tokens=lambda rid: {"X": 5}[rid],
+    )
+    (row,) = state.requests
+    assert (row.device_pages, row.host_pages) == (2, 2)  # 5 synced tokens: 2 pages of 4
+    assert row.status == r.status.value == "waiting"
+
+
+def test_decision_recorder_keeps_the_last_plan_that_moved_a_request() -> None:
+    plans = [Plan(admit=("a",)), Plan(decode=("a",)), Plan(preempt=("a",), admit=("b",))]
+    recorder = DecisionRecorder(ScriptedPolicy(plans))
+    view = SchedulerView(
+        now_s=1.0, waiting=(), prefilling=(), running=(), preempted=(), page_size=4,
+        num_free_pages=1, num_total_pages=1, max_batch_size=1, prefill_token_budget=4,
+        costs=None,
+    )  # fmt: skip
+    recorder.plan(view)
+    assert recorder.last.admit == ("a",) and recorder.last.at_s == 1.0
+    recorder.plan(view)  # decode only: not a decision
+    assert recorder.last.admit == ("a",)
+    recorder.plan(view)
+    assert (recorder.last.preempt, recorder.last.admit) == (("a",), ("b",))
+    assert recorder.name == "scripted" and recorder.plans == []  # other attributes forwarded
+
+
+async def test_dashboard_page_is_served_from_the_package(client: httpx.AsyncClient) -> None:
+    r = await client.get("/dashboard")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/dashboard/state" in r.text and "data-request-id" not in r.text.split("<script>")[0]
+    assert "http://" not in r.text and "https://" not in r.text  # no CDN: the machines have no net
+    r = await client.get("/dashboard/state")  # the fake engine has no live state
+    assert r.status_code == 503
+
+
+async def test_live_state_does_not_wait_for_a_long_step() -> None:
+    """While the engine thread is busy, a refresh returns the newest snapshot after at most
+    `LIVE_STATE_WAIT_S` instead of waiting for the step."""
+    release = threading.Event()
+    clock = ManualClock()
+    engine = Engine(
+        FakeRunner(num_pages=8, page_size=4),
+        FakeTokenizer(),
+        EngineConfig(page_size=4),
+        ScriptedPolicy([]),
+        emit=lambda *_: None,
+        clock=clock,
+    )
+    served = AsyncEngine(engine, model_name="m", tokenizer=None, max_waiting=1)
+    try:
+        first = await served.live_state()
+        assert first is not None and first.requests == ()
+        served._post(lambda: release.wait(10))  # the engine thread is busy for up to 10 s
+        start = time.monotonic()
+        again = await served.live_state()
+        assert again is first and time.monotonic() - start < LIVE_STATE_WAIT_S + 1.0
+        release.set()
+        await asyncio.sleep(0.05)
+        assert (await served.live_state()) is not first
+    finally:
+        release.set()
+        served.shutdown()

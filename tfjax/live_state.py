@@ -1,0 +1,75 @@
+"""Builds what the live dashboard shows of the engine: one `tfjax.api.LiveState` per refresh.
+
+`build_live_state` runs on the engine thread between two steps (posted by
+`AsyncEngine.live_state`, only while someone looks), so reading the requests needs no lock and
+a step never pays for it. The snapshot is made of frozen values and is handed to the event loop
+as is. Statuses are `RequestStatus.value` strings, so a new status needs no change here.
+
+`DecisionRecorder` wraps the engine's policy and keeps the last plan that moved a request
+(preempt, resume or admit): the "last decision" of the dashboard. Plans that only decode or
+prefill are not decisions worth showing; they happen every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tfjax.api import Decision, EngineStats, LiveState, RequestState
+from tfjax.request import Request
+from tfjax.sched.base import Plan, Policy, SchedulerView
+
+
+class DecisionRecorder:
+    """A `Policy` that forwards to `policy` and remembers its last request-moving plan."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.last: Decision | None = None
+
+    def plan(self, view: SchedulerView) -> Plan:
+        plan = self.policy.plan(view)
+        if plan.preempt or plan.resume or plan.admit:
+            resumed = tuple(r.request_id for r in plan.resume)
+            self.last = Decision(view.now_s, plan.preempt, resumed, plan.admit)
+        return plan
+
+    def __getattr__(self, name: str) -> Any:  # other policy attributes the engine may read
+        return getattr(self.policy, name)
+
+
+def build_live_state(
+    requests: dict[str, Request],
+    *,
+    now_s: float,
+    policy: str,
+    stats: EngineStats,
+    last_decision: Decision | None,
+    page_size: int,
+    host_synced_tokens: Callable[[str], int] | None,
+) -> LiveState:
+    """The snapshot of `requests` at `now_s` (call on the engine thread)."""
+    rows = []
+    for r in requests.values():
+        reader = r.reader
+        synced = host_synced_tokens(r.request_id) if host_synced_tokens else 0
+        rows.append(
+            RequestState(
+                r.request_id,
+                r.status.value,
+                r.priority,
+                now_s - r.arrival_s,
+                reader.rate,
+                reader.buffer_tokens(now_s),
+                reader.buffer_s(now_s),
+                None if reader.first_token_s is None else reader.first_token_s - r.arrival_s,
+                r.num_output_tokens,
+                r.sampling.max_tokens,
+                reader.stall_until_s(now_s),
+                r.num_preemptions,
+                len(r.page_ids),
+                -(-synced // page_size),
+            )
+        )
+    return LiveState(now_s, policy, stats, last_decision, tuple(rows))
