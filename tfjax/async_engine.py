@@ -223,7 +223,7 @@ class AsyncEngine:
             num_running=engine.count(RequestStatus.RUNNING)
             + engine.count(RequestStatus.PREFILLING),
             num_preempted=engine.count(RequestStatus.PREEMPTED),
-            device_pages_used=engine.kv.device.num_used,
+            device_pages_used=engine.kv.num_used_pages,
             device_pages_total=engine.kv.device.num_usable,
             num_preemptions=engine.kv.stats.num_preemptions,
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
@@ -298,7 +298,15 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
             write_through=config.write_through,
             overlap=config.overlap,
         )
-    engine = Engine(runner, model.tokenizer, config, policy, emit=lambda *_: None, offload=offload)
+    engine = Engine(
+        runner,
+        model.tokenizer,
+        config,
+        policy,
+        emit=lambda *_: None,
+        offload=offload,
+        model_id=model.name,
+    )
     return AsyncEngine(
         engine,
         model_name=model.name,

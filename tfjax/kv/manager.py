@@ -37,6 +37,7 @@ import jax
 
 from tfjax.kv.host import HostBlock, HostTier
 from tfjax.kv.pages import PAD_PAGE, PageAllocator
+from tfjax.kv.prefix import PrefixCache
 from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Plan, ResumeMode
@@ -121,12 +122,16 @@ class KVManager:
         offload: Offload | None = None,
         *,
         swaps: bool = True,
+        prefix: PrefixCache | None = None,
     ) -> None:
-        """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back."""
+        """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back.
+        `prefix`: share full pages between requests (None: `--no-prefix-cache`)."""
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
         self.offload = offload
         self.swaps = swaps
+        self.prefix = prefix
+        self._keys: dict[str, list[bytes]] = {}  # request -> chain keys of its full pages
         self.stats = KVStats()
         self._resumed_at: dict[str, float] = {}
         self._loads: dict[str, PendingLoad] = {}
@@ -138,20 +143,35 @@ class KVManager:
     def pages_for(self, request: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
 
+    @property
+    def num_free_pages(self) -> int:
+        """Free plus evictable (cached, unreferenced) device pages: what a plan may use."""
+        return self.device.num_free + (self.prefix.num_evictable if self.prefix else 0)
+
+    @property
+    def num_used_pages(self) -> int:
+        """Device pages live requests hold, shared pages counted once."""
+        return self.device.num_used - (self.prefix.num_evictable if self.prefix else 0)
+
     def execute(self, plan: Plan, requests: Mapping[str, Request]) -> StepWork:
         """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step."""
         named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
         if len(set(named)) != len(named):
             raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
+        if self.prefix:
+            for request in requests.values():
+                if request.status in (RequestStatus.PREFILLING, RequestStatus.RUNNING):
+                    self._cache_full_pages(request)
         for request_id in plan.preempt:
             resident = (RequestStatus.PREFILLING, RequestStatus.RUNNING)
             self._preempt(self._get(requests, request_id, *resident))
-        loading = set()
+        loading = set()  # resumed by LOAD in this plan: in no batch yet
         for resume in plan.resume:
             request = self._get(requests, resume.request_id, RequestStatus.PREEMPTED)
             if resume.mode is ResumeMode.LOAD:
-                self._load(request)
                 loading.add(request.request_id)
+                if not self._load(request):
+                    continue
             else:
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
@@ -159,6 +179,13 @@ class KVManager:
         for request_id in plan.admit:
             request = self._get(requests, request_id, RequestStatus.WAITING)
             request.status = RequestStatus.PREFILLING
+        decode = []
+        for request_id in plan.decode:
+            if request_id in loading:
+                continue
+            request = self._get(requests, request_id, RequestStatus.RUNNING)
+            if self._grow(request, request.num_tokens):
+                decode.append(request)
         prefill = []
         for chunk in plan.prefill:
             if chunk.request_id in loading:
@@ -166,15 +193,12 @@ class KVManager:
             request = self._get(requests, chunk.request_id, RequestStatus.PREFILLING)
             if not 0 < chunk.num_tokens <= request.num_uncomputed_prefill:
                 raise PlanError(f"bad chunk {chunk} for {request.num_uncomputed_prefill} tokens")
-            self._grow(request, request.num_computed_tokens + chunk.num_tokens)
-            prefill.append(PrefillWork(request, chunk.num_tokens))
-        decode = []
-        for request_id in plan.decode:
-            if request_id in loading:
-                continue
-            request = self._get(requests, request_id, RequestStatus.RUNNING)
-            self._grow(request, request.num_tokens)
-            decode.append(request)
+            if self.prefix and request.num_computed_tokens == 0 and not request.page_ids:
+                self._reuse_prefix(request)
+            num_tokens = self._fit(request, chunk.num_tokens)
+            if num_tokens > 0:
+                self._grow(request, request.num_computed_tokens + num_tokens)
+                prefill.append(PrefillWork(request, num_tokens))
         return StepWork(prefill=tuple(prefill), decode=tuple(decode))
 
     def complete_loads(self) -> int:
@@ -205,9 +229,9 @@ class KVManager:
     def release(self, request: Request) -> None:
         """Free everything `request` holds on both tiers (it finished or was aborted); a load
         still in flight is forgotten, its arriving pages never scattered."""
-        self._loads.pop(request.request_id, None)
-        self.device.free(request.page_ids)
-        request.page_ids = []
+        if self._loads.pop(request.request_id, None) is None and self.prefix:
+            self._cache_full_pages(request)  # a finished turn's context serves the next one
+        self._free_device_pages(request)
         if self.host:
             self.host.drop(request.request_id)
         self._resumed_at.pop(request.request_id, None)
@@ -236,11 +260,16 @@ class KVManager:
 
     def check(self, requests: Mapping[str, Request]) -> None:
         self.device.check()
-        owned = [p for r in requests.values() for p in r.page_ids]
-        assert len(owned) == len(set(owned)), "a device page belongs to two requests"
-        assert len(owned) == self.device.num_used, (
-            f"requests own {len(owned)} pages, allocator says {self.device.num_used} in use"
+        tables = [r.page_ids for r in requests.values()]
+        owned = [p for table in tables for p in table]
+        private = [p for p in owned if not (self.prefix and self.prefix.is_cached(p))]
+        assert len(private) == len(set(private)), "a device page belongs to two requests"
+        assert len(set(owned)) == self.num_used_pages, (
+            f"requests own {len(set(owned))} pages, allocator says {self.num_used_pages} in use"
         )
+        if self.prefix:
+            self.prefix.check(tables)
+            assert set(self._keys) <= set(requests), "prefix keys of a finished request"
         loading = {i for i, r in requests.items() if r.status is RequestStatus.LOADING}
         assert loading == set(self._loads), f"LOADING {loading}, loads in flight {set(self._loads)}"
         if self.host:
@@ -253,6 +282,8 @@ class KVManager:
         start = time.perf_counter()
         self.stats.num_preemptions += 1
         request.num_preemptions += 1
+        if self.prefix:
+            self._cache_full_pages(request)
         host = self.host if self.swaps else None
         if host is not None:
             first = host.num_queued_tokens(request.request_id) // self.page_size
@@ -269,8 +300,7 @@ class KVManager:
                 self._drop_kv(request)
         else:
             self._drop_kv(request)
-        self.device.free(request.page_ids)
-        request.page_ids = []
+        self._free_device_pages(request)
         request.status = RequestStatus.PREEMPTED
         self.stats.preempt_s += time.perf_counter() - start
 
@@ -289,15 +319,17 @@ class KVManager:
         host.add(request.request_id, block, pages, request.num_computed_tokens)
         return True
 
-    def _load(self, request: Request) -> None:
+    def _load(self, request: Request) -> bool:
         """Start bringing `request`'s host copy back: fresh device pages now, one H2D copy per
-        host block on the link's worker; `complete_loads` scatters them once all arrived."""
+        host block on the link's worker; `complete_loads` scatters them once all arrived.
+        False if the pages are not there (prefix cache, see `_grow`): it stays PREEMPTED."""
         host, offload = self.host, self.offload
         if host is None or offload is None or not self.swaps:
             raise PlanError("resume by LOAD needs the host tier and a policy that loads")
         if host.num_synced_tokens(request.request_id) < request.num_computed_tokens:
             raise PlanError(f"{request.request_id}: host copy incomplete, cannot LOAD")
-        self._grow(request, request.num_computed_tokens)
+        if not self._grow(request, request.num_computed_tokens):
+            return False
         targets: dict[int, tuple[HostBlock, list[int]]] = {}  # id(block) -> (block, pages)
         for index, page in host.copies[request.request_id].pages.items():
             block, pages = targets.setdefault(
@@ -315,17 +347,76 @@ class KVManager:
         ]
         self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
         request.status = RequestStatus.LOADING
+        return True
 
     def _drop_kv(self, request: Request) -> None:
         if self.host:
             self.host.drop(request.request_id)
         request.num_computed_tokens = 0
 
-    def _grow(self, request: Request, num_tokens: int) -> None:
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Give `request` the pages `num_tokens` tokens need, reclaiming evictable cached pages
+        when the free list runs short. Out of pages is a policy bug (`PlanError`), except with
+        the prefix cache: policies count a preempted request's pages as freed, but pages it
+        shares stay in use, so there a decode row that finds no page sits this step out
+        (False) and the next plan sees the real free count."""
         need = self.pages_for(request, num_tokens)
-        if not self.device.can_allocate(need):
-            raise PlanError(f"{request.request_id} needs {need} pages, {self.device.num_free} free")
+        if need > self.num_free_pages:
+            if self.prefix:
+                return False
+            raise PlanError(f"{request.request_id} needs {need} pages, {self.num_free_pages} free")
+        while self.prefix and self.device.num_free < need:
+            self.device.free([self.prefix.evict()])
         request.page_ids.extend(self.device.allocate(need))
+        return True
+
+    def _fit(self, request: Request, num_tokens: int) -> int:
+        """The planned chunk, cut to the prompt left after a prefix hit and, with the prefix
+        cache (see `_grow`), to the pages there are."""
+        num_tokens = min(num_tokens, request.num_uncomputed_prefill)
+        if self.prefix:
+            room = (len(request.page_ids) + self.num_free_pages) * self.page_size
+            num_tokens = min(num_tokens, room - request.num_computed_tokens)
+        return num_tokens
+
+    def _free_device_pages(self, request: Request) -> None:
+        """Drop `request`'s references: cached pages stay (evictable once unreferenced),
+        private ones return to the free list."""
+        private = [p for p in request.page_ids if not (self.prefix and self.prefix.release(p))]
+        self.device.free(private)
+        request.page_ids = []
+        self._keys.pop(request.request_id, None)
+
+    def _cache_full_pages(self, request: Request) -> None:
+        """Put `request`'s newly completed full pages into the prefix cache."""
+        assert self.prefix is not None
+        keys = self._keys.setdefault(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
+        if num_full <= len(keys):
+            return
+        start = len(keys) * self.page_size
+        tokens = request.token_ids[start : num_full * self.page_size]
+        new = self.prefix.chain(tokens, num_full - len(keys), keys[-1] if keys else None)
+        for index, key in enumerate(new, start=len(keys)):
+            self.prefix.insert(key, request.page_ids[index])
+        keys.extend(new)
+
+    def _reuse_prefix(self, request: Request) -> None:
+        """Start a prefill from scratch on the longest cached run of its full pages; the last
+        token to prefill is always computed (it yields the next token)."""
+        assert self.prefix is not None
+        target = request.num_prefill_target
+        keys = self.prefix.chain(request.token_ids, (target - 1) // self.page_size)
+        pages = self.prefix.acquire(keys)
+        request.page_ids = pages
+        request.num_computed_tokens = len(pages) * self.page_size
+        self._keys[request.request_id] = keys[: len(pages)]
+        stats = self.prefix.stats
+        stats.num_queries += 1
+        stats.num_query_tokens += target
+        stats.num_hit_tokens += request.num_computed_tokens
+        if not request.output_ids:
+            request.num_cached_prompt_tokens = request.num_computed_tokens
 
     @staticmethod
     def _get(requests: Mapping[str, Request], request_id: str, *allowed: RequestStatus) -> Request:
