@@ -229,6 +229,7 @@ class AsyncEngine:
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
             effective_tokens=engine.effective_tokens,
+            **engine.kv.prefix_stats(),
             **self._offload_stats(),
         )
 

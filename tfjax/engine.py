@@ -256,6 +256,7 @@ class Engine:
                 error=error,
                 stall_s=request.reader.stall_s if finish else 0.0,
                 num_preemptions=request.num_preemptions if finish else 0,
+                num_cached_tokens=request.num_cached_prompt_tokens if finish else 0,
             ),
         )
 

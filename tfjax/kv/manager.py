@@ -148,6 +148,19 @@ class KVManager:
         """Free plus evictable (cached, unreferenced) device pages: what a plan may use."""
         return self.device.num_free + (self.prefix.num_evictable if self.prefix else 0)
 
+    def prefix_stats(self) -> dict[str, object]:
+        """`EngineStats` fields of the prefix cache (none when it is off)."""
+        if self.prefix is None:
+            return {}
+        stats = self.prefix.stats
+        return dict(
+            prefix_cache_queries=stats.num_queries,
+            prefix_cache_hit_tokens={
+                "device": stats.num_hit_tokens,
+                "host": stats.num_host_hit_tokens,
+            },
+        )
+
     @property
     def num_used_pages(self) -> int:
         """Device pages live requests hold, shared pages counted once."""

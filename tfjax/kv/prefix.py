@@ -30,6 +30,7 @@ class PrefixStats:
     num_queries: int = 0  # lookups (one per prefill from scratch)
     num_query_tokens: int = 0  # prompt tokens those lookups could have hit
     num_hit_tokens: int = 0  # tokens served from cached device pages
+    num_host_hit_tokens: int = 0  # tokens loaded back from cached host pages
 
 
 class PrefixCache:
