@@ -239,7 +239,7 @@ class AsyncEngine:
             return {}
         stats, links = kv.stats, kv.offload.transfers
         return dict(
-            host_pages_used=kv.offload.host.num_used_pages,
+            host_pages_used=kv.offload.host.num_request_pages,
             host_pages_total=kv.offload.host.num_total_pages,
             offload_bytes_d2h=links.d2h.bytes_done,
             offload_bytes_h2d=links.h2d.bytes_done,

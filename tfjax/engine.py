@@ -128,8 +128,9 @@ class Engine:
     def step(self) -> bool:
         """Run one step; return False when the plan had nothing to run."""
         self.kv.complete_loads()
-        plan = self.policy.plan(self.view())
-        work = self.kv.execute(plan, self.requests)
+        view = self.view()
+        plan = self.policy.plan(view)
+        work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False
         start = self.clock()

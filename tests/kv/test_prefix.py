@@ -217,6 +217,6 @@ def test_storm_of_overlapping_prefixes_aborts_and_swaps_keeps_books_and_outputs(
         got = rec.tokens(r.request_id)
         assert got == (expected[: len(got)] if r.request_id in aborted else expected), r.request_id
     kv = engine.kv
-    assert kv.num_used_pages == 0 and kv.host.num_used_pages == 0
+    assert kv.num_used_pages == 0 and kv.host.num_request_pages == 0
     assert kv.device.num_used == kv.prefix.num_evictable
     assert kv.prefix.stats.num_hit_tokens > 0

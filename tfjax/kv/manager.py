@@ -35,12 +35,12 @@ from typing import Protocol
 
 import jax
 
-from tfjax.kv.host import HostBlock, HostTier
+from tfjax.kv.host import HostBlock, HostPage, HostTier
 from tfjax.kv.pages import PAD_PAGE, PageAllocator
 from tfjax.kv.prefix import PrefixCache
 from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, ResumeMode
+from tfjax.sched.base import Costs, Plan, ResumeMode
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class KVManager:
         self.swaps = swaps
         self.prefix = prefix
         self._keys: dict[str, list[bytes]] = {}  # request -> chain keys of its full pages
+        self._registered: dict[str, int] = {}  # request -> leading pages offered to the cache
         self.stats = KVStats()
         self._resumed_at: dict[str, float] = {}
         self._loads: dict[str, PendingLoad] = {}
@@ -166,8 +167,11 @@ class KVManager:
         """Device pages live requests hold, shared pages counted once."""
         return self.device.num_used - (self.prefix.num_evictable if self.prefix else 0)
 
-    def execute(self, plan: Plan, requests: Mapping[str, Request]) -> StepWork:
-        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step."""
+    def execute(
+        self, plan: Plan, requests: Mapping[str, Request], costs: Costs | None = None
+    ) -> StepWork:
+        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step.
+        `costs` (the plan's view's) decide whether a prefix found on the host is loaded."""
         named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
         if len(set(named)) != len(named):
             raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
@@ -207,7 +211,9 @@ class KVManager:
             if not 0 < chunk.num_tokens <= request.num_uncomputed_prefill:
                 raise PlanError(f"bad chunk {chunk} for {request.num_uncomputed_prefill} tokens")
             if self.prefix and request.num_computed_tokens == 0 and not request.page_ids:
-                self._reuse_prefix(request)
+                self._reuse_prefix(request, costs)
+                if request.status is RequestStatus.LOADING:
+                    continue  # its host-cached prefix is on the way; it prefills after that
             num_tokens = self._fit(request, chunk.num_tokens)
             if num_tokens > 0:
                 self._grow(request, request.num_computed_tokens + num_tokens)
@@ -224,8 +230,8 @@ class KVManager:
                 self.offload.io.scatter(pages, future.result())
             request = load.request
             del self._loads[request.request_id]
-            if not self.offload.write_through:
-                self.offload.host.drop(request.request_id)  # write-back: swap-in frees the copy
+            if not self.offload.write_through:  # write-back: swap-in frees the copy
+                self.offload.host.drop(request.request_id, self._keys.get(request.request_id, ()))
             done = request.num_uncomputed_prefill == 0
             request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
             self.stats.num_loads += 1
@@ -244,9 +250,10 @@ class KVManager:
         still in flight is forgotten, its arriving pages never scattered."""
         if self._loads.pop(request.request_id, None) is None and self.prefix:
             self._cache_full_pages(request)  # a finished turn's context serves the next one
-        self._free_device_pages(request)
         if self.host:
-            self.host.drop(request.request_id)
+            self.host.drop(request.request_id, self._keys.get(request.request_id, ()))
+        self._free_device_pages(request)
+        self._keys.pop(request.request_id, None)
         self._resumed_at.pop(request.request_id, None)
 
     def write_through(self, running: Sequence[Request], now_s: float, budget_s: float) -> int:
@@ -322,11 +329,11 @@ class KVManager:
         the host. False (nothing queued) when the padded buffer does not fit the host budget."""
         assert self.offload is not None
         host = self.offload.host
-        if not host.can_hold(len(pages)):
+        if not host.make_room(len(pages)):
             return False
         gathered = self.offload.io.gather([request.page_ids[i] for i in pages])
         num_slots = gathered.shape[2]
-        if not host.can_hold(num_slots):
+        if not host.make_room(num_slots):
             return False
         block = HostBlock(self.offload.transfers.offload(gathered), num_slots, gathered.nbytes)
         host.add(request.request_id, block, pages, request.num_computed_tokens)
@@ -343,28 +350,30 @@ class KVManager:
             raise PlanError(f"{request.request_id}: host copy incomplete, cannot LOAD")
         if not self._grow(request, request.num_computed_tokens):
             return False
+        self._start_load(request, host.copies[request.request_id].pages)
+        return True
+
+    def _start_load(self, request: Request, pages: Mapping[int, HostPage]) -> None:
+        """Queue one H2D copy per host block holding `pages` (request page index -> copy) into
+        the request's device pages; the request is LOADING until `complete_loads`."""
+        assert self.offload is not None
         targets: dict[int, tuple[HostBlock, list[int]]] = {}  # id(block) -> (block, pages)
-        for index, page in host.copies[request.request_id].pages.items():
-            block, pages = targets.setdefault(
+        for index, page in pages.items():
+            block, device_pages = targets.setdefault(
                 id(page.block), (page.block, [PAD_PAGE] * page.block.num_slots)
             )
-            pages[page.offset] = request.page_ids[index]
+            device_pages[page.offset] = request.page_ids[index]
+        after_evictions = not self.offload.overlap
         parts = [
-            (
-                offload.transfers.load(
-                    block.array, block.nbytes, after_evictions=not offload.overlap
-                ),
-                pages,
-            )
-            for block, pages in targets.values()
+            (self.offload.transfers.load(b.array, b.nbytes, after_evictions=after_evictions), p)
+            for b, p in targets.values()
         ]
         self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
         request.status = RequestStatus.LOADING
-        return True
 
     def _drop_kv(self, request: Request) -> None:
         if self.host:
-            self.host.drop(request.request_id)
+            self.host.drop(request.request_id, self._keys.get(request.request_id, ()))
         request.num_computed_tokens = 0
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
@@ -398,38 +407,64 @@ class KVManager:
         private = [p for p in request.page_ids if not (self.prefix and self.prefix.release(p))]
         self.device.free(private)
         request.page_ids = []
-        self._keys.pop(request.request_id, None)
+        self._registered.pop(request.request_id, None)
 
-    def _cache_full_pages(self, request: Request) -> None:
-        """Put `request`'s newly completed full pages into the prefix cache."""
+    def _chain_keys(self, request: Request, num_pages: int) -> list[bytes]:
+        """Prefix keys of `request`'s first `num_pages` full pages (kept: tokens never change)."""
         assert self.prefix is not None
         keys = self._keys.setdefault(request.request_id, [])
-        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
-        if num_full <= len(keys):
-            return
-        start = len(keys) * self.page_size
-        tokens = request.token_ids[start : num_full * self.page_size]
-        new = self.prefix.chain(tokens, num_full - len(keys), keys[-1] if keys else None)
-        for index, key in enumerate(new, start=len(keys)):
-            self.prefix.insert(key, request.page_ids[index])
-        keys.extend(new)
+        if num_pages > len(keys):
+            start = len(keys) * self.page_size
+            tokens = request.token_ids[start : num_pages * self.page_size]
+            keys.extend(
+                self.prefix.chain(tokens, num_pages - len(keys), keys[-1] if keys else None)
+            )
+        return keys[:num_pages]
 
-    def _reuse_prefix(self, request: Request) -> None:
-        """Start a prefill from scratch on the longest cached run of its full pages; the last
-        token to prefill is always computed (it yields the next token)."""
+    def _cache_full_pages(self, request: Request) -> None:
+        """Offer `request`'s newly completed full pages to the prefix cache."""
+        assert self.prefix is not None
+        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
+        done = self._registered.get(request.request_id, 0)
+        if num_full > done:
+            keys = self._chain_keys(request, num_full)
+            for index in range(done, num_full):
+                self.prefix.insert(keys[index], request.page_ids[index])
+            self._registered[request.request_id] = num_full
+
+    def _reuse_prefix(self, request: Request, costs: Costs | None) -> None:
+        """Start a prefill from scratch on the longest cached run of its full pages: those on
+        the device are shared at once; the run continues with pages the host pool holds if
+        loading them beats recomputing them (`costs`), and the request turns LOADING. The
+        last token to prefill is always computed (it yields the next token)."""
         assert self.prefix is not None
         target = request.num_prefill_target
-        keys = self.prefix.chain(request.token_ids, (target - 1) // self.page_size)
-        pages = self.prefix.acquire(keys)
-        request.page_ids = pages
-        request.num_computed_tokens = len(pages) * self.page_size
-        self._keys[request.request_id] = keys[: len(pages)]
+        keys = self._chain_keys(request, (target - 1) // self.page_size)
+        request.page_ids = self.prefix.acquire(keys)
+        on_device = len(request.page_ids)
+        self._registered[request.request_id] = on_device
+        host_pages = self._host_prefix(keys[on_device:], costs)
+        if host_pages and self._grow(request, (on_device + len(host_pages)) * self.page_size):
+            self._start_load(request, dict(enumerate(host_pages, start=on_device)))
+        else:
+            host_pages = []
+        request.num_computed_tokens = (on_device + len(host_pages)) * self.page_size
         stats = self.prefix.stats
         stats.num_queries += 1
         stats.num_query_tokens += target
-        stats.num_hit_tokens += request.num_computed_tokens
+        stats.num_hit_tokens += on_device * self.page_size
+        stats.num_host_hit_tokens += len(host_pages) * self.page_size
         if not request.output_ids:
             request.num_cached_prompt_tokens = request.num_computed_tokens
+
+    def _host_prefix(self, keys: Sequence[bytes], costs: Costs | None) -> list[HostPage]:
+        """The host pool's run of `keys`, if the policy loads and a load beats a recompute."""
+        if not (keys and self.host and self.swaps and costs):
+            return []
+        pages = self.host.cached_run(keys)
+        num_tokens = len(pages) * self.page_size
+        load_s = costs.io_backlog_s + costs.load_s(num_tokens)
+        return pages if pages and load_s < costs.recompute_s(num_tokens) else []
 
     @staticmethod
     def _get(requests: Mapping[str, Request], request_id: str, *allowed: RequestStatus) -> Request:
