@@ -343,7 +343,7 @@ class _Server:
         )
         logger.info(
             "%s finish=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.1f "
-            "stall_ms=%.1f preemptions=%d",
+            "stall_ms=%.1f preemptions=%d cached_tokens=%d",
             call.header.id,
             reason,
             call.num_prompt_tokens,
@@ -352,6 +352,7 @@ class _Server:
             (time.monotonic() - call.submit_s) * 1e3,
             final.stall_s * 1e3 if final else 0.0,
             final.num_preemptions if final else 0,
+            final.num_cached_tokens if final else 0,
         )
 
     async def _events(self, call: _Call) -> AsyncGenerator[bytes, None]:
@@ -374,7 +375,7 @@ class _Server:
             yield p.sse_event(_text_chunk(call, "", _FINISH_REASONS[call.final.finish_reason]))
             if call.include_usage:
                 object_name = "chat.completion.chunk" if call.chat else "text_completion"
-                usage = p.usage(call.final.num_prompt_tokens, call.final.num_output_tokens)
+                usage = p.usage(call.final)
                 yield p.sse_event(p.usage_chunk(h, object_name, usage))
         yield p.SSE_DONE
 
@@ -387,7 +388,7 @@ class _Server:
         if failure is not None:
             return failure.response()
         reason = _FINISH_REASONS[call.final.finish_reason]
-        usage = p.usage(call.final.num_prompt_tokens, call.final.num_output_tokens)
+        usage = p.usage(call.final)
         build = p.chat_response if call.chat else p.completion_response
         return JSONResponse(build(call.header, "".join(texts), reason, usage))
 

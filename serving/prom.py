@@ -69,8 +69,17 @@ class EngineCollector(Collector):
         offload.add_metric(["d2h"], s.offload_bytes_d2h)
         offload.add_metric(["h2d"], s.offload_bytes_h2d)
         yield offload
+        hits = CounterMetricFamily(
+            "tfjax_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache.",
+            labels=["tier"],
+        )  # fmt: skip
+        for tier, value in sorted(s.prefix_cache_hit_tokens.items()):
+            hits.add_metric([tier], value)
+        yield hits
         for name, doc, value in (
             ("tfjax_preemptions", "Preemptions of running requests.", s.num_preemptions),
+            ("tfjax_prefix_cache_queries", "Prefix cache lookups (one per prefill from scratch).",
+             s.prefix_cache_queries),
             ("tfjax_compiles_after_warmup", "XLA compiles after warm-up (each one is a bug).",
              s.num_compiles_after_warmup),
             ("tfjax_generated_tokens", "Output tokens generated.", s.num_generated_tokens),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.errors import bad_request
+from tfjax.api import Delta
 from tfjax.request import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -328,11 +329,13 @@ class StreamHeader:
     model: str
 
 
-def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict[str, int]:
+def usage(final: Delta) -> dict[str, Any]:
+    """OpenAI's usage object, with the prompt tokens the prefix cache served."""
     return {
-        "prompt_tokens": num_prompt_tokens,
-        "completion_tokens": num_output_tokens,
-        "total_tokens": num_prompt_tokens + num_output_tokens,
+        "prompt_tokens": final.num_prompt_tokens,
+        "completion_tokens": final.num_output_tokens,
+        "total_tokens": final.num_prompt_tokens + final.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens},
     }
 
 
@@ -346,20 +349,20 @@ def chat_chunk(h: StreamHeader, delta: dict[str, str], finish_reason: str | None
     return _envelope(h, "chat.completion.chunk", [choice], None)
 
 
-def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, Any]) -> dict[str, Any]:
     """The `stream_options.include_usage` chunk: no choices, sent just before [DONE]."""
     return _envelope(h, object_name, [], usage)
 
 
 def completion_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, int]
+    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
 ) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return _envelope(h, "text_completion", [choice], usage)
 
 
 def chat_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, int]
+    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
@@ -371,7 +374,7 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 
 def _envelope(
-    h: StreamHeader, object_name: str, choices: list[dict[str, Any]], usage: dict[str, int] | None
+    h: StreamHeader, object_name: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None
 ) -> dict[str, Any]:
     return {
         "id": h.id,

@@ -69,7 +69,7 @@ def test_concurrent_requests_match_one_at_a_time(chunked: bool) -> None:
     for request_id, tokens in expected.items():
         assert rec.tokens(request_id) == tokens
         assert rec.finish(request_id) is FinishReason.LENGTH
-    assert engine.kv.device.num_used == 0
+    assert engine.kv.num_used_pages == 0
 
 
 def test_small_pool_preempts_by_recompute_and_outputs_stay_identical() -> None:
@@ -79,7 +79,7 @@ def test_small_pool_preempts_by_recompute_and_outputs_stay_identical() -> None:
     assert engine.kv.stats.num_preemptions > 0
     for r in requests:
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 20)
-    assert engine.kv.device.num_used == 0
+    assert engine.kv.num_used_pages == 0
 
 
 def test_long_prompt_is_chunked_and_running_streams_keep_decoding() -> None:
@@ -103,10 +103,10 @@ def test_abort_frees_pages_and_ends_stream() -> None:
     engine.add_request(make_request(0, prompt_len=10, max_tokens=100))
     for _ in range(5):
         engine.step()
-    assert engine.kv.device.num_used > 0
+    assert engine.kv.num_used_pages > 0
     engine.abort("r0")
     engine.check_idle()
-    assert engine.kv.device.num_used == 0
+    assert engine.kv.num_used_pages == 0
     assert rec.finish("r0") is FinishReason.ABORT
 
 

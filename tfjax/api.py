@@ -47,6 +47,7 @@ class Delta:
     error: str | None = None
     stall_s: float = 0.0  # reader-model stall so far (set on the final delta)
     num_preemptions: int = 0  # times the request left the device (set on the final delta)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (final delta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,8 @@ class EngineStats:
     num_compiles_after_warmup: int = 0
     num_generated_tokens: int = 0
     effective_tokens: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hit_tokens: dict[str, int] = field(default_factory=dict)  # by tier
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -263,12 +263,13 @@ class AsyncEngine:
             num_running=engine.count(RequestStatus.RUNNING)
             + engine.count(RequestStatus.PREFILLING),
             num_preempted=engine.count(RequestStatus.PREEMPTED),
-            device_pages_used=engine.kv.device.num_used,
+            device_pages_used=engine.kv.num_used_pages,
             device_pages_total=engine.kv.device.num_usable,
             num_preemptions=engine.kv.stats.num_preemptions,
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
             effective_tokens=engine.effective_tokens,
+            **engine.kv.prefix_stats(),
             **self._offload_stats(),
         )
 
@@ -278,7 +279,7 @@ class AsyncEngine:
             return {}
         stats, links = kv.stats, kv.offload.transfers
         return dict(
-            host_pages_used=kv.offload.host.num_used_pages,
+            host_pages_used=kv.offload.host.num_request_pages,
             host_pages_total=kv.offload.host.num_total_pages,
             offload_bytes_d2h=links.d2h.bytes_done,
             offload_bytes_h2d=links.h2d.bytes_done,
@@ -337,7 +338,15 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
             write_through=config.write_through,
             overlap=config.overlap,
         )
-    engine = Engine(runner, model.tokenizer, config, policy, emit=lambda *_: None, offload=offload)
+    engine = Engine(
+        runner,
+        model.tokenizer,
+        config,
+        policy,
+        emit=lambda *_: None,
+        offload=offload,
+        model_id=model.name,
+    )
     return AsyncEngine(
         engine,
         model_name=model.name,

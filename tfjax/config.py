@@ -45,6 +45,7 @@ class EngineConfig:
     write_through: bool = True  # copy new KV to the host continuously (else: on preempt)
     overlap: bool = True  # let loads run while evictions are in flight
     host_kv_gb: float = 4.0
+    prefix_cache: bool = True  # share full KV pages between requests with equal prefixes
     device_memory_fraction: float = 0.8  # of free device memory given to KV when sizing
     tensor_parallel: int = 1  # devices the model and KV are sharded over (models.sharding)
     attention_backend: str = "auto"  # models.attention backend; auto: by jax.default_backend()
@@ -141,6 +142,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="overlap",
         help="no loads while evictions are in flight",
+    )
+    g.add_argument(
+        "--no-prefix-cache",
+        action="store_false",
+        dest="prefix_cache",
+        help="recompute every prompt (no KV pages shared between requests)",
     )
     g.add_argument(
         "--tensor-parallel",

@@ -29,6 +29,7 @@ from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
 from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
+from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
 from tfjax.sched.base import Costs, Policy, SchedulerView
@@ -68,7 +69,9 @@ class Engine:
         emit: Callable[[str, Delta], None],
         clock: Callable[[], float] = time.monotonic,
         offload: Offload | None = None,
+        model_id: str = "",
     ) -> None:
+        """`model_id` names the weights: it roots the prefix cache's page keys."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -77,7 +80,10 @@ class Engine:
         self.clock = clock
         # The pool may use fewer pages than the runner's array (benchmarks shrink it).
         num_pages = min(config.num_pages or runner.num_pages, runner.num_pages)
-        self.kv = KVManager(num_pages, runner.page_size, offload, swaps=policy.resumes_by_load)
+        prefix = PrefixCache(runner.page_size, model_id) if config.prefix_cache else None
+        self.kv = KVManager(
+            num_pages, runner.page_size, offload, swaps=policy.resumes_by_load, prefix=prefix
+        )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self.costs = Costs(
@@ -115,15 +121,16 @@ class Engine:
         """Invariants that must hold between steps: page books balance, owners are live."""
         self.kv.check(self.requests)
         if not self.requests:
-            assert self.kv.device.num_used == 0, "pages in use with no live request"
+            assert self.kv.num_used_pages == 0, "pages in use with no live request"
 
     # -- the step ------------------------------------------------------------------------
 
     def step(self) -> bool:
         """Run one step; return False when the plan had nothing to run."""
         self.kv.complete_loads()
-        plan = self.policy.plan(self.view())
-        work = self.kv.execute(plan, self.requests)
+        view = self.view()
+        plan = self.policy.plan(view)
+        work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False
         start = self.clock()
@@ -156,7 +163,7 @@ class Engine:
             running=by_status[RequestStatus.RUNNING],
             preempted=by_status[RequestStatus.PREEMPTED],
             page_size=self.runner.page_size,
-            num_free_pages=self.kv.device.num_free,
+            num_free_pages=self.kv.num_free_pages,
             num_total_pages=self.kv.device.num_usable,
             # LOADING requests hold their rows (and pages) until they rejoin the batch.
             max_batch_size=self.config.max_batch_size - len(by_status[RequestStatus.LOADING]),
@@ -248,6 +255,7 @@ class Engine:
                 error=error,
                 stall_s=request.reader.stall_s if finish else 0.0,
                 num_preemptions=request.num_preemptions if finish else 0,
+                num_cached_tokens=request.num_cached_prompt_tokens if finish else 0,
             ),
         )
 

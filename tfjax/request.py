@@ -101,6 +101,7 @@ class Request:
     finish_reason: FinishReason | None = None
     reader: Reader = field(init=False)
     sent_offset: int = 0  # chars of detokenized text already streamed to the client
+    num_cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def __post_init__(self) -> None:
         self.reader = Reader(self.consumption_rate)

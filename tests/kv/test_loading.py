@@ -137,7 +137,7 @@ def test_others_decode_while_a_load_is_in_flight_and_the_loaded_request_continue
     drive(engine, [])
     for r in (a, b):
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 40), r.request_id
-    assert engine.kv.device.num_used == 0 and engine.kv.host.num_used_pages == 0
+    assert engine.kv.num_used_pages == 0 and engine.kv.host.num_request_pages == 0
 
 
 def test_aborting_a_loading_request_frees_its_pages_and_its_late_copy_lands_nowhere() -> None:
@@ -154,7 +154,7 @@ def test_aborting_a_loading_request_frees_its_pages_and_its_late_copy_lands_nowh
     engine.check_idle()
     # c takes every free page, a's old ones too; a's copy then arrives and must not be
     # scattered into them (c's second token reads them back).
-    c = make_request(5, prompt_len=engine.kv.device.num_free * PAGE_SIZE - 1, max_tokens=2)
+    c = make_request(5, prompt_len=engine.kv.num_free_pages * PAGE_SIZE - 1, max_tokens=2)
     engine.add_request(c)
     engine.step()
     assert set(held) <= set(c.page_ids)
@@ -163,7 +163,7 @@ def test_aborting_a_loading_request_frees_its_pages_and_its_late_copy_lands_nowh
     drive(engine, [])
     assert rec.tokens(c.request_id) == reference_tokens(c.prompt_ids, 2)
     assert engine.kv.stats.num_loads == 0
-    assert engine.kv.device.num_used == 0 and engine.kv.host.num_used_pages == 0
+    assert engine.kv.num_used_pages == 0 and engine.kv.host.num_request_pages == 0
 
 
 def test_copies_are_per_request_and_a_load_moves_only_its_own_bytes() -> None:
@@ -218,6 +218,6 @@ def test_policies_that_never_load_get_no_host_copies() -> None:
     requests = [make_request(30 + i, prompt_len=6 + i, max_tokens=16) for i in range(6)]
     drive(engine, requests)
     assert engine.kv.stats.num_preemptions > 0 and engine.kv.stats.num_swap_preemptions == 0
-    assert transfers.d2h.bytes_done == 0 and engine.kv.host.num_used_pages == 0
+    assert transfers.d2h.bytes_done == 0 and engine.kv.host.num_request_pages == 0
     for r in requests:
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 16)

@@ -136,7 +136,7 @@ def test_preempt_resume_storm_keeps_outputs_and_books(
     for r in requests:
         assert rec.tokens(r.request_id) == reference_tokens(r.prompt_ids, 12), r.request_id
     assert engine.kv.stats.num_preemptions > 0
-    assert engine.kv.device.num_used == 0 and engine.kv.host.num_used_pages == 0
+    assert engine.kv.num_used_pages == 0 and engine.kv.host.num_request_pages == 0
 
 
 def test_swap_resume_restores_kv_exactly_with_and_without_write_through() -> None:

@@ -426,7 +426,7 @@ def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 
 def pages_in_use(engine: AsyncEngine) -> tuple[int, int]:
     """(device, host) pages in use, read on the caller's thread (call when idle)."""
     kv = engine.engine.kv
-    return kv.device.num_used, (kv.host.num_used_pages if kv.host else 0)
+    return kv.num_used_pages, (kv.host.num_request_pages if kv.host else 0)
 
 
 READY = re.compile(r"tfjax serving (\S+) on (http://\S+)")

@@ -1,7 +1,8 @@
 """The host KV pool runs out under a preemption storm: preemptions that find no host room
 drop the KV and resume by recompute, no stream loses or repeats a token, and both page pools
 balance afterwards. Once with a policy that preempts at random (so the fallback surely
-happens) and once with TokenFlow itself under a burst."""
+happens) and once with TokenFlow itself under a burst. Prompts differ from their first
+token on, so the prefix cache shares nothing and cannot relieve the pressure."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_host_pool_exhaustion_falls_back_to_recompute_and_loses_nothing(
         async with client(url, timeout_s=60) as c:
             calls = [
                 stream_request(
-                    c, completion_body(f"pool {i}", MAX_TOKENS, consumption_rate=1.0 + i % 2)
+                    c, completion_body(f"{i} pool", MAX_TOKENS, consumption_rate=1.0 + i % 2)
                 )
                 for i in range(NUM_STREAMS)
             ]
@@ -61,7 +62,7 @@ def test_host_pool_exhaustion_falls_back_to_recompute_and_loses_nothing(
     with serve(engine) as live:
         results = asyncio.run(burst(live.url))
         for i, r in enumerate(results):
-            assert r.ok and r.text == expected_text(tokenizer, f"pool {i}", MAX_TOKENS), r
+            assert r.ok and r.text == expected_text(tokenizer, f"{i} pool", MAX_TOKENS), r
         stats = engine.engine.kv.stats
         assert stats.num_host_full_fallbacks > 0
         wait_until(

@@ -42,7 +42,12 @@ async def test_completion_non_streaming(client: httpx.AsyncClient) -> None:
     (choice,) = body["choices"]
     assert choice["text"] == expected_text(TOK.encode("hi"), 5)
     assert choice["finish_reason"] == "length" and choice["index"] == 0
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 5,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_completion_streaming(client: httpx.AsyncClient, engine: FakeEngine) -> None:
@@ -69,7 +74,12 @@ async def test_completion_streaming_usage(client: httpx.AsyncClient) -> None:
     _check_stream_header(events)
     usage_chunk = events[-2]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert events[-3]["choices"][0]["finish_reason"] == "length"
 
 

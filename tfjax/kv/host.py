@@ -11,15 +11,22 @@ padded page axis from the moment its copy is queued until no `HostPage` refers t
 request ended, resumed by recompute, or newer copies replaced all its pages: the last page of
 a request is copied partially when it is preempted and again once it is full). Every page has
 the same byte size, so slots times `page_bytes` are the bytes actually held, and the budget
-from `--host-kv-gb` bounds them. The arrays themselves are freed by the garbage collector once
-unreferenced; on CUDA, PJRT serves pinned host memory from its own preallocated pool
-(`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`), which is why we count slots instead of managing one
-giant array.
+from `--host-kv-gb` bounds them.
+
+Second level of the prefix cache (`cached`): when a request's host copy is dropped, its full
+pages named by a prefix key stay, least recently used first, so a prefix evicted from the
+device comes back by a copy instead of a recompute. They share the budget with the requests'
+copies and are evicted (`make_room`) whenever a copy needs the slots.
+
+The arrays themselves are freed by the garbage collector once unreferenced; on CUDA, PJRT
+serves pinned host memory from its own preallocated pool (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`),
+which is why we count slots instead of managing one giant array.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -34,6 +41,11 @@ class HostBlock:
     num_slots: int  # N: pages held, padding included
     nbytes: int  # of the whole array (what a load moves)
     num_refs: int = 0  # `HostPage`s that point here
+    num_pool_refs: int = 0  # of which in the prefix pool
+
+    @property
+    def pool_only(self) -> bool:
+        return self.num_refs > 0 and self.num_pool_refs == self.num_refs
 
     @property
     def done(self) -> bool:
@@ -72,7 +84,14 @@ class HostTier:
         self.num_total_pages = num_pages
         self.page_size = page_size
         self.num_used_pages = 0  # slots of live blocks, padding included
+        self.num_pool_pages = 0  # of which in blocks only the prefix pool refers to
         self.copies: dict[str, HostCopy] = {}
+        self.cached: OrderedDict[bytes, HostPage] = OrderedDict()  # prefix key -> page, LRU
+
+    @property
+    def num_request_pages(self) -> int:
+        """Slots held for live requests' copies (the pool's own blocks left out)."""
+        return self.num_used_pages - self.num_pool_pages
 
     # HostView (what policies see)
     @property
@@ -105,23 +124,60 @@ class HostTier:
         for offset, index in enumerate(page_index_range):
             tokens = min(self.page_size, num_tokens - index * self.page_size)
             copy.pages[index] = HostPage(block, offset, tokens)
-            block.num_refs += 1
+            self._count(block, refs=1)
 
-    def drop(self, request_id: str) -> None:
+    def drop(self, request_id: str, keys: Sequence[bytes] = ()) -> None:
+        """Forget `request_id`'s copy; its full pages `keys` names (page i has `keys[i]`) move
+        to the prefix pool unless the pool has those keys already."""
         copy = self.copies.pop(request_id, None)
-        if copy is not None:
-            self._unref(copy.pages.values())
+        if copy is None:
+            return
+        for index, page in copy.pages.items():
+            if (
+                index < len(keys)
+                and page.num_tokens == self.page_size
+                and keys[index] not in self.cached
+            ):
+                self.cached[keys[index]] = page
+                self._count(page.block, pool_refs=1)
+            else:
+                self._unref([page])
+
+    def cached_run(self, keys: Sequence[bytes]) -> list[HostPage]:
+        """Completed pool pages of the longest run of `keys` (marked recently used)."""
+        pages = []
+        for key in keys:
+            page = self.cached.get(key)
+            if page is None or not page.block.done:
+                break
+            self.cached.move_to_end(key)
+            pages.append(page)
+        return pages
+
+    def make_room(self, num_slots: int) -> bool:
+        """Evict pool pages, least recently used first, until `num_slots` slots are free."""
+        while not self.can_hold(num_slots) and self.cached:
+            self._count(self.cached.popitem(last=False)[1].block, refs=-1, pool_refs=-1)
+        return self.can_hold(num_slots)
 
     def check(self) -> None:
-        blocks = {id(p.block): p.block for c in self.copies.values() for p in c.pages.values()}
+        live = [*(p for c in self.copies.values() for p in c.pages.values()), *self.cached.values()]
+        blocks = {id(p.block): p.block for p in live}
         refs: dict[int, int] = {}
-        for copy in self.copies.values():
-            for page in copy.pages.values():
-                refs[id(page.block)] = refs.get(id(page.block), 0) + 1
+        for page in live:
+            refs[id(page.block)] = refs.get(id(page.block), 0) + 1
+        pool_refs: dict[int, int] = {}
+        for page in self.cached.values():
+            pool_refs[id(page.block)] = pool_refs.get(id(page.block), 0) + 1
         for key, block in blocks.items():
             assert block.num_refs == refs[key], (
                 f"host block has {block.num_refs} refs, not {refs[key]}"
             )
+            assert block.num_pool_refs == pool_refs.get(key, 0), "host pool refs disagree"
+        pool_only = sum(b.num_slots for b in blocks.values() if b.pool_only)
+        assert pool_only == self.num_pool_pages, (
+            f"pool holds {pool_only}, not {self.num_pool_pages}"
+        )
         held = sum(b.num_slots for b in blocks.values())
         assert held == self.num_used_pages, (
             f"host blocks hold {held} page slots, the books say {self.num_used_pages}"
@@ -129,7 +185,15 @@ class HostTier:
         assert self.num_used_pages <= self.num_total_pages, "host budget exceeded"
 
     def _unref(self, pages: Iterable[HostPage]) -> None:
+        """Drop request-copy references (not the pool's)."""
         for page in list(pages):
-            page.block.num_refs -= 1
-            if page.block.num_refs == 0:
-                self.num_used_pages -= page.block.num_slots
+            self._count(page.block, refs=-1)
+
+    def _count(self, block: HostBlock, *, refs: int = 0, pool_refs: int = 0) -> None:
+        """Change `block`'s references and keep the slot books in step."""
+        was_pool_only = block.pool_only
+        block.num_refs += refs
+        block.num_pool_refs += pool_refs
+        self.num_pool_pages += block.num_slots * (block.pool_only - was_pool_only)
+        if block.num_refs == 0:
+            self.num_used_pages -= block.num_slots

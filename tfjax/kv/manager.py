@@ -35,11 +35,12 @@ from typing import Protocol
 
 import jax
 
-from tfjax.kv.host import HostBlock, HostTier
+from tfjax.kv.host import HostBlock, HostPage, HostTier
 from tfjax.kv.pages import PAD_PAGE, PageAllocator
+from tfjax.kv.prefix import PrefixCache
 from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, ResumeMode
+from tfjax.sched.base import Costs, Plan, ResumeMode
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,17 @@ class KVManager:
         offload: Offload | None = None,
         *,
         swaps: bool = True,
+        prefix: PrefixCache | None = None,
     ) -> None:
-        """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back."""
+        """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back.
+        `prefix`: share full pages between requests (None: `--no-prefix-cache`)."""
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
         self.offload = offload
         self.swaps = swaps
+        self.prefix = prefix
+        self._keys: dict[str, list[bytes]] = {}  # request -> chain keys of its full pages
+        self._registered: dict[str, int] = {}  # request -> leading pages offered to the cache
         self.stats = KVStats()
         self._resumed_at: dict[str, float] = {}
         self._loads: dict[str, PendingLoad] = {}
@@ -138,20 +144,51 @@ class KVManager:
     def pages_for(self, request: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
 
-    def execute(self, plan: Plan, requests: Mapping[str, Request]) -> StepWork:
-        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step."""
+    @property
+    def num_free_pages(self) -> int:
+        """Free plus evictable (cached, unreferenced) device pages: what a plan may use."""
+        return self.device.num_free + (self.prefix.num_evictable if self.prefix else 0)
+
+    def prefix_stats(self) -> dict[str, object]:
+        """`EngineStats` fields of the prefix cache (none when it is off)."""
+        if self.prefix is None:
+            return {}
+        stats = self.prefix.stats
+        return dict(
+            prefix_cache_queries=stats.num_queries,
+            prefix_cache_hit_tokens={
+                "device": stats.num_hit_tokens,
+                "host": stats.num_host_hit_tokens,
+            },
+        )
+
+    @property
+    def num_used_pages(self) -> int:
+        """Device pages live requests hold, shared pages counted once."""
+        return self.device.num_used - (self.prefix.num_evictable if self.prefix else 0)
+
+    def execute(
+        self, plan: Plan, requests: Mapping[str, Request], costs: Costs | None = None
+    ) -> StepWork:
+        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step.
+        `costs` (the plan's view's) decide whether a prefix found on the host is loaded."""
         named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
         if len(set(named)) != len(named):
             raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
+        if self.prefix:
+            for request in requests.values():
+                if request.status in (RequestStatus.PREFILLING, RequestStatus.RUNNING):
+                    self._cache_full_pages(request)
         for request_id in plan.preempt:
             resident = (RequestStatus.PREFILLING, RequestStatus.RUNNING)
             self._preempt(self._get(requests, request_id, *resident))
-        loading = set()
+        loading = set()  # resumed by LOAD in this plan: in no batch yet
         for resume in plan.resume:
             request = self._get(requests, resume.request_id, RequestStatus.PREEMPTED)
             if resume.mode is ResumeMode.LOAD:
-                self._load(request)
                 loading.add(request.request_id)
+                if not self._load(request):
+                    continue
             else:
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
@@ -159,6 +196,13 @@ class KVManager:
         for request_id in plan.admit:
             request = self._get(requests, request_id, RequestStatus.WAITING)
             request.status = RequestStatus.PREFILLING
+        decode = []
+        for request_id in plan.decode:
+            if request_id in loading:
+                continue
+            request = self._get(requests, request_id, RequestStatus.RUNNING)
+            if self._grow(request, request.num_tokens):
+                decode.append(request)
         prefill = []
         for chunk in plan.prefill:
             if chunk.request_id in loading:
@@ -166,15 +210,14 @@ class KVManager:
             request = self._get(requests, chunk.request_id, RequestStatus.PREFILLING)
             if not 0 < chunk.num_tokens <= request.num_uncomputed_prefill:
                 raise PlanError(f"bad chunk {chunk} for {request.num_uncomputed_prefill} tokens")
-            self._grow(request, request.num_computed_tokens + chunk.num_tokens)
-            prefill.append(PrefillWork(request, chunk.num_tokens))
-        decode = []
-        for request_id in plan.decode:
-            if request_id in loading:
-                continue
-            request = self._get(requests, request_id, RequestStatus.RUNNING)
-            self._grow(request, request.num_tokens)
-            decode.append(request)
+            if self.prefix and request.num_computed_tokens == 0 and not request.page_ids:
+                self._reuse_prefix(request, costs)
+                if request.status is RequestStatus.LOADING:
+                    continue  # its host-cached prefix is on the way; it prefills after that
+            num_tokens = self._fit(request, chunk.num_tokens)
+            if num_tokens > 0:
+                self._grow(request, request.num_computed_tokens + num_tokens)
+                prefill.append(PrefillWork(request, num_tokens))
         return StepWork(prefill=tuple(prefill), decode=tuple(decode))
 
     def complete_loads(self) -> int:
@@ -187,8 +230,8 @@ class KVManager:
                 self.offload.io.scatter(pages, future.result())
             request = load.request
             del self._loads[request.request_id]
-            if not self.offload.write_through:
-                self.offload.host.drop(request.request_id)  # write-back: swap-in frees the copy
+            if not self.offload.write_through:  # write-back: swap-in frees the copy
+                self.offload.host.drop(request.request_id, self._keys.get(request.request_id, ()))
             done = request.num_uncomputed_prefill == 0
             request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
             self.stats.num_loads += 1
@@ -205,11 +248,12 @@ class KVManager:
     def release(self, request: Request) -> None:
         """Free everything `request` holds on both tiers (it finished or was aborted); a load
         still in flight is forgotten, its arriving pages never scattered."""
-        self._loads.pop(request.request_id, None)
-        self.device.free(request.page_ids)
-        request.page_ids = []
+        if self._loads.pop(request.request_id, None) is None and self.prefix:
+            self._cache_full_pages(request)  # a finished turn's context serves the next one
         if self.host:
-            self.host.drop(request.request_id)
+            self.host.drop(request.request_id, self._keys.get(request.request_id, ()))
+        self._free_device_pages(request)
+        self._keys.pop(request.request_id, None)
         self._resumed_at.pop(request.request_id, None)
 
     def write_through(self, running: Sequence[Request], now_s: float, budget_s: float) -> int:
@@ -236,11 +280,16 @@ class KVManager:
 
     def check(self, requests: Mapping[str, Request]) -> None:
         self.device.check()
-        owned = [p for r in requests.values() for p in r.page_ids]
-        assert len(owned) == len(set(owned)), "a device page belongs to two requests"
-        assert len(owned) == self.device.num_used, (
-            f"requests own {len(owned)} pages, allocator says {self.device.num_used} in use"
+        tables = [r.page_ids for r in requests.values()]
+        owned = [p for table in tables for p in table]
+        private = [p for p in owned if not (self.prefix and self.prefix.is_cached(p))]
+        assert len(private) == len(set(private)), "a device page belongs to two requests"
+        assert len(set(owned)) == self.num_used_pages, (
+            f"requests own {len(set(owned))} pages, allocator says {self.num_used_pages} in use"
         )
+        if self.prefix:
+            self.prefix.check(tables)
+            assert set(self._keys) <= set(requests), "prefix keys of a finished request"
         loading = {i for i, r in requests.items() if r.status is RequestStatus.LOADING}
         assert loading == set(self._loads), f"LOADING {loading}, loads in flight {set(self._loads)}"
         if self.host:
@@ -253,6 +302,8 @@ class KVManager:
         start = time.perf_counter()
         self.stats.num_preemptions += 1
         request.num_preemptions += 1
+        if self.prefix:
+            self._cache_full_pages(request)
         host = self.host if self.swaps else None
         if host is not None:
             first = host.num_queued_tokens(request.request_id) // self.page_size
@@ -269,8 +320,7 @@ class KVManager:
                 self._drop_kv(request)
         else:
             self._drop_kv(request)
-        self.device.free(request.page_ids)
-        request.page_ids = []
+        self._free_device_pages(request)
         request.status = RequestStatus.PREEMPTED
         self.stats.preempt_s += time.perf_counter() - start
 
@@ -279,53 +329,142 @@ class KVManager:
         the host. False (nothing queued) when the padded buffer does not fit the host budget."""
         assert self.offload is not None
         host = self.offload.host
-        if not host.can_hold(len(pages)):
+        if not host.make_room(len(pages)):
             return False
         gathered = self.offload.io.gather([request.page_ids[i] for i in pages])
         num_slots = gathered.shape[2]
-        if not host.can_hold(num_slots):
+        if not host.make_room(num_slots):
             return False
         block = HostBlock(self.offload.transfers.offload(gathered), num_slots, gathered.nbytes)
         host.add(request.request_id, block, pages, request.num_computed_tokens)
         return True
 
-    def _load(self, request: Request) -> None:
+    def _load(self, request: Request) -> bool:
         """Start bringing `request`'s host copy back: fresh device pages now, one H2D copy per
-        host block on the link's worker; `complete_loads` scatters them once all arrived."""
+        host block on the link's worker; `complete_loads` scatters them once all arrived.
+        False if the pages are not there (prefix cache, see `_grow`): it stays PREEMPTED."""
         host, offload = self.host, self.offload
         if host is None or offload is None or not self.swaps:
             raise PlanError("resume by LOAD needs the host tier and a policy that loads")
         if host.num_synced_tokens(request.request_id) < request.num_computed_tokens:
             raise PlanError(f"{request.request_id}: host copy incomplete, cannot LOAD")
-        self._grow(request, request.num_computed_tokens)
+        if not self._grow(request, request.num_computed_tokens):
+            return False
+        self._start_load(request, host.copies[request.request_id].pages)
+        return True
+
+    def _start_load(self, request: Request, pages: Mapping[int, HostPage]) -> None:
+        """Queue one H2D copy per host block holding `pages` (request page index -> copy) into
+        the request's device pages; the request is LOADING until `complete_loads`."""
+        assert self.offload is not None
         targets: dict[int, tuple[HostBlock, list[int]]] = {}  # id(block) -> (block, pages)
-        for index, page in host.copies[request.request_id].pages.items():
-            block, pages = targets.setdefault(
+        for index, page in pages.items():
+            block, device_pages = targets.setdefault(
                 id(page.block), (page.block, [PAD_PAGE] * page.block.num_slots)
             )
-            pages[page.offset] = request.page_ids[index]
+            device_pages[page.offset] = request.page_ids[index]
+        after_evictions = not self.offload.overlap
         parts = [
-            (
-                offload.transfers.load(
-                    block.array, block.nbytes, after_evictions=not offload.overlap
-                ),
-                pages,
-            )
-            for block, pages in targets.values()
+            (self.offload.transfers.load(b.array, b.nbytes, after_evictions=after_evictions), p)
+            for b, p in targets.values()
         ]
         self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
         request.status = RequestStatus.LOADING
 
     def _drop_kv(self, request: Request) -> None:
         if self.host:
-            self.host.drop(request.request_id)
+            self.host.drop(request.request_id, self._keys.get(request.request_id, ()))
         request.num_computed_tokens = 0
 
-    def _grow(self, request: Request, num_tokens: int) -> None:
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Give `request` the pages `num_tokens` tokens need, reclaiming evictable cached pages
+        when the free list runs short. Out of pages is a policy bug (`PlanError`), except with
+        the prefix cache: policies count a preempted request's pages as freed, but pages it
+        shares stay in use, so there a decode row that finds no page sits this step out
+        (False) and the next plan sees the real free count."""
         need = self.pages_for(request, num_tokens)
-        if not self.device.can_allocate(need):
-            raise PlanError(f"{request.request_id} needs {need} pages, {self.device.num_free} free")
+        if need > self.num_free_pages:
+            if self.prefix:
+                return False
+            raise PlanError(f"{request.request_id} needs {need} pages, {self.num_free_pages} free")
+        while self.prefix and self.device.num_free < need:
+            self.device.free([self.prefix.evict()])
         request.page_ids.extend(self.device.allocate(need))
+        return True
+
+    def _fit(self, request: Request, num_tokens: int) -> int:
+        """The planned chunk, cut to the prompt left after a prefix hit and, with the prefix
+        cache (see `_grow`), to the pages there are."""
+        num_tokens = min(num_tokens, request.num_uncomputed_prefill)
+        if self.prefix:
+            room = (len(request.page_ids) + self.num_free_pages) * self.page_size
+            num_tokens = min(num_tokens, room - request.num_computed_tokens)
+        return num_tokens
+
+    def _free_device_pages(self, request: Request) -> None:
+        """Drop `request`'s references: cached pages stay (evictable once unreferenced),
+        private ones return to the free list."""
+        private = [p for p in request.page_ids if not (self.prefix and self.prefix.release(p))]
+        self.device.free(private)
+        request.page_ids = []
+        self._registered.pop(request.request_id, None)
+
+    def _chain_keys(self, request: Request, num_pages: int) -> list[bytes]:
+        """Prefix keys of `request`'s first `num_pages` full pages (kept: tokens never change)."""
+        assert self.prefix is not None
+        keys = self._keys.setdefault(request.request_id, [])
+        if num_pages > len(keys):
+            start = len(keys) * self.page_size
+            tokens = request.token_ids[start : num_pages * self.page_size]
+            keys.extend(
+                self.prefix.chain(tokens, num_pages - len(keys), keys[-1] if keys else None)
+            )
+        return keys[:num_pages]
+
+    def _cache_full_pages(self, request: Request) -> None:
+        """Offer `request`'s newly completed full pages to the prefix cache."""
+        assert self.prefix is not None
+        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
+        done = self._registered.get(request.request_id, 0)
+        if num_full > done:
+            keys = self._chain_keys(request, num_full)
+            for index in range(done, num_full):
+                self.prefix.insert(keys[index], request.page_ids[index])
+            self._registered[request.request_id] = num_full
+
+    def _reuse_prefix(self, request: Request, costs: Costs | None) -> None:
+        """Start a prefill from scratch on the longest cached run of its full pages: those on
+        the device are shared at once; the run continues with pages the host pool holds if
+        loading them beats recomputing them (`costs`), and the request turns LOADING. The
+        last token to prefill is always computed (it yields the next token)."""
+        assert self.prefix is not None
+        target = request.num_prefill_target
+        keys = self._chain_keys(request, (target - 1) // self.page_size)
+        request.page_ids = self.prefix.acquire(keys)
+        on_device = len(request.page_ids)
+        self._registered[request.request_id] = on_device
+        host_pages = self._host_prefix(keys[on_device:], costs)
+        if host_pages and self._grow(request, (on_device + len(host_pages)) * self.page_size):
+            self._start_load(request, dict(enumerate(host_pages, start=on_device)))
+        else:
+            host_pages = []
+        request.num_computed_tokens = (on_device + len(host_pages)) * self.page_size
+        stats = self.prefix.stats
+        stats.num_queries += 1
+        stats.num_query_tokens += target
+        stats.num_hit_tokens += on_device * self.page_size
+        stats.num_host_hit_tokens += len(host_pages) * self.page_size
+        if not request.output_ids:
+            request.num_cached_prompt_tokens = request.num_computed_tokens
+
+    def _host_prefix(self, keys: Sequence[bytes], costs: Costs | None) -> list[HostPage]:
+        """The host pool's run of `keys`, if the policy loads and a load beats a recompute."""
+        if not (keys and self.host and self.swaps and costs):
+            return []
+        pages = self.host.cached_run(keys)
+        num_tokens = len(pages) * self.page_size
+        load_s = costs.io_backlog_s + costs.load_s(num_tokens)
+        return pages if pages and load_s < costs.recompute_s(num_tokens) else []
 
     @staticmethod
     def _get(requests: Mapping[str, Request], request_id: str, *allowed: RequestStatus) -> Request:

@@ -1,0 +1,246 @@
+"""Prefix caching on a chat workload: TTFT and throughput with and without the cache.
+
+    python scripts/bench_prefix.py --out out/bench_prefix [--prefix-len 900 --concurrent 16]
+
+Served in-process (one compiled runner shared by every variant, tokenflow policy):
+- shared: one warm request with a ~`--prefix-len`-token system prompt, then `--concurrent`
+  requests with the same system prompt and their own question, all at once. Reported: mean
+  and p90 TTFT, output tokens/s over the burst, prefix hit rate, and whether every output
+  equals the no-cache run's.
+- chat: `--conversations` multi-turn conversations of `--turns` turns (each turn's prompt is
+  the system prompt, the conversation so far and a new user message; the next turn starts
+  when the answer is complete) on a device pool of `--chat-kv-pages` pages, small enough that
+  cached pages are evicted between turns, so the host level matters.
+Variants: no-cache (`--no-prefix-cache`), device (cache without the host tier,
+`--no-offload`), device+host (the default). Issue 16's target, on an idle CPU with the
+default model: shared mean TTFT of device+host <= 0.4x of no-cache, outputs identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from models import load_model
+from models.cache import default_cache_dir
+from tfjax.api import Delta
+from tfjax.config import EngineConfig
+from tfjax.engine import Engine
+from tfjax.kv.host import HostTier
+from tfjax.kv.manager import Offload
+from tfjax.kv.transfer import Transfers
+from tfjax.request import Request, SamplingParams
+from tfjax.runner import Runner, enable_compilation_cache
+from tfjax.sched.registry import make_policy
+
+VARIANTS = {  # name -> (prefix cache, host tier)
+    "no-cache": (False, True),
+    "device": (True, False),
+    "device+host": (True, True),
+}
+
+
+class Timed:
+    """The engine's emit callback: first-token time and tokens of every request."""
+
+    def __init__(self) -> None:
+        self.submitted: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.finished: list[str] = []
+
+    def submit(self, engine: Engine, request: Request) -> None:
+        self.submitted[request.request_id] = time.perf_counter()
+        engine.add_request(request)
+
+    def __call__(self, request_id: str, delta: Delta) -> None:
+        if delta.token_ids and request_id not in self.first:
+            self.first[request_id] = time.perf_counter()
+        self.tokens.setdefault(request_id, []).extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finished.append(request_id)
+
+    def ttft_s(self, ids: list[str]) -> list[float]:
+        return [self.first[i] - self.submitted[i] for i in ids]
+
+
+def make_engine(runner: Runner, variant: str, num_pages: int, args) -> tuple[Engine, Timed]:
+    prefix_cache, host = VARIANTS[variant]
+    config = EngineConfig(
+        page_size=runner.page_size,
+        num_pages=num_pages,
+        max_batch_size=args.concurrent,
+        prefill_token_budget=512,
+        prefix_cache=prefix_cache,
+    )
+    offload = None
+    if host:
+        offload = Offload(
+            host=HostTier(int(args.host_kv_gb * 1e9) // runner.page_bytes, runner.page_size),
+            transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=1 << 30),
+            io=runner,
+        )
+    timed = Timed()
+    policy = make_policy("tokenflow")
+    engine = Engine(runner, _NoText(), config, policy, emit=timed, offload=offload, model_id="b")
+    return engine, timed
+
+
+class _NoText:
+    """Token ids only: the benchmark compares ids, so it needs no text."""
+
+    eos_token_ids = frozenset()
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def request(request_id: str, prompt: list[int], max_tokens: int) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(request_id, prompt, params, time.monotonic(), consumption_rate=1e3)
+
+
+def run_until_idle(engine: Engine) -> None:
+    while engine.has_work:
+        engine.step()
+
+
+def shared_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
+    engine, timed = make_engine(runner, variant, args.kv_pages, args)
+    vocab = runner.cfg.vocab_size
+    system = rng.integers(10, vocab, args.prefix_len).tolist()
+    questions = [
+        rng.integers(10, vocab, args.question_len).tolist() for _ in range(args.concurrent)
+    ]
+    timed.submit(engine, request("warm", [*system, *questions[0][::-1]], args.max_tokens))
+    run_until_idle(engine)
+    ids = [f"q{i}" for i in range(args.concurrent)]
+    start = time.perf_counter()
+    for i, question in zip(ids, questions, strict=True):
+        timed.submit(engine, request(i, [*system, *question], args.max_tokens))
+    run_until_idle(engine)
+    seconds = time.perf_counter() - start
+    ttft = timed.ttft_s(ids)
+    return {
+        "variant": variant,
+        "mean_ttft_ms": 1e3 * statistics.mean(ttft),
+        "p90_ttft_ms": 1e3 * float(np.percentile(ttft, 90)),
+        "output_tok_s": len(ids) * args.max_tokens / seconds,
+        "hit_rate": _hit_rate(engine),
+        "outputs": {i: timed.tokens[i] for i in ids},
+    }
+
+
+def chat(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
+    engine, timed = make_engine(runner, variant, args.chat_kv_pages, args)
+    vocab = runner.cfg.vocab_size
+    system = rng.integers(10, vocab, args.prefix_len).tolist()
+    history = {f"c{c}": list(system) for c in range(args.conversations)}
+    questions = {  # drawn up front: turns finish in a different order in each variant
+        c: [rng.integers(10, vocab, args.question_len).tolist() for _ in range(args.turns)]
+        for c in history
+    }
+    turn = dict.fromkeys(history, 0)
+    ids = []
+
+    def next_turn(conversation: str) -> None:
+        history[conversation] += questions[conversation][turn[conversation]]
+        request_id = f"{conversation}t{turn[conversation]}"
+        ids.append(request_id)
+        timed.submit(engine, request(request_id, list(history[conversation]), args.max_tokens))
+
+    start = time.perf_counter()
+    for conversation in history:
+        next_turn(conversation)
+    while engine.has_work:
+        engine.step()
+        for request_id in timed.finished:
+            conversation = request_id.split("t")[0]
+            history[conversation] += timed.tokens[request_id]
+            turn[conversation] += 1
+            if turn[conversation] < args.turns:
+                next_turn(conversation)
+        timed.finished.clear()
+    seconds = time.perf_counter() - start
+    ttft = timed.ttft_s(ids)
+    return {
+        "variant": variant,
+        "mean_ttft_ms": 1e3 * statistics.mean(ttft),
+        "output_tok_s": len(ids) * args.max_tokens / seconds,
+        "hit_rate": _hit_rate(engine),
+        "host_hit_tokens": engine.kv.prefix.stats.num_host_hit_tokens if engine.kv.prefix else 0,
+        "outputs": {i: timed.tokens[i] for i in ids},
+    }
+
+
+def _hit_rate(engine: Engine) -> float:
+    prefix = engine.kv.prefix
+    if prefix is None or not prefix.stats.num_query_tokens:
+        return 0.0
+    hits = prefix.stats.num_hit_tokens + prefix.stats.num_host_hit_tokens
+    return hits / prefix.stats.num_query_tokens
+
+
+def report(name: str, rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"\n{name}: {'variant':>12} {'mean TTFT ms':>12} {'x no-cache':>10} {'tok/s':>7} "
+          f"{'hit rate':>8} {'same outputs':>12}")  # fmt: skip
+    for row in rows:
+        row["ttft_vs_no_cache"] = row["mean_ttft_ms"] / base["mean_ttft_ms"]
+        row["outputs_identical"] = row["outputs"] == base["outputs"]
+        print(
+            f"{'':>{len(name) + 1}} {row['variant']:>12} {row['mean_ttft_ms']:>12.1f} "
+            f"{row['ttft_vs_no_cache']:>10.2f} {row['output_tok_s']:>7.1f} "
+            f"{row['hit_rate']:>8.2f} {row['outputs_identical']!s:>12}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--prefix-len", type=int, default=900)
+    parser.add_argument("--question-len", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--kv-pages", type=int, default=2048)
+    parser.add_argument("--chat-kv-pages", type=int, default=160)
+    parser.add_argument("--host-kv-gb", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_prefix"))
+    args = parser.parse_args(argv)
+
+    enable_compilation_cache(default_cache_dir())
+    model = load_model(args.model)
+    chat_len = args.prefix_len + args.turns * (args.question_len + args.max_tokens)
+    max_len = max(chat_len, args.prefix_len + args.question_len + args.max_tokens) + 32
+    config = EngineConfig(max_batch_size=args.concurrent, prefill_token_budget=512)
+    runner = Runner(
+        model.config, model.weights, config, num_pages=args.kv_pages, max_model_len=max_len
+    )
+    runner.warmup(lambda d, t: print(f"\rcompiling {d}/{t}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    results = {}
+    for name, phase in (("shared", shared_prefix), ("chat", chat)):
+        rows = []
+        for variant in VARIANTS:
+            print(f"{name}: {variant}", file=sys.stderr)
+            rows.append(phase(runner, variant, args, np.random.default_rng(args.seed)))
+        report(name, rows)
+        results[name] = [{k: v for k, v in r.items() if k != "outputs"} for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"device": str(jax.devices()[0]), "model": model.name, "args": vars(args), **results}
+    (args.out / "bench_prefix.json").write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
