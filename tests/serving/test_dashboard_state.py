@@ -38,6 +38,7 @@ class ScriptedPolicy:
     """Returns the given plans one per call, then empty plans (the state stays put)."""
 
     name = "scripted"
+    resumes_by_load = False
 
     def __init__(self, plans: list[Plan]) -> None:
         self.plans = list(plans)
