@@ -6,8 +6,8 @@ a quarter are preempted (host copies complete), the rest wait; readers at 5/7 to
 buffers of 0-20 s (at the paper's 15/20 the 1024-request view wants more than the device makes,
 and a tokenflow decision is then fcfs's plan, not the balancing whose cost is measured here).
 tokenflow is timed twice: a full decision on every call (what the paper measures) and the
-steps between decisions; the script checks that the decisions timed are balancing ones. Plans are not applied, so every call sees the
-same view.
+steps between decisions; the script checks that the decisions timed are balancing ones.
+Plans are not applied, so every call sees the same view.
 
     .venv/bin/python scripts/bench_sched.py [--calls 40] [--json out.json]
 """
