@@ -7,10 +7,13 @@ request decodes (work conservation), prefill chunks fill the token budget, free 
 waiting and preempted requests by `wanting_since`, and a missing page preempts the resident
 with the largest buffer. A decision:
 
-1. Capacity (Eq. 6): if the declared rates of the working set exceed Gamma =
+1. Capacity (Eq. 6): if the declared rates of the working set reach Gamma =
    `Costs.decode_capacity(n)`, the policy is `fcfs` until the next decision: every plan is
    the one an `FcfsPolicy` (kept alongside, with its own retract backoff) makes, so admission,
-   batching, prefill and preemption are exactly FCFS's. n is the batch the device would
+   batching, prefill and preemption are exactly FCFS's; only a preempted request whose host
+   copy is complete comes back by LOAD when that beats re-prefilling it (`resume_mode`), which
+   changes no batch (plain FCFS resumes cost the H200 burst 400 10% of its effective
+   throughput). n is the batch the device would
    actually run: the live requests, capped by the batch cap and by the requests the device
    pages hold at the mean context of W and the queue; the costs are the step times measured
    at each batch size, so on a CPU, where a batch-32 step costs twice a batch-8 one, Gamma is
