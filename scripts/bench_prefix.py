@@ -134,6 +134,7 @@ def shared_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) 
         "p90_ttft_ms": 1e3 * float(np.percentile(ttft, 90)),
         "output_tok_s": len(ids) * args.max_tokens / seconds,
         "hit_rate": _hit_rate(engine),
+        "host_hit_tokens": _host_hit_tokens(engine),
         "outputs": {i: timed.tokens[i] for i in ids},
     }
 
@@ -175,7 +176,7 @@ def chat(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
         "mean_ttft_ms": 1e3 * statistics.mean(ttft),
         "output_tok_s": len(ids) * args.max_tokens / seconds,
         "hit_rate": _hit_rate(engine),
-        "host_hit_tokens": engine.kv.prefix.stats.num_host_hit_tokens if engine.kv.prefix else 0,
+        "host_hit_tokens": _host_hit_tokens(engine),
         "outputs": {i: timed.tokens[i] for i in ids},
     }
 
@@ -188,17 +189,21 @@ def _hit_rate(engine: Engine) -> float:
     return hits / prefix.stats.num_query_tokens
 
 
+def _host_hit_tokens(engine: Engine) -> int:
+    return engine.kv.prefix.stats.num_host_hit_tokens if engine.kv.prefix else 0
+
+
 def report(name: str, rows: list[dict]) -> None:
     base = rows[0]
     print(f"\n{name}: {'variant':>12} {'mean TTFT ms':>12} {'x no-cache':>10} {'tok/s':>7} "
-          f"{'hit rate':>8} {'same outputs':>12}")  # fmt: skip
+          f"{'hit rate':>8} {'host hits':>9} {'same outputs':>12}")  # fmt: skip
     for row in rows:
         row["ttft_vs_no_cache"] = row["mean_ttft_ms"] / base["mean_ttft_ms"]
         row["outputs_identical"] = row["outputs"] == base["outputs"]
         print(
             f"{'':>{len(name) + 1}} {row['variant']:>12} {row['mean_ttft_ms']:>12.1f} "
             f"{row['ttft_vs_no_cache']:>10.2f} {row['output_tok_s']:>7.1f} "
-            f"{row['hit_rate']:>8.2f} {row['outputs_identical']!s:>12}"
+            f"{row['hit_rate']:>8.2f} {row['host_hit_tokens']:>9} {row['outputs_identical']!s:>12}"
         )
 
 
