@@ -327,9 +327,14 @@ def _prefill_tiles_dense(q_TxHxDh, k_KxPxSxDh, v_KxPxSxDh, batch: AttentionBatch
         keys,
         values,
         mask=mask[:, None],
-        implementation="cudnn" if jax.default_backend() == "gpu" else None,
+        implementation="cudnn" if _cudnn_ok(q_TxHxDh.dtype) else None,
     )
     return out.reshape(t, h, dh)
+
+
+def _cudnn_ok(dtype) -> bool:
+    """cuDNN flash attention runs on CUDA in 16-bit floats only."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 # -- tpu: ragged paged attention over both sections -------------------------------------------
