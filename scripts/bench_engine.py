@@ -121,9 +121,13 @@ class Floors:
     flops: float  # matmul FLOP/s
     weight_bytes: int
 
+    def decode_read_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
+        """Every weight and each row's KV read once (the HBM floor on a GPU)."""
+        return (self.weight_bytes + batch * context * kv_bytes_per_token(cfg)) / self.bandwidth
+
     def decode_step_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
-        read = self.weight_bytes + batch * context * kv_bytes_per_token(cfg)
-        return max(read / self.bandwidth, batch * flops_per_token(cfg, context) / self.flops)
+        compute_s = batch * flops_per_token(cfg, context) / self.flops
+        return max(self.decode_read_s(cfg, batch, context), compute_s)
 
     def prefill_tokens_per_s(self, cfg: ModelConfig, context: int) -> float:
         return self.flops / flops_per_token(cfg, context // 2)
@@ -283,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 "context": context,
                 "ours": bench_ours(runner, batch, context, args),
             }
+            mean_context = context + args.new_tokens // 2
             row["floor"] = {
-                "decode_step_ms": 1e3
-                * floors.decode_step_s(cfg, batch, context + args.new_tokens // 2),
+                "decode_step_ms": 1e3 * floors.decode_step_s(cfg, batch, mean_context),
+                "decode_read_ms": 1e3 * floors.decode_read_s(cfg, batch, mean_context),
                 "prefill_tokens_per_s": floors.prefill_tokens_per_s(cfg, context),
             }
             rows.append(row)
