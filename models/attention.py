@@ -41,6 +41,7 @@ QUERY_TILE = 32  # prompt tokens per prefill row; chunks pad to a multiple of it
 CPU_KEY_BLOCK = 128  # keys per online-softmax step on CPU
 CPU_ROW_GROUP = 8  # decode rows sharing one key-block loop on CPU (sorted by length)
 GPU_K_SPLITS = 16  # Pallas GPU paged attention: page-table partitions per row
+GPU_BLOCK_PAGES = 8  # ... and pages per compute block inside a partition
 TPU_HEAD_DIM_MULTIPLE = 128  # the TPU kernel's lane width; smaller heads are zero-padded
 MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -288,8 +289,8 @@ def _attend_gpu(
     if batch.num_tiles:
         outs.append(_prefill_tiles_dense(q_TxHxDh[:split], k_KxPxSxDh, v_KxPxSxDh, batch))
     if batch.num_decode_rows:
-        table_RxW = _pad_width(batch.page_table[batch.num_tiles :], GPU_K_SPLITS)
-        per_split = table_RxW.shape[1] // GPU_K_SPLITS
+        # Partitions past a row's length are skipped by the kernel, so padding is cheap.
+        table_RxW = _pad_width(batch.page_table[batch.num_tiles :], GPU_K_SPLITS * GPU_BLOCK_PAGES)
         outs.append(
             gpu_paged.paged_attention(
                 q_TxHxDh[split:] * jnp.asarray(dh**-0.5, q_TxHxDh.dtype),
@@ -298,7 +299,7 @@ def _attend_gpu(
                 table_RxW,
                 batch.kv_lens[batch.num_tiles :],
                 k_splits=GPU_K_SPLITS,
-                pages_per_compute_block=math.gcd(per_split, 8),
+                pages_per_compute_block=GPU_BLOCK_PAGES,
                 interpret=interpret,
             )
         )
@@ -327,9 +328,14 @@ def _prefill_tiles_dense(q_TxHxDh, k_KxPxSxDh, v_KxPxSxDh, batch: AttentionBatch
         keys,
         values,
         mask=mask[:, None],
-        implementation="cudnn" if jax.default_backend() == "gpu" else None,
+        implementation="cudnn" if _cudnn_ok(q_TxHxDh.dtype) else None,
     )
     return out.reshape(t, h, dh)
+
+
+def _cudnn_ok(dtype) -> bool:
+    """cuDNN flash attention runs on CUDA in 16-bit floats only."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 # -- tpu: ragged paged attention over both sections -------------------------------------------

@@ -1,20 +1,31 @@
-"""Engine microbenchmark: prefill and decode tokens/s of our runner vs HF transformers.
+"""Engine microbenchmark: prefill and decode tokens/s of our runner vs HF transformers, each
+figure beside its physical floor.
 
     python scripts/bench_engine.py --out out/bench_engine [--batches 1,8,32,64]
+    python scripts/bench_engine.py --shape llama3-8b --contexts 512,2048 --skip-prefill
 
-For each batch size b: b random prompts of `--prompt-len` tokens are prefilled (one chunk each;
-prefill tokens/s) and then decoded together for `--new-tokens` steps (decode tokens/s and the
-median step time). HF transformers `generate` runs the same shapes in the same process (torch,
-float32, greedy, `min_new_tokens` forcing the length); its decode rate is (b * (n - 1)) / (time
-of n new tokens - time of 1 new token). Also prints the batch-1 floor: weight bytes / measured
-memory copy bandwidth, the time a step needs just to read every weight once.
+For each batch size b and context c: b random prompts of c tokens are prefilled, packed into
+steps of up to `--prefill-token-budget` tokens (several requests per step, as the engine
+batches them; prefill tokens/s), then decoded together for `--new-tokens` steps (decode
+tokens/s and the median step time). All of ours runs first, then HF transformers `generate`
+on the same shapes (torch, float32, greedy, `min_new_tokens` forcing the length; its decode rate
+is (b * (n - 1)) / (time of n new tokens - time of 1 new token)), never interleaved.
 
-Compare numbers from one run only: this machine is noisy. Writes DIR/bench_engine.json.
+Floors, from this machine's measured copy bandwidth and matmul rate: a decode step cannot beat
+max(bytes it must read -- every weight once plus each row's KV -- / bandwidth, its FLOPs /
+matmul rate); prefill cannot beat the matmul rate / FLOPs per token.
+
+`--shape` benchmarks random weights of a named shape instead of a checkpoint (no HF side);
+`--skip-prefill` decodes over an unfilled cache of the same length (step time depends on the
+shapes only), which saves the prefill compiles and time on big models. The first call of each
+shape compiles and is not timed. Compare numbers from one run only: this machine is noisy.
+Writes DIR/bench_engine.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -23,62 +34,168 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models import load_model
+from models.attention import BACKEND_NAMES, backend_for
 from models.cache import default_cache_dir
-from models.weights import num_bytes
+from models.config import ModelConfig
+from models.weights import init_random, num_bytes
 from tfjax.config import EngineConfig
+from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PageAllocator
 from tfjax.request import Request, SamplingParams
-from tfjax.runner import Runner, enable_compilation_cache
+from tfjax.runner import Runner, enable_compilation_cache, kv_bytes_per_token
+
+SMOLLM2_135M = ModelConfig(
+    architecture="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    attention_bias=False,
+)
+LLAMA3_8B = dataclasses.replace(
+    SMOLLM2_135M,
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama3-8b": LLAMA3_8B}
 
 
-def copy_bandwidth_bytes_per_s(num_bytes_: int = 256 << 20, repeats: int = 5) -> float:
-    """Best-of-n numpy copy rate: each copy reads and writes `num_bytes_`."""
-    src = np.ones(num_bytes_ // 4, np.float32)
-    dst = np.empty_like(src)
+def copy_bandwidth_bytes_per_s(repeats: int = 5) -> float:
+    """Best-of-n rate of a jitted in-place x + 1 on the default device (donated, so no fresh
+    output pages are faulted in): reads and writes the array once."""
+    size = (256 << 20) if jax.default_backend() == "cpu" else (4 << 30)
+    touch = jax.jit(lambda x: x + 1, donate_argnums=0)
+    x = jax.block_until_ready(touch(jnp.ones(size // 4, jnp.float32)))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        np.copyto(dst, src)
+        x = jax.block_until_ready(touch(x))
         best = min(best, time.perf_counter() - start)
-    return 2 * num_bytes_ / best
+    return 2 * size / best
 
 
-def bench_ours(runner: Runner, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def matmul_flops_per_s(dtype: str, n: int = 4096, repeats: int = 5) -> float:
+    """Best-of-n rate of one n x n matmul in `dtype` on the default device."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Matmul FLOPs of one token: 2 per weight it multiplies (the embedding is a lookup, the
+    head a matmul) plus attention's QK and PV over `context` keys."""
+    d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim)  # fmt: skip
+    weights_per_layer = 2 * d * h * dh + 2 * d * k * dh + 3 * d * f  # q, o, k, v, MLP
+    per_layer = 2 * weights_per_layer + 4 * h * dh * context
+    return float(cfg.num_layers * per_layer + 2 * d * cfg.vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floors:
+    bandwidth: float  # bytes/s
+    flops: float  # matmul FLOP/s
+    weight_bytes: int
+
+    def decode_read_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
+        """Every weight and each row's KV read once (the HBM floor on a GPU)."""
+        return (self.weight_bytes + batch * context * kv_bytes_per_token(cfg)) / self.bandwidth
+
+    def decode_step_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
+        compute_s = batch * flops_per_token(cfg, context) / self.flops
+        return max(self.decode_read_s(cfg, batch, context), compute_s)
+
+    def prefill_tokens_per_s(self, cfg: ModelConfig, context: int) -> float:
+        return self.flops / flops_per_token(cfg, context // 2)
+
+
+def make_requests(runner: Runner, batch: int, context: int, new_tokens: int, seed: int):
     rng = np.random.default_rng(seed)
     pages = PageAllocator(runner.num_pages)
     requests = []
     for i in range(batch):
-        prompt = rng.integers(10, runner.cfg.vocab_size, prompt_len).tolist()
-        request = Request(
-            f"b{i}", prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True), 0.0, 10.0
-        )
-        total = prompt_len + new_tokens
-        request.page_ids = pages.allocate(-(-total // runner.page_size))
+        prompt = rng.integers(10, runner.cfg.vocab_size, context).tolist()
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        request = Request(f"b{i}", prompt, params, 0.0, 10.0)
+        request.page_ids = pages.allocate(-(-(context + new_tokens) // runner.page_size))
         requests.append(request)
-    start = time.perf_counter()
+    return requests
+
+
+def prefill_all(runner: Runner, requests: list[Request], budget: int) -> float:
+    """Prefill every prompt in steps of at most `budget` tokens; return seconds."""
     for request in requests:
-        token = runner.prefill(request, prompt_len)
-        request.num_computed_tokens = prompt_len
-        request.output_ids.append(int(np.asarray(token)[0]))
-    prefill_s = time.perf_counter() - start
+        request.num_computed_tokens, request.output_ids = 0, []
+    start = time.perf_counter()
+    pending = list(requests)
+    while pending:
+        chunks, left = [], budget
+        for request in pending:
+            n = min(request.num_uncomputed_prefill, left)
+            if n == 0:
+                break
+            chunks.append(PrefillWork(request, n))
+            left -= n
+        ids = np.asarray(runner.step(chunks, []))
+        for chunk, token in zip(chunks, ids, strict=False):
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            if chunk.request.num_uncomputed_prefill == 0:
+                chunk.request.output_ids.append(int(token))
+        pending = [r for r in pending if r.num_uncomputed_prefill]
+    return time.perf_counter() - start
+
+
+def bench_ours(runner: Runner, batch: int, context: int, args) -> dict:
+    requests = make_requests(runner, batch, context, args.new_tokens, args.seed)
+    out = {}
+    if args.skip_prefill:
+        for request in requests:  # an unfilled cache of the same length: timing only
+            request.num_computed_tokens = context
+            request.output_ids.append(11)
+    else:
+        prefill_all(runner, requests, args.prefill_token_budget)  # compiles
+        prefill_s = prefill_all(runner, requests, args.prefill_token_budget)
+        out["prefill_tokens_per_s"] = batch * context / prefill_s
     step_s = []
-    for _ in range(new_tokens - 1):
+    for i in range(args.new_tokens - 1):
         start = time.perf_counter()
-        tokens = np.asarray(runner.decode(requests))
-        step_s.append(time.perf_counter() - start)
+        tokens = np.asarray(runner.step([], requests))
+        if i:  # the first call compiles
+            step_s.append(time.perf_counter() - start)
         for request, token in zip(requests, tokens, strict=False):
             request.num_computed_tokens += 1
             request.output_ids.append(int(token))
-    return {
-        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-        "decode_tokens_per_s": batch * len(step_s) / sum(step_s),
-        "decode_step_median_ms": 1e3 * statistics.median(step_s),
-        "decode_step_min_ms": 1e3 * min(step_s),
-        "decode_step_max_ms": 1e3 * max(step_s),
-    }
+    out.update(
+        decode_tokens_per_s=batch * len(step_s) / sum(step_s),
+        decode_step_median_ms=1e3 * statistics.median(step_s),
+        decode_step_min_ms=1e3 * min(step_s),
+        decode_step_max_ms=1e3 * max(step_s),
+    )
+    return out
 
 
 def load_hf(model_path: Path):
@@ -118,79 +235,104 @@ def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> 
     }
 
 
+def load(args):
+    """(config, weights, HF model path or None) for `--shape` or `--model`."""
+    if args.shape:
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        cfg = dataclasses.replace(SHAPES[args.shape], dtype=dtype)
+        return cfg, init_random(cfg, jax.random.key(args.seed)), None
+    model = load_model(args.model, dtype=args.dtype)
+    return model.config, model.weights, model.source
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, else bfloat16")
     parser.add_argument("--batches", default="1,8,32,64")
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--contexts", default="128", help="prompt lengths, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-token-budget", type=int, default=512)
+    parser.add_argument("--attention-backend", default="auto", choices=BACKEND_NAMES)
+    parser.add_argument("--skip-prefill", action="store_true", help="decode over an unfilled cache")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_engine"))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
 
     enable_compilation_cache(default_cache_dir())
-    model = load_model(args.model)
-    max_len = args.prompt_len + args.new_tokens
+    cfg, weights, hf_path = load(args)
+    max_len = max(contexts) + args.new_tokens
+    budget = max(args.prefill_token_budget, 32)
     config = EngineConfig(
-        max_batch_size=max(batches), prefill_token_budget=args.prompt_len, max_model_len=max_len
+        max_batch_size=max(batches),
+        prefill_token_budget=budget,
+        max_model_len=max_len,
+        attention_backend=args.attention_backend,
     )
     pages_per_request = -(-max_len // config.page_size)
     runner = Runner(
-        model.config,
-        model.weights,
-        config,
-        num_pages=1 + max(batches) * pages_per_request,
-        max_model_len=max_len,
+        cfg, weights, config, num_pages=1 + max(batches) * pages_per_request, max_model_len=max_len
     )
-    start = time.perf_counter()
-    runner.warmup(lambda done, total: print(f"\rcompiling {done}/{total}", end="", file=sys.stderr))
-    print(f"\ncompiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-
-    bandwidth = copy_bandwidth_bytes_per_s()
-    weight_bytes = num_bytes(model.weights)
-    floor_ms = 1e3 * weight_bytes / bandwidth
-    hf_model = None if args.no_hf else load_hf(model.source)
+    floors = Floors(copy_bandwidth_bytes_per_s(), matmul_flops_per_s(cfg.dtype), num_bytes(weights))
     rows = []
-    for batch in batches:
-        print(f"batch {batch}: ours", file=sys.stderr)
-        row = {
-            "batch": batch,
-            "ours": bench_ours(runner, batch, args.prompt_len, args.new_tokens, args.seed),
-        }
-        if not args.no_hf:
-            print(f"batch {batch}: HF transformers", file=sys.stderr)
-            row["hf"] = bench_hf(hf_model, batch, args.prompt_len, args.new_tokens, args.seed)
-        rows.append(row)
+    for context in contexts:
+        for batch in batches:
+            print(f"ours: batch {batch}, context {context}", file=sys.stderr, flush=True)
+            row = {
+                "batch": batch,
+                "context": context,
+                "ours": bench_ours(runner, batch, context, args),
+            }
+            mean_context = context + args.new_tokens // 2
+            row["floor"] = {
+                "decode_step_ms": 1e3 * floors.decode_step_s(cfg, batch, mean_context),
+                "decode_read_ms": 1e3 * floors.decode_read_s(cfg, batch, mean_context),
+                "prefill_tokens_per_s": floors.prefill_tokens_per_s(cfg, context),
+            }
+            rows.append(row)
+    if not (args.no_hf or hf_path is None):
+        del runner  # HF runs alone
+        hf_model = load_hf(hf_path)
+        for row in rows:
+            print(
+                f"HF: batch {row['batch']}, context {row['context']}", file=sys.stderr, flush=True
+            )
+            row["hf"] = bench_hf(hf_model, row["batch"], row["context"], args.new_tokens, args.seed)
 
+    nan = float("nan")
     print(
-        f"\n{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'step ms (med)':>14}"
-        f" {'HF prefill':>11} {'HF decode':>10} {'decode x HF':>11}"
+        f"\n{'batch':>5} {'ctx':>5} {'prefill tok/s':>13} {'(floor)':>8} {'HF':>6}"
+        f" {'decode tok/s':>12} {'HF':>7} {'step ms':>8} {'(floor)':>8} {'x floor':>7}"
     )
     for row in rows:
-        ours, hf = row["ours"], row.get("hf")
-        ratio = ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"] if hf else float("nan")
+        ours, hf, floor = row["ours"], row.get("hf", {}), row["floor"]
         print(
-            f"{row['batch']:>5} {ours['prefill_tokens_per_s']:>14.0f} "
-            f"{ours['decode_tokens_per_s']:>13.1f} {ours['decode_step_median_ms']:>14.1f} "
-            f"{hf['prefill_tokens_per_s'] if hf else float('nan'):>11.0f} "
-            f"{hf['decode_tokens_per_s'] if hf else float('nan'):>10.1f} {ratio:>11.1f}"
+            f"{row['batch']:>5} {row['context']:>5} {ours.get('prefill_tokens_per_s', nan):>13.0f}"
+            f" {floor['prefill_tokens_per_s']:>8.0f} {hf.get('prefill_tokens_per_s', nan):>6.0f}"
+            f" {ours['decode_tokens_per_s']:>12.1f} {hf.get('decode_tokens_per_s', nan):>7.1f}"
+            f" {ours['decode_step_median_ms']:>8.1f} {floor['decode_step_ms']:>8.1f}"
+            f" {ours['decode_step_median_ms'] / floor['decode_step_ms']:>7.2f}"
         )
     print(
-        f"batch-1 floor: {weight_bytes / 1e6:.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s copy "
-        f"bandwidth = {floor_ms:.1f} ms per step"
+        f"floors from {floors.weight_bytes / 1e6:.0f} MB of weights, {floors.bandwidth / 1e9:.1f}"
+        f" GB/s measured copy bandwidth, {floors.flops / 1e12:.2f} TFLOP/s measured {cfg.dtype}"
+        " matmul rate"
     )
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "device": str(jax.devices()[0]),
-        "model": model.name,
-        "dtype": model.config.dtype,
-        "prompt_len": args.prompt_len,
+        "device_kind": jax.devices()[0].device_kind,
+        "model": args.shape or args.model,
+        "dtype": cfg.dtype,
+        "attention_backend": backend_for(args.attention_backend).name,
         "new_tokens": args.new_tokens,
-        "weight_bytes": weight_bytes,
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "batch1_floor_ms": floor_ms,
+        "weight_bytes": floors.weight_bytes,
+        "copy_bandwidth_bytes_per_s": floors.bandwidth,
+        "matmul_flops_per_s": floors.flops,
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)

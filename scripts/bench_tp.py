@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.sharding import make_mesh, placement
     from models.weights import init_random
     from tfjax.config import EngineConfig
+    from tfjax.kv.manager import PrefillWork
     from tfjax.kv.pages import PageAllocator
     from tfjax.request import Request, SamplingParams
     from tfjax.runner import Runner, kv_bytes_per_token
@@ -67,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             prompt = np.random.default_rng(i).integers(10, cfg.vocab_size, 64).tolist()
             r = Request(f"r{i}", prompt, SamplingParams(max_tokens=64, ignore_eos=True), 0.0, 1.0)
             r.page_ids = pages.allocate(10)
-            token = runner.prefill(r, 64)
+            token = runner.step([PrefillWork(r, 64)], [])
             r.num_computed_tokens = 64
             r.output_ids.append(int(np.asarray(token)[0]))
             requests.append(r)
         step_s = []
         for step in range(args.steps + 1):
             start = time.perf_counter()
-            tokens = np.asarray(runner.decode(requests))
+            tokens = np.asarray(runner.step([], requests))
             if step:  # the first call compiles
                 step_s.append(time.perf_counter() - start)
             for r, token in zip(requests, tokens, strict=False):

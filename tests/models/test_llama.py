@@ -40,9 +40,7 @@ ROW_PAGES = 6  # pages 1..6 hold the 16 tokens; page 0 is padding
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(0, TINY.vocab_size, 16)]
 
 
-jit_forward = jax.jit(
-    llama.forward, static_argnames=("cfg", "backend"), donate_argnames=("kv",)
-)
+jit_forward = jax.jit(llama.forward, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
 
 
 def _step(tokens: list[int], start: int) -> llama.StepInput:
