@@ -8,7 +8,7 @@ undeclared (the server's default applies; the reader model still reads at `rate`
 non-streaming call (`stream: false`: its tokens arrive at once with the response, so TTFT is
 its whole latency). Every client records when each token arrived and
 feeds `tfjax.buffers.Reader`, so TTFT, stall, stall ratio, effective and raw throughput and QoS
-come from `tfjax.qos` with the exact definitions of DESIGN.md, measured at the client.
+come from `tfjax.qos` with the exact definitions of docs/definitions.md, measured at the client.
 
 Token counting: an SSE chunk counts `usage.completion_tokens` growth when the server sends usage
 on every chunk (vLLM's `continuous_usage_stats`), else the length of a `token_ids` field, else
@@ -442,7 +442,7 @@ def format_table(result: dict[str, Any], title: str = "Serving Benchmark Result"
         "End-to-end Latency",
         ("Mean E2EL (ms)", "mean_e2el_ms"),
         ("P99 E2EL (ms)", "p99_e2el_ms"),
-        "Streaming (reader model, DESIGN.md)",
+        "Streaming (reader model, docs/definitions.md)",
         ("Effective throughput (tok/s)", "effective_throughput"),
         ("Raw throughput (tok/s)", "raw_throughput"),
         ("Stall ratio", "stall_ratio"),

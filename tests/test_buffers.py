@@ -12,7 +12,7 @@ from tfjax.buffers import Reader
 
 
 def read_times(rate: float, gen: list[float]) -> list[float]:
-    """c_1 = g_1, c_j = max(c_{j-1} + 1/r, g_j), straight from DESIGN.md."""
+    """c_1 = g_1, c_j = max(c_{j-1} + 1/r, g_j), straight from docs/definitions.md."""
     c: list[float] = []
     for g in gen:
         c.append(g if not c else max(c[-1] + 1.0 / rate, g))

@@ -1,4 +1,4 @@
-"""The reader model and the virtual buffer of one request (DESIGN.md, "Definitions").
+"""The reader model and the virtual buffer of one request (docs/definitions.md).
 
 Token 1 is read when it is generated (c_1 = g_1); token j is read at
 c_j = max(c_{j-1} + 1/r, g_j). The buffer at time t is the number of generated tokens not yet

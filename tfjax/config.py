@@ -1,6 +1,6 @@
 """`EngineConfig`: every engine knob in one frozen, checked place, and its CLI flags.
 
-Bucket lists fix every dynamic shape the runner compiles (DESIGN.md: "Every dynamic shape is
+Bucket lists fix every dynamic shape the runner compiles (design rule: "Every dynamic shape is
 bucketed ... compiled at start-up"): decode rows and prefill tiles (QUERY_TILE-token rows) of
 the one ragged call per step. There are no page-table width buckets: the attention backends
 read only each row's own pages, so the table always has the longest row's width. The ablation

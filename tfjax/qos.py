@@ -1,4 +1,4 @@
-"""Streaming quality metrics from per-request token timelines (DESIGN.md, "Definitions").
+"""Streaming quality metrics from per-request token timelines (docs/definitions.md).
 
 One function per definition, all computed from a `tfjax.buffers.Reader` (the reader model),
 so the engine, the simulator and the benchmarks share one implementation:

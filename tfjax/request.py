@@ -88,7 +88,7 @@ class Request:
     prompt_ids: list[int]
     sampling: SamplingParams
     arrival_s: float
-    consumption_rate: float  # tokens/s the reader consumes (DESIGN.md, "Definitions")
+    consumption_rate: float  # tokens/s the reader consumes (docs/definitions.md)
     priority: int = 0  # lower is served first (vLLM's priority scheduling); ties by arrival
     # False: the client reads the whole answer at the end (a non-streaming call), so there is
     # no buffer to keep fed and every token is wanted as soon as possible.

@@ -14,7 +14,7 @@ at fixed delays after it arrives, chosen by `max_tokens`:
 - `max_tokens` 7: HTTP 429, a failed request.
 
 Hand-computed values are checked with tolerances for scheduling jitter on a busy machine, and
-exactly against DESIGN.md's formulas applied to the arrival times the client recorded.
+exactly against docs/definitions.md's formulas applied to the arrival times the client recorded.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def base_url() -> Iterator[str]:
 
 
 def _design_stall_and_weights(times: list[float], rate: float) -> tuple[float, float]:
-    """DESIGN.md's reader model and token weights, written out independently of tfjax."""
+    """docs/definitions.md's reader model and token weights, written out independently of tfjax."""
     stall, read, weights, reads = 0.0, None, [], []
     for g in times:
         if read is None:
@@ -148,7 +148,7 @@ def test_client_metrics_against_a_known_schedule(base_url: str, tmp_path: Path) 
     assert rows[10]["stall_s"] == 0.0 and rows[3]["stall_s"] == 0.0
     assert [rows[n]["effective_tokens"] for n in (5, 10, 3)] == [5.0, 3.0, 2.0]
 
-    # Exactly DESIGN.md's definitions on the recorded times.
+    # Exactly docs/definitions.md's definitions on the recorded times.
     stall_sum, eff_sum = 0.0, 0.0
     for r in records[:3]:
         times = [t for t, n in zip(r.chunk_times_s, r.chunk_tokens, strict=True) for _ in range(n)]

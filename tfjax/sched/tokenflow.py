@@ -1,4 +1,4 @@
-"""TokenFlow: buffer-aware preemptive scheduling (paper §3-4, DESIGN.md "The TokenFlow scheduler").
+"""TokenFlow: buffer-aware preemptive scheduling (paper §3-4; docs/architecture/scheduler.md).
 
 A decision runs every `schedule_interval_s` and on arrivals, and only under stress: a request
 waits, or a resident or preempted request is buffer-critical (predicted buffer below
@@ -46,7 +46,7 @@ Parameters the paper leaves open (`TokenFlowConfig`), value and reason. Each was
 the simulator on the H200 400-request burst (docs/architecture/scheduler.md has the table).
 - `schedule_interval_s` = 0.5: the paper's best Δt (§7.5); also t_schedule in the safety rule.
   1.0 s: +4% mean TTFT, -2% raw throughput.
-- `buffer_conservativeness` (mu) = 2.0: DESIGN.md's default; mu = 1: -3% effective
+- `buffer_conservativeness` (mu) = 2.0: the project's default; mu = 1: -3% effective
   throughput, and the margin also covers transfer times the engine measures with noise.
 - `critical_buffer_s` (T_critical) = 1.0: two intervals, so a request found critical at one
   decision is back before its reader runs dry even if the next decision is an interval away.
@@ -58,7 +58,7 @@ the simulator on the H200 400-request burst (docs/architecture/scheduler.md has 
   stalls every resident for one load (~10 ms for a 4k-token context on PCIe 5, about a decode
   step), and when demand is near capacity buffers hover low, so buffer balancing alone swaps
   every few seconds per request: without the budget 6.8k preemptions, 51 s of blocking loads,
-  -13% raw throughput, +64% stall (DESIGN.md's warning). The paper (§8) "mitigates PCIe
+  -13% raw throughput, +64% stall (an earlier prototype's warning). The paper (§8) "mitigates PCIe
   bandwidth contention by adaptively reducing preemption frequency". 0.02: -14% effective.
 - `displace_only_critical` = True: a preempted request displaces a resident only once it is
   critical; earlier it only takes free pages (False: +43% stall, -5% effective).
