@@ -10,7 +10,8 @@ import pytest
 from tfjax.sim import LengthDist, WorkloadSpec, load_trace, make_requests
 from tfjax.sim.workload import assign_rates, parse_rate_mix
 
-CONV = Path("/work/shared/data/azure-llm-inference-2023/conv.csv")
+# The Azure LLM inference trace (CC-BY 4.0), where a checkout has the shared data folder beside it.
+CONV = Path(__file__).resolve().parents[3] / "shared/data/azure-llm-inference-2023/conv.csv"
 
 
 def spec(**kw) -> WorkloadSpec:
