@@ -38,7 +38,7 @@ import jax
 from tfjax.kv.host import HostBlock, HostPage, HostTier
 from tfjax.kv.pages import PAD_PAGE, PageAllocator
 from tfjax.kv.prefix import PrefixCache
-from tfjax.kv.transfer import Transfers
+from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import Costs, Plan, ResumeMode
 
@@ -67,7 +67,7 @@ class PageIO(Protocol):
 @dataclass(slots=True)
 class Offload:
     host: HostTier
-    transfers: Transfers
+    transfers: TransferIO
     io: PageIO
     write_through: bool = True
     overlap: bool = True
@@ -107,6 +107,7 @@ class KVStats:
     num_preemptions: int = 0
     num_swap_preemptions: int = 0  # KV kept on the host
     num_loads: int = 0  # completed
+    num_recomputes: int = 0  # resumes by recompute
     num_host_full_fallbacks: int = 0
     preempt_s: float = 0.0  # total decision -> device pages free
     load_s: float = 0.0  # total resume decision -> pages scattered (off the engine thread)
@@ -190,6 +191,7 @@ class KVManager:
                 if not self._load(request):
                     continue
             else:
+                self.stats.num_recomputes += 1
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
             self._resumed_at[request.request_id] = time.perf_counter()
@@ -383,6 +385,8 @@ class KVManager:
         shares stay in use, so there a decode row that finds no page sits this step out
         (False) and the next plan sees the real free count."""
         need = self.pages_for(request, num_tokens)
+        if need == 0:
+            return True
         if need > self.num_free_pages:
             if self.prefix:
                 return False
