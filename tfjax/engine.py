@@ -84,7 +84,12 @@ class Engine:
         num_pages = min(config.num_pages or runner.num_pages, runner.num_pages)
         prefix = PrefixCache(runner.page_size, model_id) if config.prefix_cache else None
         self.kv = KVManager(
-            num_pages, runner.page_size, offload, swaps=policy.resumes_by_load, prefix=prefix
+            num_pages,
+            runner.page_size,
+            offload,
+            swaps=policy.resumes_by_load,
+            prefix=prefix,
+            clock=clock,
         )
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}  # empty without a tokenizer

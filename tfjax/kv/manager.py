@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -124,9 +124,12 @@ class KVManager:
         *,
         swaps: bool = True,
         prefix: PrefixCache | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back.
-        `prefix`: share full pages between requests (None: `--no-prefix-cache`)."""
+        `prefix`: share full pages between requests (None: `--no-prefix-cache`). `clock`
+        times the load and resume latencies (the engine's, virtual in the simulator)."""
+        self.clock = clock
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
         self.offload = offload
@@ -194,7 +197,7 @@ class KVManager:
                 self.stats.num_recomputes += 1
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
-            self._resumed_at[request.request_id] = time.perf_counter()
+            self._resumed_at[request.request_id] = self.clock()
         for request_id in plan.admit:
             request = self._get(requests, request_id, RequestStatus.WAITING)
             request.status = RequestStatus.PREFILLING
@@ -237,14 +240,14 @@ class KVManager:
             done = request.num_uncomputed_prefill == 0
             request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
             self.stats.num_loads += 1
-            self.stats.load_s += time.perf_counter() - load.started_s
+            self.stats.load_s += self.clock() - load.started_s
         return len(arrived)
 
     def on_decoded(self, request: Request) -> None:
         """The request produced a token: close its resume-latency measurement if open."""
         start = self._resumed_at.pop(request.request_id, None)
         if start is not None:
-            self.stats.resume_s += time.perf_counter() - start
+            self.stats.resume_s += self.clock() - start
             self.stats.num_resumes_timed += 1
 
     def release(self, request: Request) -> None:
@@ -370,7 +373,7 @@ class KVManager:
             (self.offload.transfers.load(b.array, b.nbytes, after_evictions=after_evictions), p)
             for b, p in targets.values()
         ]
-        self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
+        self._loads[request.request_id] = PendingLoad(request, parts, self.clock())
         request.status = RequestStatus.LOADING
 
     def _drop_kv(self, request: Request) -> None:

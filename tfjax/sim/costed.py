@@ -6,7 +6,8 @@ returns the token source's ids. The simulator's token source is `ConstantTokens`
 fixed id, never EOS: outputs run to `max_tokens`); tests put `tests/fakes.py`'s `FakeRunner`
 there instead, whose tokens depend on what the page tables read back, and get the very same
 timeline. It also implements the `PageIO` the host tier copies pages through: a gather is a
-`SimPages` record of its size, a scatter does nothing (there is no KV to move).
+`SimPages` record of its size in the profile's bytes, carrying the token source's own
+gathered pages when it keeps KV (`page_store`, the fake's), which a scatter writes back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tfjax.kv.manager import PrefillWork
+from tfjax.kv.manager import PageIO, PrefillWork
 from tfjax.request import Request
 from tfjax.sim.clock import VirtualClock
 from tfjax.sim.profiles import CostProfile
@@ -24,8 +25,7 @@ SIM_TOKEN = 3  # the simulator's every output token
 
 
 class TokenSource(Protocol):
-    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]:
-        ...
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]: ...
 
 
 class ConstantTokens:
@@ -40,7 +40,8 @@ class SimPages:
     """What a gather of `num_slots` pages would have produced (shape and size only)."""
 
     num_slots: int
-    nbytes: int
+    nbytes: int  # in the profile's KV bytes: what the modelled link moves
+    data: object = None  # the page store's gathered pages, if the run has one
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -57,6 +58,7 @@ class CostedRunner:
         num_pages: int,
         max_model_len: int,
         tokens: TokenSource | None = None,
+        page_store: PageIO | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -69,6 +71,7 @@ class CostedRunner:
         self.decode_step_s = dict(warm.decode_step_s)
         self.prefill_token_s = warm.prefill_token_s
         self.tokens = tokens or ConstantTokens()
+        self.page_store = page_store
         self.num_steps = 0
         self.busy_s = 0.0
 
@@ -94,7 +97,9 @@ class CostedRunner:
         return self.kv_bytes_per_token * self.page_size
 
     def gather(self, page_ids: Sequence[int]) -> SimPages:
-        return SimPages(len(page_ids), len(page_ids) * self.page_bytes)
+        data = self.page_store.gather(page_ids) if self.page_store else None
+        return SimPages(len(page_ids), len(page_ids) * self.page_bytes, data)
 
-    def scatter(self, page_ids: Sequence[int], pages: object) -> None:
-        pass
+    def scatter(self, page_ids: Sequence[int], pages: SimPages) -> None:
+        if self.page_store:
+            self.page_store.scatter(page_ids, pages.data)

@@ -20,6 +20,7 @@ from typing import Any
 from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
+from tfjax.kv.manager import PageIO
 from tfjax.qos import TokenTimeline, summarize
 from tfjax.request import Request
 from tfjax.sched.base import Plan, Policy, SchedulerView
@@ -80,6 +81,7 @@ def build_sim_engine(
     config: EngineConfig,
     clock: VirtualClock,
     tokens: TokenSource | None = None,
+    page_store: PageIO | None = None,
 ) -> Engine:
     """The engine `simulate` runs: `config`'s engine on the profile's costs and links."""
     num_pages = config.num_pages or profile.num_device_pages + 1
@@ -91,6 +93,7 @@ def build_sim_engine(
         num_pages=num_pages,
         max_model_len=min(config.max_model_len or pool_tokens, pool_tokens),
         tokens=tokens,
+        page_store=page_store,
     )
     return assemble_engine(
         runner,
@@ -116,19 +119,22 @@ def simulate(
     config: EngineConfig | None = None,
     *,
     tokens: TokenSource | None = None,
+    page_store: PageIO | None = None,
     idle_tick_s: float = 0.01,
     max_idle_s: float = 60.0,
     check_every: int = 0,
 ) -> SimResult:
     """Run `requests` (fresh, WAITING) under `policy` on `profile` until all finish.
     `config` None: `engine_config(profile)`. `check_every` > 0 audits the page books every
-    that many steps (slow; for tests)."""
+    that many steps (slow; for tests). `tokens` / `page_store`: another token source and the
+    KV it keeps (tests run `tests/fakes.py`'s `FakeRunner` here); the timeline is the same."""
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     if not pending:
         raise ValueError("no requests to simulate")
     timed = _TimedPolicy(policy)
     clock = VirtualClock(pending[0].arrival_s)
-    engine = build_sim_engine(timed, profile, config or engine_config(profile), clock, tokens)
+    config = config or engine_config(profile)
+    engine = build_sim_engine(timed, profile, config, clock, tokens, page_store)
     runner = engine.runner
     assert isinstance(runner, CostedRunner)
     links = engine.kv.offload.transfers if engine.kv.offload else None
