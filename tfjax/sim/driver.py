@@ -186,3 +186,20 @@ def simulate(
         summary=summarize(timelines),
         stats=stats,
     )
+
+
+def result_json(result: SimResult) -> dict[str, Any]:
+    """The result file of `tfjax simulate` (metrics as `tfjax.qos` defines them), requests
+    in the order of the workload."""
+    keys = ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "raw_throughput")
+    summary = {k: result.summary[k] for k in (*keys, "effective_throughput", "stall_ratio")}
+    summary["preemptions"] = result.stats["num_preemptions"]
+    return {
+        "policy": result.policy,
+        "profile": result.profile,
+        "summary": summary,
+        "requests": [
+            {"arrival_s": r.arrival_s, "token_times_s": list(r.reader.gen_times_s)}
+            for r in sorted(result.requests, key=lambda r: r.request_id)  # file order
+        ],
+    }
