@@ -1,6 +1,7 @@
 """`Engine`: one scheduling step at a time, on the engine thread (no locks inside).
 
     step():  plan = policy.plan(view)        who is admitted, preempted, resumed, run
+             validate_plan(view, plan)        the contract of tfjax.sched.base
              work = kv.execute(plan)          pages and statuses
              tokens = runner.step(work)       ONE jitted call: prefill chunks + decode rows
              postprocess(tokens)              readers, detokenizing, stop checks, deltas
@@ -32,7 +33,7 @@ from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
-from tfjax.sched.base import Costs, Policy, SchedulerView
+from tfjax.sched.base import Costs, Policy, SchedulerView, validate_plan
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class Engine:
         self.kv.complete_loads()
         view = self.view()
         plan = self.policy.plan(view)
+        validate_plan(view, plan, self.requests)
         work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False

@@ -40,13 +40,9 @@ from tfjax.kv.pages import PAD_PAGE, PageAllocator
 from tfjax.kv.prefix import PrefixCache
 from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Costs, Plan, ResumeMode
+from tfjax.sched.base import Costs, Plan, PlanError, ResumeMode, pages_for
 
 log = logging.getLogger(__name__)
-
-
-class PlanError(RuntimeError):
-    """A policy returned a plan that breaks the contract in `tfjax.sched.base`."""
 
 
 class PageIO(Protocol):
@@ -146,7 +142,7 @@ class KVManager:
         return self.offload.host if self.offload else None
 
     def pages_for(self, request: Request, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
+        return pages_for(request, num_tokens, self.page_size)
 
     @property
     def num_free_pages(self) -> int:
@@ -174,11 +170,9 @@ class KVManager:
     def execute(
         self, plan: Plan, requests: Mapping[str, Request], costs: Costs | None = None
     ) -> StepWork:
-        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step.
+        """Apply `plan`, which the engine validated (`tfjax.sched.base.validate_plan`); a
+        `PlanError` here means the books disagree with the view, and the engine fails the step.
         `costs` (the plan's view's) decide whether a prefix found on the host is loaded."""
-        named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
-        if len(set(named)) != len(named):
-            raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
         if self.prefix:
             for request in requests.values():
                 if request.status in (RequestStatus.PREFILLING, RequestStatus.RUNNING):
