@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 from models.errors import UserError
-from tfjax.config import add_engine_arguments, engine_config_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tfjax.config import add_engine_arguments  # imports JAX: only when building the CLI
+
     parser = subparsers.add_parser(
         "simulate", help="simulate a workload file on a cost profile (the real engine)"
     )
@@ -37,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tfjax.config import engine_config_from_args
     from tfjax.sched.registry import make_policy
     from tfjax.sim import engine_config, simulate
     from tfjax.sim.driver import result_json

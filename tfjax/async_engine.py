@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tfjax.api import (
     Delta,
@@ -294,13 +295,12 @@ class AsyncEngine:
         )
 
 
-def build_engine(args: argparse.Namespace) -> AsyncEngine:
-    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any, Any, Any]:
+    """(model, engine config, warmed-up `Runner`) for the model and engine flags in `args`:
+    what `tfjax serve` and `tfjax calibrate` run."""
     from models import load_model
     from models.cache import default_cache_dir
-    from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
     from tfjax.config import engine_config_from_args
-    from tfjax.kv.transfer import Transfers
     from tfjax.progress import ProgressBar
     from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
 
@@ -322,7 +322,17 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         max_model_len=max_model_len,
         mesh=model.mesh,
     )
-    runner.warmup(ProgressBar("step buckets"))
+    if warmup:
+        runner.warmup(ProgressBar("step buckets"))
+    return model, config, runner
+
+
+def build_engine(args: argparse.Namespace) -> AsyncEngine:
+    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+    from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
+    from tfjax.kv.transfer import Transfers
+
+    model, config, runner = build_runner(args)
     engine = assemble_engine(
         runner,
         runner,
