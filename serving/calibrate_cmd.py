@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tfjax.config import add_engine_arguments  # imports JAX: only when building the CLI
+    from tfjax.config import add_engine_arguments  # lazily, as serve_cmd: it imports JAX
 
     parser = subparsers.add_parser(
         "calibrate", help="measure this machine into a cost profile for tfjax simulate"

@@ -20,7 +20,7 @@ from models.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tfjax.config import add_engine_arguments  # imports JAX: only when building the CLI
+    from tfjax.config import add_engine_arguments  # lazily, as serve_cmd: it imports JAX
 
     parser = subparsers.add_parser(
         "simulate", help="simulate a workload file on a cost profile (the real engine)"
