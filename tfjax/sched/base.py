@@ -260,13 +260,18 @@ def validate_plan(
         pages[chunk.request_id] = max(pages.get(chunk.request_id, len(request.page_ids)), need)
     if len(set(plan.decode)) != len(plan.decode):
         raise PlanError("a request decodes twice")
-    for request_id in plan.decode:
+    grown = 0  # pages the plan allocates
+    ps = view.page_size
+    for request_id in plan.decode:  # the hot loop: one row per running request
         request = get(request_id)
         if status.get(request_id, request.status) is not RUNNING:
             raise PlanError(f"decode {request_id}: it is not running")
-        need = -(-request.num_tokens // view.page_size)
-        pages[request_id] = max(pages.get(request_id, len(request.page_ids)), need)
-    grown = sum(max(0, n - len(get(i).page_ids)) for i, n in pages.items() if n)
+        need = -(-(len(request.prompt_ids) + len(request.output_ids)) // ps)
+        if request_id in pages:
+            pages[request_id] = max(pages[request_id], need)
+        else:
+            grown += max(0, need - len(request.page_ids))
+    grown += sum(max(0, n - len(get(i).page_ids)) for i, n in pages.items() if n)
     if grown > free:
         raise PlanError(f"the plan allocates {grown} pages, {free} are free")
     joined = len(plan.resume) + len(plan.admit) - len(plan.preempt)
