@@ -2,7 +2,8 @@
 
     tfjax calibrate --model M [engine flags] --out PROFILE.json
 
-Builds and warms up the runner `tfjax serve` would run with the same flags, then times
+Builds the runner `tfjax serve` would run with the same flags (compiling only the step
+shapes it measures, not every bucket as serve's warm-up does), then times
 decode steps by batch size and context length, prefill steps by chunk size and the host
 links both ways (`tfjax.sim.calibrate`). Progress goes to stderr. The profile is what
 `tfjax simulate --profile PROFILE.json` loads; its engine flags are the ones given here.
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"calibrate: {line}", file=sys.stderr, flush=True)
 
-    _, config, runner = build_runner(args)
+    # No warm-up: each measured shape compiles in its untimed first run, the rest never.
+    _, config, runner = build_runner(args, warmup=False)
     links = Transfers(runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT)
     try:
         profile = calibrate(
