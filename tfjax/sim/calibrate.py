@@ -1,6 +1,7 @@
 """Measure a runner into a `CostProfile`: the step costs and host links the simulator needs.
 
-Decode steps are timed at each batch size of the plan at a short context (the profile's
+Decode steps are timed at each batch size of the plan up to the batch cap, and at the cap,
+at a short context (the profile's
 decode table) and, at the largest batch, at a long one too: the difference is what reading
 the extra KV costs (the profile's effective `mem_bytes_per_s`). Prefill steps of one request
 are timed at a few chunk sizes and fitted with a line, whose intercept is the step overhead
@@ -86,8 +87,9 @@ def calibrate(
     usable = runner.num_pages - 1
     short, long = plan.contexts
     fits = usable // -(-long // ps)  # rows of the long context the pool holds
-    batches = [b for b in plan.batches if b <= min(config.max_batch_size, fits)]
-    if not batches:
+    cap = min(config.max_batch_size, fits)  # the batch cap is always measured
+    batches = sorted({b for b in plan.batches if b <= cap} | {cap})
+    if cap < 1:
         raise ValueError(f"{usable} pages hold no decode batch of {long} tokens a row")
     table = []
     for b in batches:
