@@ -277,7 +277,7 @@ def run_one(task: tuple[str, str]) -> dict:
         "num_tokens": s["num_tokens"],
         "loads": st["num_loads"],
         "recomputes": st["num_recomputes"],
-        "blocking_io_s": st["blocking_io_s"],
+        "mean_load_s": st["load_s"] / max(1, st["num_loads"]),
         "sim_s": st["sim_end_s"],
         "steps": st["num_steps"],
         "mean_plan_ms": st["mean_plan_ms"],

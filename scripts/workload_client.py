@@ -63,6 +63,7 @@ class ClientRequest:
     rate: float  # consumption rate, tokens/s (the reader model's, also when not declared)
     declared: bool = True  # False: the request sends no consumption_rate (server default)
     stream: bool = True  # False: a non-streaming call, every token arrives at the end
+    prompt_ids: tuple[int, ...] = ()  # the exact prompt (a workload file's); () drawn at random
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,6 +205,8 @@ def trace_requests(
 
 def make_prompt(req: ClientRequest, *, mode: str, seed: int) -> list[int] | str:
     """The prompt of `req`: `mode` "ids" (token ids) or "text"; the same for the same seed."""
+    if req.prompt_ids:
+        return list(req.prompt_ids)
     rng = random.Random(f"{seed}/{req.index}")
     if mode == "ids":
         lo, hi = TOKEN_ID_RANGE

@@ -1,4 +1,4 @@
-"""`tfjax` console script: one subcommand per module (`generate`, `serve`).
+"""`tfjax` console script: one subcommand per module (generate, serve, simulate, calibrate).
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its flags and sets
 `run=<callable(args) -> int>` as the parser default. Errors a user can fix (a missing model
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from models.errors import UserError
-from serving import generate_cmd, serve_cmd
+from serving import calibrate_cmd, generate_cmd, serve_cmd, simulate_cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     generate_cmd.add_parser(subparsers)
     serve_cmd.add_parser(subparsers)
+    simulate_cmd.add_parser(subparsers)
+    calibrate_cmd.add_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tfjax.api import (
     Delta,
@@ -45,7 +46,6 @@ from tfjax.request import FinishReason, Request, RequestStatus, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3
-MAX_OFFLOAD_BYTES_IN_FLIGHT = 256 << 20  # caps pinned staging memory held by queued copies
 LIVE_STATE_WAIT_S = 0.3  # how long a dashboard refresh waits for the step in progress
 _ids = itertools.count()
 
@@ -295,17 +295,14 @@ class AsyncEngine:
         )
 
 
-def build_engine(args: argparse.Namespace) -> AsyncEngine:
-    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any, Any, Any]:
+    """(model, engine config, warmed-up `Runner`) for the model and engine flags in `args`:
+    what `tfjax serve` and `tfjax calibrate` run."""
     from models import load_model
     from models.cache import default_cache_dir
     from tfjax.config import engine_config_from_args
-    from tfjax.kv.host import HostTier
-    from tfjax.kv.manager import Offload
-    from tfjax.kv.transfer import Transfers
     from tfjax.progress import ProgressBar
     from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
-    from tfjax.sched.registry import make_policy
 
     config = engine_config_from_args(args)
     enable_compilation_cache(default_cache_dir())
@@ -325,26 +322,26 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         max_model_len=max_model_len,
         mesh=model.mesh,
     )
-    runner.warmup(ProgressBar("step buckets"))
-    policy = make_policy(config.policy, **config.policy_params)
-    offload = None
-    if config.offload:
-        offload = Offload(
-            host=HostTier(int(config.host_kv_gb * 1e9) // runner.page_bytes, config.page_size),
-            transfers=Transfers(
-                runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT
-            ),
-            io=runner,
-            write_through=config.write_through,
-            overlap=config.overlap,
-        )
-    engine = Engine(
+    if warmup:
+        runner.warmup(ProgressBar("step buckets"))
+    return model, config, runner
+
+
+def build_engine(args: argparse.Namespace) -> AsyncEngine:
+    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+    from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
+    from tfjax.kv.transfer import Transfers
+
+    model, config, runner = build_runner(args)
+    engine = assemble_engine(
+        runner,
         runner,
         model.tokenizer,
         config,
-        policy,
+        transfers=lambda: Transfers(
+            runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT
+        ),
         emit=lambda *_: None,
-        offload=offload,
         model_id=model.name,
     )
     return AsyncEngine(

@@ -11,7 +11,7 @@ the paper's Table 2 can be repeated from the command line.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from models.attention import BACKEND_NAMES, QUERY_TILE
 from models.errors import UserError
@@ -175,7 +175,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(
+    args: argparse.Namespace, base: EngineConfig | None = None
+) -> EngineConfig:
+    """`base` (default `EngineConfig()`) with the engine flags `args` holds (not None)."""
     names = {f.name for f in fields(EngineConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
     policy_params = {
@@ -188,4 +191,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     }
     if policy_params and kwargs.get("policy", EngineConfig.policy) != "tokenflow":
         raise UserError("--schedule-interval and --buffer-conservativeness need --policy tokenflow")
-    return EngineConfig(**kwargs, policy_params=policy_params)
+    return replace(base or EngineConfig(), **kwargs, policy_params=policy_params)

@@ -1,6 +1,7 @@
 """`Engine`: one scheduling step at a time, on the engine thread (no locks inside).
 
     step():  plan = policy.plan(view)        who is admitted, preempted, resumed, run
+             validate_plan(view, plan)        the contract of tfjax.sched.base
              work = kv.execute(plan)          pages and statuses
              tokens = runner.step(work)       ONE jitted call: prefill chunks + decode rows
              postprocess(tokens)              readers, detokenizing, stop checks, deltas
@@ -32,7 +33,7 @@ from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
-from tfjax.sched.base import Costs, Policy, SchedulerView
+from tfjax.sched.base import Costs, Policy, SchedulerView, validate_plan
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,18 @@ class Engine:
     def __init__(
         self,
         runner: StepRunner,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         config: EngineConfig,
         policy: Policy,
         *,
-        emit: Callable[[str, Delta], None],
+        emit: Callable[[str, Delta], None] | None,
         clock: Callable[[], float] = time.monotonic,
         offload: Offload | None = None,
         model_id: str = "",
     ) -> None:
-        """`model_id` names the weights: it roots the prefix cache's page keys."""
+        """`model_id` names the weights: it roots the prefix cache's page keys. `tokenizer`
+        None: deltas carry token ids only, no text (the simulator; no stop strings, no EOS).
+        `emit` None: no one reads deltas (the simulator reads the requests' timelines)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -82,10 +85,16 @@ class Engine:
         num_pages = min(config.num_pages or runner.num_pages, runner.num_pages)
         prefix = PrefixCache(runner.page_size, model_id) if config.prefix_cache else None
         self.kv = KVManager(
-            num_pages, runner.page_size, offload, swaps=policy.resumes_by_load, prefix=prefix
+            num_pages,
+            runner.page_size,
+            offload,
+            swaps=policy.resumes_by_load,
+            prefix=prefix,
+            clock=clock,
         )
         self.requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, Detokenizer] = {}
+        self._detokenizers: dict[str, Detokenizer] = {}  # empty without a tokenizer
+        self._eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset()
         self.costs = Costs(
             kv_bytes_per_token=runner.kv_bytes_per_token,
             decode_step_s=dict(runner.decode_step_s),
@@ -98,7 +107,11 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self._detokenizers[request.request_id] = Detokenizer(self.tokenizer, request.sampling.stop)
+        if self.tokenizer is not None:
+            detok = Detokenizer(self.tokenizer, request.sampling.stop)
+            self._detokenizers[request.request_id] = detok
+        elif request.sampling.stop:
+            raise ValueError("stop strings need a tokenizer")
 
     def abort(self, request_id: str) -> None:
         request = self.requests.get(request_id)
@@ -130,6 +143,7 @@ class Engine:
         self.kv.complete_loads()
         view = self.view()
         plan = self.policy.plan(view)
+        validate_plan(view, plan, self.requests)
         work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False
@@ -192,16 +206,17 @@ class Engine:
         request.reader.on_token(now)
         self.num_generated_tokens += 1
         params = request.sampling
-        detok = self._detokenizers[request.request_id]
+        detok = self._detokenizers.get(request.request_id)
         finish = None
         text = ""
-        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or (
+        if (token in self._eos_token_ids and not params.ignore_eos) or (
             token in params.stop_token_ids
         ):
             finish = FinishReason.STOP
         else:
-            text = detok.push(token)
-            if detok.stopped:
+            if detok is not None:
+                text = detok.push(token)
+            if detok is not None and detok.stopped:
                 finish = FinishReason.STOP
             elif (
                 request.num_output_tokens >= params.max_tokens
@@ -223,8 +238,8 @@ class Engine:
         token_ids: tuple[int, ...] = (),
         error: str | None = None,
     ) -> None:
-        detok = self._detokenizers.pop(request.request_id)
-        if reason is not FinishReason.ERROR:
+        detok = self._detokenizers.pop(request.request_id, None)
+        if detok is not None and reason is not FinishReason.ERROR:
             text += detok.flush()
         request.finish_reason = reason
         request.status = status
@@ -244,6 +259,8 @@ class Engine:
         error: str | None = None,
     ) -> None:
         request.sent_offset += len(text)
+        if self.emit is None:
+            return
         self.emit(
             request.request_id,
             Delta(

@@ -94,7 +94,9 @@ def make_engine(policy, *, runner: FakeRunner | None = None, host_pages: int = 5
     runner = runner or FakeRunner(num_pages=64, page_size=PAGE_SIZE)
     transfers = GatedTransfers(runner.pages_sharding)
     offload = Offload(host=HostTier(host_pages, PAGE_SIZE), transfers=transfers, io=runner)
-    config = EngineConfig(page_size=PAGE_SIZE, prefill_token_budget=64, max_batch_size=8)
+    # The scripted policy prefills whole prompts: the budget covers the whole pool.
+    budget = runner.num_pages * PAGE_SIZE
+    config = EngineConfig(page_size=PAGE_SIZE, prefill_token_budget=budget, max_batch_size=8)
     recorder = Recorder()
     engine = Engine(runner, FakeTokenizer(), config, policy, emit=recorder, offload=offload)
     return engine, recorder, transfers

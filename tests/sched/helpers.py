@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from tfjax.request import Request, RequestStatus, SamplingParams
-from tfjax.sched.base import Costs, Plan, ResumeMode, SchedulerView
+from tfjax.sched.base import Costs, Plan, SchedulerView, validate_plan
 
 PAGE = 4
 W, PF, R, P = (
@@ -121,52 +121,5 @@ def make_view(
 
 
 def check_plan(view: SchedulerView, plan: Plan) -> None:
-    """Assert base.py's plan contract, replaying the page books from the view alone."""
-    ps = view.page_size
-    everyone = {r.request_id: r for r in (*view.waiting, *view.resident, *view.preempted)}
-    named = [*plan.preempt, *(x.request_id for x in plan.resume), *plan.admit]
-    assert len(named) == len(set(named)), f"named twice: {plan}"
-    status = {rid: r.status for rid, r in everyone.items()}
-    computed = {rid: r.num_computed_tokens for rid, r in everyone.items()}
-    pages = {rid: len(r.page_ids) for rid, r in everyone.items()}
-    free = view.num_free_pages
-    for rid in plan.preempt:
-        assert status[rid] in (PF, R), f"preempt {rid} in {status[rid]}"
-        free += pages[rid]
-        pages[rid] = 0
-        status[rid] = P
-    for res in plan.resume:
-        r = everyone[res.request_id]
-        assert r.status is P and status[r.request_id] is P, f"resume {r.request_id}"
-        if res.mode is ResumeMode.LOAD:
-            assert view.host is not None
-            assert view.host.num_synced_tokens(r.request_id) == r.num_computed_tokens > 0
-            pages[r.request_id] = math.ceil(r.num_computed_tokens / ps)
-            ready = bool(r.output_ids) and r.num_computed_tokens == r.num_prefill_target
-            status[r.request_id] = R if ready else PF
-        else:
-            computed[r.request_id] = 0
-            status[r.request_id] = PF
-    for rid in plan.admit:
-        assert status[rid] is W
-        status[rid] = PF
-    chunked = [c.request_id for c in plan.prefill]
-    assert len(chunked) == len(set(chunked))
-    for c in plan.prefill:
-        r = everyone[c.request_id]
-        assert status[c.request_id] is PF, f"chunk for {c.request_id} in {status[c.request_id]}"
-        assert 1 <= c.num_tokens <= r.num_prefill_target - computed[c.request_id]
-        pages[c.request_id] = max(
-            pages[c.request_id], math.ceil((computed[c.request_id] + c.num_tokens) / ps)
-        )
-    assert len(plan.decode) == len(set(plan.decode))
-    for rid in plan.decode:
-        assert status[rid] is R, f"decode {rid} in {status[rid]}"
-        assert rid not in plan.preempt
-        pages[rid] = max(pages[rid], math.ceil(everyone[rid].num_tokens / ps))
-    kept = [(rid, r) for rid, r in everyone.items() if rid not in plan.preempt]
-    grown = sum(pages[rid] - len(r.page_ids) for rid, r in kept)
-    assert grown <= free, f"plan allocates {grown} pages, {free} free"
-    resident = [rid for rid, s in status.items() if s in (PF, R)]
-    assert len(resident) <= view.max_batch_size
-    assert sum(c.num_tokens for c in plan.prefill) <= view.prefill_token_budget
+    """base.py's plan contract, by the validator the engine runs."""
+    validate_plan(view, plan)

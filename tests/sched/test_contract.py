@@ -12,7 +12,7 @@ from tests.sched.helpers import PAGE, PF, FakeHost, P, R, W, check_plan, make_vi
 from tfjax.request import Request, SamplingParams
 from tfjax.sched.base import Costs
 from tfjax.sched.registry import POLICY_NAMES, make_policy
-from tfjax.sim import LengthDist, SimConfig, WorkloadSpec, make_requests, simulate
+from tfjax.sim import LengthDist, WorkloadSpec, engine_config, make_requests, simulate
 from tfjax.sim.profiles import CPU_SMOLLM2
 
 NOW = 50.0
@@ -136,9 +136,9 @@ def test_whole_runs_keep_the_books(arrival: str, n: int, seed: int, host_pages: 
         seed=seed,
     )
     profile = replace(TINY, num_host_pages=max(1, host_pages))
-    config = SimConfig(offload=host_pages > 0)
+    config = engine_config(profile, offload=host_pages > 0)
     for name in POLICY_NAMES:
-        # The executor raises PlanError on any contract breach; check_every audits the pages.
+        # The engine raises PlanError on any contract breach; check_every audits the pages.
         result = simulate(make_policy(name), make_requests(spec), profile, config, check_every=1)
         assert result.summary["num_unstarted"] == 0
         assert all(r.num_output_tokens == r.sampling.max_tokens for r in result.requests)

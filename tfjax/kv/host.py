@@ -62,10 +62,20 @@ class HostPage:
 @dataclass(slots=True)
 class HostCopy:
     pages: dict[int, HostPage] = field(default_factory=dict)  # request page index -> copy
+    # Leading full pages already found copied (queued / completed): `covered_tokens` resumes
+    # its walk there, so asking every step costs the new pages only, not the whole copy.
+    _queued_run: int = 0
+    _done_run: int = 0
+
+    def replace_from(self, first: int) -> None:
+        """Pages from index `first` on are being replaced by new copies."""
+        self._queued_run = min(self._queued_run, first)
+        self._done_run = min(self._done_run, first)
 
     def covered_tokens(self, page_size: int, *, done_only: bool) -> int:
         """Tokens covered by the contiguous run of copied pages from page 0."""
-        tokens, index = 0, 0
+        index = self._done_run if done_only else self._queued_run
+        tokens = index * page_size
         while (page := self.pages.get(index)) is not None:
             if done_only and not page.block.done:
                 break
@@ -73,6 +83,10 @@ class HostCopy:
             if page.num_tokens < page_size:
                 break
             index += 1
+        if done_only:
+            self._done_run = index
+        else:
+            self._queued_run = index
         return tokens
 
 
@@ -120,6 +134,7 @@ class HostTier:
             raise ValueError(f"{block.num_slots} host slots asked, {self.num_free_pages} free")
         self.num_used_pages += block.num_slots
         copy = self.copies.setdefault(request_id, HostCopy())
+        copy.replace_from(page_index_range.start)
         self._unref(copy.pages.pop(i) for i in page_index_range if i in copy.pages)
         for offset, index in enumerate(page_index_range):
             tokens = min(self.page_size, num_tokens - index * self.page_size)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,15 +38,11 @@ import jax
 from tfjax.kv.host import HostBlock, HostPage, HostTier
 from tfjax.kv.pages import PAD_PAGE, PageAllocator
 from tfjax.kv.prefix import PrefixCache
-from tfjax.kv.transfer import Transfers
+from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Costs, Plan, ResumeMode
+from tfjax.sched.base import Costs, Plan, PlanError, ResumeMode, pages_for
 
 log = logging.getLogger(__name__)
-
-
-class PlanError(RuntimeError):
-    """A policy returned a plan that breaks the contract in `tfjax.sched.base`."""
 
 
 class PageIO(Protocol):
@@ -67,7 +63,7 @@ class PageIO(Protocol):
 @dataclass(slots=True)
 class Offload:
     host: HostTier
-    transfers: Transfers
+    transfers: TransferIO
     io: PageIO
     write_through: bool = True
     overlap: bool = True
@@ -107,6 +103,7 @@ class KVStats:
     num_preemptions: int = 0
     num_swap_preemptions: int = 0  # KV kept on the host
     num_loads: int = 0  # completed
+    num_recomputes: int = 0  # resumes by recompute
     num_host_full_fallbacks: int = 0
     preempt_s: float = 0.0  # total decision -> device pages free
     load_s: float = 0.0  # total resume decision -> pages scattered (off the engine thread)
@@ -123,9 +120,12 @@ class KVManager:
         *,
         swaps: bool = True,
         prefix: PrefixCache | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`swaps`: the policy can resume by LOAD, so KV copied to the host may be read back.
-        `prefix`: share full pages between requests (None: `--no-prefix-cache`)."""
+        `prefix`: share full pages between requests (None: `--no-prefix-cache`). `clock`
+        times the load and resume latencies (the engine's, virtual in the simulator)."""
+        self.clock = clock
         self.device = PageAllocator(num_pages)
         self.page_size = page_size
         self.offload = offload
@@ -142,7 +142,7 @@ class KVManager:
         return self.offload.host if self.offload else None
 
     def pages_for(self, request: Request, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
+        return pages_for(request, num_tokens, self.page_size)
 
     @property
     def num_free_pages(self) -> int:
@@ -170,11 +170,9 @@ class KVManager:
     def execute(
         self, plan: Plan, requests: Mapping[str, Request], costs: Costs | None = None
     ) -> StepWork:
-        """Apply `plan`. A `PlanError` means a policy bug; the engine then fails the step.
+        """Apply `plan`, which the engine validated (`tfjax.sched.base.validate_plan`); a
+        `PlanError` here means the books disagree with the view, and the engine fails the step.
         `costs` (the plan's view's) decide whether a prefix found on the host is loaded."""
-        named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
-        if len(set(named)) != len(named):
-            raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
         if self.prefix:
             for request in requests.values():
                 if request.status in (RequestStatus.PREFILLING, RequestStatus.RUNNING):
@@ -190,9 +188,10 @@ class KVManager:
                 if not self._load(request):
                     continue
             else:
+                self.stats.num_recomputes += 1
                 self._drop_kv(request)
                 request.status = RequestStatus.PREFILLING
-            self._resumed_at[request.request_id] = time.perf_counter()
+            self._resumed_at[request.request_id] = self.clock()
         for request_id in plan.admit:
             request = self._get(requests, request_id, RequestStatus.WAITING)
             request.status = RequestStatus.PREFILLING
@@ -235,14 +234,14 @@ class KVManager:
             done = request.num_uncomputed_prefill == 0
             request.status = RequestStatus.RUNNING if done else RequestStatus.PREFILLING
             self.stats.num_loads += 1
-            self.stats.load_s += time.perf_counter() - load.started_s
+            self.stats.load_s += self.clock() - load.started_s
         return len(arrived)
 
     def on_decoded(self, request: Request) -> None:
         """The request produced a token: close its resume-latency measurement if open."""
         start = self._resumed_at.pop(request.request_id, None)
         if start is not None:
-            self.stats.resume_s += time.perf_counter() - start
+            self.stats.resume_s += self.clock() - start
             self.stats.num_resumes_timed += 1
 
     def release(self, request: Request) -> None:
@@ -368,7 +367,7 @@ class KVManager:
             (self.offload.transfers.load(b.array, b.nbytes, after_evictions=after_evictions), p)
             for b, p in targets.values()
         ]
-        self._loads[request.request_id] = PendingLoad(request, parts, time.perf_counter())
+        self._loads[request.request_id] = PendingLoad(request, parts, self.clock())
         request.status = RequestStatus.LOADING
 
     def _drop_kv(self, request: Request) -> None:
@@ -383,6 +382,8 @@ class KVManager:
         shares stay in use, so there a decode row that finds no page sits this step out
         (False) and the next plan sees the real free count."""
         need = self.pages_for(request, num_tokens)
+        if need == 0:
+            return True
         if need > self.num_free_pages:
             if self.prefix:
                 return False

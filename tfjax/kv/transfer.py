@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +105,33 @@ class _Link:
         self._pool.shutdown(wait=True)
 
 
+class LinkState(Protocol):
+    bytes_per_s: float  # measured (or modelled) bandwidth of this direction
+    bytes_done: int
+
+
+class TransferIO(Protocol):
+    """What `KVManager` and `Engine` need from the host links: implemented by `Transfers`
+    (worker threads) and by the simulator's `TimedTransfers` (the virtual clock)."""
+
+    d2h: LinkState
+    h2d: LinkState
+
+    def offload(self, pages: Any) -> Future[Any]: ...
+
+    def load(
+        self, host_pages: Future[Any], nbytes: int, *, after_evictions: bool = False
+    ) -> Future[Any]: ...
+
+    def room_bytes(self) -> int: ...
+
+    def backlog_s(self) -> float: ...
+
+    def shutdown(self) -> None: ...
+
+
 class Transfers:
-    """The two links between device memory and pinned host memory."""
+    """The two links between device memory and pinned host memory (a `TransferIO`)."""
 
     def __init__(self, pages_sharding: jax.sharding.Sharding, *, max_bytes_in_flight: int) -> None:
         """`pages_sharding`: how gathered pages lie on the device(s) (`Runner.pages_sharding`);

@@ -5,7 +5,8 @@ asks the policy for a `Plan`; the KV manager then applies the plan's page operat
 runner executes its prefill chunks and decode rows. Policies are pure Python and never import
 JAX (a test enforces it), so the same objects run in the real engine and in `tfjax.sim`.
 
-Contract of a plan (checked by `KVManager.execute`, which raises on violation):
+Contract of a plan (checked by `validate_plan`, which the engine runs on every plan and the
+tests on generated views; a breach raises `PlanError`):
 - `preempt` names resident requests (PREFILLING or RUNNING) that leave the device this step.
 - `resume` names PREEMPTED requests: LOAD brings their host KV back (LOADING while the copy
   travels, possibly over several steps, then RUNNING, or PREFILLING if it was preempted
@@ -26,11 +27,29 @@ neither `prefill` nor `decode`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tfjax.request import Request
+from tfjax.request import Request, RequestStatus
+
+WAITING, PREFILLING, RUNNING, PREEMPTED = (
+    RequestStatus.WAITING,
+    RequestStatus.PREFILLING,
+    RequestStatus.RUNNING,
+    RequestStatus.PREEMPTED,
+)
+
+
+class PlanError(RuntimeError):
+    """A policy returned a plan that breaks this module's contract."""
+
+
+def pages_for(request: Request, num_tokens: int, page_size: int) -> int:
+    """Extra device pages `request` needs so that `num_tokens` tokens fit. The one page
+    arithmetic of the engine, the policies and the checks (page 0, the padding page, is never
+    handed out: the allocator keeps it)."""
+    return max(0, -(-num_tokens // page_size) - len(request.page_ids))
 
 
 class ResumeMode(enum.Enum):
@@ -170,7 +189,7 @@ class SchedulerView:
 
     def pages_for(self, request: Request, num_tokens: int) -> int:
         """Extra device pages `request` needs so that `num_tokens` tokens fit."""
-        return max(0, -(-num_tokens // self.page_size) - len(request.page_ids))
+        return pages_for(request, num_tokens, self.page_size)
 
 
 class Policy(Protocol):
@@ -178,3 +197,85 @@ class Policy(Protocol):
     resumes_by_load: bool  # may plan ResumeMode.LOAD: only then is KV written to the host
 
     def plan(self, view: SchedulerView) -> Plan: ...
+
+
+def validate_plan(
+    view: SchedulerView, plan: Plan, requests: Mapping[str, Request] | None = None
+) -> None:
+    """Raise `PlanError` unless `plan` keeps the contract above for `view`. Costs O(plan):
+    `requests` (id -> request, the engine's table) saves building one from the view."""
+    if requests is None:
+        lists = (view.waiting, view.prefilling, view.running, view.preempted, view.loading)
+        requests = {r.request_id: r for rs in lists for r in rs}
+
+    def get(request_id: str) -> Request:
+        request = requests.get(request_id)
+        if request is None:
+            raise PlanError(f"{request_id}: no such live request")
+        return request
+
+    named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
+    if len(set(named)) != len(named):
+        raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
+    status: dict[str, RequestStatus] = {}  # after this plan, where it changes
+    computed: dict[str, int] = {}  # tokens with KV after this plan, where it changes
+    pages: dict[str, int] = {}  # pages held after this plan, where it changes
+    free = view.num_free_pages
+    for request_id in plan.preempt:
+        request = get(request_id)
+        if request.status not in (PREFILLING, RUNNING):
+            raise PlanError(f"preempt {request_id}: it is {request.status.value}")
+        free += len(request.page_ids)
+        status[request_id], pages[request_id] = PREEMPTED, 0
+    for resume in plan.resume:
+        request = get(resume.request_id)
+        if request.status is not PREEMPTED:
+            raise PlanError(f"resume {resume.request_id}: it is {request.status.value}")
+        if resume.mode is ResumeMode.RECOMPUTE:
+            status[request.request_id], computed[request.request_id] = PREFILLING, 0
+            continue
+        num_tokens = request.num_computed_tokens
+        if view.host is None or not 0 < num_tokens <= view.host.num_synced_tokens(
+            request.request_id
+        ):
+            raise PlanError(f"resume {request.request_id} by LOAD: no complete host copy")
+        pages[request.request_id] = -(-num_tokens // view.page_size)
+        status[request.request_id] = RUNNING if is_decode_ready(request) else PREFILLING
+    for request_id in plan.admit:
+        request = get(request_id)
+        if request.status is not WAITING:
+            raise PlanError(f"admit {request_id}: it is {request.status.value}")
+        status[request_id] = PREFILLING
+    chunked = [c.request_id for c in plan.prefill]
+    if len(set(chunked)) != len(chunked):
+        raise PlanError(f"two prefill chunks for one request: {plan.prefill}")
+    for chunk in plan.prefill:
+        request = get(chunk.request_id)
+        if status.get(chunk.request_id, request.status) is not PREFILLING:
+            raise PlanError(f"prefill {chunk.request_id}: it is not prefilling")
+        done = computed.get(chunk.request_id, request.num_computed_tokens)
+        if not 0 < chunk.num_tokens <= request.num_prefill_target - done:
+            raise PlanError(f"prefill {chunk.request_id}: bad chunk of {chunk.num_tokens}")
+        need = -(-(done + chunk.num_tokens) // view.page_size)
+        pages[chunk.request_id] = max(pages.get(chunk.request_id, len(request.page_ids)), need)
+    if len(set(plan.decode)) != len(plan.decode):
+        raise PlanError("a request decodes twice")
+    grown = 0  # pages the plan allocates
+    ps = view.page_size
+    for request_id in plan.decode:  # the hot loop: one row per running request
+        request = get(request_id)
+        if status.get(request_id, request.status) is not RUNNING:
+            raise PlanError(f"decode {request_id}: it is not running")
+        need = -(-(len(request.prompt_ids) + len(request.output_ids)) // ps)
+        if request_id in pages:
+            pages[request_id] = max(pages[request_id], need)
+        else:
+            grown += max(0, need - len(request.page_ids))
+    grown += sum(max(0, n - len(get(i).page_ids)) for i, n in pages.items() if n)
+    if grown > free:
+        raise PlanError(f"the plan allocates {grown} pages, {free} are free")
+    joined = len(plan.resume) + len(plan.admit) - len(plan.preempt)
+    if len(view.prefilling) + len(view.running) + joined > view.max_batch_size:
+        raise PlanError(f"more than {view.max_batch_size} resident requests")
+    if sum(c.num_tokens for c in plan.prefill) > view.prefill_token_budget:
+        raise PlanError(f"prefill over the budget of {view.prefill_token_budget} tokens")

@@ -1,24 +1,24 @@
-"""Discrete-event simulator: the real policies and page allocator against a cost model.
+"""Discrete-event simulator: the real `Engine` on a virtual clock and a cost model.
 
-`workload` makes requests, `profiles` holds cost models, `executor` applies plans, `loop`
-runs the event loop and summarizes with `tfjax.qos`.
+`clock` is the virtual clock, `costed` the cost-model runner (step time from a profile),
+`timed_transfer` the host links as the profile models them, `profiles` the cost models,
+`workload` the request streams and `driver` the loop that feeds arrivals to the engine and
+summarizes with `tfjax.qos`. Policies, page books, host tier and the step logic are the
+engine's own code: nothing here re-implements them.
 """
 
-from tfjax.sim.executor import Executor, PlanError, SimConfig
-from tfjax.sim.loop import SimResult, SimStuckError, simulate
+from tfjax.sim.driver import SimResult, SimStuckError, engine_config, simulate
 from tfjax.sim.profiles import PROFILES, CostProfile, get_profile
 from tfjax.sim.workload import LengthDist, WorkloadSpec, load_trace, make_requests
 
 __all__ = [
     "PROFILES",
     "CostProfile",
-    "Executor",
     "LengthDist",
-    "PlanError",
-    "SimConfig",
     "SimResult",
     "SimStuckError",
     "WorkloadSpec",
+    "engine_config",
     "get_profile",
     "load_trace",
     "make_requests",

@@ -25,8 +25,10 @@ an engine measurement (`scripts/bench_engine.py`), and say so in `source`.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from tfjax.sched.base import Costs
 
@@ -191,3 +193,32 @@ def get_profile(name: str) -> CostProfile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}") from None
+
+
+def profile_to_json(profile: CostProfile) -> dict[str, object]:
+    return {f: getattr(profile, f) for f in CostProfile.__dataclass_fields__}
+
+
+def profile_from_json(data: dict[str, object]) -> CostProfile:
+    """The inverse of `profile_to_json` (JSON turns the decode table into lists)."""
+    fields = dict(data)
+    fields["decode_table_s"] = tuple(
+        (int(b), float(s))
+        for b, s in fields.get("decode_table_s", ())  # type: ignore[union-attr]
+    )
+    try:
+        return CostProfile(**fields)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"bad profile: {e}") from None
+
+
+def load_profile(name_or_path: str) -> CostProfile:
+    """A built-in profile by name, else a JSON file (`tfjax calibrate --out`)."""
+    if name_or_path in PROFILES:
+        return PROFILES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"{name_or_path!r} is neither a profile file nor one of {', '.join(PROFILES)}"
+        )
+    return profile_from_json(json.loads(path.read_text()))

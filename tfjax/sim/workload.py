@@ -18,6 +18,7 @@ by `time_scale` (< 1 compresses time, i.e. raises the load) and lengths by `leng
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +155,57 @@ def load_trace(
         arrival = (_seconds(row["TIMESTAMP"]) - t0) * time_scale
         out.append(_request(i, arrival, n_in, n_out, rate_of[i]))
     return out
+
+
+def load_workload_file(path: str | Path) -> list[Request]:
+    """Requests of a workload file (`tfjax simulate --workload`, `scripts/sim_vs_live.py`):
+
+        {"requests": [{"arrival_s": float, "prompt_token_ids": [int, ...] (or
+          "prompt_tokens": int), "max_tokens": int, "consumption_rate": float}, ...]}
+
+    Outputs run to `max_tokens` (as with `ignore_eos`). A `prompt_tokens` prompt is made of
+    token ids of its own request, so no two requests share a prefix. Raises `ValueError`
+    naming the request and field of the first bad entry."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    entries = data.get("requests") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: 'requests' must be a non-empty list")
+    return [_workload_request(i, entry) for i, entry in enumerate(entries)]
+
+
+def _workload_request(i: int, entry: object) -> Request:
+    def field(name: str, kind: type, ok) -> float:
+        value = entry.get(name) if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+            raise ValueError(f"requests[{i}].{name}: bad value {value!r}")
+        return value
+
+    if not isinstance(entry, dict):
+        raise ValueError(f"requests[{i}]: must be an object")
+    known = {"arrival_s", "prompt_token_ids", "prompt_tokens", "max_tokens", "consumption_rate"}
+    for name in entry:
+        if name not in known:
+            raise ValueError(f"requests[{i}].{name}: unknown field")
+    if "prompt_token_ids" in entry:
+        prompt = entry["prompt_token_ids"]
+        if not (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+        ):
+            raise ValueError(f"requests[{i}].prompt_token_ids: must be a non-empty list of ids")
+    else:
+        length = int(field("prompt_tokens", int, lambda v: v > 0))
+        prompt = [3 + (i * 7919 + j) % 30000 for j in range(length)]
+    return Request(
+        request_id=f"r{i:06d}",
+        prompt_ids=list(prompt),
+        sampling=SamplingParams(
+            max_tokens=int(field("max_tokens", int, lambda v: v > 0)), ignore_eos=True
+        ),
+        arrival_s=float(field("arrival_s", (int, float), lambda v: v >= 0)),
+        consumption_rate=float(field("consumption_rate", (int, float), lambda v: v > 0)),
+    )

@@ -1,0 +1,119 @@
+"""Fidelity of the simulator: one workload file live against `tfjax serve` and simulated.
+
+    .venv/bin/python scripts/sim_vs_live.py --workload W.json --policy P --profile PROFILE \\
+        [--server-args "--kv-pages 64 --max-batch-size 8"] [--out R.json]
+    .venv/bin/python scripts/sim_vs_live.py --write-workloads DIR   # the three README workloads
+
+Live: starts `tfjax serve --policy P <server args>` (as `compare_policies.py` does), sends the
+file's requests with their exact token-id prompts at their arrival times and times every
+token on the client (`bench_serving.py`'s client). Simulated: `tfjax simulate`'s path with the
+same engine flags on PROFILE (a `tfjax calibrate` file, or a built-in name). Prints live and
+simulated mean / p99 TTFT and raw throughput and their ratios (targets: TTFT within +-25%,
+raw throughput within +-10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import sys
+from pathlib import Path
+
+import bench_serving as bench
+import compare_policies
+from workload_client import ClientRequest
+
+from tfjax.qos import summarize
+
+METRICS = ("mean_ttft_s", "p99_ttft_s", "raw_throughput")
+
+
+def write_workloads(out: Path, seed: int = 0) -> None:
+    """Three small CPU workloads (~1-2 min live each): a burst larger than a 64-page KV pool,
+    Poisson arrivals, mixed prompt lengths."""
+    rng = random.Random(seed)
+
+    def request(arrival_s: float, prompt: int, max_tokens: int, rate: float) -> dict:
+        ids = [rng.randrange(100, 10_000) for _ in range(prompt)]
+        return {"arrival_s": arrival_s, "prompt_token_ids": ids, "max_tokens": max_tokens,
+                "consumption_rate": rate}  # fmt: skip
+
+    rates = [2.0, 3.0]
+    burst = [request(0.0, 48, 64, rates[i % 2]) for i in range(16)]
+    t, poisson = 0.0, []
+    for i in range(16):
+        t += rng.expovariate(0.5)
+        poisson.append(request(round(t, 3), 32, 48, rates[i % 2]))
+    mixed = [request(0.5 * i, (16, 64, 192)[i % 3], 48, rates[i % 2]) for i in range(12)]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, reqs in (("burst", burst), ("poisson", poisson), ("mixed", mixed)):
+        (out / f"{name}.json").write_text(json.dumps({"requests": reqs}))
+        print(f"wrote {out / name}.json ({len(reqs)} requests)", file=sys.stderr)
+
+
+def live(workload: Path, policy: str, server_args: list[str], log: Path) -> dict[str, float]:
+    entries = json.loads(workload.read_text())["requests"]
+    requests = [
+        ClientRequest(
+            index=i,
+            arrival_s=e["arrival_s"],
+            prompt_len=len(e["prompt_token_ids"]),
+            output_len=e["max_tokens"],
+            rate=e["consumption_rate"],
+            prompt_ids=tuple(e["prompt_token_ids"]),
+        )
+        for i, e in enumerate(entries)
+    ]
+    with compare_policies.serve(policy, server_args, log, start_timeout_s=900) as (url, model):
+        cfg = bench.ClientConfig(base_url=url, model=model)
+        records, _ = asyncio.run(bench.run_requests(cfg, requests))
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} live requests failed: {failed[0].error}")
+    return summarize([bench.timeline_of(r) for r in records])
+
+
+def simulated(workload: Path, policy: str, profile: str, server_args: list[str]) -> dict:
+    from serving.cli import main as tfjax
+
+    out = workload.with_suffix(f".{policy}.sim.json")
+    argv = ["simulate", "--profile", profile, "--workload", str(workload), "--policy", policy]
+    if tfjax([*argv, *server_args, "--out", str(out)]) != 0:
+        raise RuntimeError("tfjax simulate failed")
+    return json.loads(out.read_text())["summary"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", type=Path)
+    parser.add_argument("--policy", default="tokenflow")
+    parser.add_argument("--profile", default="cpu-smollm2")
+    parser.add_argument("--server-args", default="", help="engine flags for both runs")
+    parser.add_argument("--out", type=Path, default=None, help="write both summaries here")
+    parser.add_argument("--write-workloads", type=Path, default=None, metavar="DIR")
+    args = parser.parse_args(argv)
+    if args.write_workloads:
+        write_workloads(args.write_workloads)
+        return 0
+    if args.workload is None:
+        parser.error("--workload is required")
+    flags = shlex.split(args.server_args)
+    log = args.workload.with_suffix(f".{args.policy}.serve.log")
+    live_summary = live(args.workload, args.policy, flags, log)
+    sim_summary = simulated(args.workload, args.policy, args.profile, flags)
+    print(f"{args.workload.stem} {args.policy}: metric live sim sim/live")
+    for key in METRICS:
+        ratio = sim_summary[key] / live_summary[key] if live_summary[key] else float("nan")
+        print(f"  {key:15s} {live_summary[key]:9.3f} {sim_summary[key]:9.3f} {ratio:6.2f}x")
+    if args.out:
+        row = {"workload": str(args.workload), "policy": args.policy, "profile": args.profile,
+               "live": live_summary, "sim": sim_summary}  # fmt: skip
+        args.out.write_text(json.dumps(row, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

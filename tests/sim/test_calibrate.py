@@ -1,0 +1,62 @@
+"""Calibrating the simulator's own cost-model runner gives back the profile it runs on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from tfjax.sim import engine_config, get_profile
+from tfjax.sim.calibrate import CalibrationPlan, calibrate
+from tfjax.sim.clock import VirtualClock
+from tfjax.sim.costed import CostedRunner
+from tfjax.sim.profiles import profile_from_json, profile_to_json
+from tfjax.sim.timed_transfer import TimedTransfers
+
+CPU = get_profile("cpu-smollm2")
+PLAN = CalibrationPlan(batches=(1, 8, 32), contexts=(160, 480), chunks=(32, 128, 512))
+
+
+def test_calibrating_the_cost_model_recovers_its_profile() -> None:
+    clock = VirtualClock()
+    config = engine_config(CPU)
+    runner = CostedRunner(
+        CPU, clock, page_size=CPU.page_size, num_pages=config.num_pages, max_model_len=4096
+    )
+    links = TimedTransfers(
+        clock,
+        d2h_bytes_per_s=CPU.d2h_bytes_per_s,
+        h2d_bytes_per_s=CPU.h2d_bytes_per_s,
+        max_bytes_in_flight=1 << 30,
+    )
+    lines: list[str] = []
+    got = calibrate(
+        runner, runner, links, config, name="cal", plan=PLAN, timer=clock, progress=lines.append
+    )
+    assert len(lines) == 3 + 1 + 3 + 1  # every measurement is reported
+    assert dict(got.decode_table_s) == pytest.approx(dict(CPU.decode_table_s))
+    assert got.table_context_tokens == 160
+    assert got.mem_bytes_per_s == pytest.approx(CPU.mem_bytes_per_s)
+    assert got.flops_per_s / got.flops_per_token == pytest.approx(
+        CPU.flops_per_s / CPU.flops_per_token
+    )
+    assert got.overhead_s == pytest.approx(CPU.overhead_s)
+    assert got.d2h_bytes_per_s == pytest.approx(CPU.d2h_bytes_per_s)
+    assert got.h2d_bytes_per_s == pytest.approx(CPU.h2d_bytes_per_s)
+    assert (got.num_device_pages, got.num_host_pages) == (CPU.num_device_pages, CPU.num_host_pages)
+    # Same step times as the profile it measured, at any batch and context.
+    for rows, context, prompt in [(1, 100, 0), (8, 2000, 0), (20, 5000, 64), (0, 0, 300)]:
+        kwargs = dict(num_decode=rows, context_tokens=context, num_prefill=prompt)
+        assert got.step_s(**kwargs) == pytest.approx(CPU.step_s(**kwargs))
+    assert profile_from_json(json.loads(json.dumps(profile_to_json(got)))) == got
+
+
+def test_a_pool_too_small_for_the_long_context_is_an_error() -> None:
+    small = replace(CPU, num_device_pages=10)
+    clock = VirtualClock()
+    config = engine_config(small)
+    runner = CostedRunner(small, clock, page_size=16, num_pages=11, max_model_len=160)
+    links = TimedTransfers(clock, d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, max_bytes_in_flight=1)
+    with pytest.raises(ValueError, match="10 pages"):
+        calibrate(runner, runner, links, config, name="x", plan=PLAN, timer=clock)

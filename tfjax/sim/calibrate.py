@@ -1,0 +1,166 @@
+"""Measure a runner into a `CostProfile`: the step costs and host links the simulator needs.
+
+Decode steps are timed at each batch size of the plan up to the batch cap, and at the cap,
+at a short context (the profile's
+decode table) and, at the largest batch, at a long one too: the difference is what reading
+the extra KV costs (the profile's effective `mem_bytes_per_s`). Prefill steps of one request
+are timed at a few chunk sizes and fitted with a line, whose intercept is the step overhead
+and whose slope the seconds per prompt token. Host links: gathered pages are copied to the
+host and back, bytes over seconds. Every figure is the fastest of `repeats` runs, after one
+untimed run. Rows read pages that were never written: timing does not depend on the values.
+
+Works on any `StepRunner` + `PageIO` with a `TransferIO`: `tfjax calibrate` gives it the real
+runner, the tests the simulator's own `CostedRunner` on a virtual clock, which must give back
+the profile it runs on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tfjax.config import EngineConfig
+from tfjax.engine import StepRunner
+from tfjax.kv.manager import PageIO, PrefillWork
+from tfjax.kv.transfer import TransferIO
+from tfjax.request import Request, SamplingParams
+from tfjax.sim.profiles import CostProfile
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CalibrationPlan:
+    batches: tuple[int, ...] = (1, 4, 16, 32)
+    contexts: tuple[int, int] = (64, 512)  # short (the table's), long (the KV read cost)
+    chunks: tuple[int, ...] = (32, 128, 512)  # prefill tokens of one request
+    copy_pages: int = 64
+    repeats: int = 3
+
+
+def _rows(num_rows: int, context: int, page_size: int) -> list[Request]:
+    """Decode rows of `context` tokens each on consecutive pages from page 1."""
+    pages = -(-context // page_size)
+    rows = []
+    for i in range(num_rows):
+        r = Request(
+            request_id=f"cal{i}",
+            prompt_ids=[1] * (context - 1),
+            sampling=SamplingParams(max_tokens=2),
+            arrival_s=0.0,
+            consumption_rate=1.0,
+        )
+        r.output_ids = [1]
+        r.num_computed_tokens = context - 1
+        r.page_ids = list(range(1 + i * pages, 1 + (i + 1) * pages))
+        rows.append(r)
+    return rows
+
+
+def calibrate(
+    runner: StepRunner,
+    io: PageIO,
+    transfers: TransferIO,
+    config: EngineConfig,
+    *,
+    name: str,
+    plan: CalibrationPlan = CalibrationPlan(),
+    timer: Callable[[], float] = time.perf_counter,
+    progress: Callable[[str], None] = lambda _: None,
+) -> CostProfile:
+    ps = runner.page_size
+
+    def fastest(run: Callable[[], object]) -> float:
+        run()
+        times = []
+        for _ in range(plan.repeats):
+            start = timer()
+            run()
+            times.append(timer() - start)
+        return min(times)
+
+    def decode(batch: int, context: int) -> float:
+        rows = _rows(batch, context, ps)
+        return fastest(lambda: np.asarray(runner.step((), rows)))
+
+    usable = runner.num_pages - 1
+    short, long = plan.contexts
+    fits = usable // -(-long // ps)  # rows of the long context the pool holds
+    cap = min(config.max_batch_size, fits)  # the batch cap is always measured
+    batches = sorted({b for b in plan.batches if b <= cap} | {cap})
+    if cap < 1:
+        raise ValueError(f"{usable} pages hold no decode batch of {long} tokens a row")
+    table = []
+    for b in batches:
+        table.append((b, decode(b, short)))
+        progress(f"decode batch {b} at {short} tokens: {table[-1][1] * 1e3:.1f} ms")
+    top = batches[-1]
+    long_s = decode(top, long)
+    progress(f"decode batch {top} at {long} tokens: {long_s * 1e3:.1f} ms")
+    per_context_token = max(long_s - table[-1][1], 1e-12) / (top * (long - short))
+
+    chunks = [n for n in plan.chunks if n <= config.prefill_token_budget and -(-n // ps) <= usable]
+    prefill_s = []
+    for n in chunks:
+        (row,) = _rows(1, n + 1, ps)
+        row.output_ids, row.num_computed_tokens = [], 0
+        row.prompt_ids = [1] * n
+        work = (PrefillWork(row, n),)
+        prefill_s.append(fastest(lambda w=work: np.asarray(runner.step(w, ()))))
+        progress(f"prefill {n} tokens: {prefill_s[-1] * 1e3:.1f} ms")
+    slope, intercept = _line(chunks, prefill_s)
+
+    pages = list(range(1, 1 + min(plan.copy_pages, usable, io.max_gather_pages)))
+    d2h_s = fastest(lambda: transfers.offload(io.gather(pages)).result())
+    host = transfers.offload(io.gather(pages))
+    nbytes = len(pages) * io.page_bytes
+    h2d_s = fastest(lambda: transfers.load(host, nbytes).result())
+    progress(f"copies of {nbytes / 1e6:.1f} MB: d2h {d2h_s * 1e3:.2f} ms, h2d {h2d_s * 1e3:.2f} ms")
+
+    kvb = runner.kv_bytes_per_token
+    mem_bytes_per_s = kvb / per_context_token
+    d2h, h2d = nbytes / max(d2h_s, 1e-12), nbytes / max(h2d_s, 1e-12)
+    source = "\n".join(
+        [
+            "tfjax calibrate on this machine: decode step "
+            + " / ".join(f"{s * 1e3:.1f}" for _, s in table)
+            + " ms at batch "
+            + " / ".join(str(b) for b, _ in table)
+            + f" with {short} tokens a row;",
+            f"KV reads {mem_bytes_per_s / 1e9:.2f} GB/s effective (batch {top} at {long} tokens:"
+            f" {long_s * 1e3:.1f} ms);",
+            f"prefill {slope * 1e3:.3f} ms a token plus {intercept * 1e3:.1f} ms a step"
+            f" (chunks {chunks});",
+            f"host copies d2h {d2h / 1e9:.2f} GB/s, h2d {h2d / 1e9:.2f} GB/s"
+            f" ({nbytes / 1e6:.1f} MB); engine flags as given",
+        ]
+    )
+    return CostProfile(
+        name=name,
+        source=source,
+        page_size=ps,
+        num_device_pages=usable,
+        num_host_pages=int(config.host_kv_gb * 1e9) // io.page_bytes,
+        kv_bytes_per_token=kvb,
+        max_batch_size=config.max_batch_size,
+        prefill_token_budget=config.prefill_token_budget,
+        overhead_s=max(intercept, 0.0),
+        per_row_s=0.0,
+        weight_bytes=0.0,
+        mem_bytes_per_s=mem_bytes_per_s,
+        flops_per_token=1.0,
+        flops_per_s=1.0 / max(slope, 1e-12),
+        d2h_bytes_per_s=d2h,
+        h2d_bytes_per_s=h2d,
+        decode_table_s=tuple(table),
+        table_context_tokens=short,
+    )
+
+
+def _line(xs: Sequence[int], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept); one point: through the origin."""
+    if len(xs) == 1:
+        return ys[0] / xs[0], 0.0
+    slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(slope), float(intercept)

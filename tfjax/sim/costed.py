@@ -1,0 +1,105 @@
+"""Cost-model runners: the engine's `StepRunner` whose step takes the profile's time.
+
+`CostedRunner` runs a step of any token source on a `VirtualClock`: it advances the clock by
+`CostProfile.step_s` of the step's decode rows, their context and its prefill tokens, then
+returns the token source's ids. The simulator's token source is `ConstantTokens` (no KV, one
+fixed id, never EOS: outputs run to `max_tokens`); tests put `tests/fakes.py`'s `FakeRunner`
+there instead, whose tokens depend on what the page tables read back, and get the very same
+timeline. It also implements the `PageIO` the host tier copies pages through: a gather is a
+`SimPages` record of its size in the profile's bytes, carrying the token source's own
+gathered pages when it keeps KV (`page_store`, the fake's), which a scatter writes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tfjax.kv.manager import PageIO, PrefillWork
+from tfjax.request import Request
+from tfjax.sim.clock import VirtualClock
+from tfjax.sim.profiles import CostProfile
+
+SIM_TOKEN = 3  # the simulator's every output token
+
+
+class TokenSource(Protocol):
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]: ...
+
+
+class ConstantTokens:
+    """Every sampled token is `SIM_TOKEN`."""
+
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> list[int]:
+        return [SIM_TOKEN] * (len(prefill) + len(decode))
+
+
+@dataclass(frozen=True, slots=True)
+class SimPages:
+    """What a gather of `num_slots` pages would have produced (shape and size only)."""
+
+    num_slots: int
+    nbytes: int  # in the profile's KV bytes: what the modelled link moves
+    data: object = None  # the page store's gathered pages, if the run has one
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (1, 1, self.num_slots)  # the page axis is 2, as in `gather_pages`
+
+
+class CostedRunner:
+    def __init__(
+        self,
+        profile: CostProfile,
+        clock: VirtualClock,
+        *,
+        page_size: int,
+        num_pages: int,
+        max_model_len: int,
+        tokens: TokenSource | None = None,
+        page_store: PageIO | None = None,
+    ) -> None:
+        self.profile = profile
+        self.clock = clock
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.kv_bytes_per_token = profile.kv_bytes_per_token
+        # The first estimates a warm-up would measure, at one page of context per row.
+        warm = profile.costs(page_size)
+        self.decode_step_s = dict(warm.decode_step_s)
+        self.prefill_token_s = warm.prefill_token_s
+        self.tokens = tokens or ConstantTokens()
+        self.page_store = page_store
+        self.num_steps = 0
+        self.busy_s = 0.0
+
+    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]:
+        seconds = self.profile.step_s(
+            num_decode=len(decode),
+            context_tokens=sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
+            num_prefill=sum(w.num_tokens for w in prefill),
+        )
+        ids = self.tokens.step(prefill, decode)
+        self.clock.advance(seconds)
+        self.num_steps += 1
+        self.busy_s += seconds
+        return ids
+
+    # PageIO
+    @property
+    def max_gather_pages(self) -> int:
+        return self.num_pages
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.page_size
+
+    def gather(self, page_ids: Sequence[int]) -> SimPages:
+        data = self.page_store.gather(page_ids) if self.page_store else None
+        return SimPages(len(page_ids), len(page_ids) * self.page_bytes, data)
+
+    def scatter(self, page_ids: Sequence[int], pages: SimPages) -> None:
+        if self.page_store:
+            self.page_store.scatter(page_ids, pages.data)

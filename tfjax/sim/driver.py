@@ -1,0 +1,205 @@
+"""The simulator's driver: the real `Engine` on a virtual clock, fed arrivals on time.
+
+`simulate` builds the engine the server builds (`tfjax.assembly`), with a `CostedRunner`
+(step time from the profile) and `TimedTransfers` (host links from the profile) on one
+`VirtualClock`, then loops: add the requests that have arrived, run `Engine.step`. A step
+moves the clock by its modelled time; a step with nothing to run moves it to the next event
+(an arrival, a copy completing) or by `idle_tick_s` (a policy may be waiting for a timer).
+Idle with nothing left to arrive or copy for longer than `max_idle_s` raises
+`SimStuckError`. Nothing here is random: the same requests, profile and config give the
+same token timelines, and so does any token source the runner is given (see `costed`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
+from tfjax.config import EngineConfig
+from tfjax.engine import Engine
+from tfjax.kv.manager import PageIO
+from tfjax.qos import TokenTimeline, summarize
+from tfjax.request import Request
+from tfjax.sched.base import Plan, Policy, SchedulerView
+from tfjax.sim.clock import VirtualClock
+from tfjax.sim.costed import CostedRunner, TokenSource
+from tfjax.sim.profiles import CostProfile
+from tfjax.sim.timed_transfer import TimedTransfers
+
+
+class SimStuckError(RuntimeError):
+    """The policy left work undone and the device idle with nothing left to arrive."""
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    profile: str
+    requests: list[Request]
+    summary: dict[str, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def engine_config(profile: CostProfile, **overrides: Any) -> EngineConfig:
+    """The engine flags a profile describes (its KV pools, batch cap, prefill budget), with
+    `overrides` (any `EngineConfig` field) on top. Synthetic prompts repeat one token, so the
+    prefix cache is off unless asked for."""
+    page_bytes = profile.kv_bytes_per_token * profile.page_size
+    base = EngineConfig(
+        page_size=profile.page_size,
+        num_pages=profile.num_device_pages + 1,  # + the padding page
+        max_batch_size=profile.max_batch_size,
+        prefill_token_budget=profile.prefill_token_budget,
+        host_kv_gb=(profile.num_host_pages * page_bytes + 0.5) / 1e9,
+        prefix_cache=False,
+    )
+    return replace(base, **overrides)
+
+
+class _TimedPolicy:
+    """Forwards to the policy and adds up the host time its `plan` calls take."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.resumes_by_load = policy.resumes_by_load
+        self.plan_s = 0.0
+
+    def plan(self, view: SchedulerView) -> Plan:
+        start = time.perf_counter()
+        plan = self.policy.plan(view)
+        self.plan_s += time.perf_counter() - start
+        return plan
+
+
+def build_sim_engine(
+    policy: Policy,
+    profile: CostProfile,
+    config: EngineConfig,
+    clock: VirtualClock,
+    tokens: TokenSource | None = None,
+    page_store: PageIO | None = None,
+) -> Engine:
+    """The engine `simulate` runs: `config`'s engine on the profile's costs and links."""
+    num_pages = config.num_pages or profile.num_device_pages + 1
+    pool_tokens = (num_pages - 1) * config.page_size
+    runner = CostedRunner(
+        profile,
+        clock,
+        page_size=config.page_size,
+        num_pages=num_pages,
+        max_model_len=min(config.max_model_len or pool_tokens, pool_tokens),
+        tokens=tokens,
+        page_store=page_store,
+    )
+    return assemble_engine(
+        runner,
+        runner,
+        None,  # token ids only: no detokenizing
+        config,
+        transfers=lambda: TimedTransfers(
+            clock,
+            d2h_bytes_per_s=profile.d2h_bytes_per_s,
+            h2d_bytes_per_s=profile.h2d_bytes_per_s,
+            max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT,
+        ),
+        emit=None,
+        clock=clock,
+        policy=policy,
+    )
+
+
+def simulate(
+    policy: Policy,
+    requests: Sequence[Request],
+    profile: CostProfile,
+    config: EngineConfig | None = None,
+    *,
+    tokens: TokenSource | None = None,
+    page_store: PageIO | None = None,
+    idle_tick_s: float = 0.01,
+    max_idle_s: float = 60.0,
+    check_every: int = 0,
+) -> SimResult:
+    """Run `requests` (fresh, WAITING) under `policy` on `profile` until all finish.
+    `config` None: `engine_config(profile)`. `check_every` > 0 audits the page books every
+    that many steps (slow; for tests). `tokens` / `page_store`: another token source and the
+    KV it keeps (tests run `tests/fakes.py`'s `FakeRunner` here); the timeline is the same."""
+    pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+    if not pending:
+        raise ValueError("no requests to simulate")
+    timed = _TimedPolicy(policy)
+    clock = VirtualClock(pending[0].arrival_s)
+    config = config or engine_config(profile)
+    engine = build_sim_engine(timed, profile, config, clock, tokens, page_store)
+    runner = engine.runner
+    assert isinstance(runner, CostedRunner)
+    links = engine.kv.offload.transfers if engine.kv.offload else None
+    assert links is None or isinstance(links, TimedTransfers)
+    started = time.perf_counter()
+    next_arrival, idle_since = 0, None
+    while True:
+        while next_arrival < len(pending) and pending[next_arrival].arrival_s <= clock.now_s:
+            engine.add_request(pending[next_arrival])
+            next_arrival += 1
+        if not engine.has_work:
+            if next_arrival == len(pending):
+                break
+            clock.advance_to(pending[next_arrival].arrival_s)
+            continue
+        if engine.step():
+            idle_since = None
+            if check_every and runner.num_steps % check_every == 0:
+                engine.check_idle()
+            continue
+        copy_done = links.next_completion_s() if links else None
+        events = [clock.now_s + idle_tick_s]
+        if next_arrival < len(pending):
+            events.append(pending[next_arrival].arrival_s)
+        elif copy_done is None:
+            idle_since = clock.now_s if idle_since is None else idle_since
+            if clock.now_s - idle_since > max_idle_s:
+                raise SimStuckError(f"{policy.name}: {len(engine.requests)} requests left")
+        if copy_done is not None:
+            events.append(copy_done)
+        clock.advance_to(min(events))
+    engine.check_idle()
+    stats: dict[str, Any] = asdict(engine.kv.stats)
+    stats.update(
+        num_steps=runner.num_steps,
+        busy_s=runner.busy_s,
+        d2h_bytes=links.d2h.bytes_done if links else 0,
+        h2d_bytes=links.h2d.bytes_done if links else 0,
+        sim_end_s=clock.now_s,
+        plan_s=timed.plan_s,
+        wall_s=time.perf_counter() - started,
+        mean_plan_ms=1e3 * timed.plan_s / max(1, runner.num_steps),
+    )
+    timelines = [TokenTimeline(arrival_s=r.arrival_s, reader=r.reader) for r in pending]
+    return SimResult(
+        policy=policy.name,
+        profile=profile.name,
+        requests=pending,
+        summary=summarize(timelines),
+        stats=stats,
+    )
+
+
+def result_json(result: SimResult) -> dict[str, Any]:
+    """The result file of `tfjax simulate` (metrics as `tfjax.qos` defines them), requests
+    in the order of the workload."""
+    keys = ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "raw_throughput")
+    summary = {k: result.summary[k] for k in (*keys, "effective_throughput", "stall_ratio")}
+    summary["preemptions"] = result.stats["num_preemptions"]
+    return {
+        "policy": result.policy,
+        "profile": result.profile,
+        "summary": summary,
+        "requests": [
+            {"arrival_s": r.arrival_s, "token_times_s": list(r.reader.gen_times_s)}
+            for r in sorted(result.requests, key=lambda r: r.request_id)  # file order
+        ],
+    }
