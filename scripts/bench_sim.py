@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -47,7 +48,14 @@ from tfjax.request import Request
 from tfjax.sched.registry import POLICY_NAMES, make_policy
 from tfjax.sim import LengthDist, WorkloadSpec, get_profile, load_trace, make_requests, simulate
 
-AZURE_DIR = Path("/work/shared/data/azure-llm-inference-2023")
+# The Azure LLM inference 2023 trace (CC-BY 4.0): TFJAX_AZURE_TRACE_DIR, else the shared data
+# folder beside the checkout.
+AZURE_DIR = Path(
+    os.environ.get(
+        "TFJAX_AZURE_TRACE_DIR",
+        Path(__file__).resolve().parents[2] / "shared/data/azure-llm-inference-2023",
+    )
+)
 
 
 @dataclass(frozen=True)
