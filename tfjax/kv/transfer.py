@@ -130,7 +130,25 @@ class TransferIO(Protocol):
     def shutdown(self) -> None: ...
 
 
-class Transfers:
+class LinkBudget:
+    """Room and backlog of a D2H/H2D link pair: shared by `Transfers` and the simulator's
+    `TimedTransfers`, whose links both count `bytes_in_flight` at a `bytes_per_s`."""
+
+    max_bytes_in_flight: int
+    d2h: Any
+    h2d: Any
+
+    def room_bytes(self) -> int:
+        return max(0, self.max_bytes_in_flight - self.d2h.bytes_in_flight)
+
+    def backlog_s(self) -> float:
+        return (
+            self.d2h.bytes_in_flight / self.d2h.bytes_per_s
+            + self.h2d.bytes_in_flight / self.h2d.bytes_per_s
+        )
+
+
+class Transfers(LinkBudget):
     """The two links between device memory and pinned host memory (a `TransferIO`)."""
 
     def __init__(self, pages_sharding: jax.sharding.Sharding, *, max_bytes_in_flight: int) -> None:
@@ -159,15 +177,6 @@ class Transfers:
             return host_pages.result()
 
         return self.h2d.submit(source, nbytes, self.device_sharding)
-
-    def room_bytes(self) -> int:
-        return max(0, self.max_bytes_in_flight - self.d2h.bytes_in_flight)
-
-    def backlog_s(self) -> float:
-        return (
-            self.d2h.bytes_in_flight / self.d2h.bytes_per_s
-            + self.h2d.bytes_in_flight / self.h2d.bytes_per_s
-        )
 
     def shutdown(self) -> None:
         self.d2h.shutdown()

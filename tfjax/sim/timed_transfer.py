@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from tfjax.kv.transfer import LinkBudget
 from tfjax.sim.clock import VirtualClock
 
 
@@ -65,7 +66,7 @@ class TimedLink:
         return self._queued[0][0] if self.bytes_in_flight else None
 
 
-class TimedTransfers:
+class TimedTransfers(LinkBudget):
     def __init__(
         self,
         clock: VirtualClock,
@@ -88,15 +89,6 @@ class TimedTransfers:
         if after_evictions:
             ready = max(ready, self.d2h.free_at_s)
         return self.h2d.submit(host_pages.value, nbytes, ready)
-
-    def room_bytes(self) -> int:
-        return max(0, self.max_bytes_in_flight - self.d2h.bytes_in_flight)
-
-    def backlog_s(self) -> float:
-        return (
-            self.d2h.bytes_in_flight / self.d2h.bytes_per_s
-            + self.h2d.bytes_in_flight / self.h2d.bytes_per_s
-        )
 
     def next_completion_s(self) -> float | None:
         """When the next queued copy completes (None: both links idle)."""
