@@ -8,6 +8,7 @@ can compare against `reference_tokens` without any weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import jax
@@ -20,6 +21,7 @@ from tfjax.request import Request
 
 VOCAB = 1000
 EOS = 2
+IDLE_STEP_S = 0.001  # how long `drive` sleeps after a step with nothing to run
 
 
 def next_token(context: Sequence[int]) -> int:
@@ -113,20 +115,30 @@ def drive(
     every: int = 1,
     sync_transfers: bool = False,
     max_steps: int = 10_000,
+    timeout_s: float = 120.0,
 ) -> int:
     """Submit one request per `every` steps, step until all finish, checking the page books
     after every step; with `sync_transfers`, wait for host copies after each step. Returns the
-    number of steps."""
-    pending, steps = list(requests), 0
+    number of steps that ran.
+
+    A step with nothing to run (every request left is waiting for a host copy) sleeps like
+    the server's engine thread and does not count towards `max_steps`: how many such steps
+    pass depends on the copy threads, not on the policy."""
+    pending, ticks, steps = list(requests), 0, 0
+    deadline = time.monotonic() + timeout_s
     while pending or engine.has_work:
-        if pending and steps % every == 0:
+        if pending and ticks % every == 0:
             engine.add_request(pending.pop(0))
-        engine.step()
+        ticks += 1
+        ran = engine.step()
         if sync_transfers and engine.kv.offload:
             engine.kv.offload.transfers.d2h.drain()
         engine.check_idle()
-        steps += 1
-        assert steps < max_steps, "no progress"
+        if ran:
+            steps += 1
+        else:
+            time.sleep(IDLE_STEP_S)
+        assert steps < max_steps and time.monotonic() < deadline, "no progress"
     if engine.kv.offload:
         engine.kv.offload.transfers.d2h.drain()
     return steps
