@@ -1,0 +1,55 @@
+"""The sampler's three branches (all greedy, unfiltered sampling, top-k/top-p) agree row by row:
+a request's token never depends on which branch its batch neighbours select."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tfjax.sampling import SamplingInput, sample
+
+VOCAB = 512
+
+
+def params(temperature, top_k, top_p, seed) -> SamplingInput:
+    n = len(temperature)
+    return SamplingInput(
+        temperature=jnp.asarray(temperature, jnp.float32),
+        top_k=jnp.asarray(top_k, jnp.int32),
+        top_p=jnp.asarray(top_p, jnp.float32),
+        seed=jnp.asarray(seed, jnp.uint32),
+        output_index=jnp.arange(n, dtype=jnp.int32),
+    )
+
+
+def test_a_plain_sampled_row_ignores_a_filtered_neighbour() -> None:
+    logits = jax.random.normal(jax.random.key(0), (2, VOCAB)) * 3
+    for seed in range(20):
+        alone = sample(logits[:1], params([1.0], [0], [1.0], [seed]))
+        crowd = sample(logits, params([1.0, 0.8], [0, 40], [1.0, 0.9], [seed, 99]))
+        assert int(alone[0]) == int(crowd[0])
+
+
+def test_a_greedy_row_is_the_argmax_in_every_branch() -> None:
+    logits = jax.random.normal(jax.random.key(1), (3, VOCAB))
+    argmax = int(jnp.argmax(logits[0]))
+    batches = [
+        params([0.0, 0.0, 0.0], [0, 0, 0], [1.0, 1.0, 1.0], [0, 1, 2]),
+        params([0.0, 1.0, 1.0], [0, 0, 0], [1.0, 1.0, 1.0], [0, 1, 2]),
+        params([0.0, 1.0, 0.5], [0, 5, 0], [1.0, 1.0, 0.5], [0, 1, 2]),
+    ]
+    assert [int(sample(logits, p)[0]) for p in batches] == [argmax] * 3
+
+
+def test_filters_keep_draws_inside_the_allowed_set() -> None:
+    logits = jax.random.normal(jax.random.key(2), (1, VOCAB)) * 2
+    top5 = set(np.argsort(-np.asarray(logits[0]))[:5].tolist())
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    order = np.argsort(-probs)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1].tolist())
+    for seed in range(30):
+        assert int(sample(logits, params([1.0], [5], [1.0], [seed]))[0]) in top5
+        assert int(sample(logits, params([1.0], [0], [0.5], [seed]))[0]) in nucleus
+    unfiltered = {int(sample(logits, params([1.0], [0], [1.0], [s]))[0]) for s in range(30)}
+    assert not unfiltered <= top5  # without filters the draw leaves the top 5 at times
