@@ -31,60 +31,61 @@ import numpy as np
 
 from models import load_model
 from models.cache import default_cache_dir
+from tfjax.assembly import assemble_engine, device_transfers
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
-from tfjax.kv.host import HostTier
-from tfjax.kv.manager import Offload
-from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.runner import Runner, enable_compilation_cache
 from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode
 from tfjax.sched.registry import make_policy
 
-MAX_BYTES_IN_FLIGHT = 1 << 30
+HOST_KV_GB = 8.0
 
 
-def make_offload(runner: Runner, *, write_through: bool = True, overlap: bool = True) -> Offload:
-    return Offload(
-        host=HostTier(int(8e9) // runner.page_bytes, runner.page_size),
-        transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=MAX_BYTES_IN_FLIGHT),
-        io=runner,
-        write_through=write_through,
-        overlap=overlap,
+class Scripted:
+    """A policy that returns the plan given by `next_plan`, once, then decodes everything
+    running; it resumes by LOAD, so the engine keeps host copies."""
+
+    name = "scripted"
+    resumes_by_load = True
+
+    def __init__(self) -> None:
+        self.next: Plan | None = None
+
+    def plan(self, view) -> Plan:
+        plan, self.next = self.next, None
+        return plan or Plan(decode=tuple(r.request_id for r in view.running))
+
+
+def make_engine(runner: Runner, tokenizer, config: EngineConfig, policy) -> Engine:
+    return assemble_engine(
+        runner,
+        runner,
+        tokenizer,
+        config,
+        transfers=device_transfers(runner.pages_sharding),
+        emit=None,
+        policy=policy,
     )
 
 
 def run_plan(engine: Engine, plan: Plan) -> None:
-    engine.policy = _Once(plan)
+    engine.policy.next = plan
     engine.step()
-
-
-class _Once:
-    """A policy that returns one given plan, then decodes everything running."""
-
-    name = "once"
-    resumes_by_load = True
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan_ = plan
-
-    def plan(self, view) -> Plan:
-        plan, self.plan_ = self.plan_, None
-        return plan or Plan(decode=tuple(r.request_id for r in view.running))
 
 
 def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
     """Preempt + resume one request holding `context` tokens of KV; mode: wt | wb | recompute."""
-    offload = None if mode == "recompute" else make_offload(runner, write_through=mode == "wt")
-    config = EngineConfig(page_size=runner.page_size, max_batch_size=2, prefill_token_budget=512)
-    engine = Engine(
-        runner,
-        tokenizer,
-        config,
-        make_policy("tokenflow"),  # resumes by LOAD, so the engine keeps host copies
-        emit=lambda *_: None,
-        offload=offload,
+    config = EngineConfig(
+        page_size=runner.page_size,
+        max_batch_size=2,
+        prefill_token_budget=512,
+        offload=mode != "recompute",
+        write_through=mode == "wt",
+        host_kv_gb=HOST_KV_GB,
     )
+    engine = make_engine(runner, tokenizer, config, Scripted())
+    offload = engine.kv.offload
     prompt = np.random.default_rng(context).integers(10, runner.cfg.vocab_size, context).tolist()
     request = Request("r", prompt, SamplingParams(max_tokens=64, ignore_eos=True), 0.0, 10.0)
     engine.add_request(request)
@@ -146,15 +147,10 @@ def burst_makespan(runner: Runner, tokenizer, args, variant: str) -> dict:
         write_through=variant != "no-write-through",
         overlap=variant != "no-overlap",
         num_pages=args.burst_kv_pages,  # a smaller pool than the array: the burst must not fit
+        host_kv_gb=HOST_KV_GB,
     )
-    offload = (
-        make_offload(runner, write_through=config.write_through, overlap=config.overlap)
-        if config.offload
-        else None
-    )
-    engine = Engine(
-        runner, tokenizer, config, make_policy("tokenflow"), emit=lambda *_: None, offload=offload
-    )
+    engine = make_engine(runner, tokenizer, config, make_policy("tokenflow"))
+    offload = engine.kv.offload
     rng = np.random.default_rng(args.seed)
     for i in range(args.burst):
         prompt = rng.integers(10, runner.cfg.vocab_size, args.burst_prompt_len).tolist()

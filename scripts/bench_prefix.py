@@ -31,14 +31,11 @@ import numpy as np
 from models import load_model
 from models.cache import default_cache_dir
 from tfjax.api import Delta
+from tfjax.assembly import assemble_engine, device_transfers
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
-from tfjax.kv.host import HostTier
-from tfjax.kv.manager import Offload
-from tfjax.kv.transfer import Transfers
 from tfjax.request import Request, SamplingParams
 from tfjax.runner import Runner, enable_compilation_cache
-from tfjax.sched.registry import make_policy
 
 VARIANTS = {  # name -> (prefix cache, host tier)
     "no-cache": (False, True),
@@ -79,17 +76,19 @@ def make_engine(runner: Runner, variant: str, num_pages: int, args) -> tuple[Eng
         max_batch_size=args.concurrent,
         prefill_token_budget=512,
         prefix_cache=prefix_cache,
+        offload=host,
+        host_kv_gb=args.host_kv_gb,
     )
-    offload = None
-    if host:
-        offload = Offload(
-            host=HostTier(int(args.host_kv_gb * 1e9) // runner.page_bytes, runner.page_size),
-            transfers=Transfers(runner.pages_sharding, max_bytes_in_flight=1 << 30),
-            io=runner,
-        )
     timed = Timed()
-    policy = make_policy("tokenflow")
-    engine = Engine(runner, _NoText(), config, policy, emit=timed, offload=offload, model_id="b")
+    engine = assemble_engine(
+        runner,
+        runner,
+        _NoText(),
+        config,
+        transfers=device_transfers(runner.pages_sharding),
+        emit=timed,
+        model_id="b",
+    )
     return engine, timed
 
 

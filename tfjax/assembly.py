@@ -11,16 +11,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import jax
+
 from tfjax.api import Delta
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine, StepRunner, Tokenizer
 from tfjax.kv.host import HostTier
 from tfjax.kv.manager import Offload, PageIO
-from tfjax.kv.transfer import TransferIO
+from tfjax.kv.transfer import TransferIO, Transfers
 from tfjax.sched.base import Policy
 from tfjax.sched.registry import make_policy
 
 MAX_OFFLOAD_BYTES_IN_FLIGHT = 256 << 20  # caps pinned staging memory held by queued copies
+
+
+def device_transfers(pages_sharding: jax.sharding.Sharding) -> Callable[[], Transfers]:
+    """Real links (worker threads) for a runner's gathered pages (`Runner.pages_sharding`):
+    what `tfjax serve` and the scripts pass as `transfers`."""
+    return lambda: Transfers(pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT)
 
 
 def build_offload(

@@ -39,7 +39,7 @@ from tfjax.api import (
     RequestStream,
 )
 from tfjax.engine import Engine
-from tfjax.live_state import DecisionRecorder, build_live_state
+from tfjax.live_state import build_live_state
 from tfjax.metrics import COMPILES
 from tfjax.request import FinishReason, Request, RequestStatus, SamplingParams
 
@@ -63,11 +63,22 @@ class _Stream:
                 return
 
 
+Emit = Callable[[str, Delta], None]
+
+
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, *, model_name: str, tokenizer: object, max_waiting: int
+        self,
+        build: Callable[[Emit], Engine],
+        *,
+        model_name: str,
+        tokenizer: object,
+        max_waiting: int,
     ) -> None:
-        self.engine = engine
+        """`build(emit)` makes the engine whose deltas go to `emit`, this object's thread-safe
+        forwarder to the requests' asyncio queues (`tfjax.assembly.assemble_engine`)."""
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
+        self.engine = engine = build(self._emit)
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = engine.runner.max_model_len
@@ -76,14 +87,10 @@ class AsyncEngine:
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
         self._compiles_at_start = COMPILES.count
         self._stats = EngineStats()
-        self._decisions = DecisionRecorder(engine.policy)
-        engine.policy = self._decisions
         self._live_pending: Future[LiveState] | None = None
         self._live_latest: LiveState | None = None
-        engine.emit = self._emit
         self._thread = threading.Thread(target=self._run, name="tfjax-engine", daemon=True)
         self._thread.start()
 
@@ -247,9 +254,9 @@ class AsyncEngine:
         state = build_live_state(
             engine.requests,
             now_s=engine.clock(),
-            policy=self._decisions.name,
+            policy=engine.policy.name,
             stats=self._stats,
-            last_decision=self._decisions.last,
+            last_decision=engine.last_decision,
             page_size=engine.runner.page_size,
             host_synced_tokens=host.num_synced_tokens if host is not None else None,
         )
@@ -329,23 +336,19 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     """Load the model named by `args.model`, compile every bucket, start the engine thread."""
-    from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT, assemble_engine
-    from tfjax.kv.transfer import Transfers
+    from tfjax.assembly import assemble_engine, device_transfers
 
     model, config, runner = build_runner(args)
-    engine = assemble_engine(
-        runner,
-        runner,
-        model.tokenizer,
-        config,
-        transfers=lambda: Transfers(
-            runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT
-        ),
-        emit=lambda *_: None,
-        model_id=model.name,
-    )
     return AsyncEngine(
-        engine,
+        lambda emit: assemble_engine(
+            runner,
+            runner,
+            model.tokenizer,
+            config,
+            transfers=device_transfers(runner.pages_sharding),
+            emit=emit,
+            model_id=model.name,
+        ),
         model_name=model.name,
         tokenizer=model.tokenizer,
         max_waiting=config.max_waiting,

@@ -26,14 +26,14 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from tfjax.api import Delta
+from tfjax.api import Decision, Delta
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
 from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
-from tfjax.sched.base import Costs, Policy, SchedulerView, validate_plan
+from tfjax.sched.base import Costs, Plan, Policy, SchedulerView, validate_plan
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Engine:
         )
         self.num_generated_tokens = 0
         self.effective_tokens = 0.0  # paper §7.1.3 weights of finished requests' tokens
+        self.last_decision: Decision | None = None  # the newest plan that moved a request
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Engine:
         view = self.view()
         plan = self.policy.plan(view)
         validate_plan(view, plan, self.requests)
+        self._note_decision(view.now_s, plan)
         work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False
@@ -165,6 +167,13 @@ class Engine:
         running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
         self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
         return True
+
+    def _note_decision(self, now_s: float, plan: Plan) -> None:
+        """Keep a plan that admits, preempts or resumes (the dashboard's "last decision");
+        plans that only decode or prefill happen every step and are not worth showing."""
+        if plan.preempt or plan.resume or plan.admit:
+            resumed = tuple(r.request_id for r in plan.resume)
+            self.last_decision = Decision(now_s, plan.preempt, resumed, plan.admit)
 
     def view(self) -> SchedulerView:
         by_status: dict[RequestStatus, list[Request]] = {s: [] for s in RequestStatus}

@@ -4,39 +4,14 @@
 `AsyncEngine.live_state`, only while someone looks), so reading the requests needs no lock and
 a step never pays for it. The snapshot is made of frozen values and is handed to the event loop
 as is. Statuses are `RequestStatus.value` strings, so a new status needs no change here.
-
-`DecisionRecorder` wraps the engine's policy and keeps the last plan that moved a request
-(preempt, resume or admit): the "last decision" of the dashboard. Plans that only decode or
-prefill are not decisions worth showing; they happen every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from tfjax.api import Decision, EngineStats, LiveState, RequestState
 from tfjax.request import Request
-from tfjax.sched.base import Plan, Policy, SchedulerView
-
-
-class DecisionRecorder:
-    """A `Policy` that forwards to `policy` and remembers its last request-moving plan."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.name = policy.name
-        self.last: Decision | None = None
-
-    def plan(self, view: SchedulerView) -> Plan:
-        plan = self.policy.plan(view)
-        if plan.preempt or plan.resume or plan.admit:
-            resumed = tuple(r.request_id for r in plan.resume)
-            self.last = Decision(view.now_s, plan.preempt, resumed, plan.admit)
-        return plan
-
-    def __getattr__(self, name: str) -> Any:  # other policy attributes the engine may read
-        return getattr(self.policy, name)
 
 
 def build_live_state(

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import uvicorn
 from serving.app import create_app
 from tests.fakes import EOS, VOCAB, FakeRunner, reference_tokens
 from tfjax.api import Delta
-from tfjax.async_engine import AsyncEngine
+from tfjax.async_engine import AsyncEngine, Emit
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.host import HostTier
@@ -146,8 +146,12 @@ class ProbedEngine(Engine):
     """An `Engine` that counts the steps it ran and remembers every request it was given,
     when each got its first token and when each abort reached it (in steps)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, emit: Emit, **kwargs: Any) -> None:
+        def probed_emit(request_id: str, delta: Delta) -> None:
+            self.on_delta(request_id, delta)
+            emit(request_id, delta)
+
+        super().__init__(*args, emit=probed_emit, **kwargs)
         self.num_steps = 0
         self.seen: dict[str, Request] = {}  # every request ever added, in arrival order
         self.first_token_step: dict[str, int] = {}
@@ -178,17 +182,10 @@ class ProbedAsyncEngine(AsyncEngine):
 
     engine: ProbedEngine
 
-    def __init__(self, engine: ProbedEngine, **kwargs: Any) -> None:
+    def __init__(self, build: Callable[[Emit], ProbedEngine], **kwargs: Any) -> None:
         self.abort_called_at_step: dict[str, int] = {}
         self.abort_called_at_s: dict[str, float] = {}
-        super().__init__(engine, **kwargs)
-        forward = engine.emit
-
-        def emit(request_id: str, delta: Delta) -> None:
-            engine.on_delta(request_id, delta)
-            forward(request_id, delta)
-
-        engine.emit = emit
+        super().__init__(build, **kwargs)
 
     def abort(self, request_id: str) -> None:
         self.abort_called_at_step.setdefault(request_id, self.engine.num_steps)
@@ -227,15 +224,19 @@ def make_engine(
             io=runner,
         )
     tokenizer = tokenizer or TextTokenizer()
-    engine = ProbedEngine(
-        runner,
-        tokenizer,
-        config,
-        make_policy(policy) if isinstance(policy, str) else policy,
-        emit=lambda *_: None,
-        offload=offload,
+    return ProbedAsyncEngine(
+        lambda emit: ProbedEngine(
+            runner,
+            tokenizer,
+            config,
+            make_policy(policy) if isinstance(policy, str) else policy,
+            emit=emit,
+            offload=offload,
+        ),
+        model_name=MODEL,
+        tokenizer=tokenizer,
+        max_waiting=max_waiting,
     )
-    return ProbedAsyncEngine(engine, model_name=MODEL, tokenizer=tokenizer, max_waiting=max_waiting)
 
 
 @dataclass

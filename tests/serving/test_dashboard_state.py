@@ -19,7 +19,7 @@ from tfjax.api import EngineStats, LiveState
 from tfjax.async_engine import LIVE_STATE_WAIT_S, AsyncEngine
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
-from tfjax.live_state import DecisionRecorder, build_live_state
+from tfjax.live_state import build_live_state
 from tfjax.request import Request, SamplingParams
 from tfjax.sched.base import Plan, PrefillChunk, SchedulerView
 
@@ -73,24 +73,28 @@ def async_engine() -> Iterator[AsyncEngine]:
     ]
     config = EngineConfig(page_size=4, max_batch_size=8, prefill_token_budget=64)
     policy = ScriptedPolicy([plan for _, _, plan in steps] + [Plan(admit=("C",))])
-    engine = Engine(
-        FakeRunner(num_pages=64, page_size=4),
-        FakeTokenizer(),
-        config,
-        policy,
-        emit=lambda *_: None,
-        clock=clock,
-    )
-    for t, new, _ in steps:
-        clock.t = t
-        for r in new:
-            engine.add_request(r)
-        assert engine.step()
-    clock.t = 9.8  # the admission of C, planned by the engine thread
-    engine.add_request(c)
-    served = AsyncEngine(engine, model_name="fake-model", tokenizer=None, max_waiting=10)
+
+    def build(emit) -> Engine:
+        engine = Engine(
+            FakeRunner(num_pages=64, page_size=4),
+            FakeTokenizer(),
+            config,
+            policy,
+            emit=emit,
+            clock=clock,
+        )
+        for t, new, _ in steps:
+            clock.t = t
+            for r in new:
+                engine.add_request(r)
+            assert engine.step()
+        clock.t = 9.8  # the admission of C, planned by the engine thread
+        engine.add_request(c)
+        return engine
+
+    served = AsyncEngine(build, model_name="fake-model", tokenizer=None, max_waiting=10)
     deadline = time.monotonic() + 10
-    while served._decisions.last is None:
+    while served.engine.last_decision.admit != ("C",):
         assert time.monotonic() < deadline, "the engine thread never planned"
         time.sleep(0.001)
     clock.t = 10.0
@@ -168,21 +172,33 @@ def test_host_pages_round_up_and_statuses_are_generic() -> None:
     assert row.status == r.status.value == "waiting"
 
 
-def test_decision_recorder_keeps_the_last_plan_that_moved_a_request() -> None:
-    plans = [Plan(admit=("a",)), Plan(decode=("a",)), Plan(preempt=("a",), admit=("b",))]
-    recorder = DecisionRecorder(ScriptedPolicy(plans))
-    view = SchedulerView(
-        now_s=1.0, waiting=(), prefilling=(), running=(), preempted=(), page_size=4,
-        num_free_pages=1, num_total_pages=1, max_batch_size=1, prefill_token_budget=4,
-        costs=None,
-    )  # fmt: skip
-    recorder.plan(view)
-    assert recorder.last.admit == ("a",) and recorder.last.at_s == 1.0
-    recorder.plan(view)  # decode only: not a decision
-    assert recorder.last.admit == ("a",)
-    recorder.plan(view)
-    assert (recorder.last.preempt, recorder.last.admit) == (("a",), ("b",))
-    assert recorder.name == "scripted" and recorder.plans == []  # other attributes forwarded
+def test_engine_keeps_the_last_plan_that_moved_a_request() -> None:
+    a, b = request("a", 3, arrival_s=0.0, rate=4.0), request("b", 3, arrival_s=0.0, rate=4.0)
+    plans = [
+        Plan(admit=("a",), prefill=(PrefillChunk(request_id="a", num_tokens=3),)),
+        Plan(decode=("a",)),
+        Plan(preempt=("a",), admit=("b",), prefill=(PrefillChunk(request_id="b", num_tokens=3),)),
+    ]
+    clock = ManualClock()
+    engine = Engine(
+        FakeRunner(num_pages=16, page_size=4),
+        FakeTokenizer(),
+        EngineConfig(page_size=4),
+        ScriptedPolicy(plans),
+        emit=None,
+        clock=clock,
+    )
+    engine.add_request(a)
+    engine.add_request(b)
+    clock.t = 1.0
+    assert engine.step()
+    assert engine.last_decision.admit == ("a",) and engine.last_decision.at_s == 1.0
+    clock.t = 2.0
+    assert engine.step()  # decode only: not a decision
+    assert engine.last_decision.at_s == 1.0
+    assert engine.step()
+    last = engine.last_decision
+    assert (last.preempt, last.admit, last.at_s) == (("a",), ("b",), 2.0)
 
 
 async def test_dashboard_page_is_served_from_the_package(client: httpx.AsyncClient) -> None:
@@ -199,15 +215,19 @@ async def test_live_state_does_not_wait_for_a_long_step() -> None:
     `LIVE_STATE_WAIT_S` instead of waiting for the step."""
     release = threading.Event()
     clock = ManualClock()
-    engine = Engine(
-        FakeRunner(num_pages=8, page_size=4),
-        FakeTokenizer(),
-        EngineConfig(page_size=4),
-        ScriptedPolicy([]),
-        emit=lambda *_: None,
-        clock=clock,
+    served = AsyncEngine(
+        lambda emit: Engine(
+            FakeRunner(num_pages=8, page_size=4),
+            FakeTokenizer(),
+            EngineConfig(page_size=4),
+            ScriptedPolicy([]),
+            emit=emit,
+            clock=clock,
+        ),
+        model_name="m",
+        tokenizer=None,
+        max_waiting=1,
     )
-    served = AsyncEngine(engine, model_name="m", tokenizer=None, max_waiting=1)
     try:
         first = await served.live_state()
         assert first is not None and first.requests == ()
