@@ -8,6 +8,8 @@ are timed at a few chunk sizes and fitted with a line, whose intercept is the st
 and whose slope the seconds per prompt token. Host links: gathered pages are copied to the
 host and back, bytes over seconds. Every figure is the fastest of `repeats` runs, after one
 untimed run. Rows read pages that were never written: timing does not depend on the values.
+Rows sample as an OpenAI request does by default (temperature 1, no top-k or top-p), which is
+what `tfjax serve` runs when a client sends no sampling fields.
 
 Works on any `StepRunner` + `PageIO` with a `TransferIO`: `tfjax calibrate` gives it the real
 runner, the tests the simulator's own `CostedRunner` on a virtual clock, which must give back
@@ -47,7 +49,7 @@ def _rows(num_rows: int, context: int, page_size: int) -> list[Request]:
         r = Request(
             request_id=f"cal{i}",
             prompt_ids=[1] * (context - 1),
-            sampling=SamplingParams(max_tokens=2),
+            sampling=SamplingParams(max_tokens=2, temperature=1.0, seed=0),
             arrival_s=0.0,
             consumption_rate=1.0,
         )
