@@ -3,6 +3,9 @@
     .venv/bin/python scripts/sim_vs_live.py --workload W.json --policy P --profile PROFILE \\
         [--server-args "--kv-pages 64 --max-batch-size 8"] [--out R.json]
     .venv/bin/python scripts/sim_vs_live.py --write-workloads DIR   # the three README workloads
+    .venv/bin/python scripts/sim_vs_live.py --workload W.json --policy P --profile PROFILE \
+        --live-from R.json --out R2.json   # re-simulate only, against R.json's live run
+    .venv/bin/python scripts/sim_vs_live.py --table R.json ...       # the README's table
 
 Live: starts `tfjax serve --policy P <server args>` (as `compare_policies.py` does), sends the
 file's requests with their exact token-id prompts at their arrival times and times every
@@ -86,6 +89,26 @@ def simulated(workload: Path, policy: str, profile: str, server_args: list[str])
     return json.loads(out.read_text())["summary"]
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Live and simulated figures with their ratios, one line per (workload, policy)."""
+    lines = [
+        "| workload | policy | mean TTFT live / sim | p99 TTFT live / sim | raw tok/s live / sim |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = []
+        for key in METRICS:
+            live_value, sim_value = row["live"][key], row["sim"][key]
+            unit = " s" if key.endswith("_s") else ""
+            cells.append(
+                f"{live_value:.3g}{unit} / {sim_value:.3g}{unit} ({sim_value / live_value:.2f}x)"
+            )
+        lines.append(
+            f"| {Path(row['workload']).stem} | {row['policy']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", type=Path)
@@ -94,15 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="engine flags for both runs")
     parser.add_argument("--out", type=Path, default=None, help="write both summaries here")
     parser.add_argument("--write-workloads", type=Path, default=None, metavar="DIR")
+    parser.add_argument(
+        "--live-from", type=Path, default=None, help="reuse this result file's live summary"
+    )
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="result files")
     args = parser.parse_args(argv)
     if args.write_workloads:
         write_workloads(args.write_workloads)
         return 0
+    if args.table:
+        print(markdown_table([json.loads(p.read_text()) for p in args.table]))
+        return 0
     if args.workload is None:
         parser.error("--workload is required")
     flags = shlex.split(args.server_args)
-    log = args.workload.with_suffix(f".{args.policy}.serve.log")
-    live_summary = live(args.workload, args.policy, flags, log)
+    if args.live_from:
+        live_summary = json.loads(args.live_from.read_text())["live"]
+    else:
+        log = args.workload.with_suffix(f".{args.policy}.serve.log")
+        live_summary = live(args.workload, args.policy, flags, log)
     sim_summary = simulated(args.workload, args.policy, args.profile, flags)
     print(f"{args.workload.stem} {args.policy}: metric live sim sim/live")
     for key in METRICS:

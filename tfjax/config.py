@@ -11,6 +11,8 @@ the paper's Table 2 can be repeated from the command line.
 from __future__ import annotations
 
 import argparse
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from models.attention import BACKEND_NAMES, QUERY_TILE
@@ -28,6 +30,27 @@ def geometric_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
         n *= factor
     out.append(hi)
     return tuple(out)
+
+
+def ceil_bucket(buckets: Sequence[int], n: int) -> int:
+    """The smallest of the sorted `buckets` that holds `n`."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """The padded shape of a step: the runner compiles one executable per bucket, and a step
+    costs what its bucket costs (the simulator charges it so too)."""
+
+    tiles: int  # prefill rows of QUERY_TILE tokens
+    rows: int  # decode rows
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tiles * QUERY_TILE + self.rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +103,25 @@ class EngineConfig:
         """Decode rows of a step that also prefills: x4 steps from 8, since the tiles'
         tokens dominate such a step and every (tiles, rows) pair is a compile."""
         return geometric_buckets(min(8, self.max_batch_size), self.max_batch_size, 4)
+
+    def step_buckets(self) -> list[Bucket]:
+        """Every bucket: decode-only, prefill-only and mixed steps; mixed ones pad decode rows
+        coarsely (the prefill tiles dominate their cost), which keeps the table small."""
+        tiles, mixed = self.prefill_tile_buckets(), self.mixed_decode_buckets()
+        return (
+            [Bucket(0, r) for r in self.decode_batch_buckets()]
+            + [Bucket(t, 0) for t in tiles]
+            + [Bucket(t, r) for t in tiles for r in mixed]
+        )
+
+    def bucket_for(self, prefill_tokens: Sequence[int], num_decode: int) -> Bucket:
+        """The bucket of a step with prefill chunks of `prefill_tokens` tokens (each padded
+        to whole tiles) and `num_decode` decode rows."""
+        tiles = sum(-(-n // QUERY_TILE) for n in prefill_tokens)
+        if not tiles:
+            return Bucket(0, ceil_bucket(self.decode_batch_buckets(), num_decode))
+        rows = ceil_bucket(self.mixed_decode_buckets(), num_decode) if num_decode else 0
+        return Bucket(ceil_bucket(self.prefill_tile_buckets(), tiles), rows)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

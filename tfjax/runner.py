@@ -17,10 +17,8 @@ flat). The KV cache is donated to every call and replaced by the call's output.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +32,13 @@ from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
-from tfjax.config import DEFAULT_CPU_KV_PAGES, EngineConfig, geometric_buckets
+from tfjax.config import (
+    DEFAULT_CPU_KV_PAGES,
+    Bucket,
+    EngineConfig,
+    ceil_bucket,
+    geometric_buckets,
+)
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE
 from tfjax.kv.transfer import gather_pages, scatter_pages
@@ -62,16 +66,6 @@ def _forward_logits(
 
 
 _sample = jax.jit(sample)
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    tiles: int  # prefill rows of QUERY_TILE tokens
-    rows: int  # decode rows
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tiles * QUERY_TILE + self.rows
 
 
 def enable_compilation_cache(cache_dir: Path) -> None:
@@ -126,25 +120,14 @@ class Runner:
         # Step inputs are replicated over the mesh; gathered pages keep the KV's head split.
         self._input_sharding = NamedSharding(self.mesh, PartitionSpec())
         self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
-        self._decode_buckets = config.decode_batch_buckets()
-        self._tile_buckets = config.prefill_tile_buckets()
-        self._mixed_decode_buckets = config.mixed_decode_buckets()
+        self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
         self.prefill_token_s = 1e-3
-
-    def buckets(self) -> list[Bucket]:
-        """Decode-only, prefill-only and mixed steps; mixed ones pad decode rows coarsely
-        (the prefill tiles dominate their cost), which keeps the table small."""
-        return (
-            [Bucket(0, r) for r in self._decode_buckets]
-            + [Bucket(t, 0) for t in self._tile_buckets]
-            + [Bucket(t, r) for t in self._tile_buckets for r in self._mixed_decode_buckets]
-        )
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
         """Compile every bucket by running it once on padding (only PAD_PAGE is written);
         `on_compiled(done, total)` reports progress."""
-        buckets = self.buckets()
+        buckets = self.config.step_buckets()
         total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
             jax.block_until_ready(self._run(bucket, [], []))
@@ -167,8 +150,8 @@ class Runner:
             jax.block_until_ready(self._run(bucket, [], []))
             return time.perf_counter() - start
 
-        self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self._decode_buckets}
-        largest = Bucket(self._tile_buckets[-1], 0)
+        self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self.config.decode_batch_buckets()}
+        largest = Bucket(self.config.prefill_tile_buckets()[-1], 0)
         self.prefill_token_s = seconds(largest) / largest.num_tokens
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
@@ -183,7 +166,7 @@ class Runner:
         self.kv = scatter_pages(self.kv, padded, pages, page_axis=self.backend.layout.page_axis)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
-        out = np.full(_ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
+        out = np.full(ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
@@ -193,12 +176,7 @@ class Runner:
         [>= len(prefill) + len(decode)], prefill chunks first (slice on the host: slicing on
         device would compile). Pages must already cover the tokens; `num_computed_tokens`
         is not advanced here."""
-        tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
-        if not tiles:
-            bucket = Bucket(0, _ceil_bucket(self._decode_buckets, len(decode)))
-        else:
-            rows = _ceil_bucket(self._mixed_decode_buckets, len(decode)) if decode else 0
-            bucket = Bucket(_ceil_bucket(self._tile_buckets, tiles), rows)
+        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         return self._run(bucket, prefill, decode)
 
     def _run(
@@ -288,10 +266,3 @@ class _SamplingRows:
             seed=self.seed,
             output_index=self.index,
         )
-
-
-def _ceil_bucket(buckets: Sequence[int], n: int) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]

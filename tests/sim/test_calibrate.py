@@ -22,7 +22,7 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     clock = VirtualClock()
     config = engine_config(CPU)
     runner = CostedRunner(
-        CPU, clock, page_size=CPU.page_size, num_pages=config.num_pages, max_model_len=4096
+        CPU, clock, config, page_size=CPU.page_size, num_pages=config.num_pages, max_model_len=4096
     )
     links = TimedTransfers(
         clock,
@@ -56,7 +56,7 @@ def test_a_pool_too_small_for_the_long_context_is_an_error() -> None:
     small = replace(CPU, num_device_pages=10)
     clock = VirtualClock()
     config = engine_config(small)
-    runner = CostedRunner(small, clock, page_size=16, num_pages=11, max_model_len=160)
+    runner = CostedRunner(small, clock, config, page_size=16, num_pages=11, max_model_len=160)
     links = TimedTransfers(clock, d2h_bytes_per_s=1e9, h2d_bytes_per_s=1e9, max_bytes_in_flight=1)
     with pytest.raises(ValueError, match="10 pages"):
         calibrate(runner, runner, links, config, name="x", plan=PLAN, timer=clock)

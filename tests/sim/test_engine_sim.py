@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from models.attention import QUERY_TILE
 from tests.fakes import FakeRunner, reference_tokens
 from tfjax.request import Request, SamplingParams
 from tfjax.sched.registry import make_policy
@@ -41,14 +42,16 @@ def request(rid: str, prompt: list[int], max_tokens: int, arrival_s: float = 0.0
 
 
 def test_one_request_by_hand() -> None:
-    # Prefill 8 tokens: 10 + 8 ms -> first token at 0.018 s; then one decode row per step,
-    # 10 + 1 ms each. A second request arriving at 1 s finds the device idle.
+    # Prefill 8 tokens, padded to one tile of 32 as the runner pads it: 10 + 32 ms -> first
+    # token at 0.042 s; then one decode row per step, 10 + 1 ms each. A second request
+    # arriving at 1 s finds the device idle (4 tokens: one tile again).
+    assert QUERY_TILE == 32
     a = request("a", [5] * 8, 3)
     b = request("b", [6] * 4, 2, arrival_s=1.0)
     result = simulate(make_policy("fcfs"), [a, b], FLAT)
-    assert a.reader.gen_times_s == pytest.approx([0.018, 0.029, 0.040])
-    assert b.reader.gen_times_s == pytest.approx([1.014, 1.025])
-    assert result.summary["mean_ttft_s"] == pytest.approx((0.018 + 0.014) / 2)
+    assert a.reader.gen_times_s == pytest.approx([0.042, 0.053, 0.064])
+    assert b.reader.gen_times_s == pytest.approx([1.042, 1.053])
+    assert result.summary["mean_ttft_s"] == pytest.approx(0.042)
     assert result.stats["num_steps"] == 5
 
 

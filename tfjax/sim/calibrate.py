@@ -1,15 +1,16 @@
 """Measure a runner into a `CostProfile`: the step costs and host links the simulator needs.
 
-Decode steps are timed at each batch size of the plan up to the batch cap, and at the cap,
-at a short context (the profile's
-decode table) and, at the largest batch, at a long one too: the difference is what reading
-the extra KV costs (the profile's effective `mem_bytes_per_s`). Prefill steps of one request
-are timed at a few chunk sizes and fitted with a line, whose intercept is the step overhead
-and whose slope the seconds per prompt token. Host links: gathered pages are copied to the
-host and back, bytes over seconds. Every figure is the fastest of `repeats` runs, after one
-untimed run. Rows read pages that were never written: timing does not depend on the values.
-Rows sample as an OpenAI request does by default (temperature 1, no top-k or top-p), which is
-what `tfjax serve` runs when a client sends no sampling fields.
+Decode steps are timed at each batch size of the plan up to the batch cap, and at the cap, at a
+short context (the profile's decode table, keyed by the batch bucket the runner ran) and, at
+the largest batch, at a long one too: the difference is what reading the extra KV costs (the
+profile's effective `mem_bytes_per_s`). Prefill steps of one request are timed at a few chunk
+sizes and fitted with a line over the tokens the runner computed (whole tiles of the chunk's
+bucket), whose intercept is the step overhead and whose slope the seconds per token. Host
+links: gathered pages are copied to the host and back, bytes over seconds. Every figure is the
+fastest of `repeats` runs, after one untimed run. Rows read pages that were never written:
+timing does not depend on the values. Rows sample as an OpenAI request does by default
+(temperature 1, no top-k or top-p), which is what `tfjax serve` runs when a client sends no
+sampling fields.
 
 Works on any `StepRunner` + `PageIO` with a `TransferIO`: `tfjax calibrate` gives it the real
 runner, the tests the simulator's own `CostedRunner` on a virtual clock, which must give back
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.attention import QUERY_TILE
 from tfjax.config import EngineConfig
 from tfjax.engine import StepRunner
 from tfjax.kv.manager import PageIO, PrefillWork
@@ -95,7 +97,7 @@ def calibrate(
         raise ValueError(f"{usable} pages hold no decode batch of {long} tokens a row")
     table = []
     for b in batches:
-        table.append((b, decode(b, short)))
+        table.append((config.bucket_for((), b).rows, decode(b, short)))
         progress(f"decode batch {b} at {short} tokens: {table[-1][1] * 1e3:.1f} ms")
     top = batches[-1]
     long_s = decode(top, long)
@@ -111,7 +113,8 @@ def calibrate(
         work = (PrefillWork(row, n),)
         prefill_s.append(fastest(lambda w=work: np.asarray(runner.step(w, ()))))
         progress(f"prefill {n} tokens: {prefill_s[-1] * 1e3:.1f} ms")
-    slope, intercept = _line(chunks, prefill_s)
+    padded = [config.bucket_for([n], 0).tiles * QUERY_TILE for n in chunks]
+    slope, intercept = _line(padded, prefill_s)
 
     pages = list(range(1, 1 + min(plan.copy_pages, usable, io.max_gather_pages)))
     d2h_s = fastest(lambda: transfers.offload(io.gather(pages)).result())

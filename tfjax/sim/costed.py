@@ -1,13 +1,15 @@
 """Cost-model runners: the engine's `StepRunner` whose step takes the profile's time.
 
 `CostedRunner` runs a step of any token source on a `VirtualClock`: it advances the clock by
-`CostProfile.step_s` of the step's decode rows, their context and its prefill tokens, then
-returns the token source's ids. The simulator's token source is `ConstantTokens` (no KV, one
-fixed id, never EOS: outputs run to `max_tokens`); tests put `tests/fakes.py`'s `FakeRunner`
-there instead, whose tokens depend on what the page tables read back, and get the very same
-timeline. It also implements the `PageIO` the host tier copies pages through: a gather is a
-`SimPages` record of its size in the profile's bytes, carrying the token source's own
-gathered pages when it keeps KV (`page_store`, the fake's), which a scatter writes back.
+`CostProfile.step_s` of the step's bucket (`EngineConfig.bucket_for`, as the real runner pads
+it: decode rows to a batch bucket, prefill chunks to whole tiles and a tile bucket) and of its
+decode rows' context, then returns the token source's ids. The simulator's token source is
+`ConstantTokens` (no KV, one fixed id, never EOS: outputs run to `max_tokens`); tests put
+`tests/fakes.py`'s `FakeRunner` there instead, whose tokens depend on what the page tables read
+back, and get the very same timeline. It also implements the `PageIO` the host tier copies
+pages through: a gather is a `SimPages` record of its size in the profile's bytes, carrying the
+token source's own gathered pages when it keeps KV (`page_store`, the fake's), which a scatter
+writes back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from models.attention import QUERY_TILE
+from tfjax.config import EngineConfig
 from tfjax.kv.manager import PageIO, PrefillWork
 from tfjax.request import Request
 from tfjax.sim.clock import VirtualClock
@@ -53,6 +57,7 @@ class CostedRunner:
         self,
         profile: CostProfile,
         clock: VirtualClock,
+        config: EngineConfig,
         *,
         page_size: int,
         num_pages: int,
@@ -62,6 +67,7 @@ class CostedRunner:
     ) -> None:
         self.profile = profile
         self.clock = clock
+        self.config = config
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
@@ -76,10 +82,11 @@ class CostedRunner:
         self.busy_s = 0.0
 
     def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]:
+        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         seconds = self.profile.step_s(
-            num_decode=len(decode),
+            num_decode=bucket.rows,
             context_tokens=sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
-            num_prefill=sum(w.num_tokens for w in prefill),
+            num_prefill=bucket.tiles * QUERY_TILE,
         )
         ids = self.tokens.step(prefill, decode)
         self.clock.advance(seconds)

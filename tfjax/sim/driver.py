@@ -89,6 +89,7 @@ def build_sim_engine(
     runner = CostedRunner(
         profile,
         clock,
+        config,
         page_size=config.page_size,
         num_pages=num_pages,
         max_model_len=min(config.max_model_len or pool_tokens, pool_tokens),
