@@ -25,7 +25,6 @@ pad tokens write there. Compute runs in cfg.dtype; RMSNorm, softmax and logits i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -39,7 +38,6 @@ from models.config import ModelConfig
 from models.weights import Layer, Weights
 
 PAD_PAGE = 0
-SMALL_BATCH_ROWS = 8  # up to this many rows, `_linear` runs one GEMV per row on CPU
 
 
 @flax.struct.dataclass
@@ -133,9 +131,9 @@ def _attention(
     with jax.named_scope("attention"):
         t = x_TxD.shape[0]
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _linear(x_TxD, layer.wq)
-        kx = _linear(x_TxD, layer.wk)
-        vx = _linear(x_TxD, layer.wv)
+        q = x_TxD @ layer.wq
+        kx = x_TxD @ layer.wk
+        vx = x_TxD @ layer.wv
         if layer.bq is not None:
             q = q + layer.bq[None, :]
             kx = kx + layer.bk[None, :]
@@ -145,30 +143,14 @@ def _attention(
         v_TxKxDh = vx.reshape(t, k, dh)
         pages = backend.write(pages, step.slot_ids, k_TxKxDh, v_TxKxDh)
         out_TxHxDh = backend.attend(q_TxHxDh, pages, step.attention)
-        return _linear(out_TxHxDh.reshape(t, h * dh), layer.wo), pages
-
-
-def _linear(x_xI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """x @ w, as one matrix-vector product per row when there are few rows, on CPU.
-
-    XLA CPU's matrix-matrix kernel is slow for 2-8 rows: on SmolLM2's [576, 1536] weights, 8
-    rows took 51 ms per 30 layers as one GEMM but 18 ms as 8 GEMVs (each weight stays in cache
-    across the rows), and 2 rows were 2x slower than 1. Decode batches are that small, so
-    this decides batch-1..8 step time. The row count is static, so this is a trace-time choice.
-    """
-    rows = math.prod(x_xI.shape[:-1])
-    if rows == 1 or rows > SMALL_BATCH_ROWS or jax.default_backend() != "cpu":
-        return x_xI @ w_IxO
-    flat_RxI = x_xI.reshape(rows, -1)
-    out_RxO = jnp.stack([flat_RxI[i] @ w_IxO for i in range(rows)])
-    return out_RxO.reshape(*x_xI.shape[:-1], w_IxO.shape[-1])
+        return out_TxHxDh.reshape(t, h * dh) @ layer.wo, pages
 
 
 def _mlp(layer: Layer, x_TxD: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     with jax.named_scope("mlp"):
-        gate_TxF = jax.nn.silu(_linear(x_TxD, layer.w_gate))
-        return _linear(gate_TxF * _linear(x_TxD, layer.w_up), layer.w_down)
+        gate_TxF = jax.nn.silu(x_TxD @ layer.w_gate)
+        return (gate_TxF * (x_TxD @ layer.w_up)) @ layer.w_down
 
 
 def single_sequence_step(
