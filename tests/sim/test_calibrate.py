@@ -37,6 +37,7 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     assert len(lines) == 3 + 1 + 3 + 1  # every measurement is reported
     assert dict(got.decode_table_s) == pytest.approx(dict(CPU.decode_table_s))
     assert got.table_context_tokens == 160
+    assert [n for n, _ in got.prefill_table_s] == [32, 128, 512]  # whole tiles, bucketed
     assert got.mem_bytes_per_s == pytest.approx(CPU.mem_bytes_per_s)
     assert got.flops_per_s / got.flops_per_token == pytest.approx(
         CPU.flops_per_s / CPU.flops_per_token

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tfjax.sim import PROFILES, get_profile
@@ -43,3 +45,24 @@ def test_gpu_profiles() -> None:
         assert p.step_s(num_decode=0, context_tokens=0) == 0.0
     with pytest.raises(ValueError):
         get_profile("tpu")
+
+
+def test_a_measured_prefill_table_prices_steps_piecewise_linearly() -> None:
+    cpu = replace(
+        get_profile("cpu-smollm2"),
+        overhead_s=0.010,
+        decode_table_s=((1, 0.030), (8, 0.060)),
+        table_context_tokens=64,
+        prefill_table_s=((32, 0.050), (128, 0.090)),
+    )
+
+    def prefill(n: int) -> float:
+        return cpu.step_s(num_decode=0, context_tokens=0, num_prefill=n)
+
+    assert prefill(32) == pytest.approx(0.050) and prefill(128) == pytest.approx(0.090)
+    assert prefill(80) == pytest.approx(0.070)  # between the points
+    assert prefill(16) == pytest.approx(0.030)  # from the step overhead up to the first point
+    assert prefill(224) == pytest.approx(0.130)  # the last segment's slope beyond the table
+    # A step that also decodes pays the fixed step cost once: decode row + prompt tokens.
+    mixed = cpu.step_s(num_decode=1, context_tokens=64, num_prefill=80)
+    assert mixed == pytest.approx(0.030 + 0.070 - 0.010)

@@ -4,8 +4,9 @@ Decode steps are timed at each batch size of the plan up to the batch cap, and a
 short context (the profile's decode table, keyed by the batch bucket the runner ran) and, at
 the largest batch, at a long one too: the difference is what reading the extra KV costs (the
 profile's effective `mem_bytes_per_s`). Prefill steps of one request are timed at a few chunk
-sizes and fitted with a line over the tokens the runner computed (whole tiles of the chunk's
-bucket), whose intercept is the step overhead and whose slope the seconds per token. Host
+sizes (the profile's prefill table, keyed by the tokens the runner computed: whole tiles of the
+chunk's bucket) and fitted with a line, whose intercept is the fixed cost of a step (counted
+once when a step also decodes) and whose slope prices prompts in profiles without a table. Host
 links: gathered pages are copied to the host and back, bytes over seconds. Every figure is the
 fastest of `repeats` runs, after one untimed run. Rows read pages that were never written:
 timing does not depend on the values. Rows sample as an OpenAI request does by default
@@ -160,6 +161,7 @@ def calibrate(
         h2d_bytes_per_s=h2d,
         decode_table_s=tuple(table),
         table_context_tokens=short,
+        prefill_table_s=tuple(zip(padded, prefill_s, strict=True)),
     )
 
 

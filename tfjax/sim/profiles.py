@@ -57,6 +57,8 @@ class CostProfile:
     h2d_bytes_per_s: float
     decode_table_s: tuple[tuple[int, float], ...] = ()  # measured (batch, step s); () roofline
     table_context_tokens: int = 0  # context per row the table was measured at
+    # measured (padded prompt tokens, seconds of a prefill-only step); () the line above
+    prefill_table_s: tuple[tuple[int, float], ...] = ()
 
     @property
     def device_kv_tokens(self) -> int:
@@ -70,10 +72,23 @@ class CostProfile:
             decode = measured.decode_step_time(num_decode) if num_decode else self.overhead_s
             extra_context = max(0, context_tokens - num_decode * self.table_context_tokens)
             kv = extra_context * self.kv_bytes_per_token / self.mem_bytes_per_s
-            return decode + kv + num_prefill * self.flops_per_token / self.flops_per_s
+            return decode + kv + self._prefill_extra_s(num_prefill)
         mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.mem_bytes_per_s
         compute = (num_decode + num_prefill) * self.flops_per_token / self.flops_per_s
         return self.overhead_s + self.per_row_s * num_decode + max(mem, compute)
+
+    def _prefill_extra_s(self, num_tokens: int) -> float:
+        """What `num_tokens` prompt tokens add to a step beyond `overhead_s`: piecewise linear
+        over the measured prefill table (the last segment's slope beyond it, a line from the
+        overhead below its first point), else the fitted seconds per token."""
+        line = num_tokens * self.flops_per_token / self.flops_per_s
+        if not (self.prefill_table_s and num_tokens):
+            return line
+        points = [(0, self.overhead_s), *self.prefill_table_s]
+        for (n0, s0), (n1, s1) in zip(points, points[1:], strict=False):
+            if num_tokens <= n1 or (n1, s1) == points[-1]:
+                return s0 + (s1 - s0) * (num_tokens - n0) / (n1 - n0) - self.overhead_s
+        return line
 
     def costs(self, mean_context_tokens: float) -> Costs:
         """What the engine would have measured at this mean context length."""
@@ -200,12 +215,13 @@ def profile_to_json(profile: CostProfile) -> dict[str, object]:
 
 
 def profile_from_json(data: dict[str, object]) -> CostProfile:
-    """The inverse of `profile_to_json` (JSON turns the decode table into lists)."""
+    """The inverse of `profile_to_json` (JSON turns the tables into lists)."""
     fields = dict(data)
-    fields["decode_table_s"] = tuple(
-        (int(b), float(s))
-        for b, s in fields.get("decode_table_s", ())  # type: ignore[union-attr]
-    )
+    for table in ("decode_table_s", "prefill_table_s"):
+        fields[table] = tuple(
+            (int(n), float(s))
+            for n, s in fields.get(table, ())  # type: ignore[union-attr]
+        )
     try:
         return CostProfile(**fields)  # type: ignore[arg-type]
     except TypeError as e:
