@@ -42,6 +42,10 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
     ABORTED = "aborted"
 
+    # Members are singletons compared by identity: hash them so too, in C. Enum's own
+    # __hash__ is Python code, and the engine hashes statuses for every request every step.
+    __hash__ = object.__hash__
+
     @property
     def is_final(self) -> bool:
         return self in (RequestStatus.FINISHED, RequestStatus.ABORTED)

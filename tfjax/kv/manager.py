@@ -267,11 +267,18 @@ class KVManager:
         max_pages = min(
             int(budget_bytes // self.offload.io.page_bytes), self.offload.io.max_gather_pages
         )
+        if max_pages <= 0:
+            return 0
+        ps = self.page_size
+        todo = [  # (request, first page not yet copied): only requests with a new full page
+            (r, start)
+            for r in running
+            if (start := host.num_queued_tokens(r.request_id) // ps) < r.num_computed_tokens // ps
+        ]
         queued = 0
-        for request in sorted(running, key=lambda r: -r.reader.buffer_s(now_s)):
-            start = host.num_queued_tokens(request.request_id) // self.page_size
-            take = min(request.num_computed_tokens // self.page_size - start, max_pages - queued)
-            if take > 0 and self._copy_out(request, range(start, start + take)):
+        for request, start in sorted(todo, key=lambda item: -item[0].reader.buffer_s(now_s)):
+            take = min(request.num_computed_tokens // ps - start, max_pages - queued)
+            if self._copy_out(request, range(start, start + take)):
                 queued += take
             if queued >= max_pages:
                 break
