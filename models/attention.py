@@ -217,15 +217,16 @@ def _attend_cpu(q_TxHxDh, k_PxSxKxDh, v_PxSxKxDh, batch: AttentionBatch) -> jax.
 
 
 def _decode_groups(num_rows: int) -> list[tuple[int, int]]:
-    """(group size, number of groups) covering `num_rows` decode rows in order: doubling
-    sizes from 1 up to CPU_ROW_GROUP, then groups of CPU_ROW_GROUP (a row bucket is a power of
-    two or the batch cap; a remainder gets groups of its gcd with CPU_ROW_GROUP)."""
-    sections, left, size = [], num_rows, 1
-    while left and size < CPU_ROW_GROUP:
-        take = min(size, left)
-        sections.append((take, 1))
-        left -= take
-        size = 1 if len(sections) == 1 else size * 2
+    """(group size, number of groups) covering `num_rows` decode rows in order: groups of 1,
+    1, 2, 4 (doubling up to CPU_ROW_GROUP), then groups of CPU_ROW_GROUP (a row bucket is a
+    power of two or the batch cap; a remainder gets groups of its gcd with CPU_ROW_GROUP)."""
+    head = [1] + [1 << k for k in range(CPU_ROW_GROUP.bit_length() - 1)]
+    sections, left = [], num_rows
+    for size in head:
+        if not left:
+            break
+        sections.append((min(size, left), 1))
+        left -= sections[-1][0]
     if left:
         group = math.gcd(left, CPU_ROW_GROUP)
         sections.append((group, left // group))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -117,11 +118,17 @@ class EngineConfig:
     def bucket_for(self, prefill_tokens: Sequence[int], num_decode: int) -> Bucket:
         """The bucket of a step with prefill chunks of `prefill_tokens` tokens (each padded
         to whole tiles) and `num_decode` decode rows."""
+        decode, tile, mixed = self._bucket_lists
         tiles = sum(-(-n // QUERY_TILE) for n in prefill_tokens)
         if not tiles:
-            return Bucket(0, ceil_bucket(self.decode_batch_buckets(), num_decode))
-        rows = ceil_bucket(self.mixed_decode_buckets(), num_decode) if num_decode else 0
-        return Bucket(ceil_bucket(self.prefill_tile_buckets(), tiles), rows)
+            return Bucket(0, ceil_bucket(decode, num_decode))
+        rows = ceil_bucket(mixed, num_decode) if num_decode else 0
+        return Bucket(ceil_bucket(tile, tiles), rows)
+
+    @functools.cached_property
+    def _bucket_lists(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Decode, tile and mixed-decode buckets, built once: `bucket_for` runs every step."""
+        return self.decode_batch_buckets(), self.prefill_tile_buckets(), self.mixed_decode_buckets()
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ an engine measurement (`scripts/bench_engine.py`), and say so in `source`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass
@@ -81,14 +82,12 @@ class CostProfile:
         """What `num_tokens` prompt tokens add to a step beyond `overhead_s`: piecewise linear
         over the measured prefill table (the last segment's slope beyond it, a line from the
         overhead below its first point), else the fitted seconds per token."""
-        line = num_tokens * self.flops_per_token / self.flops_per_s
         if not (self.prefill_table_s and num_tokens):
-            return line
+            return num_tokens * self.flops_per_token / self.flops_per_s
         points = [(0, self.overhead_s), *self.prefill_table_s]
-        for (n0, s0), (n1, s1) in zip(points, points[1:], strict=False):
-            if num_tokens <= n1 or (n1, s1) == points[-1]:
-                return s0 + (s1 - s0) * (num_tokens - n0) / (n1 - n0) - self.overhead_s
-        return line
+        i = min(bisect.bisect_left(points, (num_tokens,)), len(points) - 1)  # segment's end
+        (n0, s0), (n1, s1) = points[i - 1], points[i]
+        return s0 + (s1 - s0) * (num_tokens - n0) / (n1 - n0) - self.overhead_s
 
     def costs(self, mean_context_tokens: float) -> Costs:
         """What the engine would have measured at this mean context length."""
