@@ -11,6 +11,12 @@ Served in-process (one compiled runner shared by every variant, tokenflow policy
   the system prompt, the conversation so far and a new user message; the next turn starts
   when the answer is complete) on a device pool of `--chat-kv-pages` pages, small enough that
   cached pages are evicted between turns, so the host level matters.
+- evicted: the shared burst again, but after the warm request `--evict-fillers` unrelated
+  prompts of the same length run one after another on a device pool of `--evict-kv-pages`
+  pages, so the system prompt's cached pages are evicted from the device (least recently used
+  first) before the burst arrives: the device cache misses, and the host level (where
+  write-through left a copy of every full page) can load the prefix back instead of
+  recomputing it. This is the phase that measures the second level.
 Variants: no-cache (`--no-prefix-cache`), device (cache without the host tier,
 `--no-offload`), device+host (the default). Issue 16's target, on an idle CPU with the
 default model: shared mean TTFT of device+host <= 0.4x of no-cache, outputs identical.
@@ -23,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -34,6 +41,7 @@ from tfjax.api import Delta
 from tfjax.assembly import assemble_engine, device_transfers
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
+from tfjax.kv.prefix import PrefixStats
 from tfjax.request import Request, SamplingParams
 from tfjax.runner import Runner, enable_compilation_cache
 
@@ -112,7 +120,21 @@ def run_until_idle(engine: Engine) -> None:
 
 
 def shared_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
-    engine, timed = make_engine(runner, variant, args.kv_pages, args)
+    return _shared_burst(runner, variant, args, rng, num_pages=args.kv_pages, fillers=0)
+
+
+def evicted_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
+    return _shared_burst(
+        runner, variant, args, rng, num_pages=args.evict_kv_pages, fillers=args.evict_fillers
+    )
+
+
+def _shared_burst(
+    runner: Runner, variant: str, args, rng: np.random.Generator, *, num_pages: int, fillers: int
+) -> dict:
+    """A warm request with the system prompt, `fillers` unrelated prompts one after another
+    (each pushes older cached pages out of the device pool), then the burst."""
+    engine, timed = make_engine(runner, variant, num_pages, args)
     vocab = runner.cfg.vocab_size
     system = rng.integers(10, vocab, args.prefix_len).tolist()
     questions = [
@@ -120,7 +142,12 @@ def shared_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) 
     ]
     timed.submit(engine, request("warm", [*system, *questions[0][::-1]], args.max_tokens))
     run_until_idle(engine)
+    for i in range(fillers):
+        filler = rng.integers(10, vocab, args.prefix_len + args.question_len).tolist()
+        timed.submit(engine, request(f"filler{i}", filler, 1))
+        run_until_idle(engine)
     ids = [f"q{i}" for i in range(args.concurrent)]
+    before = _stats(engine)  # the burst's lookups only
     start = time.perf_counter()
     for i, question in zip(ids, questions, strict=True):
         timed.submit(engine, request(i, [*system, *question], args.max_tokens))
@@ -132,8 +159,7 @@ def shared_prefix(runner: Runner, variant: str, args, rng: np.random.Generator) 
         "mean_ttft_ms": 1e3 * statistics.mean(ttft),
         "p90_ttft_ms": 1e3 * float(np.percentile(ttft, 90)),
         "output_tok_s": len(ids) * args.max_tokens / seconds,
-        "hit_rate": _hit_rate(engine),
-        "host_hit_tokens": _host_hit_tokens(engine),
+        **_cache_hits(engine, before),
         "outputs": {i: timed.tokens[i] for i in ids},
     }
 
@@ -156,6 +182,7 @@ def chat(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
         ids.append(request_id)
         timed.submit(engine, request(request_id, list(history[conversation]), args.max_tokens))
 
+    before = _stats(engine)
     start = time.perf_counter()
     for conversation in history:
         next_turn(conversation)
@@ -174,22 +201,23 @@ def chat(runner: Runner, variant: str, args, rng: np.random.Generator) -> dict:
         "variant": variant,
         "mean_ttft_ms": 1e3 * statistics.mean(ttft),
         "output_tok_s": len(ids) * args.max_tokens / seconds,
-        "hit_rate": _hit_rate(engine),
-        "host_hit_tokens": _host_hit_tokens(engine),
+        **_cache_hits(engine, before),
         "outputs": {i: timed.tokens[i] for i in ids},
     }
 
 
-def _hit_rate(engine: Engine) -> float:
-    prefix = engine.kv.prefix
-    if prefix is None or not prefix.stats.num_query_tokens:
-        return 0.0
-    hits = prefix.stats.num_hit_tokens + prefix.stats.num_host_hit_tokens
-    return hits / prefix.stats.num_query_tokens
+def _stats(engine: Engine) -> PrefixStats:
+    """A copy of the prefix cache's counters (zeros when the cache is off)."""
+    return replace(engine.kv.prefix.stats) if engine.kv.prefix else PrefixStats()
 
 
-def _host_hit_tokens(engine: Engine) -> int:
-    return engine.kv.prefix.stats.num_host_hit_tokens if engine.kv.prefix else 0
+def _cache_hits(engine: Engine, before: PrefixStats) -> dict:
+    """Hit rate and host-level hit tokens of the lookups made since `before`."""
+    now = _stats(engine)
+    queried = now.num_query_tokens - before.num_query_tokens
+    device = now.num_hit_tokens - before.num_hit_tokens
+    host = now.num_host_hit_tokens - before.num_host_hit_tokens
+    return {"hit_rate": (device + host) / queried if queried else 0.0, "host_hit_tokens": host}
 
 
 def report(name: str, rows: list[dict]) -> None:
@@ -217,10 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--kv-pages", type=int, default=2048)
     parser.add_argument("--chat-kv-pages", type=int, default=160)
+    parser.add_argument("--evict-kv-pages", type=int, default=320)
+    parser.add_argument(
+        "--evict-fillers",
+        type=int,
+        default=None,
+        help="unrelated prompts run before the evicted burst (default: enough to fill the pool)",
+    )
+    parser.add_argument("--phases", default="shared,chat,evicted")
     parser.add_argument("--host-kv-gb", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_prefix"))
     args = parser.parse_args(argv)
+    page_size = EngineConfig().page_size
+    if args.evict_fillers is None:
+        filler_pages = -(-(args.prefix_len + args.question_len + 1) // page_size)
+        args.evict_fillers = -(-args.evict_kv_pages // filler_pages) + 1
+    phases = {"shared": shared_prefix, "chat": chat, "evicted": evicted_prefix}
+    chosen = args.phases.split(",")
+    if unknown := set(chosen) - set(phases):
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {sorted(phases)}")
 
     enable_compilation_cache(default_cache_dir())
     model = load_model(args.model)
@@ -233,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.warmup(lambda d, t: print(f"\rcompiling {d}/{t}", end="", file=sys.stderr))
     print(file=sys.stderr)
     results = {}
-    for name, phase in (("shared", shared_prefix), ("chat", chat)):
-        rows = []
+    for name in chosen:
+        phase, rows = phases[name], []
         for variant in VARIANTS:
             print(f"{name}: {variant}", file=sys.stderr)
             rows.append(phase(runner, variant, args, np.random.default_rng(args.seed)))
