@@ -1,0 +1,134 @@
+"""Mixed lengths through the server: short streams beside one long prompt.
+
+    python scripts/bench_mixed_lengths.py --out out/mixed [--policies fcfs,fcfs-chunked,tokenflow]
+
+For each policy, one `tfjax serve --max-model-len 4096` (otherwise default flags, or
+`--server-args`) and two runs against it, all requests streamed by a plain OpenAI-style client
+without a declared rate (`bench_serving.py`'s):
+- alone:  `--short` streams of `--short-len`-token prompts, all at once, `--max-tokens` each;
+- beside: as many fresh short streams and one `--long-len`-token prompt, sent at the same
+          moment (the long one first, so FCFS orders it first).
+Reported per policy: the short streams' throughput (their tokens over the time until the last
+of them finished) in both runs and its ratio, and their mean and largest TTFT. Every run draws
+fresh prompts (its own seed), so the prefix cache cannot help, unless `--cached-long` sends the
+long prompt once before the beside run (a long document that many requests share).
+Writes DIR/bench_mixed_lengths.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import bench_serving as bench
+from compare_policies import serve
+from workload_client import ClientRequest
+
+LONG = 0  # index of the long request in the beside run
+
+
+def requests(num_short: int, short_len: int, max_tokens: int, long_len: int) -> list[ClientRequest]:
+    """The long request (if `long_len`) first, then the short ones, all arriving at once."""
+    shorts = [
+        ClientRequest(
+            index=LONG + 1 + i,
+            arrival_s=0.0,
+            prompt_len=short_len,
+            output_len=max_tokens,
+            rate=15.0,
+            declared=False,
+        )
+        for i in range(num_short)
+    ]
+    if not long_len:
+        return shorts
+    long = ClientRequest(
+        index=LONG, arrival_s=0.0, prompt_len=long_len, output_len=max_tokens, rate=15.0,
+        declared=False,
+    )  # fmt: skip
+    return [long, *shorts]
+
+
+def short_figures(records: Sequence[bench.RequestRecord]) -> dict[str, float]:
+    """Throughput and TTFT of the short streams of one run (times from the run's start)."""
+    shorts = [r for r in records if r.index != LONG]
+    failed = [r for r in shorts if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} short requests failed: {failed[0].error}")
+    ttfts = [r.chunk_times_s[0] - r.scheduled_s for r in shorts]
+    return {
+        "short_tok_s": sum(r.output_tokens for r in shorts) / max(r.end_s for r in shorts),
+        "short_mean_ttft_s": statistics.mean(ttfts),
+        "short_max_ttft_s": max(ttfts),
+    }
+
+
+async def one_run(cfg: bench.ClientConfig, reqs: list[ClientRequest]) -> list[bench.RequestRecord]:
+    records, _ = await bench.run_requests(cfg, reqs, progress=False)
+    return records
+
+
+def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    flags = ["--max-model-len", str(args.max_model_len), *shlex.split(args.server_args)]
+    log = out_dir / f"serve_{policy}.log"
+    with serve(policy, flags, log, args.start_timeout) as (base_url, model):
+
+        def config(seed: int) -> bench.ClientConfig:
+            return bench.ClientConfig(base_url=base_url, model=model, seed=seed)
+
+        short = (args.short, args.short_len, args.max_tokens)
+        print(f"{policy}: {args.short} short streams alone", file=sys.stderr, flush=True)
+        alone = short_figures(asyncio.run(one_run(config(1), requests(*short, 0))))
+        beside_requests = requests(*short, args.long_len)
+        if args.cached_long:  # the same long prompt (seed 2, index LONG) once, to cache it
+            asyncio.run(one_run(config(2), beside_requests[:1]))
+        print(f"{policy}: the same beside a {args.long_len}-token prompt", file=sys.stderr)
+        beside = short_figures(asyncio.run(one_run(config(2), beside_requests)))
+    return {
+        "policy": policy,
+        "alone": alone,
+        "beside": beside,
+        "ratio": beside["short_tok_s"] / alone["short_tok_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="fcfs,fcfs-chunked,tokenflow")
+    parser.add_argument("--short", type=int, default=31)
+    parser.add_argument("--short-len", type=int, default=17)
+    parser.add_argument("--long-len", type=int, default=3000)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--cached-long", action="store_true")
+    parser.add_argument("--server-args", default="", help="more `tfjax serve` flags")
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_mixed_lengths"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run_policy(p, args, args.out) for p in args.policies.split(",")]
+    print(
+        f"\n{'policy':>13} {'alone tok/s':>11} {'beside tok/s':>12} {'ratio':>6}"
+        f" {'TTFT mean/max alone':>20} {'TTFT mean/max beside':>21}"
+    )
+    for row in rows:
+        a, b = row["alone"], row["beside"]
+        print(
+            f"{row['policy']:>13} {a['short_tok_s']:>11.1f} {b['short_tok_s']:>12.1f}"
+            f" {row['ratio']:>6.2f} {a['short_mean_ttft_s']:>9.2f} / {a['short_max_ttft_s']:<8.2f}"
+            f" {b['short_mean_ttft_s']:>10.2f} / {b['short_max_ttft_s']:<8.2f}"
+        )
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    (args.out / "bench_mixed_lengths.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'bench_mixed_lengths.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
