@@ -7,7 +7,7 @@
 #                            contexts 512/2k, SmolLM2-135M shape and Llama-3-8B shape (random
 #                            bf16 weights), plus SmolLM2 prefill at batch 16, context 512
 #   gpu_check.json       (3) every step time beside its HBM floor (weights + KV read once per
-#                            step, at the measured copy bandwidth) and the GPU's name
+#                            step, at the measured read bandwidth) and the GPU's name
 # Usage: OUT=/some/dir scripts/gpu_check.sh   (python: $PYTHON, default python3)
 # Needs jax with CUDA, flax, orbax, pytest and gguf importable; a missing pure-Python package
 # can travel as a wheel in .whl/ (installed into /tmp/site below).
@@ -56,7 +56,7 @@ for name in ("smollm2_135m", "llama3_8b", "smollm2_prefill"):
         continue
     run = json.loads(path.read_text())
     summary.update(device_kind=run["device_kind"], attention_backend=run["attention_backend"])
-    summary.setdefault("hbm_copy_bytes_per_s", run["copy_bandwidth_bytes_per_s"])
+    summary.setdefault("hbm_read_bytes_per_s", run["read_bandwidth_bytes_per_s"])
     for row in run["rows"]:
         step, floor = row["ours"]["decode_step_median_ms"], row["floor"]["decode_read_ms"]
         summary["rows"].append({
