@@ -29,10 +29,19 @@ class Recorder:
 
 
 def make_engine(
-    *, num_pages: int, chunked: bool = True, budget: int = 16, max_batch: int = 8
+    *,
+    num_pages: int,
+    chunked: bool = True,
+    budget: int = 16,
+    max_batch: int = 8,
+    long_prefill: int = 0,
 ) -> tuple[Engine, Recorder]:
     config = EngineConfig(
-        page_size=4, prefill_token_budget=budget, max_batch_size=max_batch, policy="fcfs"
+        page_size=4,
+        prefill_token_budget=budget,
+        max_batch_size=max_batch,
+        policy="fcfs",
+        long_prefill_token_threshold=long_prefill,
     )
     recorder = Recorder()
     clock = iter(range(10**9))
@@ -96,6 +105,26 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding() -> None:
     while engine.has_work:
         engine.step()
     assert rec.tokens("r1") == reference_tokens(long.prompt_ids, 3)
+
+
+def test_short_prompts_behind_a_long_one_start_before_it_with_a_long_prefill_threshold() -> None:
+    # Budget 16, threshold 4: the 64-token prompt, first in line, prefills 4 tokens a step and
+    # the 3-token prompts behind it take the rest of the budget, so they stream long before
+    # the long prompt's first token; every output is still the one-at-a-time output.
+    engine, rec = make_engine(num_pages=256, budget=16, long_prefill=4)
+    long = make_request(0, prompt_len=64, max_tokens=3)
+    shorts = [make_request(i, prompt_len=3, max_tokens=10) for i in range(1, 5)]
+    for request in (long, *shorts):
+        engine.add_request(request)
+    engine.step()
+    assert all(len(rec.tokens(r.request_id)) == 1 for r in shorts)
+    assert "r0" not in rec.deltas or not rec.tokens("r0")
+    while engine.has_work:
+        engine.step()
+    for request in (long, *shorts):
+        expected = reference_tokens(request.prompt_ids, request.sampling.max_tokens)
+        assert rec.tokens(request.request_id) == expected
+    assert engine.kv.num_used_pages == 0
 
 
 def test_abort_frees_pages_and_ends_stream() -> None:

@@ -61,6 +61,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(model context, 2048)
     max_batch_size: int = 32  # decode rows per step
     prefill_token_budget: int = 512  # prompt tokens per step (chunked prefill)
+    long_prefill_token_threshold: int = 0  # cap on one long prompt's chunk per step; 0: none
     max_waiting: int = 1024  # waiting requests before new submits are rejected
     policy: str = "tokenflow"
     policy_params: dict[str, float] = field(default_factory=dict)
@@ -81,6 +82,8 @@ class EngineConfig:
             raise ValueError("max_batch_size must be >= 1")
         if self.prefill_token_budget < self.page_size:
             raise ValueError("prefill_token_budget must be at least one page")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: no cap)")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError("num_pages must be >= 2 (page 0 is the padding page)")
         if self.default_consumption_rate <= 0:
@@ -153,6 +156,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.prefill_token_budget,
         help="prompt tokens per step",
+    )
+    g.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=d.long_prefill_token_threshold,
+        help="a prompt with more tokens left than this prefills at most this many per step, so "
+        "the prompts queued behind it share the prefill budget and streams that decode "
+        "alongside (every policy but fcfs) keep going; as vLLM's flag of that name. 0: no cap "
+        "(default); a multiple of 32 wastes no padding",
     )
     g.add_argument(
         "--max-waiting",

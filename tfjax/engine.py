@@ -191,6 +191,7 @@ class Engine:
             # LOADING requests hold their rows (and pages) until they rejoin the batch.
             max_batch_size=self.config.max_batch_size - len(by_status[RequestStatus.LOADING]),
             prefill_token_budget=self.config.prefill_token_budget,
+            long_prefill_token_threshold=self.config.long_prefill_token_threshold,
             costs=self._costs_with_io(),
             host=self.kv.host,
             loading=by_status[RequestStatus.LOADING],

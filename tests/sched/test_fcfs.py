@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from tests.sched.helpers import PF, P, R, W, check_plan, make_request, make_view
 from tfjax.sched.base import ResumeMode
 from tfjax.sched.fcfs import FcfsPolicy
+from tfjax.sched.registry import make_policy
 
 
 def test_admits_in_arrival_order_and_head_blocks() -> None:
@@ -83,3 +88,25 @@ def test_prefilling_requests_continue_before_new_ones() -> None:
     check_plan(view, plan)
     assert [(c.request_id, c.num_tokens) for c in plan.prefill] == [("half", 24), ("new", 6)]
     assert W is new.status and PF is half.status
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fcfs-chunked", "tokenflow", "andes"])
+def test_a_long_prompt_leaves_the_budget_to_short_ones_behind_it(policy: str) -> None:
+    # Budget 64: without a threshold the long prompt (arrived first) takes all of it; with a
+    # threshold of 32 it takes 32 tokens and the two short prompts behind it prefill alongside.
+    # Slow readers (1 tok/s) and a large pool, so that tokenflow's capacity check and working
+    # set bound admit all three.
+    def plan(threshold: int) -> list[tuple[str, int]]:
+        long = make_request("long", arrival=0.0, prompt=200, rate=1.0)
+        shorts = [make_request(f"s{i}", arrival=1.0 + i, prompt=12, rate=1.0) for i in range(2)]
+        view = replace(
+            make_view([long, *shorts], total_pages=256, budget=64),
+            long_prefill_token_threshold=threshold,
+        )
+        result = make_policy(policy).plan(view)
+        check_plan(view, result)
+        return [(c.request_id, c.num_tokens) for c in result.prefill]
+
+    assert plan(0) == [("long", 64)]
+    assert plan(32) == [("long", 32), ("s0", 12), ("s1", 12)]
+    assert plan(256) == [("long", 64)]  # a prompt under the threshold is not capped

@@ -180,6 +180,8 @@ class SchedulerView:
     max_batch_size: int  # decode rows per step this plan may fill (LOADING ones excluded)
     prefill_token_budget: int  # prompt tokens per step
     costs: Costs
+    # A prompt with more than this many tokens left gets at most this many a step (0: no cap).
+    long_prefill_token_threshold: int = 0
     host: HostView | None = None
     loading: Sequence[Request] = ()  # LOADING: hold their pages, in no batch until loaded
 

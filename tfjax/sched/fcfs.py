@@ -72,6 +72,8 @@ class PrefillFiller:
             return 0
         computed = 0 if from_scratch else request.num_computed_tokens
         num_tokens = min(request.num_prefill_target - computed, self.tokens_left)
+        if 0 < self.view.long_prefill_token_threshold < num_tokens:
+            num_tokens = self.view.long_prefill_token_threshold  # leave the rest to others
         if num_tokens <= 0:
             return 0
         pages = self.view.pages_for(request, computed + num_tokens)
