@@ -9,12 +9,13 @@ tiers) are checked after every step.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeRunner, FakeTokenizer, reference_tokens
+from tests.fakes import IDLE_STEP_S, FakeRunner, FakeTokenizer, reference_tokens
 from tests.kv.test_offload import StormPolicy, make_offload_engine
 from tests.test_engine import Recorder
 from tfjax.config import EngineConfig
@@ -198,19 +199,23 @@ def test_storm_of_overlapping_prefixes_aborts_and_swaps_keeps_books_and_outputs(
         for i in range(24)
     ]
     aborted: set[str] = set()
-    pending, steps = list(requests), 0
+    pending, ticks, steps = list(requests), 0, 0
+    deadline = time.monotonic() + 120.0
     while pending or engine.has_work:
-        if pending and steps % 2 == 0:
+        if pending and ticks % 2 == 0:
             engine.add_request(pending.pop(0))
+        ticks += 1
         live = list(engine.requests)
         if live and rng.random() < p_abort:
             victim = rng.choice(live)
             aborted.add(victim)
             engine.abort(victim)
-        engine.step()
+        if engine.step():
+            steps += 1
+        else:  # every live request waits for a host copy: as many such ticks as the copies take
+            time.sleep(IDLE_STEP_S)
         engine.check_idle()
-        steps += 1
-        assert steps < 10_000, "no progress"
+        assert steps < 10_000 and time.monotonic() < deadline, "no progress"
     engine.kv.offload.transfers.d2h.drain()
     for r in requests:
         expected = reference_tokens(r.prompt_ids, 12)
