@@ -252,4 +252,7 @@ def engine_config_from_args(
     }
     if policy_params and kwargs.get("policy", EngineConfig.policy) != "tokenflow":
         raise UserError("--schedule-interval and --buffer-conservativeness need --policy tokenflow")
-    return replace(base or EngineConfig(), **kwargs, policy_params=policy_params)
+    try:
+        return replace(base or EngineConfig(), **kwargs, policy_params=policy_params)
+    except ValueError as err:  # a flag out of range: one line for the user, not a traceback
+        raise UserError(str(err)) from None
