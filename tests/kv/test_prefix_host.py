@@ -84,3 +84,26 @@ def test_the_host_pool_yields_to_request_copies_within_the_budget() -> None:
     assert host.num_synced_tokens(big.request_id) >= 14 * PAGE_SIZE  # written through in full
     assert host.num_used_pages <= host.num_total_pages
     engine.check_idle()
+
+
+def test_a_burst_on_one_evicted_prefix_loads_it_once_and_shares_it() -> None:
+    engine, stem, rec = evicted_prefix_engine()
+    transfers = engine.kv.offload.transfers
+    transfers.gate.clear()  # the first load stays in flight
+    first = chat_request(1, stem, own_len=3, max_tokens=8)
+    second = chat_request(2, stem, own_len=2, max_tokens=8)
+    engine.add_request(first)
+    engine.add_request(second)
+    for _ in range(3):
+        engine.step()
+        assert first.status is RequestStatus.LOADING
+        assert second.status is RequestStatus.PREFILLING and not second.page_ids, "no own load"
+    transfers.gate.set()
+    finish(engine, chat_request(3, [], own_len=1, max_tokens=1))  # step on until all are done
+    for request in (first, second):
+        assert rec.tokens(request.request_id) == reference_tokens(request.prompt_ids, 8)
+        assert request.num_cached_prompt_tokens == 24
+    stats = engine.kv.prefix.stats
+    assert stats.num_host_hit_tokens == 24  # one load; the second request hit the device
+    assert stats.num_hit_tokens >= 24
+    assert engine.kv.num_used_pages == 0 and engine.kv.host.num_request_pages == 0

@@ -76,6 +76,7 @@ class PendingLoad:
     request: Request
     parts: list[tuple[Future[jax.Array], list[int]]]
     started_s: float
+    prefix_keys: frozenset[bytes] = frozenset()  # cached prefix pages this load brings back
 
     @property
     def arrived(self) -> bool:
@@ -210,7 +211,8 @@ class KVManager:
             if not 0 < chunk.num_tokens <= request.num_uncomputed_prefill:
                 raise PlanError(f"bad chunk {chunk} for {request.num_uncomputed_prefill} tokens")
             if self.prefix and request.num_computed_tokens == 0 and not request.page_ids:
-                self._reuse_prefix(request, costs)
+                if not self._reuse_prefix(request, costs):
+                    continue  # another request is loading its prefix: share it next step
                 if request.status is RequestStatus.LOADING:
                     continue  # its host-cached prefix is on the way; it prefills after that
             num_tokens = self._fit(request, chunk.num_tokens)
@@ -359,9 +361,15 @@ class KVManager:
         self._start_load(request, host.copies[request.request_id].pages)
         return True
 
-    def _start_load(self, request: Request, pages: Mapping[int, HostPage]) -> None:
+    def _start_load(
+        self,
+        request: Request,
+        pages: Mapping[int, HostPage],
+        prefix_keys: frozenset[bytes] = frozenset(),
+    ) -> None:
         """Queue one H2D copy per host block holding `pages` (request page index -> copy) into
-        the request's device pages; the request is LOADING until `complete_loads`."""
+        the request's device pages; the request is LOADING until `complete_loads`.
+        `prefix_keys`: the cached prefix pages among them, which others then wait for."""
         assert self.offload is not None
         targets: dict[int, tuple[HostBlock, list[int]]] = {}  # id(block) -> (block, pages)
         for index, page in pages.items():
@@ -374,7 +382,7 @@ class KVManager:
             (self.offload.transfers.load(b.array, b.nbytes, after_evictions=after_evictions), p)
             for b, p in targets.values()
         ]
-        self._loads[request.request_id] = PendingLoad(request, parts, self.clock())
+        self._loads[request.request_id] = PendingLoad(request, parts, self.clock(), prefix_keys)
         request.status = RequestStatus.LOADING
 
     def _drop_kv(self, request: Request) -> None:
@@ -440,20 +448,29 @@ class KVManager:
                 self.prefix.insert(keys[index], request.page_ids[index])
             self._registered[request.request_id] = num_full
 
-    def _reuse_prefix(self, request: Request, costs: Costs | None) -> None:
+    def _reuse_prefix(self, request: Request, costs: Costs | None) -> bool:
         """Start a prefill from scratch on the longest cached run of its full pages: those on
         the device are shared at once; the run continues with pages the host pool holds if
         loading them beats recomputing them (`costs`), and the request turns LOADING. The
-        last token to prefill is always computed (it yields the next token)."""
+        last token to prefill is always computed (it yields the next token).
+
+        False, holding nothing, when the run continues with pages another request is loading
+        from the host right now: the engine registers them on the device as soon as they
+        land, so this request shares them a step later instead of loading its own copies
+        (a burst on one evicted system prompt loads it once)."""
         assert self.prefix is not None
         target = request.num_prefill_target
         keys = self._chain_keys(request, (target - 1) // self.page_size)
         request.page_ids = self.prefix.acquire(keys)
         on_device = len(request.page_ids)
         self._registered[request.request_id] = on_device
+        if on_device < len(keys) and self._being_loaded(keys[on_device]):
+            self._free_device_pages(request)
+            return False
         host_pages = self._host_prefix(keys[on_device:], costs)
+        loaded = frozenset(keys[on_device : on_device + len(host_pages)])
         if host_pages and self._grow(request, (on_device + len(host_pages)) * self.page_size):
-            self._start_load(request, dict(enumerate(host_pages, start=on_device)))
+            self._start_load(request, dict(enumerate(host_pages, start=on_device)), loaded)
         else:
             host_pages = []
         request.num_computed_tokens = (on_device + len(host_pages)) * self.page_size
@@ -464,6 +481,10 @@ class KVManager:
         stats.num_host_hit_tokens += len(host_pages) * self.page_size
         if not request.output_ids:
             request.num_cached_prompt_tokens = request.num_computed_tokens
+        return True
+
+    def _being_loaded(self, key: bytes) -> bool:
+        return any(key in load.prefix_keys for load in self._loads.values())
 
     def _host_prefix(self, keys: Sequence[bytes], costs: Costs | None) -> list[HostPage]:
         """The host pool's run of `keys`, if the policy loads and a load beats a recompute."""
