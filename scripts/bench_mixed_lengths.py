@@ -69,9 +69,8 @@ def short_figures(records: Sequence[bench.RequestRecord]) -> dict[str, float]:
     }
 
 
-async def one_run(cfg: bench.ClientConfig, reqs: list[ClientRequest]) -> list[bench.RequestRecord]:
-    records, _ = await bench.run_requests(cfg, reqs, progress=False)
-    return records
+def run(cfg: bench.ClientConfig, reqs: list[ClientRequest]) -> list[bench.RequestRecord]:
+    return asyncio.run(bench.run_requests(cfg, reqs, progress=False))[0]
 
 
 def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
@@ -84,12 +83,12 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
 
         short = (args.short, args.short_len, args.max_tokens)
         print(f"{policy}: {args.short} short streams alone", file=sys.stderr, flush=True)
-        alone = short_figures(asyncio.run(one_run(config(1), requests(*short, 0))))
+        alone = short_figures(run(config(1), requests(*short, 0)))
         beside_requests = requests(*short, args.long_len)
         if args.cached_long:  # the same long prompt (seed 2, index LONG) once, to cache it
-            asyncio.run(one_run(config(2), beside_requests[:1]))
+            run(config(2), beside_requests[:1])
         print(f"{policy}: the same beside a {args.long_len}-token prompt", file=sys.stderr)
-        beside = short_figures(asyncio.run(one_run(config(2), beside_requests)))
+        beside = short_figures(run(config(2), beside_requests))
     return {
         "policy": policy,
         "alone": alone,

@@ -463,13 +463,13 @@ class KVManager:
         keys = self._chain_keys(request, (target - 1) // self.page_size)
         request.page_ids = self.prefix.acquire(keys)
         on_device = len(request.page_ids)
-        self._registered[request.request_id] = on_device
         if on_device < len(keys) and self._being_loaded(keys[on_device]):
             self._free_device_pages(request)
             return False
+        self._registered[request.request_id] = on_device
         host_pages = self._host_prefix(keys[on_device:], costs)
-        loaded = frozenset(keys[on_device : on_device + len(host_pages)])
         if host_pages and self._grow(request, (on_device + len(host_pages)) * self.page_size):
+            loaded = frozenset(keys[on_device : on_device + len(host_pages)])
             self._start_load(request, dict(enumerate(host_pages, start=on_device)), loaded)
         else:
             host_pages = []
