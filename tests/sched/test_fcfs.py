@@ -95,12 +95,14 @@ def test_a_long_prompt_leaves_the_budget_to_short_ones_behind_it(policy: str) ->
     # Budget 64: without a threshold the long prompt (arrived first) takes all of it; with a
     # threshold of 32 it takes 32 tokens and the two short prompts behind it prefill alongside.
     # Slow readers (1 tok/s) and a large pool, so that tokenflow's capacity check and working
-    # set bound admit all three.
+    # set bound admit all three. The long prompt is longer than what tokenflow admits per
+    # decision (~430 tokens here: 6.7 budget-sized prefill steps per 0.5 s interval), so it
+    # must count as the part of it the threshold lets run before the next decision.
     def plan(threshold: int) -> list[tuple[str, int]]:
-        long = make_request("long", arrival=0.0, prompt=200, rate=1.0)
+        long = make_request("long", arrival=0.0, prompt=1000, rate=1.0)
         shorts = [make_request(f"s{i}", arrival=1.0 + i, prompt=12, rate=1.0) for i in range(2)]
         view = replace(
-            make_view([long, *shorts], total_pages=256, budget=64),
+            make_view([long, *shorts], total_pages=1024, budget=64),
             long_prefill_token_threshold=threshold,
         )
         result = make_policy(policy).plan(view)
@@ -109,4 +111,4 @@ def test_a_long_prompt_leaves_the_budget_to_short_ones_behind_it(policy: str) ->
 
     assert plan(0) == [("long", 64)]
     assert plan(32) == [("long", 32), ("s0", 12), ("s1", 12)]
-    assert plan(256) == [("long", 64)]  # a prompt under the threshold is not capped
+    assert plan(2048) == [("long", 64)]  # a prompt under the threshold is not capped

@@ -337,8 +337,14 @@ class TokenFlowPolicy:
             key=lambda r: (r.priority, wanting_since(r)),
         )
 
-    def _admissible(self, view: SchedulerView, *, limit_tokens: int | None) -> list[Request]:
-        """Step 2: waiting requests (queue order) the working set can take now."""
+    def _admissible(
+        self, view: SchedulerView, *, limit_tokens: int | None, chunk_cap: int = 0
+    ) -> list[Request]:
+        """Step 2: waiting requests (queue order) the working set can take now.
+
+        `limit_tokens`: prompt tokens the engine can prefill before the next decision; a
+        prompt counts at most `chunk_cap` of them (0: no cap), which is what the long-prefill
+        threshold lets it run meanwhile, so short prompts behind a long one join it."""
         if not view.waiting:
             return []
         members = [*view.resident, *view.preempted]
@@ -356,11 +362,14 @@ class TokenFlowPolicy:
             over = demand + rate > self._gamma or len(members) + len(out) >= bound
             if over and (members or out):
                 break
-            if limit_tokens is not None and out and tokens + r.num_prompt_tokens > limit_tokens:
+            prompt_tokens = r.num_prompt_tokens
+            if chunk_cap:
+                prompt_tokens = min(prompt_tokens, chunk_cap)
+            if limit_tokens is not None and out and tokens + prompt_tokens > limit_tokens:
                 break
             out.append(r)
             demand += rate
-            tokens += r.num_prompt_tokens
+            tokens += prompt_tokens
         return out
 
     def _balance(self, view: SchedulerView) -> tuple[list[Request], list[Request]]:
@@ -370,7 +379,9 @@ class TokenFlowPolicy:
         step_s = costs.decode_step_time(max(1, len(view.running)))
         growth_tokens = interval / step_s
         prefill_step_s = step_s + view.prefill_token_budget * costs.prefill_token_s
-        admit_limit = int(view.prefill_token_budget * max(1.0, interval / prefill_step_s))
+        prefill_steps = max(1.0, interval / prefill_step_s)
+        admit_limit = int(view.prefill_token_budget * prefill_steps)
+        chunk_cap = int(view.long_prefill_token_threshold * prefill_steps)
         io = _IoModel(view)
         inv_bucket = 1.0 / cfg.buffer_bucket_s
         mu, critical, hysteresis = (
@@ -404,7 +415,8 @@ class TokenFlowPolicy:
             pinned = reader.buffer_tokens(now) < max(1.0, mu * rate * window)
             key = (r.priority, 1, math.floor((buf - hysteresis) * inv_bucket), -rate, r.arrival_s)
             cands.append(_Candidate(r, True, pinned, pages, held, 0.0, buf, key))
-        for r in [*view.preempted, *self._admissible(view, limit_tokens=admit_limit)]:
+        admitted = self._admissible(view, limit_tokens=admit_limit, chunk_cap=chunk_cap)
+        for r in [*view.preempted, *admitted]:
             num_output = len(r.output_ids)
             num_tokens = len(r.prompt_ids) + num_output
             overhead = io.resume_s(r, num_tokens)
