@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from tfjax.assembly import MAX_OFFLOAD_BYTES_IN_FLIGHT
     from tfjax.async_engine import build_runner
     from tfjax.kv.transfer import Transfers
@@ -46,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     links = Transfers(runner.pages_sharding, max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT)
     try:
         profile = calibrate(
-            runner, runner, links, config, name=args.name or args.out.stem, progress=progress
+            runner,
+            runner,
+            links,
+            config,
+            name=args.name or args.out.stem,
+            copies_share_compute=jax.default_backend() == "cpu",
+            progress=progress,
         )
     finally:
         links.shutdown()

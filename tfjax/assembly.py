@@ -32,17 +32,25 @@ def device_transfers(pages_sharding: jax.sharding.Sharding) -> Callable[[], Tran
 
 
 def build_offload(
-    config: EngineConfig, io: PageIO, transfers: Callable[[], TransferIO]
+    config: EngineConfig,
+    io: PageIO,
+    transfers: Callable[[], TransferIO],
+    copies_share_compute: bool | None = None,
 ) -> Offload | None:
-    """The host tier of `config.host_kv_gb` with its links (None under `--no-offload`)."""
+    """The host tier of `config.host_kv_gb` with its links (None under `--no-offload`).
+    `copies_share_compute` None: true on a CPU backend, where "host" copies run on the cores
+    and memory the step uses."""
     if not config.offload:
         return None
+    if copies_share_compute is None:
+        copies_share_compute = jax.default_backend() == "cpu"
     return Offload(
         host=HostTier(int(config.host_kv_gb * 1e9) // io.page_bytes, config.page_size),
         transfers=transfers(),
         io=io,
         write_through=config.write_through,
         overlap=config.overlap,
+        copies_share_compute=copies_share_compute,
     )
 
 
@@ -57,9 +65,10 @@ def assemble_engine(
     clock: Callable[[], float] = time.monotonic,
     policy: Policy | None = None,
     model_id: str = "",
+    copies_share_compute: bool | None = None,
 ) -> Engine:
     """An engine for `config`; `policy` None: `config.policy` with its parameters.
-    `transfers` is called only when offload is on."""
+    `transfers` is called only when offload is on (`build_offload`)."""
     return Engine(
         runner,
         tokenizer,
@@ -67,6 +76,6 @@ def assemble_engine(
         policy or make_policy(config.policy, **config.policy_params),
         emit=emit,
         clock=clock,
-        offload=build_offload(config, io, transfers),
+        offload=build_offload(config, io, transfers, copies_share_compute),
         model_id=model_id,
     )

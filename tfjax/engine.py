@@ -1,18 +1,20 @@
 """`Engine`: one scheduling step at a time, on the engine thread (no locks inside).
 
-    step():  plan = policy.plan(view)        who is admitted, preempted, resumed, run
+    step():  plan = policy.plan(view)        the policy decides, tfjax.sched.packer packs
              validate_plan(view, plan)        the contract of tfjax.sched.base
              work = kv.execute(plan)          pages and statuses
              tokens = runner.step(work)       ONE jitted call: prefill chunks + decode rows
              postprocess(tokens)              readers, detokenizing, stop checks, deltas
+             kv.write_through(...)            if the plan asks: new full pages to the host
 
 The engine owns every live `Request` (in arrival order: dict insertion order) and its
 `Detokenizer`. Deltas leave through the `emit` callback, which must be cheap and thread-safe
 (`AsyncEngine` forwards them to the asyncio loop). Submissions and aborts arrive from other
 threads through `AsyncEngine`'s inbox, never by touching the engine directly.
 
-Step costs are measured here (EWMA per decode batch bucket, prefill seconds per token) and
-handed to the policy as `Costs`, so policies plan with this machine's real numbers.
+Step costs are measured here (EWMA per decode batch size, also kept apart by the rows' mean
+context; prefill seconds per token) and handed to the policy as `Costs`, so policies plan
+with this machine's real numbers at the contexts the batch has.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
-from tfjax.sched.base import Costs, Plan, Policy, SchedulerView, validate_plan
+from tfjax.sched.base import (
+    Costs,
+    Plan,
+    Policy,
+    SchedulerView,
+    context_bucket,
+    validate_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +173,9 @@ class Engine:
         for request, token in zip(work.decode, decode_ids[: len(work.decode)], strict=True):
             request.num_computed_tokens += 1
             self._append(request, token, now)
-        running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
-        self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
+        if plan.write_through:
+            running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
+            self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
         return True
 
     def _note_decision(self, now_s: float, plan: Plan) -> None:
@@ -292,14 +302,23 @@ class Engine:
         prefill_s = seconds
         if work.decode:
             batch = len(work.decode)
-            table = dict(self.costs.decode_step_s)
+            context = sum(r.num_tokens for r in work.decode) / batch
             if work.prefill:
-                prefill_s = seconds - self.costs.decode_step_time(batch)
+                prefill_s = seconds - self.costs.decode_step_time(batch, context)
             else:
-                old = table.get(batch, seconds)
-                table[batch] = old + EWMA_ALPHA * (seconds - old)
-                self.costs = replace(self.costs, decode_step_s=table)
+                by_context = {c: dict(row) for c, row in self.costs.decode_by_context_s.items()}
+                _ewma_into(by_context.setdefault(context_bucket(context), {}), batch, seconds)
+                table = dict(self.costs.decode_step_s)
+                _ewma_into(table, batch, seconds)
+                self.costs = replace(
+                    self.costs, decode_step_s=table, decode_by_context_s=by_context
+                )
         if work.prefill and prefill_s > 0:
             old = self.costs.prefill_token_s
             sample = prefill_s / sum(w.num_tokens for w in work.prefill)
             self.costs = replace(self.costs, prefill_token_s=old + EWMA_ALPHA * (sample - old))
+
+
+def _ewma_into(table: dict[int, float], key: int, sample: float) -> None:
+    old = table.get(key, sample)
+    table[key] = old + EWMA_ALPHA * (sample - old)

@@ -56,6 +56,7 @@ class ScriptedPolicy:
             admit=tuple(r.request_id for r in view.waiting),
             prefill=tuple(chunks),
             decode=(*decode, *resume),
+            write_through=True,
         )
 
 

@@ -21,7 +21,7 @@ from tfjax.kv.manager import Offload
 from tfjax.kv.transfer import Transfers
 from tfjax.request import RequestStatus
 from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode, SchedulerView
-from tfjax.sched.fcfs import PrefillFiller, decode_pages_needed
+from tfjax.sched.packer import StepBudget, decode_pages_needed
 
 PAGE_SIZE = 4
 
@@ -43,12 +43,12 @@ class StormPolicy:
         kept = [r for r in resident if r not in preempt]
         free = view.num_free_pages + sum(len(r.page_ids) for r in preempt)
         running = [r for r in kept if r.status is RequestStatus.RUNNING]
-        while decode_pages_needed(view, running) > free:
+        while decode_pages_needed(running, view.page_size) > free:
             victim = kept.pop()
             preempt.append(victim)
             free += len(victim.page_ids)
             running = [r for r in kept if r.status is RequestStatus.RUNNING]
-        free -= decode_pages_needed(view, running)
+        free -= decode_pages_needed(running, view.page_size)
         resume, decode = [], [r.request_id for r in running]
         rows_left = view.max_batch_size - len(kept)
         for r in view.preempted:
@@ -61,13 +61,13 @@ class StormPolicy:
                 resume.append(Resume(request_id=r.request_id, mode=ResumeMode.LOAD))
                 if r.num_uncomputed_prefill == 0:
                     decode.append(r.request_id)
-        filler = PrefillFiller(
+        budget = StepBudget(
             view=view, free_pages=free, tokens_left=view.prefill_token_budget, rows_left=rows_left
         )
         chunks = []
         for r in kept:
             if r.status is RequestStatus.PREFILLING and (
-                n := filler.try_add(r, new_resident=False)
+                n := budget.chunk(r, new_resident=False, from_scratch=False)
             ):
                 chunks.append(PrefillChunk(request_id=r.request_id, num_tokens=n))
         admit = []
@@ -76,11 +76,12 @@ class StormPolicy:
         for r in [*pending, *view.waiting]:
             if r.status is RequestStatus.PREEMPTED and self.rng.random() > self.p_resume:
                 continue
-            n = filler.try_add(r, new_resident=True)
+            recompute = r.status is RequestStatus.PREEMPTED
+            n = budget.chunk(r, new_resident=True, from_scratch=recompute)
             if not n:
                 break
             chunks.append(PrefillChunk(request_id=r.request_id, num_tokens=n))
-            if r.status is RequestStatus.PREEMPTED:
+            if recompute:
                 resume.append(Resume(request_id=r.request_id, mode=ResumeMode.RECOMPUTE))
             else:
                 admit.append(r.request_id)
@@ -90,6 +91,7 @@ class StormPolicy:
             admit=tuple(admit),
             prefill=tuple(chunks),
             decode=tuple(decode),
+            write_through=True,
         )
 
 

@@ -63,7 +63,7 @@ def test_retract_backoff_holds_admission_after_a_preemption() -> None:
     new = make_request("new", R, arrival=1.0, prompt=7, output=2, max_tokens=200)
     view = make_view([old, new], total_pages=4)
     assert policy.plan(view).preempt == ("new",)
-    assert policy.backoff is not None and policy.backoff.ratio == 0.7
+    assert policy.packer.backoff is not None and policy.packer.backoff.ratio == 0.7
     # Next step: pages are free again, but 0.7 * 198 remaining tokens of "old" are reserved.
     new.status, new.page_ids = P, []
     view = make_view([old, new], total_pages=30)
@@ -74,9 +74,9 @@ def test_retract_backoff_holds_admission_after_a_preemption() -> None:
     plain = FcfsPolicy(chunked=True, retract_backoff=False).plan(view)
     assert [x.request_id for x in plain.resume] == ["new"]
     # The reserve decays to zero over decay_steps steps.
-    for _ in range(policy.backoff.decay_steps):
-        policy.backoff.on_step(preempted=False)
-    assert policy.backoff.ratio == 0.0
+    for _ in range(policy.packer.backoff.decay_steps):
+        policy.packer.backoff.on_step(preempted=False)
+    assert policy.packer.backoff.ratio == 0.0
     assert [x.request_id for x in policy.plan(view).resume] == ["new"]
 
 

@@ -49,7 +49,7 @@ def test_tokenflow_never_displaces_a_higher_priority_resident() -> None:
         a = resident("a", 3.0)
         a.priority = resident_priority
         b = make_request("b", arrival=5.0, rate=2.0)
-        view = make_view([a, b], total_pages=14, host=synced(a), costs=SLOW)
+        view = make_view([a, b], total_pages=13, host=synced(a), costs=SLOW)
         plan = make_policy("tokenflow").plan(view)
         check_plan(view, plan)
         assert (plan.preempt, plan.admit) == ((("a",), ("b",)) if displaced else ((), ()))

@@ -30,11 +30,12 @@ def resident(rid: str, buffer_s: float, *, arrival: float = 0.0, rate: float = 2
 
 def test_new_request_displaces_only_a_safely_preemptible_resident() -> None:
     # Safety: b >= mu * r * (t_evict + t_load + t_schedule) = 2 * 2 * (0 + ~0 + 0.5) = 2 tokens.
-    # Readers at 2 tok/s: the 14-page device holds one request, Gamma = 10 tok/s.
+    # Readers at 2 tok/s: the 13-page device holds one request, Gamma = 10 tok/s, and its one
+    # free page is the running request's headroom, so FCFS would start nothing.
     for buffer_s, preempted in ((3.0, True), (0.5, False)):
         a = resident("a", buffer_s)
         b = make_request("b", arrival=5.0, rate=2.0)
-        view = make_view([a, b], total_pages=14, host=synced(a), costs=SLOW)
+        view = make_view([a, b], total_pages=13, host=synced(a), costs=SLOW)
         plan = TokenFlowPolicy().plan(view)
         check_plan(view, plan)
         if preempted:
@@ -67,7 +68,7 @@ def test_switch_budget_limits_context_switches_not_new_prompts() -> None:
     view = make_view([a, c], total_pages=14, host=synced(a, c), costs=SLOW)
     assert TokenFlowPolicy(switch_budget=0.0).plan(view).preempt == ()
     b = make_request("b", arrival=5.0, rate=2.0)
-    view = make_view([a, b], total_pages=14, host=synced(a), costs=SLOW)
+    view = make_view([a, b], total_pages=13, host=synced(a), costs=SLOW)
     assert TokenFlowPolicy(switch_budget=0.0).plan(view).preempt == ("a",)
 
 
@@ -189,12 +190,12 @@ def test_a_non_streaming_resident_is_never_displaced_for_its_buffer() -> None:
     # The case of test_new_request_displaces_only_a_safely_preemptible_resident, but the
     # resident's client reads at the end: its "buffer" of generated tokens is no reason to
     # pause it. It wants a whole row's rate (Gamma here: the device holds one request), so the
-    # device is at capacity and the plan is fcfs's: b starts in the two free pages.
+    # device is at capacity and the plan is fcfs's: b waits (the one free page is a's headroom).
     for streaming, displaced in ((True, True), (False, False)):
         a = resident("a", 3.0)
         a.streaming = streaming
         b = make_request("b", arrival=5.0, rate=2.0)
-        view = make_view([a, b], total_pages=14, host=synced(a), costs=SLOW)
+        view = make_view([a, b], total_pages=13, host=synced(a), costs=SLOW)
         plan = TokenFlowPolicy().plan(view)
         check_plan(view, plan)
         assert plan.preempt == (("a",) if displaced else ())

@@ -36,11 +36,11 @@ from typing import Protocol
 import jax
 
 from tfjax.kv.host import HostBlock, HostPage, HostTier
-from tfjax.kv.pages import PAD_PAGE, PageAllocator
+from tfjax.kv.pages import PAD_PAGE, PageAllocator, extra_pages
 from tfjax.kv.prefix import PrefixCache
 from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Costs, Plan, PlanError, ResumeMode, pages_for
+from tfjax.sched.base import Costs, Plan, PlanError, ResumeMode
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ class PageIO(Protocol):
         ...
 
 
+# Share of a step's time that write-through may spend copying where host copies run on the
+# cores the step runs on (a CPU backend): there every copied byte slows the step, so copies
+# ahead of a preemption are kept to a small, bounded tax; a preemption still copies its whole
+# unsynced tail at once. Where a DMA engine copies beside the step, a whole step's worth.
+SHARED_COMPUTE_COPY_SHARE = 0.02
+
+
 @dataclass(slots=True)
 class Offload:
     host: HostTier
@@ -67,6 +74,7 @@ class Offload:
     io: PageIO
     write_through: bool = True
     overlap: bool = True
+    copies_share_compute: bool = False  # host copies run on the step's cores (CPU backend)
 
 
 @dataclass(slots=True)
@@ -107,6 +115,8 @@ class KVStats:
     num_recomputes: int = 0  # resumes by recompute
     num_host_full_fallbacks: int = 0
     preempt_s: float = 0.0  # total decision -> device pages free
+    num_copied_pages: int = 0  # device pages queued for the host (write-through, preemption)
+    copy_s: float = 0.0  # link seconds of those copies at the measured D2H bandwidth
     load_s: float = 0.0  # total resume decision -> pages scattered (off the engine thread)
     resume_s: float = 0.0  # total decision -> first token after resuming
     num_resumes_timed: int = 0
@@ -141,9 +151,6 @@ class KVManager:
     @property
     def host(self) -> HostTier | None:
         return self.offload.host if self.offload else None
-
-    def pages_for(self, request: Request, num_tokens: int) -> int:
-        return pages_for(request, num_tokens, self.page_size)
 
     @property
     def num_free_pages(self) -> int:
@@ -257,14 +264,16 @@ class KVManager:
         self._keys.pop(request.request_id, None)
         self._resumed_at.pop(request.request_id, None)
 
-    def write_through(self, running: Sequence[Request], now_s: float, budget_s: float) -> int:
+    def write_through(self, running: Sequence[Request], now_s: float, step_s: float) -> int:
         """Queue copies of full, not yet copied pages of `running` to the host, largest
         virtual buffer first (the likeliest to be preempted next), one buffer per request, at
-        most what the D2H link moves in `budget_s` (the next step's estimated compute time).
-        Only when the policy can resume by LOAD. Returns pages queued."""
+        most what the D2H link moves in the time the next step (`step_s`, estimated) leaves
+        it: all of it beside a DMA engine, `SHARED_COMPUTE_COPY_SHARE` of it where copies take
+        the step's own cores. Only when the policy can resume by LOAD. Returns pages queued."""
         if not (self.offload and self.offload.write_through and self.swaps):
             return 0
         host, link = self.offload.host, self.offload.transfers
+        budget_s = step_s * (SHARED_COMPUTE_COPY_SHARE if self.offload.copies_share_compute else 1)
         budget_bytes = min(budget_s * link.d2h.bytes_per_s, link.room_bytes())
         max_pages = min(
             int(budget_bytes // self.offload.io.page_bytes), self.offload.io.max_gather_pages
@@ -345,6 +354,8 @@ class KVManager:
             return False
         block = HostBlock(self.offload.transfers.offload(gathered), num_slots, gathered.nbytes)
         host.add(request.request_id, block, pages, request.num_computed_tokens)
+        self.stats.num_copied_pages += num_slots
+        self.stats.copy_s += gathered.nbytes / self.offload.transfers.d2h.bytes_per_s
         return True
 
     def _load(self, request: Request) -> bool:
@@ -396,7 +407,7 @@ class KVManager:
         the prefix cache: policies count a preempted request's pages as freed, but pages it
         shares stay in use, so there a decode row that finds no page sits this step out
         (False) and the next plan sees the real free count."""
-        need = self.pages_for(request, num_tokens)
+        need = extra_pages(request, num_tokens, self.page_size)
         if need == 0:
             return True
         if need > self.num_free_pages:

@@ -1,4 +1,4 @@
-"""Page bookkeeping for one KV tier: a free list and a used set, no arrays.
+"""Page arithmetic, and the bookkeeping of one KV tier: a free list and a used set, no arrays.
 
 `PageAllocator` only keeps books; the arrays live in `tfjax.runner.Runner` (device tier) and
 `tfjax.kv.host.HostTier` (host tier). It is pure Python so the scheduler simulator reuses it.
@@ -11,8 +11,25 @@ used, never both; `num_free + num_used == num_usable`. On the device tier page 0
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 PAD_PAGE = 0
+
+
+class HoldsPages(Protocol):
+    page_ids: list[int]
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    """Pages that hold `num_tokens` tokens: the one page arithmetic of the engine, the packer,
+    the policies and the checks."""
+    return -(-num_tokens // page_size)
+
+
+def extra_pages(holder: HoldsPages, num_tokens: int, page_size: int) -> int:
+    """Pages `holder` must still get so that `num_tokens` tokens fit (page 0, the padding
+    page, is never handed out: the allocator keeps it)."""
+    return max(0, pages_needed(num_tokens, page_size) - len(holder.page_ids))
 
 
 class OutOfPagesError(RuntimeError):

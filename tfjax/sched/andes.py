@@ -4,7 +4,7 @@ Andes, as the TokenFlow paper re-implemented it: recompute preemption only (no h
 even when one exists), and a solver that runs only when the device KV use is above
 `trigger_kv_usage`. Below it every resident request is served and waiting requests are
 admitted in arrival order into free pages, like `fcfs-chunked`; a missing page preempts the
-newest resident, and SGLang's retract backoff (`fcfs.RetractBackoff`) applies, since the
+newest resident, and SGLang's retract backoff (`packer.RetractBackoff`) applies, since the
 paper's Andes ran inside SGLang.
 
 The solver (every `solver_every_steps` steps while triggered) scores each resident, preempted
@@ -46,9 +46,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tfjax.request import Request, RequestStatus
-from tfjax.sched.base import Plan, ResumeMode, SchedulerView, queue_key
-from tfjax.sched.fcfs import RetractBackoff
-from tfjax.sched.plan_builder import assemble_plan
+from tfjax.sched.base import SchedulerView
+from tfjax.sched.packer import Decision, PackingPolicy
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -77,43 +76,31 @@ def qoe(expected: float, actual: float) -> float:
     return 1.0 - short * short
 
 
-class AndesPolicy:
+class AndesPolicy(PackingPolicy):
     name = "andes"
     resumes_by_load = False  # always recomputes
 
     def __init__(self, config: AndesConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
         self.config = replace(config or AndesConfig(), **overrides)
         self._num_steps = 0
         self._seen: set[str] = set()
-        self.backoff = RetractBackoff()
         self.num_solver_runs = 0
         self.num_solver_preemptions = 0
 
-    def plan(self, view: SchedulerView) -> Plan:
+    def decide(self, view: SchedulerView) -> Decision:
+        """The solver's pick (every `solver_every_steps` steps above the trigger), else the
+        queue order, as `fcfs-chunked`."""
         self._num_steps += 1
         for r in view.waiting:
             self._seen.add(r.request_id)
-        victims: list[Request] = []
-        bring: list[Request] | None = None
         used = 1.0 - view.num_free_pages / max(1, view.num_total_pages)
         triggered = used > self.config.trigger_kv_usage
         if triggered and self._num_steps % self.config.solver_every_steps == 0:
             self.num_solver_runs += 1
             victims, bring = self._solve(view)
-
-        def fcfs_order() -> list[Request]:
-            return sorted([*view.preempted, *view.waiting], key=queue_key)
-
-        plan = assemble_plan(
-            view,
-            victims=victims,
-            bring=(lambda: bring) if bring is not None else fcfs_order,
-            pressure_order=lambda rs: sorted(rs, key=queue_key, reverse=True),
-            choose_mode=lambda r: ResumeMode.RECOMPUTE,
-            reserve_pages=lambda running: len(running) + self.backoff.reserve_pages(view, running),
-        )
-        self.backoff.on_step(preempted=bool(plan.preempt))
-        return plan
+            return Decision(pause=tuple(victims), first=tuple(bring), prefill_first=False)
+        return Decision(prefill_first=False)
 
     def _gain(self, view: SchedulerView, r: Request, decode_rate: float) -> float:
         cfg = self.config

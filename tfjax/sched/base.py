@@ -19,7 +19,8 @@ tests on generated views; a breach raises `PlanError`):
   by recompute in this plan); chunks are processed in order.
 - `decode` names RUNNING requests that produce one token each.
 - Pages: after preemptions free their pages, the free pool must cover every page the plan
-  allocates: pages for loads, for prefill chunks and for decode tokens (`pages_for`).
+  allocates: pages for loads, for prefill chunks and for decode tokens
+  (`tfjax.kv.pages.extra_pages`).
 A request appears at most once across preempt/resume/admit, and a preempted request is in
 neither `prefill` nor `decode`.
 """
@@ -27,10 +28,12 @@ neither `prefill` nor `decode`.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tfjax.kv.pages import pages_needed
 from tfjax.request import Request, RequestStatus
 
 WAITING, PREFILLING, RUNNING, PREEMPTED = (
@@ -43,13 +46,6 @@ WAITING, PREFILLING, RUNNING, PREEMPTED = (
 
 class PlanError(RuntimeError):
     """A policy returned a plan that breaks this module's contract."""
-
-
-def pages_for(request: Request, num_tokens: int, page_size: int) -> int:
-    """Extra device pages `request` needs so that `num_tokens` tokens fit. The one page
-    arithmetic of the engine, the policies and the checks (page 0, the padding page, is never
-    handed out: the allocator keeps it)."""
-    return max(0, -(-num_tokens // page_size) - len(request.page_ids))
 
 
 class ResumeMode(enum.Enum):
@@ -76,10 +72,29 @@ class Plan:
     admit: tuple[str, ...] = ()
     prefill: tuple[PrefillChunk, ...] = ()
     decode: tuple[str, ...] = ()
+    write_through: bool = False  # copy the running requests' new full pages to the host after
 
     @property
     def is_empty(self) -> bool:
         return not (self.preempt or self.resume or self.admit or self.prefill or self.decode)
+
+
+def context_bucket(context_tokens: float) -> int:
+    """The `Costs.decode_by_context_s` bucket of rows with this mean context: the next power
+    of two (contexts within 2x cost about the same; the table stays a few rows long)."""
+    return 1 << max(0, math.ceil(context_tokens) - 1).bit_length()
+
+
+def _interpolate(table: Mapping[int, float], batch_size: int) -> float:
+    """Step time at `batch_size`, linear between measured sizes, proportional beyond them."""
+    sizes = sorted(table)
+    if batch_size <= sizes[0]:
+        return table[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        if batch_size <= hi:
+            return table[lo] + (batch_size - lo) / (hi - lo) * (table[hi] - table[lo])
+    top = sizes[-1]
+    return table[top] * batch_size / top
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,35 +102,38 @@ class Costs:
     """Measured (engine) or modelled (simulator) costs the policies plan with.
 
     All times in seconds, bandwidths in bytes/s. `decode_step_s` maps batch size -> step time
-    (EWMA of measurements; missing sizes are interpolated by `decode_step_time`).
+    at whatever context the steps had (EWMA of measurements; missing sizes interpolated).
+    `decode_by_context_s` keeps the same measurements apart by the rows' mean context
+    (`context_bucket` -> batch size -> step time), so capacity is judged at the context a
+    batch will have: a burst's first steps, at short contexts, are its cheapest.
     """
 
     decode_step_s: dict[int, float] = field(default_factory=dict)
+    decode_by_context_s: dict[int, dict[int, float]] = field(default_factory=dict)
     prefill_token_s: float = 1e-3
     kv_bytes_per_token: int = 1
     d2h_bytes_per_s: float = 1e9
     h2d_bytes_per_s: float = 1e9
     io_backlog_s: float = 0.0  # queued, not yet finished transfers, in seconds of link time
 
-    def decode_step_time(self, batch_size: int) -> float:
-        """Step time at `batch_size`, linear between measured sizes, flat beyond them."""
+    def decode_step_time(self, batch_size: int, context_tokens: float | None = None) -> float:
+        """Step time at `batch_size` (and, if given, `context_tokens` a row): the step measured
+        nearest in context and then in batch size, scaled to `batch_size` by the shape of the
+        all-context table (before any measurement, a square-root guess)."""
         if not self.decode_step_s:
             return 0.02 * max(1, batch_size) ** 0.5
-        sizes = sorted(self.decode_step_s)
-        if batch_size <= sizes[0]:
-            return self.decode_step_s[sizes[0]]
-        for lo, hi in zip(sizes, sizes[1:], strict=False):
-            if batch_size <= hi:
-                frac = (batch_size - lo) / (hi - lo)
-                return self.decode_step_s[lo] + frac * (
-                    self.decode_step_s[hi] - self.decode_step_s[lo]
-                )
-        top = sizes[-1]
-        return self.decode_step_s[top] * batch_size / top
+        step_s = _interpolate(self.decode_step_s, batch_size)
+        if context_tokens is None or not self.decode_by_context_s:
+            return step_s
+        want = math.log2(context_bucket(context_tokens))
+        bucket = min(self.decode_by_context_s, key=lambda c: (abs(math.log2(c) - want), -c))
+        row = self.decode_by_context_s[bucket]
+        nearest = min(row, key=lambda b: (abs(b - batch_size), -b))
+        return row[nearest] * step_s / _interpolate(self.decode_step_s, nearest)
 
-    def decode_capacity(self, batch_size: int) -> float:
+    def decode_capacity(self, batch_size: int, context_tokens: float | None = None) -> float:
         """Tokens/s the device produces at `batch_size` (Gamma in the paper's Eq. 6)."""
-        return batch_size / self.decode_step_time(max(1, batch_size))
+        return batch_size / self.decode_step_time(max(1, batch_size), context_tokens)
 
     def recompute_s(self, num_tokens: int) -> float:
         return num_tokens * self.prefill_token_s
@@ -189,14 +207,10 @@ class SchedulerView:
     def resident(self) -> list[Request]:
         return [*self.prefilling, *self.running]
 
-    def pages_for(self, request: Request, num_tokens: int) -> int:
-        """Extra device pages `request` needs so that `num_tokens` tokens fit."""
-        return pages_for(request, num_tokens, self.page_size)
-
 
 class Policy(Protocol):
     name: str
-    resumes_by_load: bool  # may plan ResumeMode.LOAD: only then is KV written to the host
+    resumes_by_load: bool  # may plan ResumeMode.LOAD: only then is KV copied to the host
 
     def plan(self, view: SchedulerView) -> Plan: ...
 
@@ -241,7 +255,7 @@ def validate_plan(
             request.request_id
         ):
             raise PlanError(f"resume {request.request_id} by LOAD: no complete host copy")
-        pages[request.request_id] = -(-num_tokens // view.page_size)
+        pages[request.request_id] = pages_needed(num_tokens, view.page_size)
         status[request.request_id] = RUNNING if is_decode_ready(request) else PREFILLING
     for request_id in plan.admit:
         request = get(request_id)
@@ -258,7 +272,7 @@ def validate_plan(
         done = computed.get(chunk.request_id, request.num_computed_tokens)
         if not 0 < chunk.num_tokens <= request.num_prefill_target - done:
             raise PlanError(f"prefill {chunk.request_id}: bad chunk of {chunk.num_tokens}")
-        need = -(-(done + chunk.num_tokens) // view.page_size)
+        need = pages_needed(done + chunk.num_tokens, view.page_size)
         pages[chunk.request_id] = max(pages.get(chunk.request_id, len(request.page_ids)), need)
     if len(set(plan.decode)) != len(plan.decode):
         raise PlanError("a request decodes twice")
@@ -268,7 +282,7 @@ def validate_plan(
         request = get(request_id)
         if status.get(request_id, request.status) is not RUNNING:
             raise PlanError(f"decode {request_id}: it is not running")
-        need = -(-(len(request.prompt_ids) + len(request.output_ids)) // ps)
+        need = pages_needed(len(request.prompt_ids) + len(request.output_ids), ps)
         if request_id in pages:
             pages[request_id] = max(pages[request_id], need)
         else:

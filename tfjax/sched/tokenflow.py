@@ -1,98 +1,34 @@
-"""TokenFlow: buffer-aware preemptive scheduling (paper §3-4; docs/architecture/scheduler.md).
+"""TokenFlow: buffer-aware preemptive scheduling (paper §3-4).
 
-A decision runs every `schedule_interval_s` and on arrivals, and only under stress: a request
-waits, or a resident or preempted request is buffer-critical (predicted buffer below
-`critical_buffer_s`). Otherwise, and between decisions, nobody is displaced: every RUNNING
-request decodes (work conservation), prefill chunks fill the token budget, free pages go to
-waiting and preempted requests by `wanting_since`, and a missing page preempts the resident
-with the largest buffer. A decision:
+This module owns TokenFlow's decisions, nothing that spends a budget: every step it returns a
+`Decision` (who pauses, who comes first, how each preempted request resumes, prefill-first or
+not, write-through or not) and `tfjax.sched.packer` packs it, as it packs FCFS's. So TokenFlow
+can reorder and pause, but never plan fewer rows or prompt tokens than FCFS in the same state.
 
-1. Capacity (Eq. 6): if the declared rates of the working set reach Gamma =
-   `Costs.decode_capacity(n)`, the policy is `fcfs` until the next decision: every plan is
-   the one an `FcfsPolicy` (kept alongside, with its own retract backoff) makes, so admission,
-   batching, prefill and preemption are exactly FCFS's; only a preempted request whose host
-   copy is complete comes back by LOAD when that beats re-prefilling it (`resume_mode`), which
-   changes no batch (plain FCFS resumes cost the H200 burst 400 10% of its effective
-   throughput). n is the batch the device would
-   actually run: the live requests, capped by the batch cap and by the requests the device
-   pages hold at the mean context of W and the queue; the costs are the step times measured
-   at each batch size, so on a CPU, where a batch-32 step costs twice a batch-8 one, Gamma is
-   the batch-32 rate and not the batch-8 one. The working set is W (resident + preempted)
-   plus the waiting requests FCFS would admit now (queue order, while the batch cap and the
-   free pages last). Judging W alone, as a literal reading of the paper has it, never sees
-   overload: W is what admission let in under Gamma, so a burst of fast readers was admitted
-   a Gamma's worth at a time and the device ran a third of the batch it could hold.
-   Non-streaming requests (`Request.streaming` False) declare one batch row's rate (Gamma/n).
-2. Working set: waiting requests join in queue order (`priority`, then arrival) while the
-   rates stay under Gamma, W stays under Eq. 4's bound and the admitted prompts fit in one
-   interval of prefill; an empty W always takes the head of the queue, whatever its rate.
-   Admission is work-conserving: the requests that fit in the free pages and rows are the
-   ones the capacity check counted, so they are all admitted (or the policy is FCFS).
-3. Balancing, within each `priority` level (lower value first; a request is never displaced,
-   and no swap is made, in favour of a request of lower priority): requests without a first
-   token and non-streaming requests first (arrival order); then residents and
-   critical non-residents by predicted buffer in seconds (a non-resident's minus its load or
-   recompute time, negative while its reader stalls; a resident's minus `hysteresis_s`), then
-   by rate; non-critical preempted requests last (they only fill free space). Residents that
-   fail the safety rule `b_j >= mu * r_j * (t_evict + t_load + t_schedule)` are pinned, and so
-   are non-streaming residents (no buffer: their client reads at the end). A
-   greedy pass fills the device pages (context plus one interval of growth) and the batch
-   cap; one pass of adjacent swaps keeps swaps that raise utility beyond their switch cost.
-   Chosen newcomers are placed longest-wanting first, preempting left-out residents (worst
-   first) only as far as they need room and only while the switch budget lasts. Preempted
-   requests resume by LOAD when their host copy is complete and t_IO < t_recompute.
+- Between decisions, and when nothing is under stress, the decision is the fill order: waiting
+  and preempted requests by priority, then by how long their reader has wanted a token
+  (`wanting_since`); residents leave under page pressure largest buffer first.
+- A decision runs every `schedule_interval_s` and on arrivals. Overloaded (the declared rates
+  reach Gamma, the decode rate at the batch and context the device would run, from measured
+  step times) it is FCFS until the next decision, with resumes by LOAD where cheaper and no
+  write-through. Stressed (a request waits or a reader nears stalling) it balances buffers:
+  the safety rule pins residents that could not be swapped back in time, a greedy fill by
+  buffer and a pass of adjacent swaps pick who runs, and chosen newcomers displace left-out
+  residents within the switch budget, never for a lower priority.
 
-Parameters the paper leaves open (`TokenFlowConfig`), value and reason. Each was varied in
-the simulator on the H200 400-request burst (docs/architecture/scheduler.md has the table).
-- `schedule_interval_s` = 0.5: the paper's best Δt (§7.5); also t_schedule in the safety rule.
-  1.0 s: +4% mean TTFT, -2% raw throughput.
-- `buffer_conservativeness` (mu) = 2.0: the project's default; mu = 1: -3% effective
-  throughput, and the margin also covers transfer times the engine measures with noise.
-- `critical_buffer_s` (T_critical) = 1.0: two intervals, so a request found critical at one
-  decision is back before its reader runs dry even if the next decision is an interval away.
-  2.0 s swaps earlier than needed: -1% effective throughput, +9% stall.
-- `hysteresis_s` = 2.0: displacement needs a buffer lower by this margin; 0: -5% effective
-  throughput, +8% stall.
-- `switch_budget` = 0.05: context switches for requests that already stream (their loads or
-  re-prefills) may block the device at most 5% of the time; new prompts are exempt. A swap
-  stalls every resident for one load (~10 ms for a 4k-token context on PCIe 5, about a decode
-  step), and when demand is near capacity buffers hover low, so buffer balancing alone swaps
-  every few seconds per request: without the budget 6.8k preemptions, 51 s of blocking loads,
-  -13% raw throughput, +64% stall (an earlier prototype's warning). The paper (§8) "mitigates PCIe
-  bandwidth contention by adaptively reducing preemption frequency". 0.02: -14% effective.
-- `displace_only_critical` = True: a preempted request displaces a resident only once it is
-  critical; earlier it only takes free pages (False: +43% stall, -5% effective).
-- `prefill_first_backlog` = 1.0: once more than this many steps of new prompt tokens are
-  queued (a burst), and until none is left, a step that prefills a new prompt does not decode
-  (SGLang's prefill-first): each decode row slows the step and so every queued prompt (never
-  prefill-first: p99 TTFT +5% here, +1.5% on the 4090 burst). Not while the queued prompts
-  exceed the free pages: then memory holds them back and decoding frees it (Azure replay: p99
-  TTFT 4.2 s instead of 6.5 s). With a short queue decode rows ride along only for a reader
-  whose buffer would not last the prefill step: on a GPU they ride almost free, on a CPU a
-  batch-8 step costs three batch-1 steps and every ride slows the prompts (issue 13).
-- `v_i` = decode rate * the §7.1.3 weight the next token would get (L estimated by
-  `max_tokens`); `phi(b)` = exp(-b / `phi_scale_s`), b the predicted buffer in seconds (raw
-  tokens would make e^-b vanish above ~10 tokens), `phi_scale_s` = 1.0.
-- `gamma` = 1.0, in units of the reader's tokens over an interval. The paper's `v*t - gamma*phi`
-  is read as the gain of serving, `v*t + gamma*phi` (serving avoids the penalty): as printed,
-  low buffers would lose priority.
-- `buffer_bucket_s` = 0.25: buffers are compared in 0.25 s steps so the rate decides between
-  near-equal ones (the paper sorts by buffer, value and rate but not how).
-- `swap_min_gain` = 0.5 intervals of the dropped request's reading, on top of the switch cost.
-- Eq. 5's lambda = 0 (W_scheduled = W_static): the safety rule already paces admission.
-- `no_offload_overcommit` = 2.0: without a host tier W may hold twice what the device holds.
+The derivation of each rule from the paper, and every parameter's value with its reason, are in
+docs/architecture/scheduler.md ("TokenFlow's decision").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tfjax.kv.pages import pages_needed
 from tfjax.request import Request, RequestStatus
 from tfjax.sched.base import (
-    Plan,
     ResumeMode,
     SchedulerView,
     buffer_s,
@@ -100,8 +36,7 @@ from tfjax.sched.base import (
     is_decode_ready,
     queue_key,
 )
-from tfjax.sched.fcfs import FcfsPolicy
-from tfjax.sched.plan_builder import assemble_plan
+from tfjax.sched.packer import Decision, PackingPolicy
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
@@ -139,7 +74,7 @@ def resume_mode(view: SchedulerView, request: Request) -> ResumeMode | None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TokenFlowConfig:
-    """Every knob of the policy; see the module docstring for values and reasons."""
+    """Every knob of the policy; docs/architecture/scheduler.md gives values and reasons."""
 
     schedule_interval_s: float = 0.5
     buffer_conservativeness: float = 2.0
@@ -165,22 +100,25 @@ class TokenFlowConfig:
 
 @dataclass(slots=True)
 class _Candidate:
+    """A request competing for the device at a balancing decision."""
+
     request: Request
     resident: bool
-    pinned: bool  # resident that the safety rule (or a running prefill) keeps on the device
     pages: int  # device pages it needs over the next interval if chosen
-    held: int  # device pages it holds now
-    overhead_s: float  # time before it produces a token if chosen
-    pred_s: float  # predicted buffer in seconds once it produces again
-    key: tuple
+    key: tuple  # balancing order (smaller first)
+    pinned: bool = False  # resident the safety rule (or its state) keeps on the device
+    held: int = 0  # device pages it holds now
+    overhead_s: float = 0.0  # time before it produces a token if chosen
+    pred_s: float = 0.0  # predicted buffer in seconds once it produces again
     chosen: bool = False
 
 
-class TokenFlowPolicy:
+class TokenFlowPolicy(PackingPolicy):
     name = "tokenflow"
     resumes_by_load = True  # LOAD when t_IO < t_recompute (`resume_mode`)
 
     def __init__(self, config: TokenFlowConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
         self.config = replace(config or TokenFlowConfig(), **overrides)
         self._next_decision_s = -math.inf
         self._last_arrival_s = -math.inf
@@ -191,36 +129,57 @@ class TokenFlowPolicy:
         self.num_decisions = 0  # full decisions (stressed, not in fallback)
         self.num_fallback_decisions = 0
         self._draining_backlog = False  # prefill-first until the prompt backlog is gone
-        # Plans every step while demand exceeds capacity; resumes by LOAD where that is cheaper.
-        self._fcfs = FcfsPolicy(resume_mode=resume_mode)
         # Device seconds that context switches (loads, re-prefills) may still block: refilled
         # at `switch_budget` per second up to four intervals' worth, which it starts with.
         cfg = self.config
         self._switch_credit_s = 4 * cfg.schedule_interval_s * cfg.switch_budget
         self._credit_at_s: float | None = None
 
-    def plan(self, view: SchedulerView) -> Plan:
-        arrived = bool(view.waiting) and view.waiting[-1].arrival_s > self._last_arrival_s
-        if arrived:
-            self._last_arrival_s = view.waiting[-1].arrival_s
-        if arrived or view.now_s >= self._next_decision_s:
+    def decide(self, view: SchedulerView) -> Decision:
+        modes = {r.request_id: resume_mode(view, r) for r in view.preempted}
+        if self._decision_due(view):
             self._next_decision_s = view.now_s + self.config.schedule_interval_s
             self._refill_switch_credit(view.now_s)
-            batch = self._device_batch(view)
-            self._gamma = view.costs.decode_capacity(batch)
-            self._row_rate = self._gamma / batch
-            self._bound = None
-            # At capacity exactly (e.g. only non-streaming requests) there is no slack to share
-            # out either; the tolerance absorbs the rounding of n * (Gamma / n).
-            self.fallback = self._demand(view) >= self._gamma * (1.0 - 1e-9)
+            self.fallback = self._overloaded(view)
             self.num_fallback_decisions += self.fallback
             if not self.fallback and self._is_stressed(view):
                 self.num_decisions += 1
-                victims, chosen = self._balance(view)
-                return self._assemble(view, victims, lambda: chosen)
-        if self.fallback:
-            return self._fcfs.plan(view)
-        return self._assemble(view, [], lambda: self._fill_order(view))
+                pause, bring = self._balance(view)
+                return self._decision(view, modes, pause=tuple(pause), first=tuple(bring))
+        if self.fallback:  # FCFS; a resume by LOAD changes no batch, write-through would cost
+            return Decision(resume=modes)
+        return self._decision(view, modes, first=self._fill_order(view))
+
+    def _decision(
+        self,
+        view: SchedulerView,
+        modes: dict[str, ResumeMode | None],
+        *,
+        pause: tuple[Request, ...] = (),
+        first: tuple[Request, ...] = (),
+    ) -> Decision:
+        now = view.now_s
+        # Lowest priority first; within it largest buffer first, prefills (no token yet) last,
+        # newest first.
+        leave_order = sorted(
+            view.resident,
+            key=lambda r: (r.priority, r.status is _RUNNING, buffer_s(r, now), r.arrival_s),
+            reverse=True,
+        )
+        return Decision(
+            pause=pause,
+            first=first,
+            leave_order=tuple(leave_order),
+            resume=modes,
+            prefill_first=self._prefill_first(view),
+            write_through=True,
+        )
+
+    def _decision_due(self, view: SchedulerView) -> bool:
+        arrived = bool(view.waiting) and view.waiting[-1].arrival_s > self._last_arrival_s
+        if arrived:
+            self._last_arrival_s = view.waiting[-1].arrival_s
+        return arrived or view.now_s >= self._next_decision_s
 
     def _refill_switch_credit(self, now_s: float) -> None:
         cfg = self.config
@@ -229,33 +188,16 @@ class TokenFlowPolicy:
         cap = 4 * cfg.schedule_interval_s * cfg.switch_budget
         self._switch_credit_s = min(cap, self._switch_credit_s + since * cfg.switch_budget)
 
-    def _assemble(
-        self, view: SchedulerView, victims: list[Request], bring: Callable[[], Sequence[Request]]
-    ) -> Plan:
-        now = view.now_s
-
-        def order(rs: list[Request]) -> list[Request]:
-            # Lowest priority first; within it largest buffer first, prefills (no token yet)
-            # last, newest first.
-            return sorted(
-                rs,
-                key=lambda r: (r.priority, r.status is _RUNNING, buffer_s(r, now), r.arrival_s),
-                reverse=True,
-            )
-
-        interval_tokens = self.config.schedule_interval_s / view.costs.decode_step_time(
-            max(1, len(view.running))
-        )
-        growth = math.ceil(interval_tokens / view.page_size)
-        return assemble_plan(
-            view,
-            victims=victims,
-            bring=bring,
-            pressure_order=order,
-            choose_mode=lambda r: resume_mode(view, r),
-            reserve_pages=lambda running: growth * len(running),
-            prefill_first=self._prefill_first(view),
-        )
+    def _overloaded(self, view: SchedulerView) -> bool:
+        """Eq. 6: do the declared rates reach Gamma, the tokens/s of the batch the device
+        would run, at the context its rows will have? (Also sets Gamma for this decision.)
+        At capacity exactly (e.g. only non-streaming requests) there is no slack to share out
+        either; the tolerance absorbs the rounding of n * (Gamma / n)."""
+        batch, context = self._device_batch(view)
+        self._gamma = view.costs.decode_capacity(batch, context)
+        self._row_rate = self._gamma / batch
+        self._bound = None
+        return self._demand(view) >= self._gamma * (1.0 - 1e-9)
 
     def _prefill_first(self, view: SchedulerView) -> bool:
         """Prefill-first from when more than `prefill_first_backlog` steps of new prompts are
@@ -295,16 +237,20 @@ class TokenFlowPolicy:
             free -= pages
         return declared_demand(members, self._row_rate)
 
-    def _device_batch(self, view: SchedulerView) -> int:
-        """n of Eq. 6: the batch the device would run, the live requests capped by the batch
-        cap and by how many fit in the device pages at the mean context of W and the queue."""
+    def _device_batch(self, view: SchedulerView) -> tuple[int, float]:
+        """n of Eq. 6 and the context its rows will have: the live requests, capped by the
+        batch cap and by how many fit in the device pages at the mean context of W and the
+        queue; each row's context is its prompt plus the middle of the output it has left to
+        decode (today's context alone would price a burst at its first, cheapest steps)."""
         members = [*view.resident, *view.preempted, *view.waiting]
         if not members:
-            return 1
-        mean_tokens = sum(len(r.prompt_ids) + len(r.output_ids) for r in members) / len(members)
-        pages_each = math.ceil(mean_tokens / view.page_size) + 1
-        fit = view.num_total_pages // pages_each
-        return max(1, min(view.max_batch_size, fit, len(members)))
+            return 1, 0.0
+        now_tokens = sum(len(r.prompt_ids) + len(r.output_ids) for r in members) / len(members)
+        ahead = sum(
+            len(r.prompt_ids) + (len(r.output_ids) + r.sampling.max_tokens) / 2 for r in members
+        ) / len(members)
+        fit = view.num_total_pages // (pages_needed(math.ceil(now_tokens), view.page_size) + 1)
+        return max(1, min(view.max_batch_size, fit, len(members))), ahead
 
     def _working_set_bound(self, view: SchedulerView, members: list[Request]) -> int:
         """Eq. 4: W_static = M / beta, beta = mean final footprint (prompt + max_tokens)."""
@@ -330,11 +276,11 @@ class TokenFlowPolicy:
             buffer_s(r, now) - io.resume_s(r, r.num_tokens) < critical for r in view.preempted
         )
 
-    def _fill_order(self, view: SchedulerView) -> list[Request]:
-        """Who may take free pages without displacing anyone: by priority, then wanting."""
-        return sorted(
-            [*self._admissible(view, limit_tokens=None), *view.preempted],
-            key=lambda r: (r.priority, wanting_since(r)),
+    def _fill_order(self, view: SchedulerView) -> tuple[Request, ...]:
+        """Who takes free pages without displacing anyone: every waiting and preempted
+        request, by priority, then by how long its reader has wanted a token."""
+        return tuple(
+            sorted([*view.waiting, *view.preempted], key=lambda r: (r.priority, wanting_since(r)))
         )
 
     def _admissible(
@@ -373,97 +319,102 @@ class TokenFlowPolicy:
         return out
 
     def _balance(self, view: SchedulerView) -> tuple[list[Request], list[Request]]:
-        """Steps 2 and 3: returns (residents to preempt, non-residents to bring in, in order)."""
-        cfg, costs, now, ps = self.config, view.costs, view.now_s, view.page_size
-        interval = cfg.schedule_interval_s
-        step_s = costs.decode_step_time(max(1, len(view.running)))
-        growth_tokens = interval / step_s
-        prefill_step_s = step_s + view.prefill_token_budget * costs.prefill_token_s
-        prefill_steps = max(1.0, interval / prefill_step_s)
-        admit_limit = int(view.prefill_token_budget * prefill_steps)
-        chunk_cap = int(view.long_prefill_token_threshold * prefill_steps)
-        io = _IoModel(view)
-        inv_bucket = 1.0 / cfg.buffer_bucket_s
-        mu, critical, hysteresis = (
-            cfg.buffer_conservativeness,
-            cfg.critical_buffer_s,
-            cfg.hysteresis_s,
-        )
-
-        def growth_pages(r: Request, num_output: int) -> int:
-            return math.ceil(min(growth_tokens, max(0, r.sampling.max_tokens - num_output)) / ps)
-
-        cands: list[_Candidate] = []
-        for r in view.prefilling:
-            held = len(r.page_ids)
-            pages = max(held, -(-r.num_prefill_target // ps)) + growth_pages(r, len(r.output_ids))
-            key = (r.priority, 0, r.arrival_s)
-            cands.append(_Candidate(r, True, True, pages, held, 0.0, 0.0, key))
-        for r in view.running:
-            num_output = len(r.output_ids)
-            num_tokens = len(r.prompt_ids) + num_output
-            reader, rate = r.reader, r.consumption_rate
-            held = len(r.page_ids)
-            pages = max(held, -(-num_tokens // ps)) + growth_pages(r, num_output)
-            if not r.streaming:  # no reader buffer: it stays until it is done
-                key = (r.priority, 0, r.arrival_s)
-                cands.append(_Candidate(r, True, True, pages, held, 0.0, 0.0, key))
-                continue
-            buf = max(0.0, reader.last_read_s + 1.0 / reader.rate - now)  # reader.buffer_s(now)
-            # Safety rule, b_j >= mu * r_j * (t_evict + t_load + t_schedule), b_j in tokens.
-            window = io.evict_s(r) + io.back_s(r, num_tokens) + interval
-            pinned = reader.buffer_tokens(now) < max(1.0, mu * rate * window)
-            key = (r.priority, 1, math.floor((buf - hysteresis) * inv_bucket), -rate, r.arrival_s)
-            cands.append(_Candidate(r, True, pinned, pages, held, 0.0, buf, key))
-        admitted = self._admissible(view, limit_tokens=admit_limit, chunk_cap=chunk_cap)
-        for r in [*view.preempted, *admitted]:
-            num_output = len(r.output_ids)
-            num_tokens = len(r.prompt_ids) + num_output
-            overhead = io.resume_s(r, num_tokens)
-            # Not clipped at 0: a reader stalling for s seconds has a buffer of -s, so a long
-            # stall claims a place more strongly than a fresh one.
-            pred = wanting_since(r) - now - overhead
-            pages = -(-num_tokens // ps) + growth_pages(r, num_output)
-            if not num_output or not r.streaming:
-                key = (r.priority, 0, r.arrival_s)
-            elif pred < critical or not cfg.displace_only_critical:
-                group = math.floor(pred * inv_bucket)
-                key = (r.priority, 1, group, -r.consumption_rate, r.arrival_s)
-            else:
-                key = (r.priority, 2, pred, -r.consumption_rate, r.arrival_s)
-            cands.append(_Candidate(r, False, False, pages, 0, overhead, pred, key))
-
+        """Steps 2 and 3: returns (residents to pause, non-residents to bring in, in order)."""
+        step_s = view.costs.decode_step_time(max(1, len(view.running)))
+        cands = self._candidates(view, step_s)
         # Greedy fill: pinned residents first, then by key, while pages and rows last.
         pages_left = view.num_total_pages
         rows_left = view.max_batch_size
-        for c in cands:
-            if c.pinned:
-                c.chosen = True
-                pages_left -= c.pages
-                rows_left -= 1
         order = sorted((c for c in cands if not c.pinned), key=lambda c: c.key)
-        for c in order:
-            if rows_left > 0 and c.pages <= pages_left:
+        for c in [*(c for c in cands if c.pinned), *order]:
+            if c.pinned or (rows_left > 0 and c.pages <= pages_left):
                 c.chosen = True
                 pages_left -= c.pages
                 rows_left -= 1
         self._local_search(view, order, pages_left, 1.0 / step_s)
+        return self._place_newcomers(view, cands, order)
 
-        # Preempt left-out residents (worst first) only as far as the chosen newcomers need
-        # their pages or rows: a resident is never dropped just because the estimate is tight.
+    def _candidates(self, view: SchedulerView, step_s: float) -> list[_Candidate]:
+        """Everyone competing for the device: residents, preempted requests, and the waiting
+        ones the working set can take (`_admissible`), each with its pages and balancing key."""
+        interval = self.config.schedule_interval_s
+        growth_tokens = interval / step_s
+        prefill_step_s = step_s + view.prefill_token_budget * view.costs.prefill_token_s
+        prefill_steps = max(1.0, interval / prefill_step_s)
+        io = _IoModel(view)
+        cands = [self._resident(view, r, io, growth_tokens) for r in view.resident]
+        admitted = self._admissible(
+            view,
+            limit_tokens=int(view.prefill_token_budget * prefill_steps),
+            chunk_cap=int(view.long_prefill_token_threshold * prefill_steps),
+        )
+        cands += [self._outsider(view, r, io, growth_tokens) for r in [*view.preempted, *admitted]]
+        return cands
+
+    def _resident(
+        self, view: SchedulerView, r: Request, io: _IoModel, growth_tokens: float
+    ) -> _Candidate:
+        """A resident: pinned while it prefills, has no reader buffer (non-streaming), or fails
+        the safety rule b_j >= mu * r_j * (t_evict + t_load + t_schedule), b_j in tokens."""
+        cfg, now, ps = self.config, view.now_s, view.page_size
+        num_tokens = r.num_prefill_target if r.status is not _RUNNING else r.num_tokens
+        held = len(r.page_ids)
+        pages = max(held, pages_needed(num_tokens, ps)) + _growth_pages(r, growth_tokens, ps)
+        if r.status is not _RUNNING or not r.streaming:
+            key = (r.priority, 0, r.arrival_s)
+            return _Candidate(r, resident=True, pages=pages, key=key, pinned=True, held=held)
+        buf = r.reader.buffer_s(now)
+        window = io.evict_s(r) + io.back_s(r, num_tokens) + cfg.schedule_interval_s
+        rate = r.consumption_rate
+        pinned = r.reader.buffer_tokens(now) < max(1.0, cfg.buffer_conservativeness * rate * window)
+        group = math.floor((buf - cfg.hysteresis_s) / cfg.buffer_bucket_s)
+        key = (r.priority, 1, group, -rate, r.arrival_s)
+        return _Candidate(
+            r, resident=True, pages=pages, key=key, pinned=pinned, held=held, pred_s=buf
+        )
+
+    def _outsider(
+        self, view: SchedulerView, r: Request, io: _IoModel, growth_tokens: float
+    ) -> _Candidate:
+        """A preempted or admissible waiting request: requests without a first token and
+        non-streaming ones first; critical ones by predicted buffer; the rest only fill."""
+        cfg = self.config
+        num_output = len(r.output_ids)
+        num_tokens = len(r.prompt_ids) + num_output
+        overhead = io.resume_s(r, num_tokens)
+        # Not clipped at 0: a reader stalling for s seconds has a buffer of -s, so a long
+        # stall claims a place more strongly than a fresh one.
+        pred = wanting_since(r) - view.now_s - overhead
+        pages = pages_needed(num_tokens, view.page_size)
+        pages += _growth_pages(r, growth_tokens, view.page_size)
+        if not num_output or not r.streaming:
+            key: tuple = (r.priority, 0, r.arrival_s)
+        elif pred < cfg.critical_buffer_s or not cfg.displace_only_critical:
+            group = math.floor(pred / cfg.buffer_bucket_s)
+            key = (r.priority, 1, group, -r.consumption_rate, r.arrival_s)
+        else:
+            key = (r.priority, 2, pred, -r.consumption_rate, r.arrival_s)
+        return _Candidate(r, resident=False, pages=pages, key=key, overhead_s=overhead, pred_s=pred)
+
+    def _place_newcomers(
+        self, view: SchedulerView, cands: list[_Candidate], order: list[_Candidate]
+    ) -> tuple[list[Request], list[Request]]:
+        """Chosen newcomers, longest-wanting first, preempting left-out residents (worst first)
+        only as far as they need room and only while the switch budget lasts: a resident is
+        never dropped just because the estimate is tight, nor for a lower priority."""
         free = view.num_free_pages - sum(c.pages - c.held for c in cands if c.resident)
-        rows = view.max_batch_size - len(view.prefilling) - len(view.running)
+        rows = view.max_batch_size - len(view.resident)
         spare = [c for c in reversed(order) if c.resident and not c.chosen]
         victims: list[Request] = []
         bring: list[Request] = []
         newcomers = [c for c in order if c.chosen and not c.resident]
         for c in sorted(newcomers, key=lambda c: (c.request.priority, wanting_since(c.request))):
-            rank = c.request.priority
             displaces = free < c.pages or rows < 1
             # Context switches spend the switch budget; new prompts (TTFT) do not.
             if displaces and c.request.output_ids and c.overhead_s > self._switch_credit_s:
                 continue
             # Victims come worst first, so once the next one outranks the newcomer, all do.
+            rank = c.request.priority
             while (free < c.pages or rows < 1) and spare and spare[0].request.priority >= rank:
                 v = spare.pop(0)
                 victims.append(v.request)
@@ -549,3 +500,9 @@ class _IoModel:
         ):
             return recompute
         return min(recompute, self.backlog_s + target * self.load_token_s)
+
+
+def _growth_pages(r: Request, growth_tokens: float, page_size: int) -> int:
+    """Pages `r` grows by over one interval of decoding (never past `max_tokens`)."""
+    left = max(0, r.sampling.max_tokens - len(r.output_ids))
+    return math.ceil(min(growth_tokens, left) / page_size)

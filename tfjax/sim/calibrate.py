@@ -70,6 +70,7 @@ def calibrate(
     config: EngineConfig,
     *,
     name: str,
+    copies_share_compute: bool = False,
     plan: CalibrationPlan = CalibrationPlan(),
     timer: Callable[[], float] = time.perf_counter,
     progress: Callable[[str], None] = lambda _: None,
@@ -139,7 +140,9 @@ def calibrate(
             f"prefill {slope * 1e3:.3f} ms a token plus {intercept * 1e3:.1f} ms a step"
             f" (chunks {chunks});",
             f"host copies d2h {d2h / 1e9:.2f} GB/s, h2d {h2d / 1e9:.2f} GB/s"
-            f" ({nbytes / 1e6:.1f} MB); engine flags as given",
+            f" ({nbytes / 1e6:.1f} MB, gather included)"
+            + (", on the step's own cores" if copies_share_compute else "")
+            + "; engine flags as given",
         ]
     )
     return CostProfile(
@@ -162,6 +165,7 @@ def calibrate(
         decode_table_s=tuple(table),
         table_context_tokens=short,
         prefill_table_s=tuple(zip(padded, prefill_s, strict=True)),
+        host_copies_share_compute=copies_share_compute,
     )
 
 

@@ -106,10 +106,12 @@ def build_sim_engine(
             d2h_bytes_per_s=profile.d2h_bytes_per_s,
             h2d_bytes_per_s=profile.h2d_bytes_per_s,
             max_bytes_in_flight=MAX_OFFLOAD_BYTES_IN_FLIGHT,
+            shares_compute=profile.host_copies_share_compute,
         ),
         emit=None,
         clock=clock,
         policy=policy,
+        copies_share_compute=profile.host_copies_share_compute,
     )
 
 
@@ -173,6 +175,7 @@ def simulate(
         num_steps=runner.num_steps,
         busy_s=runner.busy_s,
         d2h_bytes=links.d2h.bytes_done if links else 0,
+        copy_s=engine.kv.stats.copy_s,
         h2d_bytes=links.h2d.bytes_done if links else 0,
         sim_end_s=clock.now_s,
         plan_s=timed.plan_s,

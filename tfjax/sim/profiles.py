@@ -60,6 +60,8 @@ class CostProfile:
     table_context_tokens: int = 0  # context per row the table was measured at
     # measured (padded prompt tokens, seconds of a prefill-only step); () the line above
     prefill_table_s: tuple[tuple[int, float], ...] = ()
+    # Host copies run on the step's cores (a CPU): each copy's time delays the steps too.
+    host_copies_share_compute: bool = False
 
     @property
     def device_kv_tokens(self) -> int:
@@ -121,8 +123,8 @@ decode step 46.2 / 136.3 / 290.9 ms at batch 1 / 8 / 32; prefill 363 tok/s at ba
 measured context). Engine defaults of `tfjax serve` on this CPU: 2047 usable pages of 16 tokens
 (the live run in issue 13 reported 2,047 free pages), batch cap 32, prefill budget 512 tokens/step;
 host tier 4 GB (--host-kv-gb default) = 5689 pages of 46 KiB/token (f32);
-host copies ~10 GB/s (memcpy on this CPU, assumption); a prefill-only step has the batch-1 step's
-overhead, 46.2 ms minus one token's FLOPs (assumption)""",
+host copies ~10 GB/s (memcpy on this CPU, assumption), on the step's own cores; a prefill-only
+step has the batch-1 step's overhead, 46.2 ms minus one token's FLOPs (assumption)""",
     page_size=16,
     num_device_pages=2047,
     num_host_pages=_pages(4e9, _SMOL_KV, 16),
@@ -139,6 +141,7 @@ overhead, 46.2 ms minus one token's FLOPs (assumption)""",
     h2d_bytes_per_s=10e9,
     decode_table_s=((1, 46.2e-3), (8, 136.3e-3), (32, 290.9e-3)),
     table_context_tokens=160,
+    host_copies_share_compute=True,
 )
 
 _4090_MEM = 24 * GIB

@@ -5,6 +5,12 @@ FIFO link: a copy starts when the link is free (and, for a load, once the host c
 exists and, without load-evict overlap, once every queued eviction is done) and takes its
 bytes over the profile's bandwidth. Its future is done once the clock passes its end, so
 the engine sees copies complete exactly as it would see worker threads finish.
+
+Where the profile's host copies share the step's cores (`CostProfile.host_copies_share_compute`,
+a CPU), a copy also moves the clock by its own duration when it is queued: the engine, which
+would have run its steps on those cores meanwhile, is that much later. (On a CPU a gathered
+copy is a memcpy the worker thread runs beside the step; the calibrated bandwidth includes
+the gather.)
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ class TimedFuture:
 class TimedLink:
     """One direction: copies back to back at `bytes_per_s`."""
 
-    def __init__(self, clock: VirtualClock, bytes_per_s: float) -> None:
+    def __init__(self, clock: VirtualClock, bytes_per_s: float, *, shares_compute: bool) -> None:
         self._clock = clock
         self.bytes_per_s = bytes_per_s
+        self.shares_compute = shares_compute
         self.free_at_s = clock.now_s
         self.bytes_done = 0
         self._queued: deque[tuple[float, int]] = deque()  # (end, bytes), ends ascending
@@ -50,6 +57,8 @@ class TimedLink:
     def submit(self, value: Any, nbytes: int, not_before_s: float = 0.0) -> TimedFuture:
         start = max(self._clock.now_s, self.free_at_s, not_before_s)
         self.free_at_s = start + nbytes / self.bytes_per_s
+        if self.shares_compute:
+            self._clock.advance(nbytes / self.bytes_per_s)
         self._queued.append((self.free_at_s, nbytes))
         self._queued_bytes += nbytes
         return TimedFuture(self._clock, self.free_at_s, value)
@@ -74,10 +83,11 @@ class TimedTransfers(LinkBudget):
         d2h_bytes_per_s: float,
         h2d_bytes_per_s: float,
         max_bytes_in_flight: int,
+        shares_compute: bool = False,
     ) -> None:
         self.max_bytes_in_flight = max_bytes_in_flight
-        self.d2h = TimedLink(clock, d2h_bytes_per_s)
-        self.h2d = TimedLink(clock, h2d_bytes_per_s)
+        self.d2h = TimedLink(clock, d2h_bytes_per_s, shares_compute=shares_compute)
+        self.h2d = TimedLink(clock, h2d_bytes_per_s, shares_compute=shares_compute)
 
     def offload(self, pages: Any) -> TimedFuture:
         return self.d2h.submit(pages, pages.nbytes)
