@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.sched.helpers import PF, FakeHost, P, R, check_plan, make_request, make_view
+from tests.test_engine import make_engine
+from tests.test_engine import make_request as make_engine_request
+from tfjax.kv.manager import StepWork
 from tfjax.sched.base import Costs, ResumeMode
 from tfjax.sched.fcfs import FcfsPolicy
 from tfjax.sched.tokenflow import TokenFlowConfig, TokenFlowPolicy, resume_mode
@@ -223,3 +226,38 @@ def test_capacity_fallback_resumes_by_load_where_fcfs_would_recompute() -> None:
     view = make_view([a, c], total_pages=64, host=in_flight, costs=SLOW)
     plan = TokenFlowPolicy().plan(view)
     assert plan.resume == () and plan.decode == ("a",)
+
+
+def test_capacity_is_judged_at_the_context_the_batch_will_have() -> None:
+    # Measured: 0.1 s a batch-16 step with 64-token rows, 0.4 s with 1k-token rows.
+    costs = Costs(
+        decode_step_s={1: 0.05, 16: 0.1},
+        decode_by_context_s={64: {16: 0.1}, 1024: {16: 0.4}},
+        prefill_token_s=1e-4,
+    )
+    assert costs.decode_step_time(16, 50) == pytest.approx(0.1)
+    assert costs.decode_step_time(16, 1000) == pytest.approx(0.4)
+    # Batch 8 at 1k tokens: the 1k row's batch-16 step, scaled by the all-context table's shape.
+    assert costs.decode_step_time(8, 1000) == pytest.approx(0.4 * (0.05 + 7 / 15 * 0.05) / 0.1)
+    # 16 readers at 3 tok/s want 48 tok/s: under Gamma = 16 / 0.1 = 160 tok/s with short rows,
+    # over Gamma = 16 / 0.4 = 40 tok/s when each row will hold 1,000 + 40 / 2 tokens.
+    for prompt, overloaded in ((20, False), (1000, True)):
+        waiting = [
+            make_request(f"w{i}", arrival=0.01 * i, prompt=prompt, max_tokens=40, rate=3.0)
+            for i in range(16)
+        ]
+        view = make_view(waiting, total_pages=5000, max_batch=16, budget=512, costs=costs)
+        policy = TokenFlowPolicy()
+        policy.plan(view)
+        assert policy.fallback is overloaded
+
+
+def test_the_engine_keeps_step_times_by_the_rows_context() -> None:
+    engine, _ = make_engine(num_pages=64)
+    short = [make_engine_request(i, prompt_len=30, max_tokens=8) for i in range(2)]
+    long = [make_engine_request(i, prompt_len=200, max_tokens=8) for i in range(2, 4)]
+    engine._measure(StepWork(prefill=(), decode=tuple(short)), 0.2)
+    engine._measure(StepWork(prefill=(), decode=tuple(long)), 0.5)
+    assert engine.costs.decode_by_context_s == {32: {2: 0.2}, 256: {2: 0.5}}
+    assert engine.costs.decode_step_time(2, 30) == pytest.approx(0.2)
+    assert engine.costs.decode_step_time(2, 220) == pytest.approx(0.5)

@@ -92,3 +92,27 @@ def test_fake_model_and_simulator_tokens_give_one_timeline(policy: str) -> None:
     assert simulated.stats["num_preemptions"] > 0
     if policy == "tokenflow":
         assert simulated.stats["num_loads"] > 0
+
+
+def test_host_copies_on_the_steps_cores_delay_the_steps_by_their_time() -> None:
+    # FLAT's page: 4 tokens of 46,080 B = 184,320 B; at 1.8432 GB/s a page copies in 0.1 ms.
+    # Write-through may take 2 % of the 11 ms decode step where copies share its cores: 0.22 ms,
+    # 2 pages a step. The request (8 prompt tokens, 9 new) copies pages 0-1 after its first
+    # decode step (9 tokens computed) and page 2 after its fourth (12); its last step finishes
+    # it, so nothing more: 3 pages, 0.3 ms later than where copies cost the step nothing.
+    page_copy_s = 1e-4
+    fast = replace(FLAT, d2h_bytes_per_s=4 * FLAT.kv_bytes_per_token / page_copy_s)
+    ends = {}
+    for shares in (False, True):
+        profile = replace(fast, host_copies_share_compute=shares)
+        a = request("a", [5] * 8, 9)
+        result = simulate(make_policy("tokenflow"), [a], profile)
+        assert result.stats["num_copied_pages"] == 3
+        assert result.stats["copy_s"] == pytest.approx(3 * page_copy_s)
+        ends[shares] = a.reader.gen_times_s[-1]
+    assert ends[False] == pytest.approx(0.042 + 8 * 0.011)
+    assert ends[True] - ends[False] == pytest.approx(3 * page_copy_s)
+    # FCFS never copies (it never loads): the same end either way.
+    b = request("b", [5] * 8, 9)
+    simulate(make_policy("fcfs"), [b], replace(fast, host_copies_share_compute=True))
+    assert b.reader.gen_times_s[-1] == pytest.approx(ends[False])
