@@ -2,8 +2,11 @@
 
 For each policy (`tokenflow`, `fcfs`, `andes`; with `--include-no-offload` also `tokenflow
 --no-offload`) this starts `tfjax serve` on 127.0.0.1 with a free port and the same model, seed,
-workload and server flags, waits for its ready line, runs `bench_serving`'s client against it,
-stops it with SIGTERM and waits for it to exit. Then it prints a side-by-side table with ratios
+workload and server flags, waits for its ready line, and keeps every policy's server up while
+`bench_serving`'s client runs the workload against each in turn, `--repeat` times (A B A B ...:
+one run per policy cannot resolve 15 % on a 2-core VM, whose identical runs vary by 15-20 %),
+then stops them with SIGTERM. With repeats it also prints each ratio to fcfs as the median
+and min-max over the repeats. Then it prints a side-by-side table with ratios
 against fcfs and writes DIR/summary.json (one row per policy), DIR/<policy>/result.json (the full
 bench_serving result) with its plots, DIR/workload.json and DIR/ttft_cdf.png (all policies).
 
@@ -61,12 +64,13 @@ import queue
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -407,27 +411,64 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_policy(
-    run: PolicyRun,
-    args: argparse.Namespace,
-    flags: Sequence[str],
-    requests: Sequence[ClientRequest],
-    run_dir: Path,
-) -> tuple[dict[str, Any], list[bench.RequestRecord], float]:
-    """Start the policy's server, run the workload, stop it; returns (result, records, start s)."""
-    t0 = time.monotonic()
-    print(f"[{run.label}] starting server ...", flush=True)
-    log = run_dir / "server.log"
-    with serve(run.policy, [*flags, *run.server_flags], log, args.server_start_timeout) as server:
-        url, model = server
-        start_s = time.monotonic() - t0
-        print(f"[{run.label}] ready at {url} after {start_s:.0f} s", flush=True)
-        cfg = bench.client_config(args, url, model)
-        one_run = bench.benchmark(
-            cfg, requests, percentiles=bench.percentiles_of(args), progress=args.progress
-        )
-        result, records = asyncio.run(one_run)
-    return result, records, start_s
+def start_servers(
+    runs: Sequence[PolicyRun], args: argparse.Namespace, flags: Sequence[str], out_dir: Path
+) -> tuple[ExitStack, dict[str, tuple[str, str, float]]]:
+    """Every policy's server, started one after the other and kept up together, so that
+    `--repeat` can alternate bursts between them; returns the stack that stops them and, per
+    run label, (base URL, model, start seconds). A server that does not start is left out."""
+    stack = ExitStack()
+    servers = {}
+    for run in runs:
+        t0 = time.monotonic()
+        print(f"[{run.label}] starting server ...", flush=True)
+        log = out_dir / run.label / "server.log"
+        try:
+            cm = serve(run.policy, [*flags, *run.server_flags], log, args.server_start_timeout)
+            url, model = stack.enter_context(cm)
+        except RuntimeError as err:  # the server did not start: record it, go on
+            print(f"[{run.label}] {err}", file=sys.stderr)
+            continue
+        servers[run.label] = (url, model, time.monotonic() - t0)
+        print(f"[{run.label}] ready at {url} after {servers[run.label][2]:.0f} s", flush=True)
+    return stack, servers
+
+
+def run_burst(
+    args: argparse.Namespace, url: str, model: str, requests: Sequence[ClientRequest]
+) -> tuple[dict[str, Any], list[bench.RequestRecord]]:
+    cfg = bench.client_config(args, url, model)
+    one_run = bench.benchmark(
+        cfg, requests, percentiles=bench.percentiles_of(args), progress=args.progress
+    )
+    return asyncio.run(one_run)
+
+
+def format_repeats(rows: Sequence[dict[str, Any]]) -> str:
+    """Each policy's ratio to fcfs per metric over the repeats (each repeat's pair of runs,
+    back to back): median, and min-max across repeats."""
+    base = {r["repeat"]: r for r in rows if r["policy"] == BASELINE and "error" not in r}
+    lines = [f"{'policy':<24}" + "".join(f"{h:>24}" for k, h in _COLUMNS if k in SUMMARY_KEYS)]
+    for label in dict.fromkeys(r["policy"] for r in rows if r["policy"] != BASELINE):
+        cells = []
+        for key, _ in _COLUMNS:
+            if key not in SUMMARY_KEYS:
+                continue
+            ratios = sorted(
+                r[key] / base[r["repeat"]][key]
+                for r in rows
+                if r["policy"] == label
+                and r["repeat"] in base
+                and r.get(key) is not None
+                and base[r["repeat"]].get(key)
+            )
+            cell = "n/a"
+            if ratios:
+                cell = f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+            cells.append(f"{cell:>24}")
+        lines.append(f"{label:<24}" + "".join(cells))
+    lines.append(f"(ratio to {BASELINE}: median (min-max) over {len(base)} alternating repeats)")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -438,6 +479,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         default=PAPER_WORKLOAD,
         help=f"comma-separated, of {', '.join(WORKLOADS)} (see the description)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each workload per policy; the policies' servers stay up and take turns "
+        "(A B A B ...), and the ratios to fcfs are reported as median (min-max)",
     )
     parser.add_argument(
         "--include-no-offload",
@@ -520,25 +568,32 @@ def run_workload(
     print(f"workload {name}: {json.dumps(wc.workload_summary(requests))}, kv_pages {kv_pages}")
 
     rows, ttfts = [], {}
-    for run in runs:
-        try:
-            result, records, start_s = run_policy(run, args, flags, requests, out_dir / run.label)
-        except RuntimeError as err:  # the server did not start: record it, go on
-            print(f"[{run.label}] {err}", file=sys.stderr)
-            rows.append(
-                {"workload": name, "policy": run.label, "error": str(err), "failed": len(requests)}
-            )
-            continue
-        result["workload"] = workload
-        result["policy"] = run.label
-        bench.save(result, records, out_dir / run.label, plots=args.plots)
-        print(bench.format_table(result, title=f"{name} / {run.label}"))
-        rows.append({"workload": name} | summary_row(run.label, result, start_s))
-        ttfts[run.label] = [r.chunk_times_s[0] - r.send_s for r in records if r.ok]
+    stack, servers = start_servers(runs, args, flags, out_dir)
+    with stack:
+        rows += [
+            {"workload": name, "policy": r.label, "repeat": 0, "error": "server did not start"}
+            | {"failed": len(requests)}
+            for r in runs
+            if r.label not in servers
+        ]
+        for repeat in range(args.repeat):  # A B A B ...: the servers take turns
+            for label, (url, model, start_s) in servers.items():
+                result, records = run_burst(args, url, model, requests)
+                result |= {"workload": workload, "policy": label, "repeat": repeat}
+                run_dir = out_dir / label / (f"repeat{repeat}" if args.repeat > 1 else "")
+                bench.save(result, records, run_dir, plots=args.plots)
+                print(bench.format_table(result, title=f"{name} / {label} / repeat {repeat}"))
+                row = {"workload": name, "repeat": repeat} | summary_row(label, result, start_s)
+                rows.append(row)
+                ttfts.setdefault(label, []).extend(
+                    r.chunk_times_s[0] - r.send_s for r in records if r.ok
+                )
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.plots:
         _bench_plots.plot_ttft_cdfs(ttfts, out_dir / "ttft_cdf.png")
     print(format_comparison(rows))
+    if args.repeat > 1:
+        print(format_repeats(rows))
     return rows
 
 

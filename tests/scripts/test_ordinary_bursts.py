@@ -87,3 +87,20 @@ def test_comparison_ratios_are_per_workload() -> None:
 def test_unknown_workload_is_an_error() -> None:
     with pytest.raises(SystemExit):
         cp.parse_args(["--out", "x", "--workloads", "undeclared,nope"])
+
+
+def test_repeats_report_the_median_ratio_to_fcfs_with_its_range() -> None:
+    def row(policy: str, repeat: int, raw: float, p99: float) -> dict:
+        return {"policy": policy, "repeat": repeat, "raw_throughput": raw, "p99_ttft_s": p99}
+
+    rows = [
+        row("fcfs", 0, 100.0, 2.0),
+        row("tokenflow", 0, 90.0, 2.0),
+        row("fcfs", 1, 100.0, 4.0),
+        row("tokenflow", 1, 110.0, 2.0),
+        row("fcfs", 2, 80.0, 2.0),
+        row("tokenflow", 2, 80.0, 3.0),
+    ]
+    line = next(x for x in cp.format_repeats(rows).splitlines() if x.startswith("tokenflow"))
+    assert "1.00 (0.50-1.50)" in line  # p99 TTFT ratios 1.0, 0.5, 1.5
+    assert "1.00 (0.90-1.10)" in line  # raw throughput ratios 0.9, 1.1, 1.0
