@@ -223,75 +223,95 @@ def validate_plan(
     if requests is None:
         lists = (view.waiting, view.prefilling, view.running, view.preempted, view.loading)
         requests = {r.request_id: r for rs in lists for r in rs}
-
-    def get(request_id: str) -> Request:
-        request = requests.get(request_id)
-        if request is None:
-            raise PlanError(f"{request_id}: no such live request")
-        return request
-
+    books = _PlanBooks(view, requests)
     named = [*plan.preempt, *(r.request_id for r in plan.resume), *plan.admit]
     if len(set(named)) != len(named):
         raise PlanError(f"a request is named twice in preempt/resume/admit: {plan}")
-    status: dict[str, RequestStatus] = {}  # after this plan, where it changes
-    computed: dict[str, int] = {}  # tokens with KV after this plan, where it changes
-    pages: dict[str, int] = {}  # pages held after this plan, where it changes
-    free = view.num_free_pages
-    for request_id in plan.preempt:
-        request = get(request_id)
-        if request.status not in (PREFILLING, RUNNING):
-            raise PlanError(f"preempt {request_id}: it is {request.status.value}")
-        free += len(request.page_ids)
-        status[request_id], pages[request_id] = PREEMPTED, 0
-    for resume in plan.resume:
-        request = get(resume.request_id)
-        if request.status is not PREEMPTED:
-            raise PlanError(f"resume {resume.request_id}: it is {request.status.value}")
-        if resume.mode is ResumeMode.RECOMPUTE:
-            status[request.request_id], computed[request.request_id] = PREFILLING, 0
-            continue
-        num_tokens = request.num_computed_tokens
-        if view.host is None or not 0 < num_tokens <= view.host.num_synced_tokens(
-            request.request_id
-        ):
-            raise PlanError(f"resume {request.request_id} by LOAD: no complete host copy")
-        pages[request.request_id] = pages_needed(num_tokens, view.page_size)
-        status[request.request_id] = RUNNING if is_decode_ready(request) else PREFILLING
-    for request_id in plan.admit:
-        request = get(request_id)
-        if request.status is not WAITING:
-            raise PlanError(f"admit {request_id}: it is {request.status.value}")
-        status[request_id] = PREFILLING
-    chunked = [c.request_id for c in plan.prefill]
-    if len(set(chunked)) != len(chunked):
-        raise PlanError(f"two prefill chunks for one request: {plan.prefill}")
-    for chunk in plan.prefill:
-        request = get(chunk.request_id)
-        if status.get(chunk.request_id, request.status) is not PREFILLING:
-            raise PlanError(f"prefill {chunk.request_id}: it is not prefilling")
-        done = computed.get(chunk.request_id, request.num_computed_tokens)
-        if not 0 < chunk.num_tokens <= request.num_prefill_target - done:
-            raise PlanError(f"prefill {chunk.request_id}: bad chunk of {chunk.num_tokens}")
-        need = pages_needed(done + chunk.num_tokens, view.page_size)
-        pages[chunk.request_id] = max(pages.get(chunk.request_id, len(request.page_ids)), need)
-    if len(set(plan.decode)) != len(plan.decode):
-        raise PlanError("a request decodes twice")
-    grown = 0  # pages the plan allocates
-    ps = view.page_size
-    for request_id in plan.decode:  # the hot loop: one row per running request
-        request = get(request_id)
-        if status.get(request_id, request.status) is not RUNNING:
-            raise PlanError(f"decode {request_id}: it is not running")
-        need = pages_needed(len(request.prompt_ids) + len(request.output_ids), ps)
-        if request_id in pages:
-            pages[request_id] = max(pages[request_id], need)
-        else:
-            grown += max(0, need - len(request.page_ids))
-    grown += sum(max(0, n - len(get(i).page_ids)) for i, n in pages.items() if n)
-    if grown > free:
-        raise PlanError(f"the plan allocates {grown} pages, {free} are free")
+    books.moves(plan)
+    books.chunks(plan.prefill)
+    grown = books.decode_pages(plan.decode)
+    if grown > books.free:
+        raise PlanError(f"the plan allocates {grown} pages, {books.free} are free")
     joined = len(plan.resume) + len(plan.admit) - len(plan.preempt)
     if len(view.prefilling) + len(view.running) + joined > view.max_batch_size:
         raise PlanError(f"more than {view.max_batch_size} resident requests")
     if sum(c.num_tokens for c in plan.prefill) > view.prefill_token_budget:
         raise PlanError(f"prefill over the budget of {view.prefill_token_budget} tokens")
+
+
+class _PlanBooks:
+    """`validate_plan`'s ledger: each request's status, computed tokens and pages after the
+    plan, where the plan changes them, and the free pages after its preemptions."""
+
+    def __init__(self, view: SchedulerView, requests: Mapping[str, Request]) -> None:
+        self.view = view
+        self.requests = requests
+        self.status: dict[str, RequestStatus] = {}
+        self.computed: dict[str, int] = {}
+        self.pages: dict[str, int] = {}
+        self.free = view.num_free_pages
+
+    def get(self, request_id: str) -> Request:
+        request = self.requests.get(request_id)
+        if request is None:
+            raise PlanError(f"{request_id}: no such live request")
+        return request
+
+    def moves(self, plan: Plan) -> None:
+        """Preemptions free pages; resumes and admissions change statuses."""
+        for request_id in plan.preempt:
+            request = self.get(request_id)
+            if request.status not in (PREFILLING, RUNNING):
+                raise PlanError(f"preempt {request_id}: it is {request.status.value}")
+            self.free += len(request.page_ids)
+            self.status[request_id], self.pages[request_id] = PREEMPTED, 0
+        for resume in plan.resume:
+            request = self.get(resume.request_id)
+            if request.status is not PREEMPTED:
+                raise PlanError(f"resume {resume.request_id}: it is {request.status.value}")
+            if resume.mode is ResumeMode.RECOMPUTE:
+                self.status[request.request_id], self.computed[request.request_id] = PREFILLING, 0
+                continue
+            num_tokens = request.num_computed_tokens
+            host = self.view.host
+            if host is None or not 0 < num_tokens <= host.num_synced_tokens(request.request_id):
+                raise PlanError(f"resume {request.request_id} by LOAD: no complete host copy")
+            self.pages[request.request_id] = pages_needed(num_tokens, self.view.page_size)
+            self.status[request.request_id] = RUNNING if is_decode_ready(request) else PREFILLING
+        for request_id in plan.admit:
+            request = self.get(request_id)
+            if request.status is not WAITING:
+                raise PlanError(f"admit {request_id}: it is {request.status.value}")
+            self.status[request_id] = PREFILLING
+
+    def chunks(self, prefill: Sequence[PrefillChunk]) -> None:
+        chunked = [c.request_id for c in prefill]
+        if len(set(chunked)) != len(chunked):
+            raise PlanError(f"two prefill chunks for one request: {prefill}")
+        for chunk in prefill:
+            request = self.get(chunk.request_id)
+            if self.status.get(chunk.request_id, request.status) is not PREFILLING:
+                raise PlanError(f"prefill {chunk.request_id}: it is not prefilling")
+            done = self.computed.get(chunk.request_id, request.num_computed_tokens)
+            if not 0 < chunk.num_tokens <= request.num_prefill_target - done:
+                raise PlanError(f"prefill {chunk.request_id}: bad chunk of {chunk.num_tokens}")
+            need = pages_needed(done + chunk.num_tokens, self.view.page_size)
+            held = self.pages.get(chunk.request_id, len(request.page_ids))
+            self.pages[chunk.request_id] = max(held, need)
+
+    def decode_pages(self, decode: Sequence[str]) -> int:
+        """Pages the whole plan allocates, once the decode rows are counted."""
+        if len(set(decode)) != len(decode):
+            raise PlanError("a request decodes twice")
+        grown = 0
+        ps, pages, status = self.view.page_size, self.pages, self.status
+        for request_id in decode:  # the hot loop: one row per running request
+            request = self.get(request_id)
+            if status.get(request_id, request.status) is not RUNNING:
+                raise PlanError(f"decode {request_id}: it is not running")
+            need = pages_needed(len(request.prompt_ids) + len(request.output_ids), ps)
+            if request_id in pages:
+                pages[request_id] = max(pages[request_id], need)
+            else:
+                grown += max(0, need - len(request.page_ids))
+        return grown + sum(max(0, n - len(self.get(i).page_ids)) for i, n in pages.items() if n)

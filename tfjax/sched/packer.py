@@ -192,28 +192,15 @@ class Packer:
         ps = view.page_size
         preempt = [r.request_id for r in decision.pause]
         free = view.num_free_pages + sum(len(r.page_ids) for r in decision.pause)
-        leaving = set(preempt)
-        resident = sorted((r for r in view.resident if r.request_id not in leaving), key=queue_key)
-        running = [r for r in resident if r.status is _RUNNING]
-        need = decode_pages_needed(running, ps)
-        pressured = need > free
+        resident = sorted((r for r in view.resident if r.request_id not in preempt), key=queue_key)
+        pressured = decode_pages_needed(_running(resident), ps) > free
         if pressured:
-            order = decision.leave_order
-            for victim in reversed(resident) if order is None else order:
-                if need <= free:
-                    break
-                if victim.request_id in leaving or victim.status not in (_PREFILLING, _RUNNING):
-                    continue
-                preempt.append(victim.request_id)
-                leaving.add(victim.request_id)
-                free += len(victim.page_ids)
-                if victim.status is _RUNNING:
-                    need -= extra_pages(victim, victim.num_tokens, ps)
-            resident = [r for r in resident if r.request_id not in leaving]
-            running = [r for r in resident if r.status is _RUNNING]
+            free = _relieve_pressure(resident, decision.leave_order, preempt, free, ps)
+            resident = [r for r in resident if r.request_id not in preempt]
+        running = _running(resident)
         budget = StepBudget(
             view=view,
-            free_pages=free - need,
+            free_pages=free - decode_pages_needed(running, ps),
             tokens_left=view.prefill_token_budget,
             rows_left=view.max_batch_size - len(resident),
         )
@@ -236,16 +223,40 @@ class Packer:
                 newcomers.headroom += self.backoff.reserve_pages(ps, resident)
             queue = sorted([*view.preempted, *view.waiting], key=queue_key)
             newcomers.bring(queue, strict=True, max_skips=0)
-        if decision.prefill_first and chunks:
-            decode = []
         return Plan(
             preempt=tuple(preempt),
             resume=tuple(resume),
             admit=tuple(admit),
             prefill=tuple(chunks),
-            decode=tuple(decode),
+            decode=() if decision.prefill_first and chunks else tuple(decode),
             write_through=decision.write_through,
         )
+
+
+def _running(requests: Iterable[Request]) -> list[Request]:
+    return [r for r in requests if r.status is _RUNNING]
+
+
+def _relieve_pressure(
+    resident: Sequence[Request],
+    leave_order: Sequence[Request] | None,
+    preempt: list[str],
+    free: int,
+    page_size: int,
+) -> int:
+    """Step 2: preempt residents (appended to `preempt`) in `leave_order` (None: the queue
+    order's last first) until the running ones can decode; returns the free pages then."""
+    need = decode_pages_needed(_running(resident), page_size)
+    for victim in reversed(resident) if leave_order is None else leave_order:
+        if need <= free:
+            break
+        if victim.request_id in preempt or victim.status not in (_PREFILLING, _RUNNING):
+            continue
+        preempt.append(victim.request_id)
+        free += len(victim.page_ids)
+        if victim.status is _RUNNING:
+            need -= extra_pages(victim, victim.num_tokens, page_size)
+    return free
 
 
 @dataclass(slots=True)
