@@ -4,14 +4,16 @@
 The state comes from `AsyncEngine.live_state()`, a snapshot the engine thread builds between
 two steps only when a page asks, so an idle dashboard costs nothing and an open one costs one
 pass over the live requests per refresh. Decode and effective tokens/s are differences of the
-engine's counters between snapshots of the last `RATE_WINDOW_S` seconds; effective tokens are
+engine's counters between snapshots of the last `RATE_WINDOW_S` seconds, and so are the host
+copy milliseconds per step (what write-through and swaps cost the link); effective tokens are
 credited when a request finishes (their weights need its final length), so that rate lags.
 
 JSON shape (times in seconds, rates in tokens/s; `null` where there is nothing to say yet):
 
     {"now_s", "engine": {"model", "policy", "healthy", "device_pages_used", "device_pages_total",
       "host_pages_used", "host_pages_total", "queue_length", "num_running", "num_preempted",
-      "num_preemptions", "decode_tok_s", "effective_tok_s", "rate_window_s",
+      "num_preemptions", "decode_tok_s", "effective_tok_s", "host_copy_ms_per_step",
+      "rate_window_s",
       "last_decision": {"age_s", "preempt", "resume", "admit"} | null},
      "requests": [{"id", "status", "priority", "age_s", "consumption_rate", "buffer_tokens",
       "buffer_s", "ttft_s", "tokens_generated", "max_tokens", "stall_s", "preemptions",
@@ -38,7 +40,8 @@ class Dashboard:
 
     def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
-        self._samples: deque[tuple[float, int, float]] = deque()  # (now, generated, effective)
+        # (now, generated, effective, steps, host copy s)
+        self._samples: deque[tuple[float, int, float, int, float]] = deque()
         self._page = _PAGE.read_bytes()
 
     async def page(self, request: Request) -> Response:
@@ -52,7 +55,7 @@ class Dashboard:
         return JSONResponse(self.to_json(state), headers={"Cache-Control": "no-store"})
 
     def to_json(self, state: LiveState) -> dict[str, Any]:
-        decode, effective = self._rates(state)
+        decode, effective, copy_ms = self._rates(state)
         s = state.stats
         decision = state.last_decision
         return {
@@ -71,6 +74,7 @@ class Dashboard:
                 "num_preemptions": s.num_preemptions,
                 "decode_tok_s": decode,
                 "effective_tok_s": effective,
+                "host_copy_ms_per_step": copy_ms,
                 "rate_window_s": RATE_WINDOW_S,
                 "last_decision": None
                 if decision is None
@@ -84,15 +88,19 @@ class Dashboard:
             "requests": [r._asdict() for r in state.requests],
         }
 
-    def _rates(self, state: LiveState) -> tuple[float | None, float | None]:
-        """Tokens/s generated and effective over the samples of the last `RATE_WINDOW_S`."""
-        now = state.now_s
+    def _rates(self, state: LiveState) -> tuple[float | None, float | None, float | None]:
+        """Tokens/s generated and effective, and host copy ms per step, over the samples of
+        the last `RATE_WINDOW_S` (None where the window holds no time, or no step)."""
+        now, s = state.now_s, state.stats
         samples = self._samples
         if not samples or now > samples[-1][0]:
-            samples.append((now, state.stats.num_generated_tokens, state.stats.effective_tokens))
+            samples.append(
+                (now, s.num_generated_tokens, s.effective_tokens, s.num_steps, s.host_copy_s)
+            )
         while len(samples) > 2 and samples[1][0] <= now - RATE_WINDOW_S:
             samples.popleft()
-        (t0, gen0, eff0), (t1, gen1, eff1) = samples[0], samples[-1]
+        (t0, gen0, eff0, steps0, copy0), (t1, gen1, eff1, steps1, copy1) = samples[0], samples[-1]
+        copy_ms = 1e3 * (copy1 - copy0) / (steps1 - steps0) if steps1 > steps0 else None
         if t1 <= t0:
-            return None, None
-        return (gen1 - gen0) / (t1 - t0), (eff1 - eff0) / (t1 - t0)
+            return None, None, copy_ms
+        return (gen1 - gen0) / (t1 - t0), (eff1 - eff0) / (t1 - t0), copy_ms

@@ -83,6 +83,9 @@ class EngineCollector(Collector):
             ("tfjax_compiles_after_warmup", "XLA compiles after warm-up (each one is a bug).",
              s.num_compiles_after_warmup),
             ("tfjax_generated_tokens", "Output tokens generated.", s.num_generated_tokens),
+            ("tfjax_engine_steps", "Engine steps that ran.", s.num_steps),
+            ("tfjax_host_copy_seconds", "Link seconds of KV copies to the host (measured "
+             "bandwidth); per step: its rate over tfjax_engine_steps'.", s.host_copy_s),
             ("tfjax_effective_tokens", "Output tokens weighted by the effective-throughput rule.",
              s.effective_tokens),
         ):  # fmt: skip

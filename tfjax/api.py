@@ -67,6 +67,8 @@ class EngineStats:
     num_compiles_after_warmup: int = 0
     num_generated_tokens: int = 0
     effective_tokens: float = 0.0
+    num_steps: int = 0  # engine steps that ran
+    host_copy_s: float = 0.0  # link seconds of KV copies to the host (write-through, swaps)
     prefix_cache_queries: int = 0
     prefix_cache_hit_tokens: dict[str, int] = field(default_factory=dict)  # by tier
     extra: dict[str, float] = field(default_factory=dict)

@@ -276,6 +276,8 @@ class AsyncEngine:
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
             effective_tokens=engine.effective_tokens,
+            num_steps=engine.num_steps,
+            host_copy_s=engine.kv.stats.copy_s,
             **engine.kv.prefix_stats(),
             **self._offload_stats(),
         )

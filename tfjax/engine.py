@@ -110,6 +110,7 @@ class Engine:
             prefill_token_s=runner.prefill_token_s,
         )
         self.num_generated_tokens = 0
+        self.num_steps = 0  # steps that ran something
         self.effective_tokens = 0.0  # paper §7.1.3 weights of finished requests' tokens
         self.last_decision: Decision | None = None  # the newest plan that moved a request
 
@@ -158,6 +159,7 @@ class Engine:
         work = self.kv.execute(plan, self.requests, view.costs)
         if work.is_empty:
             return False
+        self.num_steps += 1
         start = self.clock()
         ids = np.asarray(self.runner.step(work.prefill, work.decode)).tolist()
         prefill_ids, decode_ids = ids[: len(work.prefill)], ids[len(work.prefill) :]

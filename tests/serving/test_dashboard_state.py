@@ -144,15 +144,20 @@ async def test_state_matches_the_hand_computed_reader_model(async_engine: AsyncE
 def test_rates_are_counter_differences_over_the_window() -> None:
     dashboard = Dashboard(engine=None)  # to_json reads the engine only for model and health
 
-    def state(now: float, generated: int, effective: float) -> LiveState:
-        stats = EngineStats(num_generated_tokens=generated, effective_tokens=effective)
+    def state(now: float, generated: int, effective: float, steps: int, copy_s: float):
+        stats = EngineStats(
+            num_generated_tokens=generated,
+            effective_tokens=effective,
+            num_steps=steps,
+            host_copy_s=copy_s,
+        )
         return LiveState(now, "p", stats, None, ())
 
-    assert dashboard._rates(state(100.0, 0, 0.0)) == (None, None)
-    assert dashboard._rates(state(102.0, 40, 10.0)) == (20.0, 5.0)
-    assert dashboard._rates(state(104.0, 100, 10.0)) == (25.0, 2.5)
+    assert dashboard._rates(state(100.0, 0, 0.0, 0, 0.0)) == (None, None, None)
+    assert dashboard._rates(state(102.0, 40, 10.0, 4, 0.002)) == pytest.approx((20.0, 5.0, 0.5))
+    assert dashboard._rates(state(104.0, 100, 10.0, 10, 0.002)) == pytest.approx((25.0, 2.5, 0.2))
     # 115: the samples at 100 and 102 are older than 10 s; 104 stays as the window's start.
-    assert dashboard._rates(state(115.0, 320, 65.0)) == (20.0, 5.0)
+    assert dashboard._rates(state(115.0, 320, 65.0, 10, 0.003)) == (20.0, 5.0, None)
 
 
 def test_host_pages_round_up_and_statuses_are_generic() -> None:
