@@ -536,10 +536,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_workload(
+@dataclass(frozen=True, kw_only=True)
+class PreparedWorkload:
+    name: str
+    out_dir: Path
+    flags: tuple[str, ...]  # the servers' flags: workloads that share them share servers
+    requests: list[ClientRequest]
+    meta: dict[str, Any]  # DIR/workload.json
+
+
+def prepare_workload(
     name: str, args: argparse.Namespace, runs: Sequence[PolicyRun], out_dir: Path
-) -> list[dict[str, Any]]:
-    """Every policy on one workload; returns its summary rows (also in out_dir/summary.json)."""
+) -> PreparedWorkload:
+    """The requests and server flags of one workload (writes out_dir/workload.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if name == PAPER_WORKLOAD:
         kv_pages = args.kv_pages or DEFAULT_KV_PAGES
@@ -559,42 +568,58 @@ def run_workload(
     flags = list(args.common_server_flags)
     if kv_pages is not None:
         flags += ["--kv-pages", str(kv_pages)]
-    workload = {"name": name, "kv_pages": kv_pages, "server_flags": flags}
-    workload |= wc.workload_summary(requests)
-    workload["declared"] = sum(r.declared for r in requests)
-    workload["streamed"] = sum(r.stream for r in requests)
-    workload["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (out_dir / "workload.json").write_text(json.dumps(workload, indent=1) + "\n")
+    meta = {"name": name, "kv_pages": kv_pages, "server_flags": flags}
+    meta |= wc.workload_summary(requests)
+    meta["declared"] = sum(r.declared for r in requests)
+    meta["streamed"] = sum(r.stream for r in requests)
+    meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (out_dir / "workload.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"workload {name}: {json.dumps(wc.workload_summary(requests))}, kv_pages {kv_pages}")
+    return PreparedWorkload(
+        name=name, out_dir=out_dir, flags=tuple(flags), requests=requests, meta=meta
+    )
 
-    rows, ttfts = [], {}
-    stack, servers = start_servers(runs, args, flags, out_dir)
+
+def run_workloads(
+    workloads: Sequence[PreparedWorkload],
+    args: argparse.Namespace,
+    runs: Sequence[PolicyRun],
+    servers_dir: Path,
+) -> list[dict[str, Any]]:
+    """Every policy on workloads that share server flags: the policies' servers start once and
+    take turns (A B A B ...) on each workload, `--repeat` times; returns the summary rows
+    (also in each workload's DIR/summary.json)."""
+    all_rows = []
+    stack, servers = start_servers(runs, args, workloads[0].flags, servers_dir)
     with stack:
-        rows += [
-            {"workload": name, "policy": r.label, "repeat": 0, "error": "server did not start"}
-            | {"failed": len(requests)}
-            for r in runs
-            if r.label not in servers
-        ]
-        for repeat in range(args.repeat):  # A B A B ...: the servers take turns
-            for label, (url, model, start_s) in servers.items():
-                result, records = run_burst(args, url, model, requests)
-                result |= {"workload": workload, "policy": label, "repeat": repeat}
-                run_dir = out_dir / label / (f"repeat{repeat}" if args.repeat > 1 else "")
-                bench.save(result, records, run_dir, plots=args.plots)
-                print(bench.format_table(result, title=f"{name} / {label} / repeat {repeat}"))
-                row = {"workload": name, "repeat": repeat} | summary_row(label, result, start_s)
-                rows.append(row)
-                ttfts.setdefault(label, []).extend(
-                    r.chunk_times_s[0] - r.send_s for r in records if r.ok
-                )
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-    if args.plots:
-        _bench_plots.plot_ttft_cdfs(ttfts, out_dir / "ttft_cdf.png")
-    print(format_comparison(rows))
-    if args.repeat > 1:
-        print(format_repeats(rows))
-    return rows
+        for w in workloads:
+            rows, ttfts = [], {}
+            rows += [
+                {"workload": w.name, "policy": r.label, "repeat": 0}
+                | {"error": "server did not start", "failed": len(w.requests)}
+                for r in runs
+                if r.label not in servers
+            ]
+            for repeat in range(args.repeat):
+                for label, (url, model, start_s) in servers.items():
+                    result, records = run_burst(args, url, model, w.requests)
+                    result |= {"workload": w.meta, "policy": label, "repeat": repeat}
+                    run_dir = w.out_dir / label / (f"repeat{repeat}" if args.repeat > 1 else "")
+                    bench.save(result, records, run_dir, plots=args.plots)
+                    print(bench.format_table(result, title=f"{w.name} / {label} / {repeat}"))
+                    row = summary_row(label, result, start_s)
+                    rows.append({"workload": w.name, "repeat": repeat} | row)
+                    ttfts.setdefault(label, []).extend(
+                        r.chunk_times_s[0] - r.send_s for r in records if r.ok
+                    )
+            (w.out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+            if args.plots:
+                _bench_plots.plot_ttft_cdfs(ttfts, w.out_dir / "ttft_cdf.png")
+            print(format_comparison(rows))
+            if args.repeat > 1:
+                print(format_repeats(rows))
+            all_rows += rows
+    return all_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,10 +630,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = policy_runs([p for p in args.policies.split(",") if p], args.include_no_offload)
     t_start = time.monotonic()
     names = args.workload_names
+    # One workload keeps the old layout (files in DIR itself).
+    prepared = [
+        prepare_workload(name, args, runs, out_dir if len(names) == 1 else out_dir / name)
+        for name in names
+    ]
+    groups: dict[tuple[str, ...], list[PreparedWorkload]] = {}
+    for w in prepared:
+        groups.setdefault(w.flags, []).append(w)
     rows = []
-    for name in names:
-        # One workload keeps the old layout (files in DIR itself).
-        rows += run_workload(name, args, runs, out_dir if len(names) == 1 else out_dir / name)
+    for i, group in enumerate(groups.values()):
+        servers_dir = group[0].out_dir if len(groups) == 1 else out_dir / f"servers{i}"
+        rows += run_workloads(group, args, runs, servers_dir)
     if len(names) > 1:
         (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
         print("\nall workloads:")
