@@ -34,7 +34,7 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     got = calibrate(
         runner, runner, links, config, name="cal", plan=PLAN, timer=clock, progress=lines.append
     )
-    assert len(lines) == 3 + 1 + 3 + 1  # every measurement is reported
+    assert len(lines) == 3 + 1 + 3 + 1 + 1  # every measurement is reported
     assert dict(got.decode_table_s) == pytest.approx(dict(CPU.decode_table_s))
     assert got.table_context_tokens == 160
     assert [n for n, _ in got.prefill_table_s] == [32, 128, 512]  # whole tiles, bucketed
@@ -46,6 +46,7 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     assert got.d2h_bytes_per_s == pytest.approx(CPU.d2h_bytes_per_s)
     assert got.h2d_bytes_per_s == pytest.approx(CPU.h2d_bytes_per_s)
     assert (got.num_device_pages, got.num_host_pages) == (CPU.num_device_pages, CPU.num_host_pages)
+    assert got.plan_s_per_request == 0.0  # planning takes no virtual time
     # Same step times as the profile it measured, at any batch and context.
     for rows, context, prompt in [(1, 100, 0), (8, 2000, 0), (20, 5000, 64), (0, 0, 300)]:
         kwargs = dict(num_decode=rows, context_tokens=context, num_prefill=prompt)

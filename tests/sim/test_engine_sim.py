@@ -116,3 +116,11 @@ def test_host_copies_on_the_steps_cores_delay_the_steps_by_their_time() -> None:
     b = request("b", [5] * 8, 9)
     simulate(make_policy("fcfs"), [b], replace(fast, host_copies_share_compute=True))
     assert b.reader.gen_times_s[-1] == pytest.approx(ends[False])
+
+
+def test_planning_delays_each_step_by_its_cost_per_live_request() -> None:
+    # test_one_request_by_hand's first request, with 1 ms of planning per live request: each of
+    # its three steps (prefill, two decodes) waits 1 ms for its plan.
+    a = request("a", [5] * 8, 3)
+    simulate(make_policy("fcfs"), [a], replace(FLAT, plan_s_per_request=1e-3))
+    assert a.reader.gen_times_s == pytest.approx([0.043, 0.055, 0.067])

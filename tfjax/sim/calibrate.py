@@ -31,7 +31,9 @@ from tfjax.config import EngineConfig
 from tfjax.engine import StepRunner
 from tfjax.kv.manager import PageIO, PrefillWork
 from tfjax.kv.transfer import TransferIO
-from tfjax.request import Request, SamplingParams
+from tfjax.request import Request, RequestStatus, SamplingParams
+from tfjax.sched.base import Costs, SchedulerView
+from tfjax.sched.tokenflow import TokenFlowPolicy
 from tfjax.sim.profiles import CostProfile
 
 
@@ -41,6 +43,7 @@ class CalibrationPlan:
     contexts: tuple[int, int] = (64, 512)  # short (the table's), long (the KV read cost)
     chunks: tuple[int, ...] = (32, 128, 512)  # prefill tokens of one request
     copy_pages: int = 64
+    plan_requests: int = 64  # live requests of the timed planning decision
     repeats: int = 3
 
 
@@ -61,6 +64,38 @@ def _rows(num_rows: int, context: int, page_size: int) -> list[Request]:
         r.page_ids = list(range(1 + i * pages, 1 + (i + 1) * pages))
         rows.append(r)
     return rows
+
+
+def _plan_decision(config: EngineConfig, page_size: int, num_pages: int, num: int) -> None:
+    """One TokenFlow decision (the costliest plan any policy makes) over `num` requests, half
+    running at 64 tokens of context, half waiting: what planning costs the engine thread."""
+    running = _rows(num // 2, 64, page_size)
+    for r in running:
+        r.status = RequestStatus.RUNNING
+    waiting = [
+        Request(
+            request_id=f"w{i}",
+            prompt_ids=[1] * 64,
+            sampling=SamplingParams(),
+            arrival_s=0.0,
+            consumption_rate=10.0,
+        )
+        for i in range(num - len(running))
+    ]
+    view = SchedulerView(
+        now_s=1.0,
+        waiting=waiting,
+        prefilling=[],
+        running=running,
+        preempted=[],
+        page_size=page_size,
+        num_free_pages=num_pages - sum(len(r.page_ids) for r in running),
+        num_total_pages=num_pages,
+        max_batch_size=config.max_batch_size,
+        prefill_token_budget=config.prefill_token_budget,
+        costs=Costs(decode_step_s={1: 0.05, config.max_batch_size: 0.3}),
+    )
+    TokenFlowPolicy().plan(view)
 
 
 def calibrate(
@@ -124,6 +159,8 @@ def calibrate(
     nbytes = len(pages) * io.page_bytes
     h2d_s = fastest(lambda: transfers.load(host, nbytes).result())
     progress(f"copies of {nbytes / 1e6:.1f} MB: d2h {d2h_s * 1e3:.2f} ms, h2d {h2d_s * 1e3:.2f} ms")
+    plan_s = fastest(lambda: _plan_decision(config, ps, usable, plan.plan_requests))
+    progress(f"tokenflow decision over {plan.plan_requests} requests: {plan_s * 1e3:.2f} ms")
 
     kvb = runner.kv_bytes_per_token
     mem_bytes_per_s = kvb / per_context_token
@@ -142,6 +179,7 @@ def calibrate(
             f"host copies d2h {d2h / 1e9:.2f} GB/s, h2d {h2d / 1e9:.2f} GB/s"
             f" ({nbytes / 1e6:.1f} MB, gather included)"
             + (", on the step's own cores" if copies_share_compute else "")
+            + f"; planning {plan_s / plan.plan_requests * 1e6:.1f} us a live request"
             + "; engine flags as given",
         ]
     )
@@ -166,6 +204,7 @@ def calibrate(
         table_context_tokens=short,
         prefill_table_s=tuple(zip(padded, prefill_s, strict=True)),
         host_copies_share_compute=copies_share_compute,
+        plan_s_per_request=plan_s / plan.plan_requests,
     )
 
 

@@ -60,18 +60,24 @@ def engine_config(profile: CostProfile, **overrides: Any) -> EngineConfig:
 
 
 class _TimedPolicy:
-    """Forwards to the policy and adds up the host time its `plan` calls take."""
+    """Forwards to the policy, adds up the host time its `plan` calls take here (`plan_s`),
+    and moves the virtual clock by what planning costs on the profile's machine: the step
+    waits for its plan."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, clock: VirtualClock, plan_s_per_request: float) -> None:
         self.policy = policy
         self.name = policy.name
         self.resumes_by_load = policy.resumes_by_load
         self.plan_s = 0.0
+        self._clock = clock
+        self._plan_s_per_request = plan_s_per_request
 
     def plan(self, view: SchedulerView) -> Plan:
         start = time.perf_counter()
         plan = self.policy.plan(view)
         self.plan_s += time.perf_counter() - start
+        num_requests = sum(map(len, (view.waiting, view.resident, view.preempted, view.loading)))
+        self._clock.advance(self._plan_s_per_request * num_requests)
         return plan
 
 
@@ -134,8 +140,8 @@ def simulate(
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     if not pending:
         raise ValueError("no requests to simulate")
-    timed = _TimedPolicy(policy)
     clock = VirtualClock(pending[0].arrival_s)
+    timed = _TimedPolicy(policy, clock, profile.plan_s_per_request)
     config = config or engine_config(profile)
     engine = build_sim_engine(timed, profile, config, clock, tokens, page_store)
     runner = engine.runner

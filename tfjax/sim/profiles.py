@@ -62,6 +62,8 @@ class CostProfile:
     prefill_table_s: tuple[tuple[int, float], ...] = ()
     # Host copies run on the step's cores (a CPU): each copy's time delays the steps too.
     host_copies_share_compute: bool = False
+    # Host time of planning a step, per live request (the engine thread's, before the step).
+    plan_s_per_request: float = 0.0
 
     @property
     def device_kv_tokens(self) -> int:
