@@ -16,9 +16,9 @@ Packing a step:
 4. Newcomers: `first`, then the queue (preempted and waiting, queue order). Each takes a
    row; a RECOMPUTE resume or an admission takes its first chunk (its pages and prefill
    tokens), a LOAD its whole context's pages, always leaving headroom: one page per running
-   request, and in the queue also the retract backoff's reserve (`RetractBackoff`). In the
-   queue nobody overtakes the head (strict FCFS); an entry of `first` that does not fit is
-   skipped.
+   request, and the retract backoff's reserve (`RetractBackoff`) less the pages the pauses
+   freed. In the queue nobody overtakes the head (strict FCFS); an entry of `first` that does
+   not fit is skipped.
 5. Decode rows: the running requests, and LOAD-resumed ones that are ready to decode; none
    when `prefill_first` and the step prefills.
 
@@ -191,7 +191,8 @@ class Packer:
     def _pack(self, view: SchedulerView, decision: Decision) -> Plan:
         ps = view.page_size
         preempt = [r.request_id for r in decision.pause]
-        free = view.num_free_pages + sum(len(r.page_ids) for r in decision.pause)
+        paused_pages = sum(len(r.page_ids) for r in decision.pause)
+        free = view.num_free_pages + paused_pages
         resident = sorted((r for r in view.resident if r.request_id not in preempt), key=queue_key)
         pressured = decode_pages_needed(_running(resident), ps) > free
         if pressured:
@@ -215,12 +216,13 @@ class Packer:
         admit: list[str] = []
         if not pressured:
             headroom = self.headroom_pages_per_running * len(running)
-            newcomers = _Newcomers(budget, decision, headroom, chunks, decode, resume, admit)
+            reserve = self.backoff.reserve_pages(ps, resident) if self.backoff else 0
+            # The backoff holds back what takes free pages; the room a pause makes is exempt
+            # (a one-for-one replacement commits no more memory than it frees).
+            headroom_first = headroom + max(0, reserve - paused_pages)
+            newcomers = _Newcomers(budget, decision, headroom_first, chunks, decode, resume, admit)
             newcomers.bring(decision.first, strict=False, max_skips=self.max_skips)
-            # The backoff holds the queue back; a decision's own picks were sized against
-            # the pages by its policy, and a pause made their room.
-            if self.backoff is not None:
-                newcomers.headroom += self.backoff.reserve_pages(ps, resident)
+            newcomers.headroom = headroom + reserve
             queue = sorted([*view.preempted, *view.waiting], key=queue_key)
             newcomers.bring(queue, strict=True, max_skips=0)
         return Plan(

@@ -158,21 +158,31 @@ class TokenFlowPolicy(PackingPolicy):
         pause: tuple[Request, ...] = (),
         first: tuple[Request, ...] = (),
     ) -> Decision:
-        now = view.now_s
-        # Lowest priority first; within it largest buffer first, prefills (no token yet) last,
-        # newest first.
-        leave_order = sorted(
-            view.resident,
-            key=lambda r: (r.priority, r.status is _RUNNING, buffer_s(r, now), r.arrival_s),
-            reverse=True,
-        )
         return Decision(
             pause=pause,
             first=first,
-            leave_order=tuple(leave_order),
+            leave_order=self._leave_order(view),
             resume=modes,
             prefill_first=self._prefill_first(view),
             write_through=True,
+        )
+
+    @staticmethod
+    def _leave_order(view: SchedulerView) -> tuple[Request, ...] | None:
+        """Who leaves first when decoding runs out of pages: with a host tier, the lowest
+        priority, then the largest buffer (running before prefilling, newest first): its
+        reader waits longest and a LOAD brings it back cheaply. Without one every victim comes
+        back by re-prefilling its whole context, so FCFS's order (None: the newest, whose
+        context is the shortest) is the cheaper one."""
+        if view.host is None:
+            return None
+        now = view.now_s
+        return tuple(
+            sorted(
+                view.resident,
+                key=lambda r: (r.priority, r.status is _RUNNING, buffer_s(r, now), r.arrival_s),
+                reverse=True,
+            )
         )
 
     def _decision_due(self, view: SchedulerView) -> bool:
