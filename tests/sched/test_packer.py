@@ -84,14 +84,23 @@ def test_without_a_host_tier_tokenflow_admits_what_fcfs_admits() -> None:
     assert prefill_tokens(tokenflow) == prefill_tokens(fcfs) == 32 * 16
 
 
-def test_pausing_two_for_one_is_not_packed() -> None:
-    """A decision that pauses two residents to bring in one newcomer loses a row: the packer
-    returns the queue order's plan instead (both keep decoding, the newcomer waits for a row)."""
+def test_pauses_beyond_their_replacements_are_dropped() -> None:
+    """The decision lets a and b go for c; c needs one row, so pausing both would lose one:
+    only a (the first) is paused."""
     a = make_request("a", R, output=4, buffer_s=0.1)
     b = make_request("b", R, arrival=0.5, output=4, buffer_s=0.1)
     c = make_request("c", W, arrival=1.0)
     view = make_view([a, b, c], max_batch=2)
     plan = Packer().pack(view, Decision(pause=(a, b), first=(c,), prefill_first=False))
+    assert (plan.preempt, plan.admit, plan.decode) == (("a",), ("c",), ("b",))
+
+
+def test_two_pauses_for_one_newcomer_are_not_made() -> None:
+    """a and b hold one page each of a two-page pool. Pausing a frees one page, which b keeps
+    as its headroom, so c would need b's page too: two rows for one. Nobody is paused."""
+    a = make_request("a", R, prompt=2, output=1, buffer_s=0.1)
+    b = make_request("b", R, arrival=0.5, prompt=2, output=1, buffer_s=0.1)
+    c = make_request("c", W, arrival=1.0)
+    view = make_view([a, b, c], total_pages=2)
+    plan = Packer().pack(view, Decision(pause=(a, b), first=(c,), prefill_first=False))
     assert (plan.preempt, plan.admit, plan.decode) == ((), (), ("a", "b"))
-    one_for_one = Packer().pack(view, Decision(pause=(b,), first=(c,), prefill_first=False))
-    assert (one_for_one.preempt, one_for_one.admit) == (("b",), ("c",))

@@ -23,10 +23,12 @@ Packing a step:
    when `prefill_first` and the step prefills.
 
 Work-conserving by construction: a decision that pauses, reorders or picks its own pressure
-victims is packed a second time as the plain queue order (same resume modes and prefill
-rule), and if that plan keeps more requests on the device or prefills more tokens, it is the
-one returned. So no decision, however its policy reasons, idles rows or prompt tokens that
-FCFS would use in the same state; a pause only ever makes room for a replacement.
+victims is also packed as the plain queue order (same resume modes and prefill rule), its
+floor. While the decision's plan keeps fewer requests on the device or prefills fewer tokens
+than the floor, its last pauses are dropped (a pause whose replacement does not fit is a lost
+row); if it still falls short, the floor is the plan. So no decision, however its policy
+reasons, idles rows or prompt tokens that FCFS would use in the same state; pauses only ever
+make room for as many replacements.
 """
 
 from __future__ import annotations
@@ -164,28 +166,39 @@ class Packer:
         *,
         headroom_pages_per_running: int = 1,
         retract_backoff: bool = True,
+        swaps: bool = False,
         max_skips: int = 8,
     ) -> None:
         """`headroom_pages_per_running`: free pages admission leaves per running request, so
         the admitted prompt does not force a preemption on the very next decode step.
-        `max_skips`: entries of `Decision.first` that may not fit before the scan of them
-        stops (a full scan every step would cost O(queue) for nothing)."""
+        `swaps`: the policy resumes preempted requests from their host copies, so where a host
+        tier exists a preemption costs a copy, not a re-prefill, and does not arm the retract
+        backoff (whose reserve is the cure for re-prefill thrash). `max_skips`: entries of
+        `Decision.first` that may not fit before the scan of them stops (a full scan every
+        step would cost O(queue) for nothing)."""
         self.headroom_pages_per_running = headroom_pages_per_running
         self.backoff = RetractBackoff() if retract_backoff else None
+        self.swaps = swaps
         self.max_skips = max_skips
 
     def pack(self, view: SchedulerView, decision: Decision) -> Plan:
+        """The decision's plan, if it keeps as many requests on the device and prefills as
+        many tokens as the queue order would (its floor); else the same decision with its
+        last pauses dropped until it does (a pause whose replacement does not fit is a lost
+        row); else the floor's plan."""
         plan = self._pack(view, decision)
         if decision.pause or decision.first or decision.leave_order is not None:
-            queue_order = replace(decision, pause=(), first=(), leave_order=None)
-            fallback = self._pack(view, queue_order)
-            if num_resident_after(view, fallback) > num_resident_after(view, plan) or (
-                prefill_tokens(fallback) > prefill_tokens(plan)
-            ):
-                plan = fallback
+            floor = self._pack(view, replace(decision, pause=(), first=(), leave_order=None))
+            while decision.pause and _short_of(view, plan, floor):
+                lost = num_resident_after(view, floor) - num_resident_after(view, plan)
+                decision = replace(decision, pause=decision.pause[: -max(1, lost)])
+                plan = self._pack(view, decision)
+            if _short_of(view, plan, floor):
+                plan = floor
         if self.backoff is not None:
             paused = {r.request_id for r in decision.pause}
-            self.backoff.on_step(preempted=any(i not in paused for i in plan.preempt))
+            pressed = any(i not in paused for i in plan.preempt)
+            self.backoff.on_step(preempted=pressed and not (self.swaps and view.host))
         return plan
 
     def _pack(self, view: SchedulerView, decision: Decision) -> Plan:
@@ -310,6 +323,13 @@ class _Newcomers:
             self.chunks.append(PrefillChunk(request_id=r.request_id, num_tokens=n))
         self.resume.append(Resume(request_id=r.request_id, mode=mode))
         return True
+
+
+def _short_of(view: SchedulerView, plan: Plan, floor: Plan) -> bool:
+    """Does `plan` keep fewer requests on the device, or prefill fewer tokens, than `floor`?"""
+    return num_resident_after(view, plan) < num_resident_after(view, floor) or (
+        prefill_tokens(plan) < prefill_tokens(floor)
+    )
 
 
 def num_resident_after(view: SchedulerView, plan: Plan) -> int:

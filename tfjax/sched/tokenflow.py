@@ -36,7 +36,7 @@ from tfjax.sched.base import (
     is_decode_ready,
     queue_key,
 )
-from tfjax.sched.packer import Decision, PackingPolicy
+from tfjax.sched.packer import Decision, Packer, PackingPolicy
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED
@@ -118,7 +118,7 @@ class TokenFlowPolicy(PackingPolicy):
     resumes_by_load = True  # LOAD when t_IO < t_recompute (`resume_mode`)
 
     def __init__(self, config: TokenFlowConfig | None = None, **overrides: Any) -> None:
-        super().__init__()
+        super().__init__(Packer(swaps=True))
         self.config = replace(config or TokenFlowConfig(), **overrides)
         self._next_decision_s = -math.inf
         self._last_arrival_s = -math.inf
