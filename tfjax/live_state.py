@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tfjax.api import Decision, EngineStats, LiveState, RequestState
+from tfjax.kv.pages import pages_needed
 from tfjax.request import Request
 
 
@@ -44,7 +45,7 @@ def build_live_state(
                 reader.stall_until_s(now_s),
                 r.num_preemptions,
                 len(r.page_ids),
-                -(-synced // page_size),
+                pages_needed(synced, page_size),
             )
         )
     return LiveState(now_s, policy, stats, last_decision, tuple(rows))

@@ -40,7 +40,7 @@ from tfjax.config import (
     geometric_buckets,
 )
 from tfjax.kv.manager import PrefillWork
-from tfjax.kv.pages import PAD_PAGE
+from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, sample
@@ -108,7 +108,7 @@ class Runner:
         self.page_size = config.page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
-        self.max_pages_per_row = -(-max_model_len // config.page_size)
+        self.max_pages_per_row = pages_needed(max_model_len, config.page_size)
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
         self.page_bytes = self.kv_bytes_per_token * config.page_size
         self.max_gather_pages = self.max_pages_per_row

@@ -30,6 +30,7 @@ from models.attention import QUERY_TILE
 from tfjax.config import EngineConfig
 from tfjax.engine import StepRunner
 from tfjax.kv.manager import PageIO, PrefillWork
+from tfjax.kv.pages import pages_needed
 from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.sched.base import Costs, SchedulerView
@@ -49,7 +50,7 @@ class CalibrationPlan:
 
 def _rows(num_rows: int, context: int, page_size: int) -> list[Request]:
     """Decode rows of `context` tokens each on consecutive pages from page 1."""
-    pages = -(-context // page_size)
+    pages = pages_needed(context, page_size)
     rows = []
     for i in range(num_rows):
         r = Request(
@@ -127,7 +128,7 @@ def calibrate(
 
     usable = runner.num_pages - 1
     short, long = plan.contexts
-    fits = usable // -(-long // ps)  # rows of the long context the pool holds
+    fits = usable // pages_needed(long, ps)  # rows of the long context the pool holds
     cap = min(config.max_batch_size, fits)  # the batch cap is always measured
     batches = sorted({b for b in plan.batches if b <= cap} | {cap})
     if cap < 1:
@@ -141,7 +142,9 @@ def calibrate(
     progress(f"decode batch {top} at {long} tokens: {long_s * 1e3:.1f} ms")
     per_context_token = max(long_s - table[-1][1], 1e-12) / (top * (long - short))
 
-    chunks = [n for n in plan.chunks if n <= config.prefill_token_budget and -(-n // ps) <= usable]
+    chunks = [
+        n for n in plan.chunks if n <= config.prefill_token_budget and pages_needed(n, ps) <= usable
+    ]
     prefill_s = []
     for n in chunks:
         (row,) = _rows(1, n + 1, ps)
