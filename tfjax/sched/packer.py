@@ -2,8 +2,9 @@
 
 A policy decides only order and pauses: who leaves the device now (`pause`), who leaves first
 when decoding runs out of pages (`leave_order`), who comes in first (`first`), how each
-preempted request comes back (`resume`), and whether a step that prefills also decodes
-(`prefill_first`). Everything that spends the step's budgets (device pages, batch rows,
+preempted request comes back (`resume`), whether a step that prefills also decodes
+(`prefill_first`), and whether new KV pages are copied to the host ahead of need
+(`write_through`). Everything that spends the step's budgets (device pages, batch rows,
 prefill tokens) is here, once, so a page-accounting fix lands in every policy at once. FCFS
 is the empty decision: queue order, newest leave first, every resume a recompute.
 
