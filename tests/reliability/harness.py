@@ -143,8 +143,8 @@ class GatedRunner(FaultyRunner):
 
 
 class ProbedEngine(Engine):
-    """An `Engine` that counts the steps it ran and remembers every request it was given,
-    when each got its first token and when each abort reached it (in steps)."""
+    """An `Engine` that remembers every request it was given, when each got its first token
+    and when each abort reached it (in the engine's `num_steps`)."""
 
     def __init__(self, *args: Any, emit: Emit, **kwargs: Any) -> None:
         def probed_emit(request_id: str, delta: Delta) -> None:
@@ -152,7 +152,6 @@ class ProbedEngine(Engine):
             emit(request_id, delta)
 
         super().__init__(*args, emit=probed_emit, **kwargs)
-        self.num_steps = 0
         self.seen: dict[str, Request] = {}  # every request ever added, in arrival order
         self.first_token_step: dict[str, int] = {}
         self.aborted_at_step: dict[str, int] = {}  # aborts of live requests only
@@ -165,11 +164,6 @@ class ProbedEngine(Engine):
         if request_id in self.requests:
             self.aborted_at_step[request_id] = self.num_steps
         super().abort(request_id)
-
-    def step(self) -> bool:
-        ran = super().step()
-        self.num_steps += ran
-        return ran
 
     def on_delta(self, request_id: str, delta: Delta) -> None:
         if delta.token_ids and request_id not in self.first_token_step:
