@@ -58,7 +58,7 @@ from serving.errors import (
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
-from tfjax.api import Delta, EngineClient, EngineError, RequestStream
+from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource, RequestStream
 from tfjax.request import FinishReason
 
 logger = logging.getLogger("tfjax.requests")
@@ -172,7 +172,7 @@ class _Server:
         self.engine = engine
         self.model_name = model_name
         self.default_rate = default_rate
-        self.metrics = Metrics(engine.stats)
+        self.metrics = Metrics(model_name)
         self.created = int(time.time())
         self.draining = False
         self.max_request_bytes = max_request_bytes
@@ -220,7 +220,12 @@ class _Server:
             return f"the engine did not run the invariant check within {_DEEP_CHECK_TIMEOUT_S} s"
 
     async def metrics_text(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        """One engine snapshot per scrape: the live state's when the engine has one, so the
+        buffer-aware series and every engine series describe the same moment."""
+        source = self.engine
+        state = await source.live_state() if isinstance(source, LiveStateSource) else None
+        stats = state.stats if state is not None else source.stats()
+        return Response(self.metrics.render(stats, state), media_type=CONTENT_TYPE)
 
     async def drain(self, grace_s: float) -> None:
         self.draining = True

@@ -68,7 +68,9 @@ class EngineStats:
     num_generated_tokens: int = 0
     effective_tokens: float = 0.0
     prefix_cache_queries: int = 0
+    prefix_cache_query_tokens: int = 0  # prompt tokens those lookups could have hit
     prefix_cache_hit_tokens: dict[str, int] = field(default_factory=dict)  # by tier
+    page_size: int = 0  # tokens per KV page (0: unknown)
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -276,6 +276,7 @@ class AsyncEngine:
             num_compiles_after_warmup=COMPILES.count - self._compiles_at_start,
             num_generated_tokens=engine.num_generated_tokens,
             effective_tokens=engine.effective_tokens,
+            page_size=engine.runner.page_size,
             **engine.kv.prefix_stats(),
             **self._offload_stats(),
         )
