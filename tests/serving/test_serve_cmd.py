@@ -1,21 +1,26 @@
 """`tfjax serve` as a process, with `build_engine` swapped for `FakeEngine`: the ready line,
-serving over real HTTP, and SIGTERM draining a live stream, stopping the engine, exiting 0."""
+serving over real HTTP, /health through start-up and draining, and SIGTERM draining a live
+stream, stopping the engine, exiting 0."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
-import argparse, sys, types
+import argparse, os, sys, time, types
 from tests.serving.fake_engine import FakeEngine
 
 class Engine(FakeEngine):
@@ -23,6 +28,7 @@ class Engine(FakeEngine):
         print("fake engine shut down", file=sys.stderr, flush=True)
 
 def build_engine(args):
+    time.sleep(float(os.environ.get("FAKE_BUILD_S", "0")))  # loading and compiling
     engine = Engine(max_model_len=100_000)
     engine.token_delay_s = 0.02
     return engine
@@ -72,6 +78,65 @@ def test_serve_ready_line_and_sigterm() -> None:
         assert proc.wait(timeout=15) == 0
         assert proc.stdout.read() == ""  # the ready line was the only one
         assert "fake engine shut down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_answer(url: str, timeout_s: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"nothing answered at {url}"
+            time.sleep(0.05)
+
+
+def test_health_is_503_while_starting_and_while_draining() -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", SCRIPT, "serve", "--port", str(port), "--served-model-name", "m"]
+    cmd += ["--shutdown-grace-s", "1.5", "--log-level", "warning"]
+    env = dict(os.environ, FAKE_BUILD_S="2")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        starting = _wait_for_answer(f"{url}/health", timeout_s=60)
+        assert (starting.status_code, starting.json()) == (503, {"status": "starting"})
+        models = httpx.get(f"{url}/v1/models")
+        assert models.status_code == 503 and models.json()["error"]["type"]
+        assert re.fullmatch(rf"tfjax serving m on {url}\n", _read_line(proc, timeout_s=60))
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert [card["id"] for card in httpx.get(f"{url}/v1/models").json()["data"]] == ["m"]
+
+        streamed: list[str] = []
+        body = {"model": "m", "prompt": "hi", "max_tokens": 10_000, "stream": True}
+
+        def read_stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as r:
+                streamed.extend(line for line in r.iter_lines() if line)
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        draining = httpx.get(f"{url}/health")
+        assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert refused.status_code == 503
+        reader.join(15)
+        assert streamed[-1] == "data: [DONE]" and "aborted" in streamed[-2]
+        assert proc.wait(timeout=15) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
