@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving.auth import ApiKeyAuth
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
@@ -108,12 +109,14 @@ def create_app(
     default_consumption_rate: float = 15.0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    api_key: str | None = None,
 ) -> Starlette:
     """The ASGI app serving `engine` as `served_model_name` (default: `engine.model_name`).
 
     `default_consumption_rate` (tokens/s) is used for requests without `consumption_rate`.
     Bodies above `max_request_bytes` get 413; a stream whose client has not taken a write for
-    `stream_idle_timeout_s` (None: never) is dropped.
+    `stream_idle_timeout_s` (None: never) is dropped. With `api_key`, `/v1/*` and the dashboard
+    need `Authorization: Bearer api_key` (`serving.auth`).
     Call `drain(app, grace_s)` on shutdown before stopping the engine.
     """
     if not default_consumption_rate > 0:
@@ -122,6 +125,8 @@ def create_app(
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     if stream_idle_timeout_s is not None and not stream_idle_timeout_s > 0:
         raise ValueError(f"stream_idle_timeout_s must be > 0, got {stream_idle_timeout_s}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (None: no key)")
     server = _Server(
         engine,
         served_model_name or engine.model_name,
@@ -140,7 +145,10 @@ def create_app(
             Route("/dashboard", dashboard.page, methods=["GET"]),
             Route("/dashboard/state", dashboard.state, methods=["GET"]),
         ],
-        middleware=[Middleware(StatusCounter, metrics=server.metrics)],
+        middleware=[
+            Middleware(StatusCounter, metrics=server.metrics),  # outermost: counts 401s too
+            *([Middleware(ApiKeyAuth, api_key=api_key)] if api_key is not None else []),
+        ],
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,

@@ -5,15 +5,18 @@ Flags: the serve-specific ones are registered here; the engine's (`--policy`, `-
 `tfjax.config.add_engine_arguments`, so `serve` and the benchmarks share one definition, and
 `tfjax.async_engine.build_engine(args)` turns them into a warmed-up `AsyncEngine`. Both are
 imported when needed, so `tfjax --help` stays fast and JAX loads only for `tfjax serve`.
+`--api-key` (or `$TFJAX_API_KEY`) protects `/v1/*` and the dashboard (`serving.auth`);
+`--ssl-keyfile`/`--ssl-certfile` go to uvicorn for TLS.
 
 Start-up: bind, build the engine (weights, compiles) on a thread, then print exactly one line
-to stdout, `tfjax serving MODEL on http://HOST:PORT`, with the bound port (so `--port 0`
-works); scripts and tests wait for it. Binding first lets routers and probes see a replica
-that is starting rather than a refused connection: until the engine is ready every route
-answers 503 (`/health` with `{"status": "starting"}`), and from the first 200 on, `/v1/models`
-names the served model. Everything else goes to stderr, and little of it: the model load line,
-one progress bar with an ETA while step buckets compile (seconds when the persistent XLA cache
-is warm), then one line per request; libraries log only warnings unless `--log-level debug`.
+to stdout, `tfjax serving MODEL on http://HOST:PORT` (https with `--ssl-certfile`), with the
+bound port (so `--port 0` works); scripts and tests wait for it. Binding first lets routers
+and probes see a replica that is starting rather than a refused connection: until the engine
+is ready every route answers 503 (`/health` with `{"status": "starting"}`), and from the first
+200 on, `/v1/models` names the served model. Everything else goes to stderr, and little of
+it: the model load line, one progress bar with an ETA while step buckets compile (seconds when
+the persistent XLA cache is warm), then one line per request; libraries log only warnings
+unless `--log-level debug`.
 
 Shutdown: the first SIGTERM or SIGINT drains (`serving.app.drain`) while the server still
 accepts connections, so that routers see `/health` answer 503: new generation requests get
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -41,6 +45,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from models.errors import UserError
 from serving.app import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -51,6 +56,7 @@ from serving.app import (
 from serving.errors import unavailable
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+API_KEY_ENV = "TFJAX_API_KEY"
 OWN_LOGGERS = ("tfjax", "models", "serving")
 NOISY_LOGGERS = ("absl", "jax", "orbax", "uvicorn")
 _BACKSTOP_S = 10.0  # after the grace period, how long aborted streams get to close
@@ -98,6 +104,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "0: never",
     )
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* and the dashboard (/health and "
+        f"/metrics stay open); default: ${API_KEY_ENV}, which keeps the key out of `ps`",
+    )
+    parser.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key")
+    parser.add_argument(
+        "--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)"
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -111,6 +127,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tfjax.async_engine import build_engine
 
+    if args.api_key == "":
+        raise UserError("--api-key must not be empty (leave it out to serve without a key)")
     library_level = configure_logging(args.log_level)
     config = uvicorn.Config(
         _UntilReady(),
@@ -121,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,  # tfjax.requests logs one line per generation request instead
         lifespan="off",
         timeout_graceful_shutdown=max(args.shutdown_grace_s, 0.0) + _BACKSTOP_S,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
     )
     server = _Server(config, lambda: build_engine(args), args)
     try:
@@ -203,12 +223,14 @@ class _Server(uvicorn.Server):
             default_consumption_rate=args.default_consumption_rate,
             max_request_bytes=args.max_request_bytes,
             stream_idle_timeout_s=args.stream_idle_timeout_s or None,
+            api_key=args.api_key,
         )
         self.config.app.app = self.app
         port = self.servers[0].sockets[0].getsockname()[1]
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         model_name = args.served_model_name or built.model_name
-        print(f"tfjax serving {model_name} on http://{host}:{port}", flush=True)
+        scheme = "https" if self.config.is_ssl else "http"
+        print(f"tfjax serving {model_name} on {scheme}://{host}:{port}", flush=True)
 
     async def _build_engine(self) -> ServedEngine | None:
         """Build the engine on a daemon thread (a signal must not wait for compiles); None if

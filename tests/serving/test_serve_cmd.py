@@ -8,8 +8,10 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
@@ -137,6 +140,50 @@ def test_health_is_503_while_starting_and_while_draining() -> None:
         reader.join(15)
         assert streamed[-1] == "data: [DONE]" and "aborted" in streamed[-2]
         assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
+def test_api_key_from_the_environment_over_tls_is_never_logged(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    api_key = "sk-never-log-me-42"
+    cmd = [sys.executable, "-c", SCRIPT, "serve", "--port", "0", "--served-model-name", "m"]
+    cmd += ["--log-level", "debug", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
+    env = dict(os.environ, TFJAX_API_KEY=api_key)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        match = re.fullmatch(
+            r"tfjax serving m on (https://127\.0\.0\.1:\d+)\n", _read_line(proc, 60)
+        )
+        assert match
+        with httpx.Client(
+            base_url=match.group(1), verify=ssl.create_default_context(cafile=cert), timeout=10
+        ) as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/metrics").status_code == 200
+            body = {"model": "m", "prompt": "hi", "max_tokens": 3, "stream": True}
+            assert client.post("/v1/completions", json=body).status_code == 401
+            wrong = {"Authorization": f"Bearer {api_key[:-1]}"}
+            assert client.post("/v1/completions", json=body, headers=wrong).status_code == 401
+            right = {"Authorization": f"Bearer {api_key}"}
+            answer = client.post("/v1/completions", json=body, headers=right)
+            assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0
+        assert "finish=length" in err and "uvicorn" in err, err  # library lines were on too
+        assert api_key not in out + err and api_key[:-1] not in out + err
     finally:
         if proc.poll() is None:
             proc.kill()
