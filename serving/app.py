@@ -142,6 +142,7 @@ def create_app(
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_text, methods=["GET"]),
+            Route("/get_load", server.load, methods=["GET"]),
             Route("/dashboard", dashboard.page, methods=["GET"]),
             Route("/dashboard/state", dashboard.state, methods=["GET"]),
         ],
@@ -226,6 +227,12 @@ class _Server:
             return await asyncio.wait_for(asyncio.shield(check()), _DEEP_CHECK_TIMEOUT_S)
         except TimeoutError:
             return f"the engine did not run the invariant check within {_DEEP_CHECK_TIMEOUT_S} s"
+
+    async def load(self, request: Request) -> Response:
+        """SGLang's load endpoint, which the power-of-two policy of vllm-router and
+        sglang-router polls: the requests in the engine (running, waiting or preempted)."""
+        s = self.engine.stats()
+        return JSONResponse({"load": s.num_running + s.num_waiting + s.num_preempted})
 
     async def metrics_text(self, request: Request) -> Response:
         """One engine snapshot per scrape: the live state's when the engine has one, so the

@@ -34,6 +34,7 @@ ENDPOINTS = (
     "/v1/models",
     "/health",
     "/metrics",
+    "/get_load",
     "/dashboard",
     "/dashboard/state",
 )  # any other path is counted as "other", so random URLs cannot grow the label set

@@ -1,6 +1,7 @@
 """The gateway contract of /metrics: vLLM-named series with vLLM's types and meaning, and the
 buffer-aware series, checked against the `tfjax_*` series of the same scrape, the dashboard
-state and a hand-computed engine state, and under a burst on a live server."""
+state and a hand-computed engine state, and under a burst on a live server; and `/get_load`,
+which routers poll."""
 
 from __future__ import annotations
 
@@ -82,10 +83,12 @@ async def test_series_match_the_hand_computed_state_and_the_dashboard(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         metrics = (await c.get("/metrics")).text
         dashboard = (await c.get("/dashboard/state")).json()["engine"]
+        load = (await c.get("/get_load")).json()
     m = check_contract(metrics)
     # A and B running, C prefilling (scripted_engine's docstring): 4 of 63 usable pages.
     assert one(m, "vllm:num_requests_running") == 3 == dashboard["num_running"]
     assert one(m, "vllm:num_requests_waiting") == 0 == dashboard["queue_length"]
+    assert load == {"load": 3}  # what the routers' power-of-two policy polls
     assert one(m, "vllm:kv_cache_usage_perc") == pytest.approx(4 / 63)
     assert dashboard["device_pages_used"] == 4 and dashboard["device_pages_total"] == 63
     labels = {(("block_size", "4"), ("engine", "0"), ("num_gpu_blocks", "63")): 1.0}

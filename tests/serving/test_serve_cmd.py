@@ -1,6 +1,6 @@
-"""`tfjax serve` as a process, with `build_engine` swapped for `FakeEngine`: the ready line,
-serving over real HTTP, /health through start-up and draining, and SIGTERM draining a live
-stream, stopping the engine, exiting 0."""
+"""`tfjax serve` as a process (`tests.serving.fake_serve`: the engine is a `FakeEngine`): the
+ready line, serving over real HTTP, /health through start-up and draining, SIGTERM draining a
+live stream, stopping the engine, exiting 0, and the API key over TLS."""
 
 from __future__ import annotations
 
@@ -22,28 +22,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = """
-import argparse, os, sys, time, types
-from tests.serving.fake_engine import FakeEngine
-
-class Engine(FakeEngine):
-    def shutdown(self):
-        print("fake engine shut down", file=sys.stderr, flush=True)
-
-def build_engine(args):
-    time.sleep(float(os.environ.get("FAKE_BUILD_S", "0")))  # loading and compiling
-    engine = Engine(max_model_len=100_000)
-    engine.token_delay_s = 0.02
-    return engine
-
-sys.modules["tfjax.async_engine"] = types.SimpleNamespace(build_engine=build_engine)
-from serving import serve_cmd
-
-parser = argparse.ArgumentParser(prog="tfjax")
-serve_cmd.add_parser(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.run(args))
-"""
+FAKE_SERVE = [sys.executable, "-m", "tests.serving.fake_serve", "serve"]
 
 
 def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -53,7 +32,7 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
 
 
 def test_serve_ready_line_and_sigterm() -> None:
-    cmd = [sys.executable, "-c", SCRIPT, "serve", "--port", "0", "--served-model-name", "m"]
+    cmd = [*FAKE_SERVE, "--port", "0", "--served-model-name", "m"]
     cmd += ["--shutdown-grace-s", "0.3", "--log-level", "warning"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -106,7 +85,7 @@ def _wait_for_answer(url: str, timeout_s: float) -> httpx.Response:
 def test_health_is_503_while_starting_and_while_draining() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", SCRIPT, "serve", "--port", str(port), "--served-model-name", "m"]
+    cmd = [*FAKE_SERVE, "--port", str(port), "--served-model-name", "m"]
     cmd += ["--shutdown-grace-s", "1.5", "--log-level", "warning"]
     env = dict(os.environ, FAKE_BUILD_S="2")
     proc = subprocess.Popen(
@@ -156,7 +135,7 @@ def test_api_key_from_the_environment_over_tls_is_never_logged(tmp_path: Path) -
         check=True, capture_output=True,
     )  # fmt: skip
     api_key = "sk-never-log-me-42"
-    cmd = [sys.executable, "-c", SCRIPT, "serve", "--port", "0", "--served-model-name", "m"]
+    cmd = [*FAKE_SERVE, "--port", "0", "--served-model-name", "m"]
     cmd += ["--log-level", "debug", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
     env = dict(os.environ, TFJAX_API_KEY=api_key)
     proc = subprocess.Popen(
