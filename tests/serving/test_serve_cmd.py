@@ -167,3 +167,23 @@ def test_api_key_from_the_environment_over_tls_is_never_logged(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_while_the_engine_builds_exits_at_once() -> None:
+    port = _free_port()
+    cmd = [*FAKE_SERVE, "--port", str(port), "--log-level", "warning"]
+    env = dict(os.environ, FAKE_BUILD_S="60")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert _wait_for_answer(f"http://127.0.0.1:{port}/health", 60).status_code == 503
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - start < 5  # it did not wait for the 60 s build
+        assert proc.stdout.read() == ""  # never ready, so no ready line
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
