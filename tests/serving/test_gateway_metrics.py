@@ -153,3 +153,8 @@ async def test_contract_holds_in_every_scrape_under_a_burst() -> None:
     assert all(p >= preempted for p, preempted in paused)  # loading streams are paused too
     assert one(idle, "vllm:num_requests_running") == one(idle, "vllm:num_requests_waiting") == 0
     assert one(idle, "vllm:kv_cache_usage_perc") == 0 and idle["tfjax_num_streams_paused"][()] == 0
+    # The prompts share their first page ("burs"): later lookups hit it, counted in tokens.
+    assert one(idle, "vllm:prefix_cache_hits_total") % 4 == 0
+    assert (
+        0 < one(idle, "vllm:prefix_cache_hits_total") < one(idle, "vllm:prefix_cache_queries_total")
+    )

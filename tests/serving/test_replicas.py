@@ -56,23 +56,27 @@ def _is_free(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def replicas(num: int, token_delay_s: float) -> Iterator[tuple[subprocess.Popen, int]]:
-    """(the script's process, router port) once the router answers; stopped on exit."""
+def replicas(
+    num: int,
+    serve_args: list[str],
+    env: dict[str, str],
+    start_timeout_s: float = START_TIMEOUT_S,
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """(the script's process, router port) once the router answers; stopped on exit. `env`
+    adds to the environment (TFJAX_SERVE: the replica command, default the real one)."""
     port = _free_port_block(num + 2)
-    env = dict(
-        os.environ,
-        TFJAX_VENV=str(VENV),
-        TFJAX_SERVE=f"{sys.executable} -m tests.serving.fake_serve serve",
-        FAKE_TOKEN_DELAY_S=str(token_delay_s),
-    )
     cmd = ["bash", "scripts/serve_replicas.sh", "--replicas", str(num), "--port", str(port)]
     cmd += ["--router-policy", "round_robin", "--served-model-name", "m"]
-    cmd += ["--log-level", "warning", "--shutdown-grace-s", "1"]
+    cmd += ["--log-level", "warning", "--shutdown-grace-s", "1", *serve_args]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        cwd=REPO,
+        env=dict(os.environ, TFJAX_VENV=str(VENV), **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout_s
         while True:
             assert proc.poll() is None, f"serve_replicas.sh exited {proc.returncode}"
             with contextlib.suppress(httpx.TransportError):
@@ -94,6 +98,7 @@ def replicas(num: int, token_delay_s: float) -> Iterator[tuple[subprocess.Popen,
 async def chat(client: httpx.AsyncClient, base: str, max_tokens: int) -> str | None:
     """The streamed answer's text, or None if the stream failed or did not end with [DONE]."""
     body = {"model": "m", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
+    body |= {"temperature": 0, "ignore_eos": True}  # greedy, and every answer max_tokens long
     text = []
     try:
         async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
@@ -110,6 +115,13 @@ async def chat(client: httpx.AsyncClient, base: str, max_tokens: int) -> str | N
     except httpx.HTTPError:
         return None
     return None
+
+
+def fake_replicas(token_delay_s: float) -> dict[str, str]:
+    return {
+        "TFJAX_SERVE": f"{sys.executable} -m tests.serving.fake_serve serve",
+        "FAKE_TOKEN_DELAY_S": str(token_delay_s),
+    }
 
 
 def finished_requests(base: str) -> float:
@@ -136,7 +148,7 @@ def replica_pid(port: int) -> int:
 
 
 async def test_burst_through_the_router_and_a_replica_killed_mid_burst() -> None:
-    with replicas(2, token_delay_s=0.02) as (proc, port):
+    with replicas(2, [], fake_replicas(token_delay_s=0.02)) as (proc, port):
         router = f"http://127.0.0.1:{port}"
         first, second = f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
@@ -161,7 +173,7 @@ async def test_burst_through_the_router_and_a_replica_killed_mid_burst() -> None
 
 
 def test_sigterm_stops_the_router_and_every_replica() -> None:
-    with replicas(2, token_delay_s=0.0) as (proc, port):
+    with replicas(2, [], fake_replicas(token_delay_s=0.0)) as (proc, port):
         pids = [replica_pid(port + 1), replica_pid(port + 2)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 143
@@ -174,3 +186,22 @@ def _is_zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     return True
+
+
+@pytest.mark.slow
+async def test_real_replicas_through_the_router_give_the_direct_greedy_text(
+    tiny_llama3_dir: Path, tmp_path: Path
+) -> None:
+    """`tfjax serve` on a tiny random Llama, twice, behind the router (two compiles: minutes)."""
+    args = ["--model", str(tiny_llama3_dir), "--max-batch-size", "4", "--max-model-len", "128",
+            "--kv-pages", "64", "--prefill-token-budget", "64"]  # fmt: skip
+    env = {"TFJAX_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    with replicas(2, args, env, start_timeout_s=900) as (_, port):
+        router = f"http://127.0.0.1:{port}"
+        first, second = f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"
+        async with httpx.AsyncClient(timeout=120) as client:
+            direct = await chat(client, first, 16)
+            assert direct is not None and direct == await chat(client, second, 16)
+            texts = await asyncio.gather(*(chat(client, router, 16) for _ in range(6)))
+        assert texts == [direct] * 6
+        assert finished_requests(first) >= 3 and finished_requests(second) >= 3
