@@ -130,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key == "":
         raise UserError("--api-key must not be empty (leave it out to serve without a key)")
     library_level = configure_logging(args.log_level)
+    front = _UntilReady()
     config = uvicorn.Config(
-        _UntilReady(),
+        front,
         host=args.host,
         port=args.port,
         log_config=None,  # keep the logging set up above: one format, all on stderr
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
     )
-    server = _Server(config, lambda: build_engine(args), args)
+    server = _Server(config, front, lambda: build_engine(args), args)
     try:
         server.run()
     finally:
@@ -196,10 +197,12 @@ class _Server(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
+        front: _UntilReady,
         build: Callable[[], ServedEngine],
         args: argparse.Namespace,
     ) -> None:
         super().__init__(config)
+        self.front = front  # `config.app`, which starts serving `self.app` once it is built
         self.build = build
         self.args = args
         self.grace_s = max(args.shutdown_grace_s, 0.0)
@@ -225,7 +228,7 @@ class _Server(uvicorn.Server):
             stream_idle_timeout_s=args.stream_idle_timeout_s or None,
             api_key=args.api_key,
         )
-        self.config.app.app = self.app
+        self.front.app = self.app
         port = self.servers[0].sockets[0].getsockname()[1]
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         model_name = args.served_model_name or built.model_name
@@ -240,11 +243,11 @@ class _Server(uvicorn.Server):
 
         def build() -> None:
             try:
-                engine = self.build()
+                outcome = (self.build(), None)
             except BaseException as err:  # re-raised by `run`, after uvicorn has stopped
-                loop.call_soon_threadsafe(_settle, done, None, err)
-            else:
-                loop.call_soon_threadsafe(_settle, done, engine, None)
+                outcome = (None, err)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: start-up gave up
+                loop.call_soon_threadsafe(_settle, done, *outcome)
 
         threading.Thread(target=build, name="tfjax-build", daemon=True).start()
         while not done.done() and not self.should_exit:
