@@ -110,13 +110,15 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S,
     api_key: str | None = None,
+    protect_metrics: bool = False,
 ) -> Starlette:
     """The ASGI app serving `engine` as `served_model_name` (default: `engine.model_name`).
 
     `default_consumption_rate` (tokens/s) is used for requests without `consumption_rate`.
     Bodies above `max_request_bytes` get 413; a stream whose client has not taken a write for
     `stream_idle_timeout_s` (None: never) is dropped. With `api_key`, `/v1/*` and the dashboard
-    need `Authorization: Bearer api_key` (`serving.auth`).
+    (and with `protect_metrics`, `/metrics`) need `Authorization: Bearer api_key`
+    (`serving.auth`).
     Call `drain(app, grace_s)` on shutdown before stopping the engine.
     """
     if not default_consumption_rate > 0:
@@ -127,6 +129,8 @@ def create_app(
         raise ValueError(f"stream_idle_timeout_s must be > 0, got {stream_idle_timeout_s}")
     if api_key is not None and not api_key:
         raise ValueError("api_key must not be empty (None: no key)")
+    if protect_metrics and api_key is None:
+        raise ValueError("protect_metrics needs an api_key")
     server = _Server(
         engine,
         served_model_name or engine.model_name,
@@ -148,7 +152,11 @@ def create_app(
         ],
         middleware=[
             Middleware(StatusCounter, metrics=server.metrics),  # outermost: counts 401s too
-            *([Middleware(ApiKeyAuth, api_key=api_key)] if api_key is not None else []),
+            *(
+                [Middleware(ApiKeyAuth, api_key=api_key, protect_metrics=protect_metrics)]
+                if api_key is not None
+                else []
+            ),
         ],
         exception_handlers={
             APIError: _api_error,

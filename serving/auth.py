@@ -4,7 +4,8 @@
 (`/dashboard`, `/dashboard/state`: it lists live requests) answer 401 in OpenAI's error shape
 unless the request carries `Authorization: Bearer KEY`, as vLLM, SGLang and llama.cpp's server
 do. `/health` and `/metrics` stay open, because routers and Prometheus scrapers probe them
-without credentials; unknown paths outside `/v1/` get their 404 either way.
+without credentials, unless `protect_metrics` (`--protect-metrics`) closes `/metrics` too;
+unknown paths outside `/v1/` get their 404 either way.
 
 The key is compared with `hmac.compare_digest`, so the time an answer takes says nothing about
 how much of a guess was right, and it never reaches a log line or an error message.
@@ -22,12 +23,16 @@ _PROTECTED_PREFIXES = ("/v1/", "/dashboard")
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
         self._key = api_key.encode()
+        self._protect_metrics = protect_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and is_protected(scope["path"]):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (
+            is_protected(path) or (self._protect_metrics and path == "/metrics")
+        ):
             problem = self._problem(dict(scope["headers"]).get(b"authorization"))
             if problem is not None:
                 await APIError(401, problem, code="invalid_api_key").response()(

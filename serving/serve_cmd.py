@@ -109,6 +109,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* and the dashboard (/health and "
         f"/metrics stay open); default: ${API_KEY_ENV}, which keeps the key out of `ps`",
     )
+    parser.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="with --api-key, require the key on /metrics too (scrapers must send it)",
+    )
     parser.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key")
     parser.add_argument(
         "--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)"
@@ -129,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.api_key == "":
         raise UserError("--api-key must not be empty (leave it out to serve without a key)")
+    if args.protect_metrics and args.api_key is None:
+        raise UserError(f"--protect-metrics needs --api-key (or ${API_KEY_ENV})")
     library_level = configure_logging(args.log_level)
     front = _UntilReady()
     config = uvicorn.Config(
@@ -227,6 +234,7 @@ class _Server(uvicorn.Server):
             max_request_bytes=args.max_request_bytes,
             stream_idle_timeout_s=args.stream_idle_timeout_s or None,
             api_key=args.api_key,
+            protect_metrics=args.protect_metrics,
         )
         self.front.app = self.app
         port = self.servers[0].sockets[0].getsockname()[1]

@@ -1,6 +1,6 @@
 """`create_app(api_key=...)`: 401 in OpenAI's error shape on every `/v1/*` route and the
 dashboard without the right bearer key, streamed or not; the same answers as without a key
-once it is sent; `/health` and `/metrics` open."""
+once it is sent; `/health` and `/metrics` open (`/metrics` closed with `protect_metrics`)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,15 @@ async def test_health_and_metrics_stay_open_and_count_the_refusals(
         if s.name.endswith("_total")
     }
     assert counts[("/v1/models", "401")] == 1 and counts[("/v1/models", "200")] == 1
+
+
+async def test_protect_metrics_closes_metrics_only() -> None:
+    app = create_app(FakeEngine(), served_model_name="fake", api_key=KEY, protect_metrics=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/metrics")).status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert (await c.get("/metrics", headers=auth)).status_code == 200
+        assert (await c.get("/health")).status_code == 200
 
 
 async def test_no_key_means_no_check() -> None:
