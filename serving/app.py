@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving.auth import ApiKeyAuth
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
@@ -58,7 +59,7 @@ from serving.errors import (
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
-from tfjax.api import Delta, EngineClient, EngineError, RequestStream
+from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource, RequestStream
 from tfjax.request import FinishReason
 
 logger = logging.getLogger("tfjax.requests")
@@ -108,12 +109,16 @@ def create_app(
     default_consumption_rate: float = 15.0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     stream_idle_timeout_s: float | None = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    api_key: str | None = None,
+    protect_metrics: bool = False,
 ) -> Starlette:
     """The ASGI app serving `engine` as `served_model_name` (default: `engine.model_name`).
 
     `default_consumption_rate` (tokens/s) is used for requests without `consumption_rate`.
     Bodies above `max_request_bytes` get 413; a stream whose client has not taken a write for
-    `stream_idle_timeout_s` (None: never) is dropped.
+    `stream_idle_timeout_s` (None: never) is dropped. With `api_key`, `/v1/*` and the dashboard
+    (and with `protect_metrics`, `/metrics`) need `Authorization: Bearer api_key`
+    (`serving.auth`).
     Call `drain(app, grace_s)` on shutdown before stopping the engine.
     """
     if not default_consumption_rate > 0:
@@ -122,6 +127,10 @@ def create_app(
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     if stream_idle_timeout_s is not None and not stream_idle_timeout_s > 0:
         raise ValueError(f"stream_idle_timeout_s must be > 0, got {stream_idle_timeout_s}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (None: no key)")
+    if protect_metrics and api_key is None:
+        raise ValueError("protect_metrics needs an api_key")
     server = _Server(
         engine,
         served_model_name or engine.model_name,
@@ -137,10 +146,18 @@ def create_app(
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/health", server.health, methods=["GET"]),
             Route("/metrics", server.metrics_text, methods=["GET"]),
+            Route("/get_load", server.load, methods=["GET"]),
             Route("/dashboard", dashboard.page, methods=["GET"]),
             Route("/dashboard/state", dashboard.state, methods=["GET"]),
         ],
-        middleware=[Middleware(StatusCounter, metrics=server.metrics)],
+        middleware=[
+            Middleware(StatusCounter, metrics=server.metrics),  # outermost: counts 401s too
+            *(
+                [Middleware(ApiKeyAuth, api_key=api_key, protect_metrics=protect_metrics)]
+                if api_key is not None
+                else []
+            ),
+        ],
         exception_handlers={
             APIError: _api_error,
             HTTPException: _http_error,
@@ -172,7 +189,7 @@ class _Server:
         self.engine = engine
         self.model_name = model_name
         self.default_rate = default_rate
-        self.metrics = Metrics(engine.stats)
+        self.metrics = Metrics(model_name)
         self.created = int(time.time())
         self.draining = False
         self.max_request_bytes = max_request_bytes
@@ -219,8 +236,19 @@ class _Server:
         except TimeoutError:
             return f"the engine did not run the invariant check within {_DEEP_CHECK_TIMEOUT_S} s"
 
+    async def load(self, request: Request) -> Response:
+        """SGLang's load endpoint, which the power-of-two policy of vllm-router and
+        sglang-router polls: the requests in the engine (running, waiting or preempted)."""
+        s = self.engine.stats()
+        return JSONResponse({"load": s.num_running + s.num_waiting + s.num_preempted})
+
     async def metrics_text(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        """One engine snapshot per scrape: the live state's when the engine has one, so the
+        buffer-aware series and every engine series describe the same moment."""
+        source = self.engine
+        state = await source.live_state() if isinstance(source, LiveStateSource) else None
+        stats = state.stats if state is not None else source.stats()
+        return Response(self.metrics.render(stats, state), media_type=CONTENT_TYPE)
 
     async def drain(self, grace_s: float) -> None:
         self.draining = True

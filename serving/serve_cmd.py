@@ -5,17 +5,25 @@ Flags: the serve-specific ones are registered here; the engine's (`--policy`, `-
 `tfjax.config.add_engine_arguments`, so `serve` and the benchmarks share one definition, and
 `tfjax.async_engine.build_engine(args)` turns them into a warmed-up `AsyncEngine`. Both are
 imported when needed, so `tfjax --help` stays fast and JAX loads only for `tfjax serve`.
+`--api-key` (or `$TFJAX_API_KEY`) protects `/v1/*` and the dashboard (`serving.auth`);
+`--ssl-keyfile`/`--ssl-certfile` go to uvicorn for TLS.
 
-Start-up: build the engine (weights, compiles), bind, then print exactly one line to stdout,
-`tfjax serving MODEL on http://HOST:PORT`, with the bound port (so `--port 0` works); scripts
-and tests wait for it. Everything else goes to stderr, and little of it: the model load line,
-one progress bar with an ETA while step buckets compile (seconds when the persistent XLA cache
-is warm), then one line per request; libraries log only warnings unless `--log-level debug`.
+Start-up: bind, build the engine (weights, compiles) on a thread, then print exactly one line
+to stdout, `tfjax serving MODEL on http://HOST:PORT` (https with `--ssl-certfile`), with the
+bound port (so `--port 0` works); scripts and tests wait for it. Binding first lets routers
+and probes see a replica that is starting rather than a refused connection: until the engine
+is ready every route answers 503 (`/health` with `{"status": "starting"}`), and from the first
+200 on, `/v1/models` names the served model. Everything else goes to stderr, and little of
+it: the model load line, one progress bar with an ETA while step buckets compile (seconds when
+the persistent XLA cache is warm), then one line per request; libraries log only warnings
+unless `--log-level debug`.
 
-Shutdown: the first SIGTERM or SIGINT stops accepting connections and drains (`serving.app.
-drain`): new generation requests get 503, running ones have `--shutdown-grace-s` to finish and
-are then aborted, ending with an SSE error event and [DONE]. Then the engine is shut down and
-the command returns 0. A second SIGINT skips the wait.
+Shutdown: the first SIGTERM or SIGINT drains (`serving.app.drain`) while the server still
+accepts connections, so that routers see `/health` answer 503: new generation requests get
+503, running ones have `--shutdown-grace-s` to finish and are then aborted, ending with an SSE
+error event and [DONE]. Then the server stops accepting connections, the engine is shut down
+and the command returns 0. A second signal stops accepting at once; a second SIGINT also skips
+the wait for open connections. A signal during start-up exits without waiting for the build.
 """
 
 from __future__ import annotations
@@ -24,25 +32,35 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
+from models.errors import UserError
 from serving.app import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    ServedEngine,
     create_app,
     drain,
 )
+from serving.errors import unavailable
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+API_KEY_ENV = "TFJAX_API_KEY"
 OWN_LOGGERS = ("tfjax", "models", "serving")
 NOISY_LOGGERS = ("absl", "jax", "orbax", "uvicorn")
 _BACKSTOP_S = 10.0  # after the grace period, how long aborted streams get to close
+_BUILD_POLL_S = 0.1  # how often start-up looks for a stop signal while the engine builds
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -86,6 +104,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "0: never",
     )
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* and the dashboard (/health and "
+        f"/metrics stay open); default: ${API_KEY_ENV}, which keeps the key out of `ps`",
+    )
+    parser.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="with --api-key, require the key on /metrics too (scrapers must send it)",
+    )
+    parser.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key")
+    parser.add_argument(
+        "--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)"
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -99,30 +132,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tfjax.async_engine import build_engine
 
+    if args.api_key == "":
+        raise UserError("--api-key must not be empty (leave it out to serve without a key)")
+    if args.protect_metrics and args.api_key is None:
+        raise UserError(f"--protect-metrics needs --api-key (or ${API_KEY_ENV})")
     library_level = configure_logging(args.log_level)
-    engine = build_engine(args)
+    front = _UntilReady()
+    config = uvicorn.Config(
+        front,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # keep the logging set up above: one format, all on stderr
+        log_level=library_level,
+        access_log=False,  # tfjax.requests logs one line per generation request instead
+        lifespan="off",
+        timeout_graceful_shutdown=max(args.shutdown_grace_s, 0.0) + _BACKSTOP_S,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+    )
+    server = _Server(config, front, lambda: build_engine(args), args)
     try:
-        app = create_app(
-            engine,
-            served_model_name=args.served_model_name,
-            default_consumption_rate=args.default_consumption_rate,
-            max_request_bytes=args.max_request_bytes,
-            stream_idle_timeout_s=args.stream_idle_timeout_s or None,
-        )
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_config=None,  # keep the logging set up above: one format, all on stderr
-            log_level=library_level,
-            access_log=False,  # tfjax.requests logs one line per generation request instead
-            lifespan="off",
-            timeout_graceful_shutdown=max(args.shutdown_grace_s, 0.0) + _BACKSTOP_S,
-        )
-        model_name = args.served_model_name or engine.model_name
-        _Server(config, app, model_name, max(args.shutdown_grace_s, 0.0)).run()
+        server.run()
     finally:
-        engine.shutdown()
+        if server.engine is not None:
+            server.engine.shutdown()
+    if server.build_error is not None:
+        raise server.build_error
     return 0
 
 
@@ -146,24 +181,95 @@ def configure_logging(level_name: str) -> int:
     return library_level
 
 
+class _UntilReady:
+    """The ASGI app uvicorn serves: 503 on every route until `app` is set, then `app`."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            if scope["path"] == "/health":
+                response = JSONResponse({"status": "starting"}, status_code=503)
+            else:
+                response = unavailable("The engine is starting.").response()
+            await response(scope, receive, send)
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server with our ready line and signal handling."""
+    """uvicorn's server with the engine built after binding, our ready line and draining."""
 
     def __init__(
-        self, config: uvicorn.Config, app: Starlette, model_name: str, grace_s: float
+        self,
+        config: uvicorn.Config,
+        front: _UntilReady,
+        build: Callable[[], ServedEngine],
+        args: argparse.Namespace,
     ) -> None:
         super().__init__(config)
-        self.app = app
-        self.model_name = model_name
-        self.grace_s = grace_s
+        self.front = front  # `config.app`, which starts serving `self.app` once it is built
+        self.build = build
+        self.args = args
+        self.grace_s = max(args.shutdown_grace_s, 0.0)
+        self.engine: ServedEngine | None = None
+        self.build_error: BaseException | None = None
+        self.app: Starlette | None = None
         self._drain: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
-            port = self.servers[0].sockets[0].getsockname()[1]
-            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-            print(f"tfjax serving {self.model_name} on http://{host}:{port}", flush=True)
+        if not self.started:
+            return
+        built = await self._build_engine()
+        if built is None:
+            return
+        self.engine = built
+        args = self.args
+        self.app = create_app(
+            built,
+            served_model_name=args.served_model_name,
+            default_consumption_rate=args.default_consumption_rate,
+            max_request_bytes=args.max_request_bytes,
+            stream_idle_timeout_s=args.stream_idle_timeout_s or None,
+            api_key=args.api_key,
+            protect_metrics=args.protect_metrics,
+        )
+        self.front.app = self.app
+        port = self.servers[0].sockets[0].getsockname()[1]
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        model_name = args.served_model_name or built.model_name
+        scheme = "https" if self.config.is_ssl else "http"
+        print(f"tfjax serving {model_name} on {scheme}://{host}:{port}", flush=True)
+
+    async def _build_engine(self) -> ServedEngine | None:
+        """Build the engine on a daemon thread (a signal must not wait for compiles); None if
+        it failed (`build_error`) or a signal came first."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def build() -> None:
+            try:
+                outcome = (self.build(), None)
+            except BaseException as err:  # re-raised by `run`, after uvicorn has stopped
+                outcome = (None, err)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: start-up gave up
+                loop.call_soon_threadsafe(_settle, done, *outcome)
+
+        threading.Thread(target=build, name="tfjax-build", daemon=True).start()
+        while not done.done() and not self.should_exit:
+            await asyncio.wait([done], timeout=_BUILD_POLL_S)
+        if not done.done():
+            return None
+        if done.exception() is not None:
+            self.build_error = done.exception()
+            self.should_exit = True
+            return None
+        if self.should_exit:  # stopped while building: this engine is never served
+            self.engine = done.result()
+            return None
+        return done.result()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -180,8 +286,20 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
-        if self._drain is not None:
-            self.force_exit = self.force_exit or sig == signal.SIGINT
+        if self._drain is not None or self.app is None:
+            self.should_exit = True
+            self.force_exit = self.force_exit or (self._drain is not None and sig == signal.SIGINT)
             return
-        self._drain = asyncio.create_task(drain(self.app, self.grace_s))
+        self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        assert self.app is not None
+        await drain(self.app, self.grace_s)
         self.should_exit = True
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -70,7 +70,9 @@ class EngineStats:
     num_steps: int = 0  # engine steps that ran
     host_copy_s: float = 0.0  # link seconds of KV copies to the host (write-through, swaps)
     prefix_cache_queries: int = 0
+    prefix_cache_query_tokens: int = 0  # prompt tokens those lookups could have hit
     prefix_cache_hit_tokens: dict[str, int] = field(default_factory=dict)  # by tier
+    page_size: int = 0  # tokens per KV page (0: unknown)
     extra: dict[str, float] = field(default_factory=dict)
 
 

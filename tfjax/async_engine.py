@@ -278,6 +278,7 @@ class AsyncEngine:
             effective_tokens=engine.effective_tokens,
             num_steps=engine.num_steps,
             host_copy_s=engine.kv.stats.copy_s,
+            page_size=engine.runner.page_size,
             **engine.kv.prefix_stats(),
             **self._offload_stats(),
         )

@@ -1,9 +1,10 @@
-"""Fixtures: a `FakeEngine`, the app serving it as "fake", and an httpx client on that app."""
+"""Fixtures: a `FakeEngine`, the app serving it as "fake", an httpx client on that app, and a
+real `AsyncEngine` frozen in a hand-computed state (`async_engine`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -12,6 +13,8 @@ from starlette.applications import Starlette
 
 from serving.app import create_app
 from tests.serving.fake_engine import FakeEngine
+from tests.serving.scripted_engine import scripted_async_engine
+from tfjax.async_engine import AsyncEngine
 
 DEFAULT_RATE = 12.5
 
@@ -47,3 +50,9 @@ def sse_events(body: str) -> list[Any]:
         data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+@pytest.fixture
+def async_engine() -> Iterator[AsyncEngine]:
+    """The hand-computed engine state of `tests.serving.scripted_engine`."""
+    yield from scripted_async_engine()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,91 +14,15 @@ import pytest
 from serving.app import create_app
 from serving.dashboard import Dashboard
 from tests.fakes import FakeRunner, FakeTokenizer
+from tests.serving.scripted_engine import ManualClock, ScriptedPolicy, request
 from tfjax.api import EngineStats, LiveState
 from tfjax.async_engine import LIVE_STATE_WAIT_S, AsyncEngine
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.live_state import build_live_state
-from tfjax.request import Request, SamplingParams
-from tfjax.sched.base import Plan, PrefillChunk, SchedulerView
+from tfjax.sched.base import Plan, PrefillChunk
 
 pytestmark = pytest.mark.anyio
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class ScriptedPolicy:
-    """Returns the given plans one per call, then empty plans (the state stays put)."""
-
-    name = "scripted"
-    resumes_by_load = False
-
-    def __init__(self, plans: list[Plan]) -> None:
-        self.plans = list(plans)
-
-    def plan(self, view: SchedulerView) -> Plan:
-        return self.plans.pop(0) if self.plans else Plan()
-
-
-def request(rid: str, num_prompt: int, arrival_s: float, rate: float) -> Request:
-    sampling = SamplingParams(max_tokens=50, ignore_eos=True)
-    return Request(rid, list(range(3, 3 + num_prompt)), sampling, arrival_s, rate)
-
-
-@pytest.fixture
-def async_engine() -> Iterator[AsyncEngine]:
-    clock = ManualClock()
-    a = request("A", 6, arrival_s=2.0, rate=2.0)
-    b = request("B", 2, arrival_s=8.0, rate=0.5)
-    c = request("C", 3, arrival_s=9.5, rate=4.0)
-    steps = [  # (clock, requests added, plan)
-        (4.0, [a], Plan(admit=("A",), prefill=(PrefillChunk(request_id="A", num_tokens=6),))),
-        (4.5, [], Plan(decode=("A",))),
-        (5.0, [], Plan(decode=("A",))),
-        (
-            9.0,
-            [b],
-            Plan(
-                admit=("B",), prefill=(PrefillChunk(request_id="B", num_tokens=2),), decode=("A",)
-            ),
-        ),
-        (9.1, [], Plan(decode=("A", "B"))),
-    ]
-    config = EngineConfig(page_size=4, max_batch_size=8, prefill_token_budget=64)
-    policy = ScriptedPolicy([plan for _, _, plan in steps] + [Plan(admit=("C",))])
-
-    def build(emit) -> Engine:
-        engine = Engine(
-            FakeRunner(num_pages=64, page_size=4),
-            FakeTokenizer(),
-            config,
-            policy,
-            emit=emit,
-            clock=clock,
-        )
-        for t, new, _ in steps:
-            clock.t = t
-            for r in new:
-                engine.add_request(r)
-            assert engine.step()
-        clock.t = 9.8  # the admission of C, planned by the engine thread
-        engine.add_request(c)
-        return engine
-
-    served = AsyncEngine(build, model_name="fake-model", tokenizer=None, max_waiting=10)
-    deadline = time.monotonic() + 10
-    while served.engine.last_decision.admit != ("C",):
-        assert time.monotonic() < deadline, "the engine thread never planned"
-        time.sleep(0.001)
-    clock.t = 10.0
-    yield served
-    served.shutdown()
 
 
 async def test_state_matches_the_hand_computed_reader_model(async_engine: AsyncEngine) -> None:

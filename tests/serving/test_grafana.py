@@ -13,12 +13,12 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "tfjax.js
 
 
 def test_every_queried_series_is_exported() -> None:
-    metrics = Metrics(lambda: STATS)
+    metrics = Metrics("fake")
     metrics.ttft.observe(0.1)
     metrics.itl.observe(0.1)
     metrics.finished.labels("stop").inc()
     metrics.http_requests.labels("/health", "200").inc()
-    exported = set(re.findall(r"^(tfjax_\w+)", metrics.render().decode(), re.MULTILINE))
+    exported = set(re.findall(r"^(tfjax_\w+)", metrics.render(STATS, None).decode(), re.MULTILINE))
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     queried = {name for expr in exprs for name in re.findall(r"tfjax_\w+", expr)}

@@ -164,6 +164,7 @@ class KVManager:
         stats = self.prefix.stats
         return dict(
             prefix_cache_queries=stats.num_queries,
+            prefix_cache_query_tokens=stats.num_query_tokens,
             prefix_cache_hit_tokens={
                 "device": stats.num_hit_tokens,
                 "host": stats.num_host_hit_tokens,
