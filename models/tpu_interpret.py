@@ -16,8 +16,12 @@ and `interpreted_tpu_kernels()` handles both for the calls traced under it:
 Float32 only: for 16-bit caches the kernel also bitcasts its refs (`ref.bitcast`), which the
 interpreter cannot read either; bf16 runs on a TPU only (scripts/gpu_check.sh's tpu section).
 The tuned block sizes need a TPU generation, so callers pass explicit ones
-(`INTERPRET_BLOCKS`). The patched reader is a private jax function, checked at import of this
-module; its absence (another jax) makes `interpreted_tpu_kernels` raise, never read wrong.
+(`INTERPRET_BLOCKS`): one query per block, because the interpreter's masked store checks
+bounds on the first axis only (`in_bounds_mask[in_bounds_shape[i]:]` for every axis i) and
+wrongly refuses the kernel's [queries, heads per KV head, Dh] accumulator store when there
+are more queries than heads per KV head in a block.
+The patched reader is a private jax function, imported by name here: another jax without it
+fails at import, never reads wrong (jax is pinned to the tested 0.10 in pyproject.toml).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ answer. Both Pallas kernels are the real ones: the GPU kernel in the Pallas inte
 TPU kernel in the Pallas TPU interpreter (`models.tpu_interpret`), for every head layout of
 the models tfjax loads.
 
-On a GPU (`scripts/gpu_check.sh`) the same tests run the real Triton and cuDNN kernels, at the
-dtype in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default).
+On a GPU (`scripts/gpu_check.sh`) the same tests run the Triton kernel compiled, at the dtype
+in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default); the interpreted TPU kernel
+reads float32 caches only and is skipped at 16 bits.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ HEAD_DIM = 16
 DTYPE = jnp.dtype(os.environ.get("TFJAX_ATTENTION_DTYPE", "float32"))
 # float32 agrees to rounding; bfloat16 outputs (|o| < 4) to a few of its 8 mantissa bits.
 ATOL = 2e-5 if DTYPE.itemsize == 4 else 4e-2
-INTERPRET = jax.default_backend() == "cpu"
 
 
 def _batch(
@@ -100,7 +100,9 @@ def _check(name: str, rng, page_size: int, kv_heads: int, groups: int, spec, **k
     want = _run(
         reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype), kv_heads
     )
-    backend = backend_for(name, interpret=INTERPRET)
+    if attention.needs_interpreter(name) and DTYPE.itemsize < 4:
+        pytest.skip(f"the interpreted {name} kernel reads float32 caches only")
+    backend = backend_for(name)  # the real kernel, interpreted where its accelerator is absent
     got = _run(
         backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype), kv_heads
     )
@@ -121,7 +123,11 @@ MODEL_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("name,page_size", [("cpu", 8), ("cpu", 16), ("cpu", 32), ("tpu", 16)])
+@pytest.mark.parametrize(
+    "name,page_size",
+    [("cpu", 8), ("cpu", 16), ("cpu", 32)]
+    + [pytest.param("tpu", 16, marks=pytest.mark.slow)],  # interpreted: 40-90 s each
+)
 @pytest.mark.parametrize("groups", [1, 3, 8])
 def test_backend_matches_reference(name, page_size, groups) -> None:
     _check(name, np.random.default_rng(page_size * 10 + groups), page_size, 2, groups, MIXED)
