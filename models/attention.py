@@ -46,6 +46,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -59,6 +60,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as tpu
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from models.errors import UserError
 from models.tpu_interpret import INTERPRET_BLOCKS, interpreted_tpu_kernels
 
 QUERY_TILE = 32  # prompt tokens per prefill row; chunks pad to a multiple of it
@@ -203,6 +205,13 @@ def backend_for(
         interpret = needs_interpreter(name)
         if interpret:
             _announce_interpreter(name)
+    shards = 1 if mesh is None else mesh.size
+    if interpret and name == "tpu" and shards > len(os.sched_getaffinity(0)):
+        # Seen at TP 4 on 2 cores: the interpreter waits forever instead.
+        raise UserError(
+            f"the interpreted TPU kernel runs its {shards} shards at once, in lockstep (a "
+            f"barrier per kernel call), and this host has {len(os.sched_getaffinity(0))} cores"
+        )
     return Backend(name, layouts[name], interpret, mesh)
 
 

@@ -49,7 +49,7 @@ DRY = {
     "dtype": "float32",
     "shape": "smollm2-135m",
     "batches": "1",
-    "contexts": "32",
+    "contexts": "512",  # the targets' context: their rows are recorded, unjudged
     "new_tokens": "3",
     "prefill": ("1", "32"),
 }
@@ -134,7 +134,7 @@ def check_decode(out: Path, shapes: dict, dry_run: bool) -> dict:
 
 def check_prefill(out: Path, shapes: dict, dry_run: bool) -> dict:
     batch, context = shapes["prefill"]
-    result = bench(out, "prefill", shapes, batch, context, "--new-tokens", "2")
+    result = bench(out, "prefill", shapes, batch, context, "--new-tokens", "4")
     record: dict = {"check": "prefill", "passed": bool(result), "log": "prefill.log"}
     for row in result.get("rows", []):
         rate, floor = row["ours"]["prefill_tokens_per_s"], row["floor"]["prefill_tokens_per_s"]

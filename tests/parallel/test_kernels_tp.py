@@ -23,4 +23,6 @@ def test_gpu_and_tpu_kernels_under_tensor_parallel_match_tp1() -> None:
         timeout=1200,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert result.stdout.count("greedy tokens equal") == 6
+    # The interpreted TPU kernel at TP 4 needs 4 host cores (models.attention.backend_for).
+    expected = 6 if len(os.sched_getaffinity(0)) >= 4 else 5
+    assert result.stdout.count("greedy tokens equal") == expected, result.stdout
