@@ -61,7 +61,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from models.errors import UserError
-from models.tpu_interpret import INTERPRET_BLOCKS, interpreted_tpu_kernels
 
 QUERY_TILE = 32  # prompt tokens per prefill row; chunks pad to a multiple of it
 CPU_KEY_BLOCK = 128  # keys per online-softmax step on CPU
@@ -499,8 +498,12 @@ def _attend_tpu(
         q_TxHxDh.reshape(t, k, g, dh),
         ((0, 0), (0, padded_kv_heads - k), (0, 0), (0, padded_dh - dh)),
     )
-    blocks = INTERPRET_BLOCKS if interpret else {}
-    with interpreted_tpu_kernels() if interpret else contextlib.nullcontext():
+    blocks, context = {}, contextlib.nullcontext()
+    if interpret:  # imported here: it patches private jax internals another jax may lack
+        from models import tpu_interpret
+
+        blocks, context = tpu_interpret.INTERPRET_BLOCKS, tpu_interpret.interpreted_tpu_kernels()
+    with context:
         out = tpu_ragged.ragged_paged_attention(
             q_TxKxGxDh.reshape(t, padded_kv_heads * g, padded_dh),
             kv_PxSx2KxDh,

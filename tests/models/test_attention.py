@@ -14,6 +14,7 @@ reads float32 caches only and is skipped at 16 bits.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import partial
 
@@ -172,3 +173,21 @@ def test_reference_is_plain_causal_attention() -> None:
             s = keys[: i + 1] @ _f32(q)[i, head] / np.sqrt(HEAD_DIM)
             p = np.exp(s - s.max())
             np.testing.assert_allclose(got[i, head], p @ values[: i + 1] / p.sum(), atol=ATOL)
+
+
+def test_tpu_layout_pads_kv_heads_to_the_kernels_tiling() -> None:
+    padded = {k: attention._tpu_kv_heads(k) for k in (1, 2, 3, 4, 5, 8, 12, 16)}
+    assert padded == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 12: 16, 16: 16}
+    assert backend_for("tpu").cache_shape(4, 16, 3, 64) == (4, 16, 8, 128)  # SmolLM2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="kernels run compiled here")
+def test_kernels_off_their_accelerator_are_interpreted_and_announced_once(caplog) -> None:
+    attention._announce_interpreter.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="tfjax.attention"):
+        backends = [backend_for(name) for name in ("gpu", "gpu", "tpu", "cpu")]
+    assert [b.interpret for b in backends] == [True, True, True, False]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "attention backend gpu",
+        "attention backend tpu",
+    ]
