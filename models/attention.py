@@ -72,7 +72,7 @@ GPU_BLOCK_PAGES = 8  # ... and pages per compute block inside a partition
 TPU_HEAD_DIM_MULTIPLE = 128  # the TPU kernel's lane width; smaller heads are zero-padded
 TPU_KV_HEAD_COUNTS = (1, 2, 4)  # KV heads per shard the TPU kernel tiles, besides multiples
 TPU_KV_HEAD_MULTIPLE = 8  # ... of 8 (16-bit caches pack two heads per 32-bit row)
-MESH_AXIS = "tp"  # the tensor-parallel mesh axis (models.sharding.AXIS)
+MESH_AXIS = "tp"  # the tensor-parallel mesh axis (models.sharding builds the mesh)
 MASKED = float(jnp.finfo(jnp.float32).min)
 logger = logging.getLogger("tfjax.attention")
 
