@@ -15,9 +15,26 @@ pad queries of a partial tile see the row's keys and their outputs are never use
 Backends (`backend_for`, `--attention-backend`), all reading only each row's own pages:
     cpu        pure JAX: online softmax over key blocks, `fori_loop`s bounded per row group.
     gpu        `jax.experimental.pallas.ops.gpu.paged_attention` (Triton) for decode rows;
-               `jax.nn.dot_product_attention(implementation="cudnn")` for prefill tiles.
+               prefill tiles all at once by the cpu backend's online softmax, looping over
+               GPU_PREFILL_KEY_BLOCK keys up to the longest tile's length, so its transient
+               keys are one block per tile, not each tile's whole page table (that was 2 GiB
+               per layer for Llama-3-8B at an 8,192-token prefill budget).
     tpu        `jax.experimental.pallas.ops.tpu.ragged_paged_attention`, both sections at once.
     reference  dense per-token attention, the definition the others are tested against.
+
+Every model tfjax loads runs on every backend. The TPU kernel tiles the combined K/V head axis
+only in counts of 1, 2, 4, 8 or multiples of 8 (times the dtype's packing): the TPU layout
+pads each shard's KV heads up to such a count (SmolLM2's 3 to 4), the padded heads zero and
+their query heads dropped. The GPU kernel pads query-head groups itself.
+
+Where the kernel's accelerator is absent (`backend_for(..., interpret=None)`), the Pallas
+kernels themselves run in the interpreter (the TPU one through `models.tpu_interpret`): slow,
+for checking on CPU that the accelerator code is right.
+
+Tensor parallelism: with a mesh of several devices the gpu and tpu backends run their kernels
+inside `shard_map` over the mesh's KV-head axis, each device on its own heads (query heads
+are split the same way by the column-parallel wq); the cpu and reference backends are plain
+JAX that GSPMD partitions.
 
 KV layout: each backend keeps the cache in its kernel's native layout (`KVLayout`), chosen
 once when the cache is created, so no step ever converts it (docs/architecture/kv.md).
@@ -25,7 +42,11 @@ once when the cache is created, so no step ever converts it (docs/architecture/k
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -36,14 +57,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.gpu import paged_attention as gpu_paged
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as tpu_ragged
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from models.errors import UserError
 
 QUERY_TILE = 32  # prompt tokens per prefill row; chunks pad to a multiple of it
 CPU_KEY_BLOCK = 128  # keys per online-softmax step on CPU
+GPU_PREFILL_KEY_BLOCK = 256  # ... and for GPU prefill tiles (8,192 tiled tokens x 256 keys:
+# 64 MiB of Llama-3-8B bf16 keys per step of the loop)
 CPU_ROW_GROUP = 8  # decode rows sharing one key-block loop on CPU (sorted by length)
 GPU_K_SPLITS = 16  # Pallas GPU paged attention: page-table partitions per row
 GPU_BLOCK_PAGES = 8  # ... and pages per compute block inside a partition
 TPU_HEAD_DIM_MULTIPLE = 128  # the TPU kernel's lane width; smaller heads are zero-padded
+TPU_KV_HEAD_COUNTS = (1, 2, 4)  # KV heads per shard the TPU kernel tiles, besides multiples
+TPU_KV_HEAD_MULTIPLE = 8  # ... of 8 (16-bit caches pack two heads per 32-bit row)
+MESH_AXIS = "tp"  # the tensor-parallel mesh axis (models.sharding builds the mesh)
 MASKED = float(jnp.finfo(jnp.float32).min)
+logger = logging.getLogger("tfjax.attention")
 
 BackendName = Literal["auto", "cpu", "gpu", "tpu", "reference"]
 BACKEND_NAMES: tuple[str, ...] = ("auto", "cpu", "gpu", "tpu", "reference")
@@ -72,11 +103,13 @@ class KVLayout:
     page_axis: int
     head_axis: int
 
-    def shape(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int):
+    def shape(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, shards: int = 1):
+        """One array's shape; `shards`: tensor-parallel devices the head axis is split over."""
         if self.name == "heads":
             return (kv_heads, num_pages, page_size, head_dim)
         if self.name == "combined":
-            return (num_pages, page_size, 2 * kv_heads, _tpu_head_dim(head_dim))
+            heads = shards * _tpu_kv_heads(kv_heads // shards)
+            return (num_pages, page_size, 2 * heads, _tpu_head_dim(head_dim))
         return (num_pages, page_size, kv_heads, head_dim)
 
 
@@ -91,12 +124,22 @@ class Backend:
 
     name: str
     layout: KVLayout
-    interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
+    interpret: bool = False  # run Pallas kernels in the interpreter (no such accelerator)
+    mesh: Mesh | None = None  # tensor-parallel mesh: kernels run per KV-head shard
+
+    @property
+    def shards(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def cache_shape(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int):
+        """Shape of each of a layer's `layout.arrays` cache arrays."""
+        return self.layout.shape(num_pages, page_size, kv_heads, head_dim, self.shards)
 
     def write(self, layer: tuple[jax.Array, ...], slots_T, k_TxKxDh, v_TxKxDh):
         """This step's keys and values into their flat slots (page * S + offset)."""
         if self.layout is COMBINED:
-            return (_write_slots(layer[0], slots_T, _interleave(k_TxKxDh, v_TxKxDh)),)
+            both = _interleave(k_TxKxDh, v_TxKxDh, self.shards)
+            return (_write_slots(layer[0], slots_T, both),)
         if self.layout is HEADS:
             return tuple(
                 _write_slots(a, slots_T, new.swapaxes(0, 1), slot_axis=1)
@@ -107,27 +150,85 @@ class Backend:
             for a, new in zip(layer, (k_TxKxDh, v_TxKxDh), strict=True)
         )
 
-    def attend(self, q_TxHxDh: jax.Array, layer: tuple[jax.Array, ...], batch: AttentionBatch):
-        """Attention output [T, H, Dh] of every flat query over its row's cached keys."""
+    def attend(
+        self,
+        q_TxHxDh: jax.Array,
+        layer: tuple[jax.Array, ...],
+        batch: AttentionBatch,
+        *,
+        kv_heads: int,
+    ) -> jax.Array:
+        """Attention output [T, H, Dh] of every flat query over its row's cached keys;
+        `kv_heads`: the model's (the TPU layout stores more, padded)."""
         with jax.named_scope(f"attention_{self.name}"):
             if self.name == "cpu":
                 return _attend_cpu(q_TxHxDh, *layer, batch)
+            if self.name == "reference":
+                return reference_attention(q_TxHxDh, *layer, batch)
             if self.name == "gpu":
-                return _attend_gpu(q_TxHxDh, *layer, batch, interpret=self.interpret)
-            if self.name == "tpu":
-                return _attend_tpu(q_TxHxDh, layer[0], batch)
-            return reference_attention(q_TxHxDh, *layer, batch)
+                kernel = partial(_attend_gpu, interpret=self.interpret)
+            else:
+                kernel = partial(
+                    _attend_tpu, kv_heads=kv_heads // self.shards, interpret=self.interpret
+                )
+            if self.shards == 1:
+                return kernel(q_TxHxDh, *layer, batch)
+            heads = P(None, MESH_AXIS, None)
+            cache = P(*(MESH_AXIS if i == self.layout.head_axis else None for i in range(4)))
+            return jax.shard_map(
+                kernel,
+                mesh=self.mesh,
+                in_specs=(heads, *[cache] * len(layer), P()),
+                out_specs=heads,
+                check_vma=False,  # Pallas calls carry no varying-axes annotations
+            )(q_TxHxDh, *layer, batch)
 
 
-def backend_for(name: str = "auto", *, interpret: bool = False) -> Backend:
-    """The backend called `name`; "auto" picks by `jax.default_backend()`."""
+KERNEL_PLATFORMS = {"gpu": ("gpu", "cuda", "rocm"), "tpu": ("tpu",)}
+
+
+def backend_for(
+    name: str = "auto", *, interpret: bool | None = None, mesh: Mesh | None = None
+) -> Backend:
+    """The backend called `name`; "auto" picks by `jax.default_backend()`.
+
+    `interpret` None: interpret the Pallas kernels exactly when their accelerator is not this
+    host's (`needs_interpreter`). `mesh`: the tensor-parallel mesh the cache is split over."""
     if name == "auto":
         platform = jax.default_backend()
-        name = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "cpu")
+        name = next((n for n, p in KERNEL_PLATFORMS.items() if platform in p), "cpu")
     layouts = {"cpu": PAGES, "reference": PAGES, "gpu": HEADS, "tpu": COMBINED}
     if name not in layouts:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKEND_NAMES}")
-    return Backend(name, layouts[name], interpret)
+    if interpret is None:
+        interpret = needs_interpreter(name)
+        if interpret:
+            _announce_interpreter(name)
+    shards = 1 if mesh is None else mesh.size
+    if interpret and name == "tpu" and shards > len(os.sched_getaffinity(0)):
+        # Seen at TP 4 on 2 cores: the interpreter waits forever instead.
+        raise UserError(
+            f"the interpreted TPU kernel runs its {shards} shards at once, in lockstep (a "
+            f"barrier per kernel call), and this host has {len(os.sched_getaffinity(0))} cores"
+        )
+    return Backend(name, layouts[name], interpret, mesh)
+
+
+@functools.cache
+def _announce_interpreter(name: str) -> None:
+    """Once per process: a `--attention-backend` whose kernels this host can only interpret."""
+    logger.warning(
+        "attention backend %s: no %s on this host (jax platform %s); its Pallas kernels run "
+        "in the interpreter, slow, for checking only",
+        name,
+        name.upper(),
+        jax.default_backend(),
+    )
+
+
+def needs_interpreter(name: str) -> bool:
+    """Whether backend `name`'s Pallas kernels must run interpreted on this host."""
+    return name in KERNEL_PLATFORMS and jax.default_backend() not in KERNEL_PLATFORMS[name]
 
 
 def row_of_token(batch: AttentionBatch) -> np.ndarray:
@@ -169,10 +270,6 @@ def reference_attention(q_TxHxDh, k_PxSxKxDh, v_PxSxKxDh, batch: AttentionBatch)
 
 
 # -- cpu: online softmax over key blocks, loops bounded per row group -------------------------
-
-
-def _cpu_block_pages(page_size: int) -> int:
-    return max(1, CPU_KEY_BLOCK // page_size)
 
 
 def _pad_width(table: jax.Array, multiple: int) -> jax.Array:
@@ -243,13 +340,23 @@ def _group(batch: AttentionBatch, rows: slice, size: int) -> tuple[jax.Array, ..
     )
 
 
-def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
-    """Flash-style attention of N groups of R rows x Q queries, group by group."""
+def _blockwise(
+    q_NxRxQxHxDh,
+    groups,
+    k_pages,
+    v_pages,
+    *,
+    layout: KVLayout = PAGES,
+    key_block: int = CPU_KEY_BLOCK,
+) -> jax.Array:
+    """Flash-style attention of N groups of R rows x Q queries, group by group, each group
+    looping over blocks of `key_block` keys up to its longest row. `k_pages`, `v_pages`: one
+    layer's cache in `layout` (PAGES or HEADS)."""
     table_NxRxW, kv_lens_NxR, q_lens_NxR = groups
     n, r, nq, h, dh = q_NxRxQxHxDh.shape
-    _, s, k, _ = k_PxSxKxDh.shape
+    s, k = k_pages.shape[layout.page_axis + 1], k_pages.shape[layout.head_axis]
     g = h // k
-    block_pages = _cpu_block_pages(s)
+    block_pages = max(1, key_block // s)
     table_NxRxW = _pad_width(table_NxRxW, block_pages)
     block = block_pages * s
     num_blocks_N = -(-jnp.max(kv_lens_NxR, axis=1) // block)
@@ -263,8 +370,7 @@ def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
         def one_block(j, carry):
             m, total, acc = carry  # max, sum [R, K, G, Q]; output [R, K, G, Q, Dh] (f32)
             pages_RxB = jax.lax.dynamic_slice_in_dim(table_RxW, j * block_pages, block_pages, 1)
-            keys = k_PxSxKxDh[pages_RxB].reshape(r, block, k, dh)
-            values = v_PxSxKxDh[pages_RxB].reshape(r, block, k, dh)
+            keys, values = (_page_block(a, pages_RxB, layout) for a in (k_pages, v_pages))
             key_pos_B = j * block + jnp.arange(block)
             visible_RxQxB = (key_pos_B[None, None] < kv_len_R[:, None, None]) & (
                 key_pos_B[None, None] <= pos_RxQ[:, :, None]
@@ -297,7 +403,17 @@ def _blockwise(q_NxRxQxHxDh, groups, k_PxSxKxDh, v_PxSxKxDh) -> jax.Array:
     return jax.lax.fori_loop(0, n, one_group, out)
 
 
-# -- gpu: Pallas paged attention for decode rows, cuDNN for prefill tiles ---------------------
+def _page_block(cache: jax.Array, pages_RxB: jax.Array, layout: KVLayout) -> jax.Array:
+    """Keys or values [R, B*S, K, Dh] of pages [R, B] of a PAGES or HEADS layer cache."""
+    r = pages_RxB.shape[0]
+    if layout is HEADS:
+        k, _, _, dh = cache.shape
+        return cache[:, pages_RxB].transpose(1, 2, 3, 0, 4).reshape(r, -1, k, dh)
+    _, _, k, dh = cache.shape
+    return cache[pages_RxB].reshape(r, -1, k, dh)
+
+
+# -- gpu: Pallas paged attention for decode rows, key blocks for prefill tiles ---------------
 
 
 def _attend_gpu(
@@ -307,7 +423,17 @@ def _attend_gpu(
     split = batch.num_tiles * QUERY_TILE
     outs = []
     if batch.num_tiles:
-        outs.append(_prefill_tiles_dense(q_TxHxDh[:split], k_KxPxSxDh, v_KxPxSxDh, batch))
+        n = batch.num_tiles  # one group of every tile: all loop to the longest tile's keys
+        outs.append(
+            _blockwise(
+                q_TxHxDh[:split].reshape(1, n, QUERY_TILE, h, dh),
+                _group(batch, slice(0, n), n),
+                k_KxPxSxDh,
+                v_KxPxSxDh,
+                layout=HEADS,
+                key_block=GPU_PREFILL_KEY_BLOCK,
+            ).reshape(split, h, dh)
+        )
     if batch.num_decode_rows:
         # Partitions past a row's length are skipped by the kernel, so padding is cheap.
         table_RxW = _pad_width(batch.page_table[batch.num_tiles :], GPU_K_SPLITS * GPU_BLOCK_PAGES)
@@ -326,38 +452,6 @@ def _attend_gpu(
     return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
-def _prefill_tiles_dense(q_TxHxDh, k_KxPxSxDh, v_KxPxSxDh, batch: AttentionBatch) -> jax.Array:
-    """Each tile gathers its own row's pages and runs fused attention (cuDNN on CUDA).
-
-    Prefill is compute-bound; the causal offset of a chunk (its queries are the last q_len
-    positions) is an explicit mask, as cuDNN's causal mode assumes aligned sequences."""
-    t, h, dh = q_TxHxDh.shape
-    k, _, s, _ = k_KxPxSxDh.shape
-    n = batch.num_tiles
-    table_NxW = batch.page_table[:n]
-    keys = k_KxPxSxDh[:, table_NxW].transpose(1, 2, 3, 0, 4).reshape(n, -1, k, dh)
-    values = v_KxPxSxDh[:, table_NxW].transpose(1, 2, 3, 0, 4).reshape(n, -1, k, dh)
-    kv_len_N, q_len_N = batch.kv_lens[:n], batch.q_lens[:n]
-    pos_NxQ = (kv_len_N - q_len_N)[:, None] + jnp.arange(QUERY_TILE)[None]
-    key_pos_L = jnp.arange(keys.shape[1])
-    mask = (key_pos_L[None, None] <= pos_NxQ[:, :, None]) & (
-        key_pos_L[None, None] < kv_len_N[:, None, None]
-    )
-    out = jax.nn.dot_product_attention(
-        q_TxHxDh.reshape(n, QUERY_TILE, h, dh),
-        keys,
-        values,
-        mask=mask[:, None],
-        implementation="cudnn" if _cudnn_ok(q_TxHxDh.dtype) else None,
-    )
-    return out.reshape(t, h, dh)
-
-
-def _cudnn_ok(dtype) -> bool:
-    """cuDNN flash attention runs on CUDA in 16-bit floats only."""
-    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-
-
 # -- tpu: ragged paged attention over both sections -------------------------------------------
 
 
@@ -365,28 +459,62 @@ def _tpu_head_dim(head_dim: int) -> int:
     return -(-head_dim // TPU_HEAD_DIM_MULTIPLE) * TPU_HEAD_DIM_MULTIPLE
 
 
-def _interleave(k_TxKxDh: jax.Array, v_TxKxDh: jax.Array) -> jax.Array:
-    """[T, 2K, Dh'] with K at even and V at odd heads, Dh zero-padded (TPU layout)."""
+def _tpu_kv_heads(kv_heads: int) -> int:
+    """The fewest KV heads >= `kv_heads` the TPU kernel tiles in float32 and bfloat16 alike."""
+    if kv_heads in TPU_KV_HEAD_COUNTS:
+        return kv_heads
+    return -(-kv_heads // TPU_KV_HEAD_MULTIPLE) * TPU_KV_HEAD_MULTIPLE if kv_heads > 4 else 4
+
+
+def _interleave(k_TxKxDh: jax.Array, v_TxKxDh: jax.Array, shards: int) -> jax.Array:
+    """[T, 2K', Dh'] with K at even and V at odd heads (TPU layout): each of `shards` head
+    shards zero-padded to `_tpu_kv_heads` heads, Dh zero-padded to the lane width."""
     t, k, dh = k_TxKxDh.shape
-    pad = ((0, 0), (0, 0), (0, _tpu_head_dim(dh) - dh))
-    both = jnp.stack([jnp.pad(k_TxKxDh, pad), jnp.pad(v_TxKxDh, pad)], axis=2)
-    return both.reshape(t, 2 * k, -1)
+    per_shard = k // shards
+    pad = ((0, 0), (0, 0), (0, _tpu_kv_heads(per_shard) - per_shard), (0, _tpu_head_dim(dh) - dh))
+    k_TxNxKsxDh, v_TxNxKsxDh = (
+        jnp.pad(a.reshape(t, shards, per_shard, dh), pad) for a in (k_TxKxDh, v_TxKxDh)
+    )
+    return jnp.stack([k_TxNxKsxDh, v_TxNxKsxDh], axis=3).reshape(t, -1, _tpu_head_dim(dh))
 
 
-def _attend_tpu(q_TxHxDh, kv_PxSx2KxDh, batch: AttentionBatch, *, kernel=None) -> jax.Array:
+def _attend_tpu(
+    q_TxHxDh, kv_PxSx2KxDh, batch: AttentionBatch, *, kv_heads: int, interpret: bool
+) -> jax.Array:
     """Every row gets QT or 1 contiguous queries: pad queries of a partial tile count as real
     ones placed after the row's last position (their outputs are dropped), which keeps the
-    kernel's `q_len <= kv_len` causal convention and the tiles contiguous."""
+    kernel's `q_len <= kv_len` causal convention and the tiles contiguous.
+
+    Query heads are padded per KV group to the cache's padded KV heads (zero queries over
+    zero keys, dropped after)."""
     t, h, dh = q_TxHxDh.shape
-    padded_dh = kv_PxSx2KxDh.shape[-1]
+    padded_kv_heads, padded_dh = kv_PxSx2KxDh.shape[2] // 2, kv_PxSx2KxDh.shape[3]
     nq_R = jnp.asarray([QUERY_TILE] * batch.num_tiles + [1] * batch.num_decode_rows, jnp.int32)
     kv_lens_R = batch.kv_lens + nq_R - jnp.maximum(batch.q_lens, 1)
     cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(nq_R)]).astype(jnp.int32)
     num_rows = jnp.asarray([batch.page_table.shape[0]], jnp.int32)
-    q = jnp.pad(q_TxHxDh, ((0, 0), (0, 0), (0, padded_dh - dh)))
-    run = kernel or partial(tpu_ragged.ragged_paged_attention)
-    out = run(q, kv_PxSx2KxDh, kv_lens_R, batch.page_table, cu_q_lens, num_rows, sm_scale=dh**-0.5)
-    return out[..., :dh]
+    k, g = kv_heads, h // kv_heads
+    q_TxKxGxDh = jnp.pad(
+        q_TxHxDh.reshape(t, k, g, dh),
+        ((0, 0), (0, padded_kv_heads - k), (0, 0), (0, padded_dh - dh)),
+    )
+    blocks, context = {}, contextlib.nullcontext()
+    if interpret:  # imported here: it patches private jax internals another jax may lack
+        from models import tpu_interpret
+
+        blocks, context = tpu_interpret.INTERPRET_BLOCKS, tpu_interpret.interpreted_tpu_kernels()
+    with context:
+        out = tpu_ragged.ragged_paged_attention(
+            q_TxKxGxDh.reshape(t, padded_kv_heads * g, padded_dh),
+            kv_PxSx2KxDh,
+            kv_lens_R,
+            batch.page_table,
+            cu_q_lens,
+            num_rows,
+            sm_scale=dh**-0.5,
+            **blocks,
+        )
+    return out.reshape(t, padded_kv_heads, g, padded_dh)[:, :k, :, :dh].reshape(t, h, dh)
 
 
 def _write_slots(pages, slots_T: jax.Array, new: jax.Array, slot_axis: int = 0) -> jax.Array:

@@ -71,8 +71,9 @@ def init_kv_cache(
     The arrays are committed (to `sharding`, by default the default device), like a jitted
     step's outputs, so the first step and every later one hit the same compiled executable.
     """
-    layout = (backend or backend_for()).layout
-    shape = layout.shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    backend = backend or backend_for()
+    layout = backend.layout
+    shape = backend.cache_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     dtype, where = jnp.dtype(cfg.dtype), sharding or jax.devices()[0]
     return KVCache(
         layers=[
@@ -142,7 +143,7 @@ def _attention(
         k_TxKxDh = rope.apply(kx.reshape(1, t, k, dh), cos_TxDh[None], sin_TxDh[None])[0]
         v_TxKxDh = vx.reshape(t, k, dh)
         pages = backend.write(pages, step.slot_ids, k_TxKxDh, v_TxKxDh)
-        out_TxHxDh = backend.attend(q_TxHxDh, pages, step.attention)
+        out_TxHxDh = backend.attend(q_TxHxDh, pages, step.attention, kv_heads=k)
         return out_TxHxDh.reshape(t, h * dh) @ layer.wo, pages
 
 

@@ -5,6 +5,8 @@ device), w_gate and w_up. Row-parallel (input dim split): wo and w_down, whose m
 a partial sum that XLA (GSPMD) all-reduces. The paged KV cache is split on its KV-head axis
 (wherever the backend's `KVLayout` puts it), so each device holds its heads' pages for every
 page id and the page tables stay global.
+The gpu and tpu attention kernels run per device inside `shard_map` over this axis
+(`models.attention.Backend.attend`), on the same head split.
 The embedding is replicated (a gather by token id); an untied lm_head is split on the vocab
 (XLA gathers the logits for sampling). Norm scales are replicated.
 
@@ -24,12 +26,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.attention import KVLayout, backend_for
+from models.attention import MESH_AXIS, KVLayout, backend_for
 from models.config import ModelConfig
 from models.errors import UserError
 from models.weights import Layer, Weights, abstract
 
-AXIS = "tp"
+AXIS = MESH_AXIS  # named beside the attention kernels, which shard_map over it
 
 
 def make_mesh(num_devices: int, cfg: ModelConfig) -> Mesh:

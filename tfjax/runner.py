@@ -104,7 +104,7 @@ class Runner:
         self.cfg = cfg
         self.mesh = mesh or make_mesh(1, cfg)
         self.weights = weights
-        self.backend = backend_for(config.attention_backend)
+        self.backend = backend_for(config.attention_backend, mesh=self.mesh)
         self.page_size = config.page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len

@@ -3,24 +3,25 @@
 Batches mix prefill tiles (full and partial, first and later chunks) with decode rows of very
 different lengths and empty padding rows; the cache holds random keys everywhere, so a backend
 that reads a page outside a row's table, or a key past a query's position, gives a different
-answer. The GPU kernel runs in the Pallas interpreter. JAX 0.10's TPU interpreter cannot run
-`ragged_paged_attention` on CPU ("ReshapeTransform has no attribute indices"), so the TPU
-backend is checked with JAX's reference implementation of that kernel (same signature) in
-its place: that tests our layout, row and length conversions, not the Mosaic kernel.
+answer. Both Pallas kernels are the real ones: the GPU kernel in the Pallas interpreter, the
+TPU kernel in the Pallas TPU interpreter (`models.tpu_interpret`), for every head layout of
+the models tfjax loads.
 
-On a GPU (`scripts/gpu_check.sh`) the same tests run the real Triton and cuDNN kernels, at the
-dtype in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default).
+On a GPU (`scripts/gpu_check.sh`) the same tests run the Triton kernel compiled, at the dtype
+in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default); the interpreted TPU kernel
+reads float32 caches only and is skipped at 16 bits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as tpu_ragged
 
 from models import attention
 from models.attention import QUERY_TILE, AttentionBatch, backend_for
@@ -29,10 +30,11 @@ HEAD_DIM = 16
 DTYPE = jnp.dtype(os.environ.get("TFJAX_ATTENTION_DTYPE", "float32"))
 # float32 agrees to rounding; bfloat16 outputs (|o| < 4) to a few of its 8 mantissa bits.
 ATOL = 2e-5 if DTYPE.itemsize == 4 else 4e-2
-INTERPRET = jax.default_backend() == "cpu"
 
 
-def _batch(rng, page_size: int, kv_heads: int, groups: int, *, decode_lens, prefill):
+def _batch(
+    rng, page_size: int, kv_heads: int, groups: int, *, decode_lens, prefill, head_dim=HEAD_DIM
+):
     """A cache of random K/V, one row table per request, and the flat query batch.
 
     `prefill`: (start, num_tokens) per chunk; `decode_lens`: KV length per decode row, 0 for
@@ -66,15 +68,14 @@ def _batch(rng, page_size: int, kv_heads: int, groups: int, *, decode_lens, pref
         num_tiles=num_tiles,
     )
     t = num_tiles * QUERY_TILE + len(decode_lens)
-    q = jnp.asarray(rng.normal(size=(t, kv_heads * groups, HEAD_DIM)), DTYPE)
-    slots_kv = rng.normal(size=(2, num_pages * page_size, kv_heads, HEAD_DIM))
+    q = jnp.asarray(rng.normal(size=(t, kv_heads * groups, head_dim)), DTYPE)
+    slots_kv = rng.normal(size=(2, num_pages * page_size, kv_heads, head_dim))
     return batch, q, jnp.asarray(slots_kv, jnp.float32), num_pages
 
 
 def _cache(backend, slots_kv, num_pages, page_size, dtype):
-    layout = backend.layout
-    shape = layout.shape(num_pages, page_size, slots_kv.shape[2], HEAD_DIM)
-    layer = tuple(jnp.zeros(shape, dtype) for _ in range(layout.arrays))
+    shape = backend.cache_shape(num_pages, page_size, *slots_kv.shape[2:])
+    layer = tuple(jnp.zeros(shape, dtype) for _ in range(backend.layout.arrays))
     slots = jnp.arange(num_pages * page_size, dtype=jnp.int32)
     return backend.write(layer, slots, slots_kv[0].astype(dtype), slots_kv[1].astype(dtype))
 
@@ -89,61 +90,73 @@ def _f32(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-def _run(backend, q, batch, layer):
-    if backend.name == "tpu":
-        # The reference kernel loops over rows in Python, so this runs eagerly.
-        kernel = tpu_ragged.ref_ragged_paged_attention
-        return attention._attend_tpu(q, layer[0], batch, kernel=kernel)
-    return jax.jit(backend.attend)(q, layer, batch)
+def _run(backend, q, batch, layer, kv_heads: int):
+    return jax.jit(partial(backend.attend, kv_heads=kv_heads))(q, layer, batch)
 
 
-MIXED = dict(decode_lens=[1, 700, 0, 37, 5, 0, 130, 16], prefill=[(0, 45), (64, 32), (300, 7)])
-
-
-@pytest.mark.parametrize(
-    "name,page_size",
-    [("cpu", 8), ("cpu", 16), ("cpu", 32), ("tpu", 16), ("tpu", 32)]
-    + [pytest.param("tpu", 8, marks=pytest.mark.slow)],  # the eager TPU reference: ~15 s
-)
-@pytest.mark.parametrize("groups", [1, 3, 8])
-def test_backend_matches_reference(name, page_size, groups) -> None:
-    rng = np.random.default_rng(page_size * 10 + groups)
-    batch, q, slots_kv, num_pages = _batch(rng, page_size, 2, groups, **MIXED)
+def _check(name: str, rng, page_size: int, kv_heads: int, groups: int, spec, **kw) -> None:
+    """Backend `name` (its Pallas kernel interpreted on CPU) against the reference."""
+    batch, q, slots_kv, num_pages = _batch(rng, page_size, kv_heads, groups, **spec, **kw)
     reference = backend_for("reference")
-    want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype))
-    backend = backend_for(name)
-    got = _run(backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype))
+    want = _run(
+        reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype), kv_heads
+    )
+    if attention.needs_interpreter(name) and DTYPE.itemsize < 4:
+        pytest.skip(f"the interpreted {name} kernel reads float32 caches only")
+    backend = backend_for(name)  # the real kernel, interpreted where its accelerator is absent
+    got = _run(
+        backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype), kv_heads
+    )
     valid = _valid(batch)
     np.testing.assert_allclose(_f32(got)[valid], _f32(want)[valid], atol=ATOL)
     assert np.isfinite(np.asarray(got)).all(), "padding rows must stay finite"
 
 
+MIXED = dict(decode_lens=[1, 700, 0, 37, 5, 0, 130, 16], prefill=[(0, 45), (64, 32), (300, 7)])
+# Few tokens and keys: the TPU interpreter runs the kernel's grid step by step in Python.
+SMALL = dict(decode_lens=[1, 40, 0], prefill=[(8, 3)])
+# (query heads, KV heads, head dim) of the models tfjax loads.
+MODEL_LAYOUTS = [
+    pytest.param(9, 3, 64, id="smollm2"),
+    pytest.param(32, 8, 128, id="llama3-8b"),
+    pytest.param(14, 2, 64, id="qwen2-0.5b"),
+    pytest.param(28, 4, 128, id="qwen2-7b"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,page_size",
+    [("cpu", 8), ("cpu", 16), ("cpu", 32)]
+    + [pytest.param("tpu", 16, marks=pytest.mark.slow)],  # interpreted: 40-90 s each
+)
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_backend_matches_reference(name, page_size, groups) -> None:
+    _check(name, np.random.default_rng(page_size * 10 + groups), page_size, 2, groups, MIXED)
+
+
 @pytest.mark.parametrize("page_size,groups", [(8, 3), (16, 8), (32, 1)])
 def test_gpu_backend(page_size, groups) -> None:
-    """Pallas GPU paged attention (interpreted on CPU) for decode rows, dense fused attention for
-    prefill tiles; decode rows up to 700 keys exercise several of the kernel's splits."""
-    rng = np.random.default_rng(page_size + groups)
-    batch, q, slots_kv, num_pages = _batch(rng, page_size, 2, groups, **MIXED)
-    reference = backend_for("reference")
-    want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype))
-    backend = backend_for("gpu", interpret=INTERPRET)
-    got = _run(backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype))
-    valid = _valid(batch)
-    np.testing.assert_allclose(_f32(got)[valid], _f32(want)[valid], atol=ATOL)
+    """Pallas GPU paged attention for decode rows, dense fused attention for prefill tiles;
+    decode rows up to 700 keys exercise several of the kernel's splits."""
+    _check("gpu", np.random.default_rng(page_size + groups), page_size, 2, groups, MIXED)
+
+
+@pytest.mark.parametrize("name", ["gpu", "tpu"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", MODEL_LAYOUTS)
+def test_kernels_take_every_model_head_layout(name, heads, kv_heads, head_dim) -> None:
+    """The real kernels on each supported model's heads: SmolLM2's 3 KV heads are padded to
+    the TPU kernel's tiling, not refused ("num_combined_kv_heads=6 can not be XLA fully
+    tiled")."""
+    rng = np.random.default_rng(heads + head_dim)
+    _check(name, rng, 16, kv_heads, heads // kv_heads, SMALL, head_dim=head_dim)
 
 
 def test_decode_only_and_prefill_only_batches() -> None:
     """Each section alone (the other empty), as the runner's decode-only and prefill-only
     buckets run it."""
     rng = np.random.default_rng(7)
-    reference = backend_for("reference")
-    cpu = backend_for("cpu")
     for spec in (dict(decode_lens=[3, 260], prefill=[]), dict(decode_lens=[], prefill=[(0, 70)])):
-        batch, q, slots_kv, num_pages = _batch(rng, 16, 3, 3, **spec)
-        want = _run(reference, q, batch, _cache(reference, slots_kv, num_pages, 16, q.dtype))
-        got = _run(cpu, q, batch, _cache(cpu, slots_kv, num_pages, 16, q.dtype))
-        valid = _valid(batch)
-        np.testing.assert_allclose(_f32(got)[valid], _f32(want)[valid], atol=ATOL)
+        _check("cpu", rng, 16, 3, 3, spec)
 
 
 def test_reference_is_plain_causal_attention() -> None:
@@ -151,7 +164,7 @@ def test_reference_is_plain_causal_attention() -> None:
     rng = np.random.default_rng(3)
     batch, q, slots_kv, num_pages = _batch(rng, 8, 1, 2, decode_lens=[], prefill=[(0, 5)])
     reference = backend_for("reference")
-    got = _f32(_run(reference, q, batch, _cache(reference, slots_kv, num_pages, 8, q.dtype)))
+    got = _f32(_run(reference, q, batch, _cache(reference, slots_kv, num_pages, 8, q.dtype), 1))
     pages = np.asarray(batch.page_table[0])
     order = (pages[:, None] * 8 + np.arange(8)[None]).reshape(-1)[:5]
     keys, values = np.asarray(slots_kv[0])[order, 0], np.asarray(slots_kv[1])[order, 0]
@@ -160,3 +173,21 @@ def test_reference_is_plain_causal_attention() -> None:
             s = keys[: i + 1] @ _f32(q)[i, head] / np.sqrt(HEAD_DIM)
             p = np.exp(s - s.max())
             np.testing.assert_allclose(got[i, head], p @ values[: i + 1] / p.sum(), atol=ATOL)
+
+
+def test_tpu_layout_pads_kv_heads_to_the_kernels_tiling() -> None:
+    padded = {k: attention._tpu_kv_heads(k) for k in (1, 2, 3, 4, 5, 8, 12, 16)}
+    assert padded == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 12: 16, 16: 16}
+    assert backend_for("tpu").cache_shape(4, 16, 3, 64) == (4, 16, 8, 128)  # SmolLM2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="kernels run compiled here")
+def test_kernels_off_their_accelerator_are_interpreted_and_announced_once(caplog) -> None:
+    attention._announce_interpreter.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="tfjax.attention"):
+        backends = [backend_for(name) for name in ("gpu", "gpu", "tpu", "cpu")]
+    assert [b.interpret for b in backends] == [True, True, True, False]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "attention backend gpu",
+        "attention backend tpu",
+    ]

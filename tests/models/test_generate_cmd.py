@@ -46,3 +46,25 @@ def test_generate_streams_text(
     args.cache_dir = tmp_path
     assert args.run(args) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_takes_the_engine_flags_serve_takes() -> None:
+    args = _parse(
+        ["generate", "--prompt", "hi", "--attention-backend", "tpu", "--tensor-parallel", "2"]
+    )
+    assert (args.attention_backend, args.tensor_parallel) == ("tpu", 2)
+
+
+@pytest.mark.slow  # the Pallas kernels interpreted on CPU: ~30 s per backend
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernel_backends_give_the_cpu_backends_greedy_text(
+    backend: str, tiny_qwen2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    def text(name: str) -> str:
+        argv = ["generate", "--model", str(tiny_qwen2_dir), "--prompt", "hello"]
+        args = _parse([*argv, "--max-tokens", "4", "--attention-backend", name])
+        args.cache_dir = tmp_path
+        assert args.run(args) == 0
+        return capsys.readouterr().out
+
+    assert text(backend) == text("cpu")
