@@ -28,7 +28,13 @@ from models.sharding import make_mesh
 from tests.models.test_llama import TINY
 
 TEXT_LEN = 512
-MIN_TOP1_AGREEMENT = 0.97
+MIN_TOP1_AGREEMENT = 0.97  # the default (trained) model: measured 0.998 int8, 0.988 w8a8
+# Random-weight checkpoints predict from nearly flat distributions (top-2 logit gaps within
+# int8's error at a few % of positions), so their top-1 agreement sits lower although their
+# KL is 10x smaller than the trained model's: measured 0.957 / 0.955 (int8, llama3 / qwen2),
+# 0.961 / 0.943 (w8a8), mean KL 1.1e-4 to 3.2e-4 nats.
+MIN_TOP1_AGREEMENT_RANDOM = 0.93
+MAX_MEAN_KL_RANDOM = 1e-3
 
 
 def _one_device() -> NamedSharding:
@@ -178,14 +184,14 @@ def test_quantized_logits_agree_with_float32(request, tmp_path, checkpoint, mode
         _teacher_forced_logits(reference, tokens), _teacher_forced_logits(quantized, tokens)
     )
     print(f"{checkpoint} {mode}: top-1 agreement {agreement:.4f}, mean KL {kl:.2e} nats")
-    assert agreement >= MIN_TOP1_AGREEMENT and kl < 1e-2, (agreement, kl)
+    assert agreement >= MIN_TOP1_AGREEMENT_RANDOM and kl < MAX_MEAN_KL_RANDOM, (agreement, kl)
 
 
 @pytest.mark.slow  # two 30-layer 512-token compiles
 @pytest.mark.parametrize("mode", ["int8", "w8a8", "gguf"])
 def test_default_model_quantized_logits_agree_with_float32(model_cache_dir, mode) -> None:
     """SmolLM2 float32 (its GGUF dequantized) against each quantized form of the same file;
-    `gguf` keeps the file's own blocks, so it differs from float32 by summation order only."""
+    `gguf` keeps the file's own blocks, which dequantize exactly (measured: identical logits)."""
     reference = load_model("default", dtype="float32", cache_dir=model_cache_dir)
     quantized = load_model("default", quantization=mode, cache_dir=model_cache_dir)
     tokens = _text_tokens(reference)
@@ -193,4 +199,4 @@ def test_default_model_quantized_logits_agree_with_float32(model_cache_dir, mode
         _teacher_forced_logits(reference, tokens), _teacher_forced_logits(quantized, tokens)
     )
     print(f"SmolLM2 {mode}: top-1 agreement {agreement:.4f}, mean KL {kl:.2e} nats")
-    assert agreement >= MIN_TOP1_AGREEMENT
+    assert agreement >= MIN_TOP1_AGREEMENT and kl < 0.05, (agreement, kl)  # measured <= 0.015
