@@ -22,7 +22,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import cache, default_model, quant
-from models.config import ModelConfig
+from models.config import QUANTIZATIONS, ModelConfig
 from models.errors import ModelLoadError
 from models.loaders import gguf as gguf_loader
 from models.loaders import safetensors as safetensors_loader
@@ -41,7 +41,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: Path  # the .gguf file or checkpoint directory it came from
     mesh: Mesh  # the devices the weights are sharded over (one device: no parallelism)
-    quantization: str | None  # a `models.quant.QUANTIZATIONS` mode, None for float weights
+    quantization: str | None  # a `models.QUANTIZATIONS` mode, None for float weights
     from_cache: bool  # restored from the converted-weights cache rather than converted
 
 
@@ -59,7 +59,7 @@ def load_model(
     `cache.default_cache_dir()`. With `tensor_parallel` > 1, every weight goes straight from
     host memory into its sharding over a mesh of that many devices (`models.sharding`);
     otherwise onto the default device. `quantization` is None or one of
-    `models.quant.QUANTIZATIONS` (see the module docstring).
+    `models.QUANTIZATIONS` (see the module docstring).
     Raises ModelLoadError with a one-line reason on failure.
     """
     cache_dir = cache_dir or cache.default_cache_dir()
@@ -125,10 +125,8 @@ def _loaded(
 def _check_quantization(quantization: str | None, source: Path, tensor_parallel: int) -> None:
     if quantization is None:
         return
-    if quantization not in quant.QUANTIZATIONS:
-        raise ModelLoadError(
-            f"unknown quantization {quantization!r} (choose from {quant.QUANTIZATIONS})"
-        )
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r} (choose from {QUANTIZATIONS})")
     if quantization == "gguf" and source.suffix != ".gguf":
         raise ModelLoadError(f"--quantization gguf needs a .gguf model, not {source}")
     if tensor_parallel > 1:

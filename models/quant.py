@@ -1,6 +1,6 @@
 """Quantized weights, kept quantized on the device and widened only inside the jitted step.
 
-Modes (`--quantization`, vLLM's flag name; `None` keeps float weights):
+Modes (`--quantization`, vLLM's flag name; `models.config.QUANTIZATIONS`; None: float):
 - `int8`: every linear weight, the embedding and an untied LM head become a `qwix.QArray` of
   int8 values with one float scale per output channel (per vocab row for the embedding, which
   is the output channel of a tied head). Norm scales and q/k/v biases stay float: a few KB.
@@ -35,7 +35,6 @@ from jax.sharding import Sharding
 
 from models.weights import Layer, Weights
 
-QUANTIZATIONS = ("int8", "w8a8", "gguf")
 LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 GGUF_BLOCK = 32  # values per Q8_0 / Q4_1 block, along the input axis
 

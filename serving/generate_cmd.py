@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models import LoadedModel, llama, load_model
-from models.config import ModelConfig
+from models.config import QUANTIZATION_HELP, QUANTIZATIONS, ModelConfig
 from models.sharding import kv_sharding
 from models.weights import Weights
 
@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument(
+        "--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument(
         "--tensor-parallel", type=int, default=1, help="shard over this many local devices"
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cache_dir=args.cache_dir,
         tensor_parallel=args.tensor_parallel,
+        quantization=args.quantization,
     )
     tokenizer = model.tokenizer
     if args.chat:
