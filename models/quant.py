@@ -6,11 +6,16 @@ Modes (`--quantization`, vLLM's flag name; `models.config.QUANTIZATIONS`; None: 
   is the output channel of a tied head). Norm scales and q/k/v biases stay float: a few KB.
   Each product dequantizes the weight in the step (`qwix.dot`). XLA:CPU writes the widened
   weight out before its YNNPACK dot (seen in the optimized HLO), so on CPU this saves device
-  memory, not bytes read per step; GPU/TPU compilers fuse the convert into the dot.
-- `w8a8`: the same int8 weights wrapped in `Int8Dot`, whose product also quantizes its input
+  memory, not bytes read per step (GPU/TPU compilers may fuse the convert into the dot: not
+  checked, no GPU was at hand).
+- `fp8`: as `int8` with float8_e4m3fn values (scale = absmax / 448): 3 mantissa bits, so a
+  relative error up to 2^-4 per weight instead of int8's absolute half step. Storage only:
+  the product dequantizes to the activations' dtype first (no fp8 dot).
+- `w8a8`: `int8`'s weights wrapped in `Int8Dot`, whose products also quantize their input
   per token (absmax, dynamic) so the dot is int8 x int8 -> int32; XLA:CPU runs that through
-  YNNPACK reading the int8 weight as it is. Per-token scales keep every row independent of its
-  batch neighbours, so batching never changes a row's result.
+  YNNPACK reading the int8 weight as it is. Per-token scales make a row's inputs independent
+  of its neighbours, but not bit-stable: the float path's last-bit differences between step
+  shapes can cross a rounding step, so tokens may change with the batch (unlike `int8`).
 - `gguf`: a GGUF file's Q8_0 tensors stay int8 with one scale per block of 32 inputs (a
   `QArray` with tiled scales) and its Q4_1 tensors stay 4-bit values with a float16 scale and
   minimum per block (`AffineBlocks`); other tensor types load as float. Dequantizing either
@@ -37,6 +42,7 @@ from models.weights import Layer, Weights
 
 LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 GGUF_BLOCK = 32  # values per Q8_0 / Q4_1 block, along the input axis
+VALUE_TYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "w8a8": jnp.int8}
 
 
 @flax.struct.dataclass
@@ -137,30 +143,32 @@ def _contract(
 
 def quantize(weights: Weights, mode: str, sharding: Sharding) -> Weights:
     """`weights` (float, on the device) with every linear weight, the embedding and an untied
-    head quantized to int8 per output channel for `mode` "int8" or "w8a8", placed on
+    head quantized per output channel for `mode` (a `VALUE_TYPES` key), placed on
     `sharding`. Leaf by leaf, so at most one extra float weight is alive at a time."""
-    if mode not in ("int8", "w8a8"):
+    if mode not in VALUE_TYPES:
         raise ValueError(f"cannot quantize float weights to {mode!r}")
 
-    def int8(w: jax.Array, channel_axis: int) -> Weight:
-        q = _int8_per_channel(w, channel_axis=channel_axis, sharding=sharding)
+    def one(w: jax.Array, channel_axis: int) -> Weight:
+        q = _per_channel(w, VALUE_TYPES[mode], channel_axis=channel_axis, sharding=sharding)
         return Int8Dot(q) if mode == "w8a8" else q
 
     def layer(old: Layer) -> Layer:
-        fields = {name: int8(getattr(old, name), 1) for name in LINEAR_FIELDS}
+        fields = {name: one(getattr(old, name), 1) for name in LINEAR_FIELDS}
         return dataclasses.replace(old, **fields)
 
     return Weights(
-        embed=int8(weights.embed, 0),
+        embed=one(weights.embed, 0),
         layers=[layer(old) for old in weights.layers],
         final_norm=weights.final_norm,
-        lm_head=None if weights.lm_head is None else int8(weights.lm_head, 1),
+        lm_head=None if weights.lm_head is None else one(weights.lm_head, 1),
     )
 
 
-@partial(jax.jit, static_argnames=("channel_axis", "sharding"))
-def _int8_per_channel(w: jax.Array, *, channel_axis: int, sharding: Sharding) -> qwix.QArray:
-    q = qwix.quantize(w, jnp.int8, channelwise_axes=(channel_axis,))
+@partial(jax.jit, static_argnames=("value_type", "channel_axis", "sharding"))
+def _per_channel(
+    w: jax.Array, value_type: jnp.dtype, *, channel_axis: int, sharding: Sharding
+) -> qwix.QArray:
+    q = qwix.quantize(w, value_type, channelwise_axes=(channel_axis,))
     return jax.lax.with_sharding_constraint(q, sharding)
 
 
