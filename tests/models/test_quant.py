@@ -219,3 +219,21 @@ def test_default_model_quantized_logits_agree_with_float32(model_cache_dir, mode
     )
     print(f"SmolLM2 {mode}: top-1 agreement {agreement:.4f}, mean KL {kl:.2e} nats")
     assert agreement >= MIN_TOP1_AGREEMENT and kl < 0.05, (agreement, kl)  # measured <= 0.015
+
+
+def test_serve_flag_reaches_the_runner(tiny_qwen2_dir: Path, tmp_path, monkeypatch) -> None:
+    """`tfjax serve --quantization int8` (an engine flag) loads int8 weights into the Runner."""
+    import argparse
+
+    from serving import serve_cmd
+    from tfjax.async_engine import build_runner
+
+    monkeypatch.setenv("TFJAX_CACHE_DIR", str(tmp_path))  # converted weights go here
+    monkeypatch.setattr("tfjax.runner.enable_compilation_cache", lambda cache_dir: None)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    argv = ["serve", "--model", str(tiny_qwen2_dir), "--quantization", "int8", "--kv-pages", "64"]
+    model, _, runner = build_runner(parser.parse_args(argv), warmup=False)
+    assert model.quantization == "int8"
+    assert isinstance(runner.weights.layers[0].w_up, qwix.QArray)
+    assert runner.weights.layers[0].w_up.qvalue.dtype == jnp.int8
