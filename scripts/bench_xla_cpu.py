@@ -21,7 +21,8 @@ Writes DIR/bench_xla_cpu.json and prints one table: decode step ms per batch and
 tokens/s per variant, each against the baseline (no flags), and which library fusions the
 decode step compiled to (`__ynn_fusion x211`, `__onednn_fusion x...`; "none" means XLA's own
 emitters and Eigen), so a flag that changed nothing is visible as such. Found on jax 0.10.2:
-dots already go to YNNPACK by default; `xnn-dot` compiled to no XNNPACK fusion in a small check.
+dots already go to YNNPACK by default; `xnn-dot` compiled to no XNNPACK fusion in a small check;
+`onednn-dot` fails on SmolLM2's step with oneDNN's "partition compile failed".
 """
 
 from __future__ import annotations
