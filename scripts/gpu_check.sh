@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# GPU check for the attention backends and the ragged step (issue 15), prepared to run on one
-# CUDA machine in under 8 minutes. Writes everything under $OUT (default out/gpu_check):
+# GPU check for the attention backends, the ragged step (issue 15) and quantized decode (issue
+# 28), prepared to run on one CUDA machine in under 12 minutes. Writes everything under $OUT
+# (default out/gpu_check):
 #   attention.xml        (1) every backend vs the dense reference at bfloat16 on mixed lengths
 #                            (tests/models/test_attention.py on the real Triton/cuDNN kernels)
 #   smollm2/ llama3_8b/  (2) scripts/bench_engine.py JSON: decode at batches 1/16/64/128 and
 #                            contexts 512/2k, SmolLM2-135M shape and Llama-3-8B shape (random
 #                            bf16 weights), plus SmolLM2 prefill at batch 16, context 512
+#   llama3_8b_int8/ llama3_8b_fp8/
+#                        (2b) the same decode at batches 1/64, context 512, with the weights
+#                            kept int8 / fp8 (--quantization, issue 28); the floor counts their
+#                            bytes
 #   gpu_check.json       (3) every step time beside its HBM floor (weights + KV read once per
 #                            step, at the measured read bandwidth) and the GPU's name
 # Usage: OUT=/some/dir scripts/gpu_check.sh   (python: $PYTHON, default python3)
-# Needs jax with CUDA, flax, orbax, pytest and gguf importable; a missing pure-Python package
-# can travel as a wheel in .whl/ (installed into /tmp/site below).
+# Needs jax with CUDA, flax, orbax, qwix, pytest and gguf importable; a missing pure-Python
+# package can travel as a wheel in .whl/ (installed into /tmp/site below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
@@ -38,6 +43,12 @@ for shape in smollm2-135m llama3-8b; do
     --batches 1,16,64,128 --contexts 512,2048 --new-tokens 12 --out "$OUT/${shape//[-.]/_}" \
     2>&1 | tee "$OUT/${shape//[-.]/_}.log" || status=1
 done
+echo "== (2b) bench_engine: Llama-3-8B-shaped decode with quantized weights" >&2
+for q in int8 fp8; do
+  timeout 120 "$PY" scripts/bench_engine.py --shape llama3-8b --dtype bfloat16 --skip-prefill \
+    --batches 1,64 --contexts 512 --new-tokens 12 --quantization "$q" \
+    --out "$OUT/llama3_8b_$q" 2>&1 | tee "$OUT/llama3_8b_$q.log" || status=1
+done
 echo "== (2) bench_engine: SmolLM2-shaped prefill" >&2
 timeout 60 "$PY" scripts/bench_engine.py --shape smollm2-135m --dtype bfloat16 --batches 16 \
   --contexts 512 --new-tokens 4 --out "$OUT/smollm2_prefill" 2>&1 | tee "$OUT/prefill.log" \
@@ -49,7 +60,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 summary = {"rows": []}
-for name in ("smollm2_135m", "llama3_8b", "smollm2_prefill"):
+for name in ("smollm2_135m", "llama3_8b", "llama3_8b_int8", "llama3_8b_fp8", "smollm2_prefill"):
     path = out / name / "bench_engine.json"
     if not path.exists():
         summary["rows"].append({"model": name, "missing": True})
