@@ -83,8 +83,9 @@ Weight = jax.Array | qwix.QArray | Int8Dot | AffineBlocks
 QUANTIZED_TYPES = (qwix.QArray, Int8Dot, AffineBlocks)
 
 
-def is_weight(node: object) -> bool:
-    """A whole weight (float or quantized) when flattening a `Weights` tree."""
+def is_quantized(node: object) -> bool:
+    """Whether `node` is one quantized weight (a leaf when flattening a `Weights` tree by
+    weight rather than by array)."""
     return isinstance(node, QUANTIZED_TYPES)
 
 
@@ -130,7 +131,7 @@ def take_rows(embed_VxD: Weight, ids_T: jax.Array, dtype: jnp.dtype) -> jax.Arra
 def _contract(
     x: jax.Array, w: Weight, *, weight_axis: int, out: jnp.dtype | None = None
 ) -> jax.Array:
-    """x's last axis against `w`'s `weight_axis`, through Qwix for int8 weights."""
+    """x's last axis against `w`'s `weight_axis`; `QArray`s (int8, fp8, Q8_0) through Qwix."""
     dims = (((x.ndim - 1,), (weight_axis,)), ((), ()))
     if isinstance(w, AffineBlocks):
         return jax.lax.dot_general(x, w.dequantize(x.dtype), dims, preferred_element_type=out)
@@ -144,7 +145,9 @@ def _contract(
 def quantize(weights: Weights, mode: str, sharding: Sharding) -> Weights:
     """`weights` (float, on the device) with every linear weight, the embedding and an untied
     head quantized per output channel for `mode` (a `VALUE_TYPES` key), placed on
-    `sharding`. Leaf by leaf, so at most one extra float weight is alive at a time."""
+    `sharding`. One jitted call per weight (a compile per distinct shape, no whole-model
+    program); the float weights stay alive until the caller drops them, so the device holds
+    both for a moment."""
     if mode not in VALUE_TYPES:
         raise ValueError(f"cannot quantize float weights to {mode!r}")
 

@@ -22,7 +22,7 @@ from models.weights import Weights
 def check_shapes(cfg: ModelConfig, weights: Weights, source: str) -> None:
     """Raise ModelLoadError naming the first tensor whose shape contradicts the config."""
     expected = jax.tree_util.tree_flatten_with_path(weights_lib.abstract(cfg))[0]
-    actual = jax.tree_util.tree_flatten_with_path(weights, is_leaf=quant.is_weight)[0]
+    actual = jax.tree_util.tree_flatten_with_path(weights, is_leaf=quant.is_quantized)[0]
     if len(expected) != len(actual):
         raise ModelLoadError(f"{source}: found {len(actual)} tensors, expected {len(expected)}")
     for (path, spec), (_, array) in zip(expected, actual, strict=True):
