@@ -54,24 +54,26 @@ def load(
     target = jnp.dtype(dtype)
     permuted = cfg.architecture == "llama"
 
-    def tensor(name: str) -> np.ndarray:
+    def find(name: str) -> gguf.ReaderTensor:
         if name not in tensors:
             raise ModelLoadError(f"tensor {name} is missing from {path}")
-        t = tensors[name]
+        return tensors[name]
+
+    def tensor(name: str) -> np.ndarray:
+        t = find(name)
         try:
             return gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as err:
             raise ModelLoadError(f"{path}: cannot dequantize {name}: {err}") from None
 
     def weight(name: str) -> Weight:
-        """A [out, in] weight: kept as blocks when asked and its type allows, else float."""
-        if name not in tensors:
-            raise ModelLoadError(f"tensor {name} is missing from {path}")
-        t = tensors[name]
+        """A 2-D weight as stored ([out, in]; [V, D] for the embedding): kept as blocks when
+        asked and its type allows, else float in `dtype`."""
+        t = find(name)
         if keep_blocks and t.tensor_type in BLOCK_READERS:
+            reader = BLOCK_READERS[t.tensor_type]
             rows = int(t.shape[-1])  # gguf-py lists dims innermost first: [in, out]
-            raw = np.asarray(t.data).reshape(rows, -1, BLOCK_READERS[t.tensor_type].nbytes)
-            return BLOCK_READERS[t.tensor_type].read(raw, target)
+            return reader.read(np.asarray(t.data).reshape(rows, -1, reader.nbytes), target)
         return tensor(name).astype(target)
 
     def linear(name: str, num_heads: int | None = None) -> Weight:
@@ -144,6 +146,8 @@ class _Q4_1:
 
     @staticmethod
     def read(blocks: np.ndarray, dtype: np.dtype) -> AffineBlocks:
+        """[out, in] values 0..15 (a byte each), [out, in / 32] float16 scales and minima,
+        whatever `dtype`: they widen to float32 exactly inside the step."""
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
         packed = blocks[..., 4:]
