@@ -20,6 +20,13 @@ from models.errors import ModelLoadError
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}  # for a config.json without architectures
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8", "fp8", "w8a8", "gguf")  # `models.quant`'s modes, named for the CLI
+QUANTIZATION_HELP = (
+    "keep the weights quantized on the device: int8 (weight-only, per output channel, "
+    "dequantized in the step), fp8 (the same with float8_e4m3fn values), w8a8 (int8 weights, "
+    "activations quantized per token for an "
+    "int8 x int8 dot), gguf (a .gguf file's Q8_0 / Q4_1 blocks as stored)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)

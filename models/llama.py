@@ -21,6 +21,7 @@ in one [T] axis, so the projections and the MLP are one matmul for the whole ste
 per layer writes this step's K/V into the pages at `slot_ids` first, then attends over each
 row's own pages (`models.attention`, which also defines the rows). Page 0 is the padding page:
 pad tokens write there. Compute runs in cfg.dtype; RMSNorm, softmax and logits in float32.
+Weights may be quantized (`models.quant`): every product goes through `quant.matmul`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import rope
+from models import quant, rope
 from models.attention import QUERY_TILE, AttentionBatch, Backend, backend_for
 from models.config import ModelConfig
 from models.weights import Layer, Weights
@@ -88,7 +89,7 @@ def forward(
 ) -> tuple[jax.Array, KVCache]:
     """Hidden states [T, D] after the final norm, and the cache with this step's K/V."""
     backend = backend or backend_for()
-    x_TxD = weights.embed[step.tokens]
+    x_TxD = quant.take_rows(weights.embed, step.tokens, jnp.dtype(cfg.dtype))
     cos_TxDh, sin_TxDh = (a[0] for a in rope.cos_sin(cfg, step.positions[None]))
     new_layers = []
     for layer, pages in zip(weights.layers, kv.layers, strict=True):
@@ -103,12 +104,8 @@ def forward(
 def logits(weights: Weights, cfg: ModelConfig, hidden_xD: jax.Array) -> jax.Array:
     """Float32 logits [..., V] of final-norm hidden states [..., D] (tied head uses `embed`)."""
     if weights.lm_head is None:
-        return jnp.einsum(
-            "...d,vd->...v", hidden_xD, weights.embed, preferred_element_type=jnp.float32
-        )
-    return jnp.einsum(
-        "...d,dv->...v", hidden_xD, weights.lm_head, preferred_element_type=jnp.float32
-    )
+        return quant.head_logits(hidden_xD, weights.embed, tied=True)
+    return quant.head_logits(hidden_xD, weights.lm_head, tied=False)
 
 
 def _rms_norm(x_TxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -132,9 +129,9 @@ def _attention(
     with jax.named_scope("attention"):
         t = x_TxD.shape[0]
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = x_TxD @ layer.wq
-        kx = x_TxD @ layer.wk
-        vx = x_TxD @ layer.wv
+        q = quant.matmul(x_TxD, layer.wq)
+        kx = quant.matmul(x_TxD, layer.wk)
+        vx = quant.matmul(x_TxD, layer.wv)
         if layer.bq is not None:
             q = q + layer.bq[None, :]
             kx = kx + layer.bk[None, :]
@@ -144,14 +141,14 @@ def _attention(
         v_TxKxDh = vx.reshape(t, k, dh)
         pages = backend.write(pages, step.slot_ids, k_TxKxDh, v_TxKxDh)
         out_TxHxDh = backend.attend(q_TxHxDh, pages, step.attention, kv_heads=k)
-        return out_TxHxDh.reshape(t, h * dh) @ layer.wo, pages
+        return quant.matmul(out_TxHxDh.reshape(t, h * dh), layer.wo), pages
 
 
 def _mlp(layer: Layer, x_TxD: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     with jax.named_scope("mlp"):
-        gate_TxF = jax.nn.silu(x_TxD @ layer.w_gate)
-        return (gate_TxF * (x_TxD @ layer.w_up)) @ layer.w_down
+        gate_TxF = jax.nn.silu(quant.matmul(x_TxD, layer.w_gate))
+        return quant.matmul(gate_TxF * quant.matmul(x_TxD, layer.w_up), layer.w_down)
 
 
 def single_sequence_step(

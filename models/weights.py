@@ -8,7 +8,8 @@ undoes llama.cpp's interleaving permutation). Optional tensors (q/k/v biases, an
 
 `abstract(cfg)` is the one place that states every shape and dtype: the loaders check against it,
 the orbax cache restores into it, and `init_random` fills it for tests and benchmarks. Letters as
-in `models/llama.py`.
+in `models/llama.py`. A quantized model (`models.quant`) holds a quantized pytree (values and
+scales) in place of a weight array, with the same logical shape.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Floors, from this machine's measured read bandwidth and matmul rate: a decode st
 max(bytes it must read -- every weight once plus each row's KV -- / bandwidth, its FLOPs /
 matmul rate); prefill cannot beat the matmul rate / FLOPs per token.
 
+`--quantization` (int8, w8a8, gguf; `models.quant`) runs our side on quantized weights (HF stays
+float32: the issue's equal-terms baseline), and the read floor counts the quantized bytes.
 `--shape` benchmarks random weights of a named shape instead of a checkpoint (no HF side);
 `--skip-prefill` decodes over an unfilled cache of the same length (step time depends on the
 shapes only), which saves the prefill compiles and time on big models. The first call of each
@@ -36,11 +38,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from models import load_model
+from models import load_model, quant
 from models.attention import BACKEND_NAMES, backend_for
 from models.cache import default_cache_dir
-from models.config import ModelConfig
+from models.config import QUANTIZATIONS, ModelConfig
+from models.sharding import make_mesh
 from models.weights import init_random, num_bytes
 from tfjax.config import EngineConfig
 from tfjax.kv.manager import PrefillWork
@@ -245,8 +249,12 @@ def load(args):
     if args.shape:
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         cfg = dataclasses.replace(SHAPES[args.shape], dtype=dtype)
-        return cfg, init_random(cfg, jax.random.key(args.seed)), None
-    model = load_model(args.model, dtype=args.dtype)
+        weights = init_random(cfg, jax.random.key(args.seed))
+        if args.quantization:
+            one_device = NamedSharding(make_mesh(1, cfg), PartitionSpec())
+            weights = quant.quantize(weights, args.quantization, one_device)
+        return cfg, weights, None
+    model = load_model(args.model, dtype=args.dtype, quantization=args.quantization)
     return model.config, model.weights, model.source
 
 
@@ -260,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-token-budget", type=int, default=512)
     parser.add_argument("--attention-backend", default="auto", choices=BACKEND_NAMES)
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     parser.add_argument("--skip-prefill", action="store_true", help="decode over an unfilled cache")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
     parser.add_argument("--seed", type=int, default=0)
@@ -334,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.shape or args.model,
         "dtype": cfg.dtype,
         "attention_backend": backend_for(args.attention_backend).name,
+        "quantization": args.quantization,
         "new_tokens": args.new_tokens,
         "weight_bytes": floors.weight_bytes,
         "read_bandwidth_bytes_per_s": floors.bandwidth,

@@ -14,6 +14,9 @@ Sections, each a record in DIR/gpu_check.json:
                1/32/128 at contexts 512/4096: median step time against the HBM floor (every
                weight and each row's KV read once, at the measured read bandwidth).
     prefill    the same model's prefill tokens/s against the matmul floor.
+    quantized  decode with the weights kept int8 and fp8 (`--quantization`, issue 28) at
+               batches 1/64, context 512, against the floor of their own bytes: recorded,
+               not judged (no target yet).
 Targets (issue 25): decode within 1.3x the floor at batch 1 and 1.5x at batch 128 (context
 512), prefill at least 50 % of its floor, zero token differences.
 
@@ -44,8 +47,15 @@ FULL = {
     "contexts": "512,4096",
     "new_tokens": "12",
     "prefill": ("16", "512"),  # batch, context
-    # seconds per section, 8 minutes in all (compiles included)
-    "timeouts_s": {"attention": 120, "engine": 90, "decode": 200, "prefill": 70},
+    "quantized_batches": "1,64",
+    # seconds per section, about 10 minutes in all (compiles included)
+    "timeouts_s": {
+        "attention": 120,
+        "engine": 90,
+        "decode": 200,
+        "prefill": 70,
+        "quantized": 120,
+    },
 }
 DRY = {
     "dtype": "float32",
@@ -54,7 +64,14 @@ DRY = {
     "contexts": "512",  # the targets' context: their rows are recorded, unjudged
     "new_tokens": "3",
     "prefill": ("1", "32"),
-    "timeouts_s": {"attention": 600, "engine": 600, "decode": 600, "prefill": 600},
+    "quantized_batches": "1",
+    "timeouts_s": {
+        "attention": 600,
+        "engine": 600,
+        "decode": 600,
+        "prefill": 600,
+        "quantized": 600,
+    },
 }
 
 
@@ -152,6 +169,24 @@ def check_prefill(out: Path, shapes: dict, dry_run: bool) -> dict:
     return record
 
 
+def check_quantized(out: Path, shapes: dict) -> dict:
+    """Decode rows with int8 and fp8 weights; passes when both benchmarks ran."""
+    record: dict = {"check": "quantized", "passed": True, "rows": []}
+    for mode in ("int8", "fp8"):
+        result = bench(
+            out, f"quantized_{mode}", shapes, shapes["quantized_batches"], str(TARGET_CONTEXT),
+            "--skip-prefill", "--new-tokens", shapes["new_tokens"], "--quantization", mode,
+        )  # fmt: skip
+        record["passed"] &= bool(result)
+        for row in result.get("rows", []):
+            step, floor = row["ours"]["decode_step_median_ms"], row["floor"]["decode_read_ms"]
+            record["rows"].append({
+                "quantization": mode, "batch": row["batch"], "context": row["context"],
+                "step_ms": step, "hbm_floor_ms": floor, "x_floor": step / floor,
+            })  # fmt: skip
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "gpu_check")
@@ -166,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ("engine", lambda: check_engine(args.out, shapes)),
         ("decode", lambda: check_decode(args.out, shapes, args.dry_run)),
         ("prefill", lambda: check_prefill(args.out, shapes, args.dry_run)),
+        ("quantized", lambda: check_quantized(args.out, shapes)),
     ):
         print(f"== {name}", file=sys.stderr, flush=True)
         checks.append(check())

@@ -2,7 +2,7 @@
 # GPU check (issue 25): correctness of the attention kernels and the engine, then decode and
 # prefill speed against their floors, as one JSON verdict ($OUT/gpu_check.json) and an exit
 # code that gates (0 pass, 1 a check failed or a target was missed, 2 no usable environment).
-# The logic and the targets are in scripts/gpu_check.py; under 8 minutes on one H200.
+# The logic and the targets are in scripts/gpu_check.py; about 10 minutes on one H200.
 #
 #   bash scripts/gpu_check.sh [--dry-run]      OUT=dir (default out/gpu_check), PYTHON=python3
 #
@@ -11,7 +11,7 @@
 # tokenizers, safetensors, jinja2, pytest, httpx, prometheus-client) with only this repository
 # and .whl/ (git-ignored). Fill .whl/ on a machine with network access, in the repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#     gguf starlette uvicorn click hypothesis sortedcontainers attrs
+#     gguf starlette uvicorn click hypothesis sortedcontainers attrs qwix
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cache_dir=args.cache_dir,
         tensor_parallel=config.tensor_parallel,
+        quantization=args.quantization,
     )
     backend = backend_for(config.attention_backend, mesh=model.mesh)
     tokenizer = model.tokenizer

@@ -317,7 +317,10 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
     config = engine_config_from_args(args)
     enable_compilation_cache(default_cache_dir())
     model = load_model(
-        args.model, dtype=getattr(args, "dtype", None), tensor_parallel=config.tensor_parallel
+        args.model,
+        dtype=getattr(args, "dtype", None),
+        tensor_parallel=config.tensor_parallel,
+        quantization=getattr(args, "quantization", None),
     )
     cfg = model.config
     num_pages = config.num_pages or default_num_pages(cfg, config)

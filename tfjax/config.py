@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from models.attention import BACKEND_NAMES, QUERY_TILE
+from models.config import QUANTIZATION_HELP, QUANTIZATIONS
 from models.errors import UserError
 from tfjax.sched.registry import POLICY_NAMES
 
@@ -222,6 +223,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BACKEND_NAMES,
         help="attention kernels (auto: Pallas on GPU/TPU, blockwise JAX on CPU)",
     )
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     g.add_argument(
         "--schedule-interval",
         type=float,

@@ -2,8 +2,9 @@
 
 `safetensors.load` reads a HF checkpoint directory, `gguf.load` a llama.cpp GGUF file. Both
 return host (numpy) arrays in the requested dtype, laid out as `models/weights.py` says, and
-check them against `weights.abstract(cfg)` with `check_shapes`; `models.load_model` moves them
-to the device and caches them. Every failure a user can cause is a one-line `ModelLoadError`.
+check them against `weights.abstract(cfg)` with `check_shapes` (a quantized weight by the shape
+it stands for); `models.load_model` moves them to the device and caches them. Every failure a
+user can cause is a one-line `ModelLoadError`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from models import quant
 from models import weights as weights_lib
 from models.config import ModelConfig
 from models.errors import ModelLoadError
@@ -20,11 +22,11 @@ from models.weights import Weights
 def check_shapes(cfg: ModelConfig, weights: Weights, source: str) -> None:
     """Raise ModelLoadError naming the first tensor whose shape contradicts the config."""
     expected = jax.tree_util.tree_flatten_with_path(weights_lib.abstract(cfg))[0]
-    actual = jax.tree_util.tree_flatten_with_path(weights)[0]
+    actual = jax.tree_util.tree_flatten_with_path(weights, is_leaf=quant.is_quantized)[0]
     if len(expected) != len(actual):
         raise ModelLoadError(f"{source}: found {len(actual)} tensors, expected {len(expected)}")
     for (path, spec), (_, array) in zip(expected, actual, strict=True):
-        if tuple(np.shape(array)) != spec.shape:
+        if tuple(array.shape) != spec.shape:
             name = jax.tree_util.keystr(path)
             raise ModelLoadError(
                 f"{source}: tensor {name} has shape {np.shape(array)}, config implies {spec.shape}"
