@@ -3,9 +3,11 @@
 Parsing is hand-written over the decoded JSON instead of a schema library so that every way a
 body can be wrong (bad JSON, wrong types, NaN, booleans posing as integers, out-of-range values,
 unsupported options) becomes an `APIError` with status 400 and the offending `param`: no body can
-reach the engine invalid or make the server answer 500. Fields we do not know are ignored, as
-OpenAI clients send extras; OpenAI fields we cannot honour (n > 1, logprobs, echo, penalties,
-logit_bias, ...) are rejected rather than silently ignored, because the answer would be wrong.
+reach the engine invalid or make the server answer 500. Every field of OpenAI's chat and
+completions bodies (and the vLLM extensions clients send to peers) is either in
+`HONOURED_FIELDS` or in `REFUSED_UNLESS`: a field we cannot honour is a 400 unless it carries a
+value meaning "off", never silently ignored, because the answer would be wrong (a client asking
+for JSON would get free text). Fields no API defines are ignored, as clients send extras.
 
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
@@ -31,9 +33,22 @@ from tfjax.request import SamplingParams
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 SSE_DONE = b"data: [DONE]\n\n"
 
-# OpenAI options we do not implement, with the values (besides null) that mean "off" and are
-# therefore accepted. Compared with their type too, since True == 1 in Python.
-_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+# Fields of OpenAI's chat and completions request bodies (openai-python's
+# `CompletionCreateParams`) that are honoured whatever their (valid) value. Informational ones
+# count: `user`, `metadata`, `safety_identifier` and `prompt_cache_key` change no output, and
+# the prefix cache serves repeated prefixes whether or not a key names them.
+HONOURED_FIELDS = frozenset(
+    {
+        "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
+        "safety_identifier", "prompt_cache_key",
+    }
+)  # fmt: skip
+# Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
+# the values (besides null) that mean "off" and are therefore accepted. Compared with their
+# type too, since True == 1 in Python.
+REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "logprobs": (False,),
@@ -42,6 +57,42 @@ _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "moderation": (),
+    "store": (False,),  # we keep nothing for OpenAI's evals or distillation
+    "service_tier": ("auto", "default"),  # one tier: the one every request gets
+    "prompt_cache_retention": ("in_memory", "in-memory"),  # our cache lives in memory only
+    "prompt_cache_options": (),
+    # vLLM's extensions
+    "repetition_penalty": (1, 1.0),
+    "min_p": (0, 0.0),
+    "min_tokens": (0,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "prompt_logprobs": (0,),
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "truncate_prompt_tokens": (),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
 }
 _INT64 = 2**63
 _SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
@@ -168,14 +219,17 @@ def sampling_params(
 
 
 def _parse_options(body: dict[str, Any]) -> GenerateOptions:
-    for name, off in _UNSUPPORTED_UNLESS.items():
+    for name, off in REFUSED_UNLESS.items():
         value = body.get(name)
         if value is not None and not any(type(value) is type(a) and value == a for a in off):
             raise bad_request(f"'{name}' is not supported by this server.", param=name)
-    n = _opt_int(body, "n")
-    if n not in (None, 1):
-        raise bad_request("Only n=1 is supported: send one request per choice.", param="n")
-    _opt_str(body, "user")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        _opt_str(body, name)
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise bad_request("'metadata' must be an object of strings.", param="metadata")
 
     stream = _opt_bool(body, "stream") or False
     stream_options = body.get("stream_options")
