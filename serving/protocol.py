@@ -28,6 +28,7 @@ from typing import Any
 
 from serving.errors import bad_request
 from tfjax.api import Delta
+from tfjax.logits import MAX_LOGIT_BIAS
 from tfjax.request import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -41,7 +42,8 @@ HONOURED_FIELDS = frozenset(
     {
         "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
-        "safety_identifier", "prompt_cache_key",
+        "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
+        "logit_bias", "repetition_penalty", "min_p",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
@@ -54,9 +56,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),
     "top_logprobs": (0,),
     "suffix": ("",),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
     "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
@@ -75,8 +74,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prompt_cache_retention": ("in_memory", "in-memory"),  # our cache lives in memory only
     "prompt_cache_options": (),
     # vLLM's extensions
-    "repetition_penalty": (1, 1.0),
-    "min_p": (0, 0.0),
     "min_tokens": (0,),
     "guided_json": (),
     "guided_regex": (),
@@ -106,6 +103,14 @@ MIN_CONSUMPTION_RATE = 1e-3  # tokens/s: one token every ~17 minutes
 # No valid body nests deeper than messages[i].content[j] (4 levels); a deep one is an attack or
 # a bug, and every later walk over the body (validation, re-encoding) would pay for its depth.
 MAX_JSON_DEPTH = 32
+# (low, high, off) of each penalty: OpenAI's ranges; vLLM's for its extensions, with
+# repetition_penalty's upper end ours (beyond it every seen token is all but banned anyway).
+_PENALTY_RANGES = {
+    "presence_penalty": (-2.0, 2.0, 0.0),
+    "frequency_penalty": (-2.0, 2.0, 0.0),
+    "repetition_penalty": (0.0, 10.0, 1.0),
+    "min_p": (0.0, 1.0, 0.0),
+}
 _CONTAINERS = frozenset({dict, list})
 
 
@@ -126,6 +131,11 @@ class GenerateOptions:
     include_usage: bool = False
     consumption_rate: float | None = None  # None: the server's --default-consumption-rate
     priority: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -211,6 +221,11 @@ def sampling_params(
         temperature=options.temperature,
         top_k=options.top_k,
         top_p=options.top_p,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        logit_bias=options.logit_bias,
         seed=None if options.seed is None else options.seed % _SEED_SPACE,
         stop=options.stop,
         stop_token_ids=options.stop_token_ids,
@@ -257,6 +272,12 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
     top_k = _opt_int(body, "top_k")
     if top_k is not None and top_k < -1:
         raise bad_request("'top_k' must be -1 or 0 (no cut) or a positive integer.", "top_k")
+    penalties = {
+        name: _opt_bounded(body, name, low, high, default)
+        for name, (low, high, default) in _PENALTY_RANGES.items()
+    }
+    if penalties["repetition_penalty"] == 0:
+        raise bad_request("'repetition_penalty' must be > 0.", param="repetition_penalty")
     seed = _opt_int(body, "seed")
     if seed is not None and not -_INT64 <= seed < _INT64:
         raise bad_request("'seed' must fit in a signed 64-bit integer.", param="seed")
@@ -284,6 +305,8 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         include_usage=include_usage,
         consumption_rate=rate,
         priority=priority or 0,
+        logit_bias=_parse_logit_bias(body.get("logit_bias")),
+        **penalties,
     )
 
 
@@ -334,6 +357,40 @@ def _parse_stop_token_ids(ids: object) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _parse_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` with biases in [-100, 100], as sorted (id, bias) pairs.
+    Ids beyond the vocabulary are checked by the app, which knows it."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(
+            f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids.",
+            param="logit_bias",
+        )
+    pairs = {}
+    for key in bias:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 11):
+            raise bad_request(f"'logit_bias' key {key!r} is not a token id.", param="logit_bias")
+        pairs[int(key)] = _opt_bounded(bias, key, -100.0, 100.0, 0.0, param="logit_bias")
+    return tuple(sorted(pairs.items()))
+
+
+def _opt_bounded(
+    body: dict[str, Any],
+    name: str,
+    low: float,
+    high: float,
+    default: float,
+    param: str | None = None,
+) -> float:
+    value = _opt_number(body, name, param)
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be in [{low}, {high}].", param=param or name)
+    return value
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1 here
 
@@ -345,18 +402,18 @@ def _opt_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _opt_number(body: dict[str, Any], name: str) -> float | None:
+def _opt_number(body: dict[str, Any], name: str, param: str | None = None) -> float | None:
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a finite number.", param=name)
+        raise bad_request(f"'{name}' must be a finite number.", param=param or name)
     try:
         number = float(value)  # json allows NaN and Infinity, and integers beyond float range
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise bad_request(f"'{name}' must be a finite number.", param=name)
+        raise bad_request(f"'{name}' must be a finite number.", param=param or name)
     return number
 
 

@@ -8,7 +8,6 @@ import functools
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from models.weights import init_random
 from tests.fakes import FakeTokenizer, drive
 from tests.kv.test_offload import StormPolicy
 from tests.test_engine import Recorder
+from tests.test_logits import numpy_penalties
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.host import HostTier
@@ -57,8 +57,11 @@ def _one_token_step():
     return jax.jit(lambda w, step, kv: forward(w, TINY, step, kv), donate_argnums=2)
 
 
-def greedy_reference(weights, prompt: list[int], num_tokens: int) -> list[int]:
-    """One sequence fed one token per call (a single compiled shape): no engine involved."""
+def greedy_reference(
+    weights, prompt: list[int], num_tokens: int, penalties: SamplingParams | None = None
+) -> list[int]:
+    """One sequence fed one token per call (a single compiled shape): no engine involved.
+    `penalties`: bias and penalties applied by `tests.test_logits.numpy_penalties`."""
     pages = MAX_LEN // PAGE_SIZE
     kv = init_kv_cache(TINY, pages + 1, PAGE_SIZE)
     tokens, out = list(prompt), []
@@ -66,7 +69,10 @@ def greedy_reference(weights, prompt: list[int], num_tokens: int) -> list[int]:
         step = single_sequence_step([tokens[pos]], pos, PAGE_SIZE, pages)
         hidden, kv = _one_token_step()(weights, step, kv)
         if pos >= len(prompt) - 1:
-            out.append(int(jnp.argmax(logits(weights, TINY, hidden[0]))))
+            logits_V = np.asarray(logits(weights, TINY, hidden[0]), np.float32)
+            if penalties is not None:
+                logits_V = numpy_penalties(logits_V, prompt, out, penalties)
+            out.append(int(np.argmax(logits_V)))
             tokens.append(out[-1])
     return out
 
@@ -194,6 +200,30 @@ def test_sampling_respects_top_k_one_as_greedy(weights) -> None:
     drive(engine, [request])
     assert rec.tokens("r0") == greedy_reference(weights, request.prompt_ids, 6)
     assert np.all(np.asarray(rec.tokens("r0")) >= 0)
+
+
+def test_penalties_in_the_engine_match_numpy_beside_plain_rows(weights) -> None:
+    """Greedy rows with bias and penalties give the numpy reference's tokens; their plain
+    neighbours keep plain greedy tokens; the penalised sampler was compiled at warm-up."""
+    engine, rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    penalised = [
+        dict(presence_penalty=1.5, frequency_penalty=0.5),
+        dict(repetition_penalty=1.8, logit_bias=((7, 5.0), (11, -100.0))),
+        dict(frequency_penalty=-0.7, presence_penalty=-0.3, repetition_penalty=0.6),
+    ]
+    requests = requests_for(6, max_tokens=10)
+    for i, extra in enumerate(penalised):
+        requests[2 * i] = requests_for(2 * i + 1, max_tokens=10, **extra)[2 * i]
+    compiles = COMPILES.count
+    drive(engine, requests)
+    assert COMPILES.count == compiles, "compiled while serving"
+    for r in requests:
+        want = greedy_reference(
+            weights, r.prompt_ids, 10, r.sampling if r.sampling.has_penalties else None
+        )
+        assert rec.tokens(r.request_id) == want, r.sampling
+    plain = [greedy_reference(weights, r.prompt_ids, 10) for r in requests[::2]]
+    assert plain != [rec.tokens(r.request_id) for r in requests[::2]], "penalties changed nothing"
 
 
 def test_tiny_config_is_a_replaceable_base() -> None:

@@ -1,4 +1,4 @@
-"""Token sampling on the device: per-row greedy, temperature, top-k and top-p.
+"""Token sampling on the device: per-row greedy, temperature, min-p, top-k and top-p.
 
 Runs inside the runner's jitted step, so logits never leave the device; only the chosen token
 ids [B] do. Per-row parameters are arrays (not static), so one compiled step serves any mix of
@@ -11,6 +11,10 @@ picks the cheapest branch that serves the whole batch: all greedy (argmax), samp
 filters (OpenAI's defaults, temperature 1 and top_p 1: a categorical draw, no sort), or with
 filters. In the filtered branch rows without filters draw from their unfiltered logits, so a
 row's token is the same whichever branch its neighbours make the batch take.
+
+`logit_bias` and the penalties (`tfjax.logits`) come first when the batch has a row that asks
+for them (`penalties` is then given, a separate compilation); then, as in vLLM, temperature,
+min-p (on the scaled distribution), top-k and top-p.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import register_dataclass
 
+from tfjax.logits import PenaltyInput, apply_penalties
+
 
 @register_dataclass
 @dataclass
@@ -28,6 +34,7 @@ class SamplingInput:
     temperature: jax.Array  # [B] float32, 0 = greedy
     top_k: jax.Array  # [B] int32, 0 = off
     top_p: jax.Array  # [B] float32, 1 = off
+    min_p: jax.Array  # [B] float32, 0 = off
     seed: jax.Array  # [B] uint32
     output_index: jax.Array  # [B] int32, index j of the token being sampled
 
@@ -50,12 +57,15 @@ def _scaled(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
 
 def _filters(params: SamplingInput) -> jax.Array:
     """[B] bool: the row samples with top-k or top-p."""
-    return (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1))
+    return (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0))
 
 
 def _sample_filtered(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
     vocab = logits_BxV.shape[-1]
     scaled_BxV = _scaled(logits_BxV, params)
+    # min-p: drop tokens less likely than min_p times the likeliest (log 0 = -inf: no cut).
+    floor_B = jnp.max(scaled_BxV, axis=-1) + jnp.log(params.min_p)
+    scaled_BxV = jnp.where(scaled_BxV < floor_B[:, None], -jnp.inf, scaled_BxV)
     sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
     # top-k: keep logits >= the k-th largest.
     k_B = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
@@ -71,10 +81,14 @@ def _sample_filtered(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
     return _draw(jnp.where(dropped_BxV, -jnp.inf, scaled_BxV), params)
 
 
-def sample(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
+def sample(
+    logits_BxV: jax.Array, params: SamplingInput, penalties: PenaltyInput | None = None
+) -> jax.Array:
     """Next token id per row, int32 [B]."""
     with jax.named_scope("sampling"):
         logits_BxV = logits_BxV.astype(jnp.float32)
+        if penalties is not None:
+            logits_BxV = apply_penalties(logits_BxV, penalties)
         branch = jnp.any(params.temperature > 0).astype(jnp.int32) + jnp.any(_filters(params))
         tokens_B = jax.lax.switch(
             branch,
