@@ -226,5 +226,57 @@ def test_penalties_in_the_engine_match_numpy_beside_plain_rows(weights) -> None:
     assert plain != [rec.tokens(r.request_id) for r in requests[::2]], "penalties changed nothing"
 
 
+def teacher_forced_logits(weights, prompt: list[int], output: list[int]) -> np.ndarray:
+    """[len(output), V] float32: the logits each output token was sampled from."""
+    pages = MAX_LEN // PAGE_SIZE
+    kv = init_kv_cache(TINY, pages + 1, PAGE_SIZE)
+    tokens, rows = prompt + output, []
+    for pos in range(len(tokens) - 1):
+        step = single_sequence_step([tokens[pos]], pos, PAGE_SIZE, pages)
+        hidden, kv = _one_token_step()(weights, step, kv)
+        if pos >= len(prompt) - 1:
+            rows.append(np.asarray(logits(weights, TINY, hidden[0]), np.float32))
+    return np.stack(rows)
+
+
+def test_logprobs_are_the_raw_log_softmax(weights) -> None:
+    """Greedy and temperature-0.7 rows with logprobs (one with penalties, which logprobs
+    ignore) beside rows without: each token's logprob and top-5 equal torch's log-softmax of
+    the logits it was sampled from; rows that did not ask get none; nothing compiles."""
+    import torch
+
+    engine, rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    asked = [
+        dict(logprobs=5),
+        dict(logprobs=5, temperature=0.7, seed=11),
+        dict(logprobs=0, temperature=0.7, seed=12, presence_penalty=1.0),
+    ]
+    requests = requests_for(5, max_tokens=8)
+    for i, extra in enumerate(asked):
+        requests[i] = requests_for(i + 1, max_tokens=8, **extra)[i]
+    compiles = COMPILES.count
+    drive(engine, requests)
+    assert COMPILES.count == compiles, "compiled while serving"
+    for r in requests:
+        logprobs = [lp for d in rec.deltas[r.request_id] if d.logprobs for lp in d.logprobs]
+        if r.sampling.logprobs is None:
+            assert all(d.logprobs is None for d in rec.deltas[r.request_id])
+            continue
+        output = rec.tokens(r.request_id)
+        assert [lp.token_id for lp in logprobs] == output
+        want = torch.log_softmax(
+            torch.from_numpy(teacher_forced_logits(weights, r.prompt_ids, output)), dim=-1
+        ).numpy()
+        got = np.array([lp.logprob for lp in logprobs])
+        np.testing.assert_allclose(got, want[np.arange(len(output)), output], atol=1e-4)
+        for lp, row in zip(logprobs, want, strict=True):
+            assert len(lp.top) == r.sampling.logprobs
+            top_ids = [t for t, _ in lp.top]
+            np.testing.assert_allclose([v for _, v in lp.top], row[top_ids], atol=1e-4)
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            if lp.top:
+                assert lp.top[0][1] == pytest.approx(row.max(), abs=1e-4)
+
+
 def test_tiny_config_is_a_replaceable_base() -> None:
     assert dataclasses.replace(TINY, num_layers=1).num_layers == 1

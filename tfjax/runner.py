@@ -44,7 +44,7 @@ from tfjax.kv.pages import PAD_PAGE
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.logits import MAX_LOGIT_BIAS, PenaltyInput
 from tfjax.request import Request
-from tfjax.sampling import SamplingInput, sample
+from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
 UINT32_MASK = 0xFFFFFFFF
 
@@ -67,6 +67,16 @@ def _forward_logits(
 
 
 _sample = jax.jit(sample)
+
+
+@jax.jit
+def _sample_scored(
+    logits_NxV: jax.Array, sampling: SamplingInput, penalties: PenaltyInput | None
+) -> tuple[jax.Array, TokenLogprobs]:
+    """`sample` plus the raw logprobs of what it chose: the variant for steps with a row
+    that asked for logprobs."""
+    tokens_N = sample(logits_NxV, sampling, penalties)
+    return tokens_N, token_logprobs(logits_NxV, tokens_N)
 
 
 def enable_compilation_cache(cache_dir: Path) -> None:
@@ -141,13 +151,17 @@ class Runner:
                 on_compiled(len(buckets) + i + 1, total)
         jax.block_until_ready(self.kv)
 
-    def _warm(self, bucket: Bucket) -> tuple[jax.Array, jax.Array]:
-        """Run `bucket` on padding and sample twice, plainly and with (all-off) penalties, so
-        both sampler variants are compiled for the very inputs serving gives them."""
+    def _warm(self, bucket: Bucket) -> list[object]:
+        """Run `bucket` on padding and sample with every sampler variant (with and without
+        penalties, scored or not), so each is compiled for the very inputs serving gives it."""
         logits_NxV, sampling, _ = self._logits(bucket, [], [])
         pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
         penalties = jax.device_put(pad, self._input_sharding)
-        return _sample(logits_NxV, sampling), _sample(logits_NxV, sampling, penalties)
+        return [
+            variant(logits_NxV, sampling, p)
+            for variant in (_sample, _sample_scored)
+            for p in (None, penalties)
+        ]
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
@@ -187,6 +201,15 @@ class Runner:
         is not advanced here."""
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         return self._run(bucket, prefill, decode)
+
+    def step_scored(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[jax.Array, TokenLogprobs]:
+        """`step`, plus every row's raw logprobs (`tfjax.sampling.token_logprobs`), in the
+        same order; for steps where some request asked for logprobs."""
+        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
+        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
+        return _sample_scored(logits_NxV, sampling, penalties)
 
     def _run(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]

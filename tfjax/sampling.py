@@ -12,6 +12,10 @@ filters (OpenAI's defaults, temperature 1 and top_p 1: a categorical draw, no so
 filters. In the filtered branch rows without filters draw from their unfiltered logits, so a
 row's token is the same whichever branch its neighbours make the batch take.
 
+`token_logprobs` scores the chosen tokens (and the likeliest alternatives) by the model's raw
+log-softmax, before bias, penalties, temperature and filters (vLLM's default); the runner calls
+it only in steps where some row asked for logprobs.
+
 `logit_bias` and the penalties (`tfjax.logits`) come first when the batch has a row that asks
 for them (`penalties` is then given, a separate compilation); then, as in vLLM, temperature,
 min-p (on the scaled distribution), top-k and top-p.
@@ -25,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import register_dataclass
 
+from tfjax.api import TokenLogprob
 from tfjax.logits import PenaltyInput, apply_penalties
+from tfjax.request import MAX_TOP_LOGPROBS
 
 
 @register_dataclass
@@ -101,3 +107,27 @@ def sample(
             params,
         )
         return tokens_B.astype(jnp.int32)
+
+
+@register_dataclass
+@dataclass
+class TokenLogprobs:
+    token: jax.Array  # [B] float32, log-probability of the sampled token
+    top_ids: jax.Array  # [B, MAX_TOP_LOGPROBS] int32, likeliest tokens first
+    top: jax.Array  # [B, MAX_TOP_LOGPROBS] float32
+
+
+def token_logprobs(logits_BxV: jax.Array, tokens_B: jax.Array) -> TokenLogprobs:
+    """The raw log-softmax of `logits_BxV` at `tokens_B`, and its top MAX_TOP_LOGPROBS."""
+    with jax.named_scope("logprobs"):
+        logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+        top_BxK, top_ids_BxK = jax.lax.top_k(logprobs_BxV, MAX_TOP_LOGPROBS)
+        token_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
+        return TokenLogprobs(token=token_B, top_ids=top_ids_BxK.astype(jnp.int32), top=top_BxK)
+
+
+def row_logprob(scores: TokenLogprobs, row: int, token_id: int, num_top: int) -> TokenLogprob:
+    """Row `row` of host-side `scores` (after `jax.device_get`), with `num_top` alternatives."""
+    ids, logprobs = scores.top_ids[row, :num_top].tolist(), scores.top[row, :num_top].tolist()
+    top = zip(ids, logprobs, strict=True)
+    return TokenLogprob(token_id=token_id, logprob=float(scores.token[row]), top=tuple(top))
