@@ -75,6 +75,8 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str: ...
@@ -92,6 +94,7 @@ class _Call:
     chat: bool
     sse: bool  # stream the answer as server-sent events
     include_usage: bool
+    logprobs: bool  # the request asked for logprobs
     source: RequestStream
     submit_s: float  # time.monotonic()
     num_prompt_tokens: int
@@ -99,6 +102,7 @@ class _Call:
     first_token_s: float | None = None
     last_token_s: float | None = None
     final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
+    text_offset: int = 0  # completions logprobs: characters of token text already sent
 
 
 def create_app(
@@ -287,6 +291,7 @@ class _Server:
             chat=chat,
             sse=options.stream,
             include_usage=options.include_usage,
+            logprobs=sampling.logprobs is not None,
             source=source,
             submit_s=submit_s,
             num_prompt_tokens=len(prompt_ids),
@@ -364,8 +369,9 @@ class _Server:
                 if call.chat and not role_sent and (delta.token_ids or delta.text):
                     role_sent = True
                     yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None))
-                if delta.text:
-                    yield p.sse_event(_text_chunk(call, delta.text, None))
+                if delta.text or delta.logprobs:
+                    tokens = self._token_texts(delta)
+                    yield p.sse_event(_text_chunk(call, delta.text, None, tokens))
         failure = _failure(call.final)
         if failure is not None:
             yield p.sse_event(failure.payload())
@@ -380,24 +386,52 @@ class _Server:
         yield p.SSE_DONE
 
     async def _collect(self, call: _Call) -> Response:
-        texts = []
+        texts: list[str] = []
+        tokens: list[p.TokenText] = []
         async with aclosing(self._deltas(call)) as deltas:
             async for delta in deltas:
                 texts.append(delta.text)
+                tokens.extend(self._token_texts(delta) or ())
         failure = _failure(call.final)
         if failure is not None:
             return failure.response()
         reason = _FINISH_REASONS[call.final.finish_reason]
         usage = p.usage(call.final)
-        build = p.chat_response if call.chat else p.completion_response
-        return JSONResponse(build(call.header, "".join(texts), reason, usage))
+        if call.chat:
+            logprobs = p.chat_logprobs(tokens) if call.logprobs else None
+            return JSONResponse(
+                p.chat_response(call.header, "".join(texts), reason, usage, logprobs)
+            )
+        logprobs = p.completion_logprobs(tokens, 0) if call.logprobs else None
+        return JSONResponse(
+            p.completion_response(call.header, "".join(texts), reason, usage, logprobs)
+        )
+
+    def _token_texts(self, delta: Delta) -> list[p.TokenText] | None:
+        """The delta's logprobs with each token as text (as vLLM: the token decoded alone)."""
+        if delta.logprobs is None:
+            return None
+        decode = self.engine.tokenizer.decode
+        return [
+            p.TokenText(
+                decode([lp.token_id]), lp.logprob, tuple((decode([t]), v) for t, v in lp.top)
+            )
+            for lp in delta.logprobs
+        ]
 
 
-def _text_chunk(call: _Call, text: str, finish_reason: str | None) -> dict[str, Any]:
-    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`)."""
+def _text_chunk(
+    call: _Call, text: str, finish_reason: str | None, tokens: list[p.TokenText] | None = None
+) -> dict[str, Any]:
+    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`), with the
+    logprobs of `tokens` if the request asked for them."""
     if call.chat:
-        return p.chat_chunk(call.header, {"content": text} if text else {}, finish_reason)
-    return p.completion_chunk(call.header, text, finish_reason)
+        delta = {"content": text} if text or tokens is not None else {}
+        logprobs = None if tokens is None else p.chat_logprobs(tokens)
+        return p.chat_chunk(call.header, delta, finish_reason, logprobs)
+    logprobs = None if tokens is None else p.completion_logprobs(tokens, call.text_offset)
+    call.text_offset += sum(len(t.text) for t in tokens or ())
+    return p.completion_chunk(call.header, text, finish_reason, logprobs)
 
 
 def _failure(final: Delta | None) -> APIError | None:

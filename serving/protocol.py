@@ -12,7 +12,10 @@ for JSON would get free text). Fields no API defines are ignored, as clients sen
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
 reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the server default
-when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
+when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, and vLLM's
+`stop_token_ids`, `repetition_penalty` and `min_p`. `logprobs` is a count of alternatives on
+/v1/completions (0-5) and a boolean with `top_logprobs` (0-20) on chat: both become
+`SamplingParams.logprobs`.
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 
 The builders return plain dicts in the chunk shapes of the OpenAI streaming API;
@@ -23,15 +26,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 from serving.errors import bad_request
 from tfjax.api import Delta
 from tfjax.logits import MAX_LOGIT_BIAS
-from tfjax.request import SamplingParams
+from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on completions `logprobs`
 SSE_DONE = b"data: [DONE]\n\n"
 
 # Fields of OpenAI's chat and completions request bodies (openai-python's
@@ -43,7 +48,7 @@ HONOURED_FIELDS = frozenset(
         "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
-        "logit_bias", "repetition_penalty", "min_p",
+        "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
@@ -53,8 +58,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "suffix": ("",),
     "response_format": ({"type": "text"},),
     "tools": ([],),
@@ -136,6 +139,7 @@ class GenerateOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; else this many top alternatives per token
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -174,14 +178,24 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt, _parse_options(body)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         raise bad_request(
             "Batched prompts are not supported: send one request per prompt.", param="prompt"
         )
-    if isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt):
-        return prompt, _parse_options(body)
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt)
+    ):
+        if body.get("top_logprobs") is not None:
+            raise bad_request(
+                "'top_logprobs' is a chat option: completions take 'logprobs': <count>.",
+                param="top_logprobs",
+            )
+        logprobs = _opt_int(body, "logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(
+                f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}].", param="logprobs"
+            )
+        return prompt, replace(_parse_options(body), logprobs=logprobs)
     raise bad_request(
         "'prompt' must be a string or a list of non-negative token ids.", param="prompt"
     )
@@ -192,7 +206,20 @@ def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], GenerateOpti
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list.", param="messages")
-    return [_parse_message(m) for m in messages], _parse_options(body)
+    options = replace(_parse_options(body), logprobs=_parse_chat_logprobs(body))
+    return [_parse_message(m) for m in messages], options
+
+
+def _parse_chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's `logprobs: true` with `top_logprobs` alternatives (0-20), as one count."""
+    top = _opt_int(body, "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}].", "top_logprobs")
+    if not _opt_bool(body, "logprobs"):
+        if top:
+            raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def sampling_params(
@@ -226,6 +253,7 @@ def sampling_params(
         frequency_penalty=options.frequency_penalty,
         repetition_penalty=options.repetition_penalty,
         logit_bias=options.logit_bias,
+        logprobs=options.logprobs,
         seed=None if options.seed is None else options.seed % _SEED_SPACE,
         stop=options.stop,
         stop_token_ids=options.stop_token_ids,
@@ -450,13 +478,56 @@ def usage(final: Delta) -> dict[str, Any]:
     }
 
 
-def completion_chunk(h: StreamHeader, text: str, finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+class TokenText(NamedTuple):
+    """One output token's logprob with the token and its alternatives as text."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]  # likeliest first
+
+
+def chat_logprobs(tokens: Sequence[TokenText]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: OpenAI's `{"content": [...], "refusal": null}`."""
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [
+        {**entry(t.text, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top]}
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[TokenText], text_offset: int) -> dict[str, Any]:
+    """A completions choice's legacy `logprobs`; `text_offset` is where the first token
+    starts in the completion's text."""
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def completion_chunk(
+    h: StreamHeader, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(h, "text_completion", [choice], None)
 
 
-def chat_chunk(h: StreamHeader, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk(
+    h: StreamHeader,
+    delta: dict[str, str],
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(h, "chat.completion.chunk", [choice], None)
 
 
@@ -466,17 +537,25 @@ def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, Any]) -> dic
 
 
 def completion_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
+    h: StreamHeader,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, Any],
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(h, "text_completion", [choice], usage)
 
 
 def chat_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
+    h: StreamHeader,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, Any],
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(h, "chat.completion", [choice], usage)
 
 

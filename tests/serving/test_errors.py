@@ -51,7 +51,7 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "n": "1"}, 400, "n"),
     (C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     (C, {"prompt": "hi", "echo": True}, 400, "echo"),
-    (C, {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    (C, {"prompt": "hi", "logprobs": 9}, 400, "logprobs"),
     (C, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     (C, {"prompt": "hi", "presence_penalty": -3}, 400, "presence_penalty"),
     (C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -100,7 +100,7 @@ BAD_REQUESTS = [
     ),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "bad", "content": "hi"}]}, 400, "messages"),  # template raises
-    (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs"),
+    (CHAT, {"messages": USER, "logprobs": 2}, 400, "logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 3}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "max_tokens": 1000}, 400, "max_tokens"),
     (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
