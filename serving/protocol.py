@@ -37,6 +37,7 @@ from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on completions `logprobs`
+MAX_CHOICES = 16  # `n`: each choice is a request; OpenAI allows 128, we keep one body small
 SSE_DONE = b"data: [DONE]\n\n"
 
 # Fields of OpenAI's chat and completions request bodies (openai-python's
@@ -49,13 +50,13 @@ HONOURED_FIELDS = frozenset(
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
         "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
+        "n",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
 # the values (besides null) that mean "off" and are therefore accepted. Compared with their
 # type too, since True == 1 in Python.
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -95,7 +96,7 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "chat_template_kwargs": ({},),
 }
 _INT64 = 2**63
-_SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
+SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
 _TOP_K_MAX = 2**31 - 1  # the runner's top-k is int32; a cut beyond the vocabulary is no cut
 # Stop strings are matched on the engine thread after every token, at a cost that grows with
 # their number times their length squared: unbounded, one request could slow every stream.
@@ -140,6 +141,7 @@ class GenerateOptions:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; else this many top alternatives per token
+    n: int = 1  # choices, each its own engine request
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -254,7 +256,7 @@ def sampling_params(
         repetition_penalty=options.repetition_penalty,
         logit_bias=options.logit_bias,
         logprobs=options.logprobs,
-        seed=None if options.seed is None else options.seed % _SEED_SPACE,
+        seed=None if options.seed is None else options.seed % SEED_SPACE,
         stop=options.stop,
         stop_token_ids=options.stop_token_ids,
         ignore_eos=options.ignore_eos,
@@ -300,6 +302,9 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
     top_k = _opt_int(body, "top_k")
     if top_k is not None and top_k < -1:
         raise bad_request("'top_k' must be -1 or 0 (no cut) or a positive integer.", "top_k")
+    n = _opt_int(body, "n")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"'n' must be in [1, {MAX_CHOICES}].", param="n")
     penalties = {
         name: _opt_bounded(body, name, low, high, default)
         for name, (low, high, default) in _PENALTY_RANGES.items()
@@ -334,6 +339,7 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         consumption_rate=rate,
         priority=priority or 0,
         logit_bias=_parse_logit_bias(body.get("logit_bias")),
+        n=n or 1,
         **penalties,
     )
 
@@ -468,13 +474,15 @@ class StreamHeader:
     model: str
 
 
-def usage(final: Delta) -> dict[str, Any]:
-    """OpenAI's usage object, with the prompt tokens the prefix cache served."""
+def usage(finals: Sequence[Delta]) -> dict[str, Any]:
+    """OpenAI's usage object over a request's choices (the prompt counted once), with the
+    prompt tokens the prefix cache served the first."""
+    completion_tokens = sum(f.num_output_tokens for f in finals)
     return {
-        "prompt_tokens": final.num_prompt_tokens,
-        "completion_tokens": final.num_output_tokens,
-        "total_tokens": final.num_prompt_tokens + final.num_output_tokens,
-        "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens},
+        "prompt_tokens": finals[0].num_prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": finals[0].num_prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finals[0].num_cached_tokens},
     }
 
 
@@ -499,7 +507,7 @@ def chat_logprobs(tokens: Sequence[TokenText]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokens: Sequence[TokenText], text_offset: int) -> dict[str, Any]:
+def completion_logprobs(tokens: Sequence[TokenText], text_offset: int = 0) -> dict[str, Any]:
     """A completions choice's legacy `logprobs`; `text_offset` is where the first token
     starts in the completion's text."""
     offsets = []
@@ -515,10 +523,15 @@ def completion_logprobs(tokens: Sequence[TokenText], text_offset: int) -> dict[s
 
 
 def completion_chunk(
-    h: StreamHeader, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    h: StreamHeader,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _envelope(h, "text_completion", [choice], None)
+    return _envelope(
+        h, "text_completion", [completion_choice(index, text, finish_reason, logprobs)]
+    )
 
 
 def chat_chunk(
@@ -526,9 +539,10 @@ def chat_chunk(
     delta: dict[str, str],
     finish_reason: str | None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _envelope(h, "chat.completion.chunk", [choice], None)
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _envelope(h, "chat.completion.chunk", [choice])
 
 
 def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, Any]) -> dict[str, Any]:
@@ -536,27 +550,34 @@ def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, Any]) -> dic
     return _envelope(h, object_name, [], usage)
 
 
-def completion_response(
-    h: StreamHeader,
-    text: str,
-    finish_reason: str,
-    usage: dict[str, Any],
-    logprobs: dict[str, Any] | None = None,
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _envelope(h, "text_completion", [choice], usage)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(
+    index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+
+
+def completion_response(
+    h: StreamHeader, choices: list[dict[str, Any]], usage: dict[str, Any]
+) -> dict[str, Any]:
+    return _envelope(h, "text_completion", choices, usage)
 
 
 def chat_response(
-    h: StreamHeader,
-    text: str,
-    finish_reason: str,
-    usage: dict[str, Any],
-    logprobs: dict[str, Any] | None = None,
+    h: StreamHeader, choices: list[dict[str, Any]], usage: dict[str, Any]
 ) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _envelope(h, "chat.completion", [choice], usage)
+    return _envelope(h, "chat.completion", choices, usage)
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -564,7 +585,10 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 
 def _envelope(
-    h: StreamHeader, object_name: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None
+    h: StreamHeader,
+    object_name: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": h.id,
