@@ -393,7 +393,8 @@ def _parse_stop_token_ids(ids: object) -> tuple[int, ...]:
 
 def _parse_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
     """OpenAI's `{"token id": bias}` with biases in [-100, 100], as sorted (id, bias) pairs.
-    Ids beyond the vocabulary are checked by the app, which knows it."""
+    An id beyond the model's logits biases nothing (the device scatter drops it), as no such
+    token can be sampled anyway."""
     if bias is None:
         return ()
     if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
@@ -403,7 +404,13 @@ def _parse_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
         )
     pairs = {}
     for key in bias:
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 11):
+        if not (
+            isinstance(key, str)
+            and key.isascii()
+            and key.isdigit()
+            and len(key) <= 10
+            and int(key) < 2**31
+        ):
             raise bad_request(f"'logit_bias' key {key!r} is not a token id.", param="logit_bias")
         pairs[int(key)] = _opt_bounded(bias, key, -100.0, 100.0, 0.0, param="logit_bias")
     return tuple(sorted(pairs.items()))

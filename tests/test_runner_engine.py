@@ -165,6 +165,26 @@ def test_recompute_preemption_keeps_outputs(weights) -> None:
         assert tight_rec.tokens(r.request_id) == calm_rec.tokens(r.request_id)
 
 
+def test_recompute_preemption_keeps_penalised_outputs_and_logprobs(weights) -> None:
+    """Penalties count the tokens a request holds, and logprobs come with each appended
+    token, so re-prefilling a preempted request changes neither."""
+    sampling = dict(presence_penalty=0.8, repetition_penalty=1.3, logprobs=2)
+    calm, calm_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    tight, tight_rec = make_engine(weights, num_pages=14, policy=FcfsPolicy(chunked=True))
+    drive(calm, requests_for(8, max_tokens=24, **sampling))
+    drive(tight, requests_for(8, max_tokens=24, **sampling))
+    assert tight.kv.stats.num_preemptions > 0
+    for r in requests_for(8, max_tokens=24):
+        assert tight_rec.tokens(r.request_id) == calm_rec.tokens(r.request_id)
+        calm_lps, tight_lps = (
+            [lp for d in rec.deltas[r.request_id] for lp in d.logprobs or ()]
+            for rec in (calm_rec, tight_rec)
+        )
+        assert [lp.token_id for lp in tight_lps] == tight_rec.tokens(r.request_id)
+        for a, b in zip(calm_lps, tight_lps, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
 def test_transfers_overlapping_steps_never_corrupt_kv(weights) -> None:
     """Swap storm with async copies vs the same storm with every copy forced synchronous."""
     results = []

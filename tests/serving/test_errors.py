@@ -60,6 +60,8 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    (C, {"prompt": "hi", "logit_bias": {"2147483648": 1}}, 400, "logit_bias"),
+    (C, {"prompt": "hi", "logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "logit_bias": [1]}, 400, "logit_bias"),
     (C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     (C, {"prompt": "hi", "consumption_rate": 0}, 400, "consumption_rate"),
