@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving import responses
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
@@ -90,7 +91,7 @@ class ServedEngine(EngineClient, Protocol):
 class _Call:
     """One admitted generation request, from submit to its last delta."""
 
-    header: p.StreamHeader
+    header: responses.StreamHeader
     chat: bool
     sse: bool  # stream the answer as server-sent events
     include_usage: bool
@@ -290,7 +291,7 @@ class _Server:
             default_max_tokens=None if chat else p.COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        header = p.StreamHeader(request_id, int(time.time()), self.model_name)
+        header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
 
         def submit(index: int) -> _Call:
             params = sampling
@@ -445,28 +446,32 @@ class _Server:
             async for call, delta in deltas:
                 if call.chat and call.index not in role_sent and (delta.token_ids or delta.text):
                     role_sent.add(call.index)
-                    yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None, index=call.index))
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
+                    )
                 if delta.text or delta.logprobs:
                     tokens = self._token_texts(delta)
-                    yield p.sse_event(_text_chunk(call, delta.text, None, tokens))
+                    yield responses.sse_event(_text_chunk(call, delta.text, None, tokens))
         failure = _choices_failure(choices)
         if failure is not None:
-            yield p.sse_event(failure.payload())
+            yield responses.sse_event(failure.payload())
         else:
             for call in choices.calls:
                 if call.chat and call.index not in role_sent:
-                    yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None, index=call.index))
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
+                    )
                 reason = _FINISH_REASONS[call.final.finish_reason]
-                yield p.sse_event(_text_chunk(call, "", reason))
+                yield responses.sse_event(_text_chunk(call, "", reason))
             if first.include_usage:
                 object_name = "chat.completion.chunk" if first.chat else "text_completion"
-                usage = p.usage([c.final for c in choices.calls])
-                yield p.sse_event(p.usage_chunk(h, object_name, usage))
-        yield p.SSE_DONE
+                usage = responses.usage([c.final for c in choices.calls])
+                yield responses.sse_event(responses.usage_chunk(h, object_name, usage))
+        yield responses.SSE_DONE
 
     async def _collect(self, choices: _Choices) -> Response:
         texts: dict[int, list[str]] = {i: [] for i in range(choices.n)}
-        tokens: dict[int, list[p.TokenText]] = {i: [] for i in range(choices.n)}
+        tokens: dict[int, list[responses.TokenText]] = {i: [] for i in range(choices.n)}
         async with aclosing(self._choice_deltas(choices)) as deltas:
             async for call, delta in deltas:
                 texts[call.index].append(delta.text)
@@ -475,9 +480,9 @@ class _Server:
         if failure is not None:
             return failure.response()
         first = choices.calls[0]
-        usage = p.usage([c.final for c in choices.calls])
-        build_logprobs = p.chat_logprobs if first.chat else p.completion_logprobs
-        choice = p.chat_choice if first.chat else p.completion_choice
+        usage = responses.usage([c.final for c in choices.calls])
+        build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
+        choice = responses.chat_choice if first.chat else responses.completion_choice
         body = [
             choice(
                 i,
@@ -487,16 +492,16 @@ class _Server:
             )
             for i in range(choices.n)
         ]
-        build = p.chat_response if first.chat else p.completion_response
+        build = responses.chat_response if first.chat else responses.completion_response
         return JSONResponse(build(first.header, body, usage))
 
-    def _token_texts(self, delta: Delta) -> list[p.TokenText] | None:
+    def _token_texts(self, delta: Delta) -> list[responses.TokenText] | None:
         """The delta's logprobs with each token as text (as vLLM: the token decoded alone)."""
         if delta.logprobs is None:
             return None
         decode = self.engine.tokenizer.decode
         return [
-            p.TokenText(
+            responses.TokenText(
                 decode([lp.token_id]), lp.logprob, tuple((decode([t]), v) for t, v in lp.top)
             )
             for lp in delta.logprobs
@@ -504,17 +509,20 @@ class _Server:
 
 
 def _text_chunk(
-    call: _Call, text: str, finish_reason: str | None, tokens: list[p.TokenText] | None = None
+    call: _Call,
+    text: str,
+    finish_reason: str | None,
+    tokens: list[responses.TokenText] | None = None,
 ) -> dict[str, Any]:
     """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`), with the
     logprobs of `tokens` if the request asked for them."""
     if call.chat:
         delta = {"content": text} if text or tokens is not None else {}
-        logprobs = None if tokens is None else p.chat_logprobs(tokens)
-        return p.chat_chunk(call.header, delta, finish_reason, logprobs, call.index)
-    logprobs = None if tokens is None else p.completion_logprobs(tokens, call.text_offset)
+        logprobs = None if tokens is None else responses.chat_logprobs(tokens)
+        return responses.chat_chunk(call.header, delta, finish_reason, logprobs, call.index)
+    logprobs = None if tokens is None else responses.completion_logprobs(tokens, call.text_offset)
     call.text_offset += sum(len(t.text) for t in tokens or ())
-    return p.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
+    return responses.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
 
 
 def _is_healthy(delta: Delta) -> bool:

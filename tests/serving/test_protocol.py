@@ -59,10 +59,6 @@ def test_prompt_filling_the_context_is_rejected() -> None:
     assert sampling.max_tokens == 1
 
 
-def test_sse_event_keeps_unicode() -> None:
-    assert p.sse_event({"text": "é"}) == 'data: {"text": "é"}\n\n'.encode()
-
-
 def test_penalties_reach_the_sampling_params() -> None:
     body = {
         "prompt": "hi",
