@@ -4,6 +4,8 @@ its prompt prefilled (so they hit the prefix cache); streamed with their `index`
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -52,10 +54,7 @@ async def test_later_choices_wait_for_the_first_token(
 ) -> None:
     """While choice 0 has produced nothing, it is the only request queued."""
     engine.first_token_delay_s = 0.2
-    request = client.post(C, json={"prompt": "hi", "max_tokens": 2, "n": 4})
-    import asyncio
-
-    task = asyncio.ensure_future(request)
+    task = asyncio.ensure_future(client.post(C, json={"prompt": "hi", "max_tokens": 2, "n": 4}))
     await asyncio.sleep(0.1)
     assert len(engine.submitted) == 1
     r = await task
