@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -47,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
+from serving import responses
 from serving.auth import ApiKeyAuth
 from serving.dashboard import Dashboard
 from serving.errors import (
@@ -76,6 +77,8 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str: ...
@@ -89,10 +92,11 @@ class ServedEngine(EngineClient, Protocol):
 class _Call:
     """One admitted generation request, from submit to its last delta."""
 
-    header: p.StreamHeader
+    header: responses.StreamHeader
     chat: bool
     sse: bool  # stream the answer as server-sent events
     include_usage: bool
+    logprobs: bool  # the request asked for logprobs
     source: RequestStream
     submit_s: float  # time.monotonic()
     num_prompt_tokens: int
@@ -100,6 +104,20 @@ class _Call:
     first_token_s: float | None = None
     last_token_s: float | None = None
     final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
+    text_offset: int = 0  # completions logprobs: characters of token text already sent
+    index: int = 0  # the choice this call answers
+
+
+@dataclass(slots=True)
+class _Choices:
+    """The `n` calls answering one request, choice i in `calls[i]`. Only choice 0 is submitted
+    at admission; the others when its first delta shows its prompt prefilled, so that they
+    find the prompt's full pages in the prefix cache rather than prefill it again."""
+
+    calls: list[_Call]
+    n: int
+    submit: Callable[[int], _Call]  # submits choice i (raises `EngineError`)
+    error: str | None = None  # why a later choice could not be submitted
 
 
 def create_app(
@@ -259,21 +277,26 @@ class _Server:
                 self.engine.abort(request_id)
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
-        call = await self._admit(request, chat=chat)
-        if call.sse:
+        choices = await self._admit(request, chat=chat)
+
+        def end() -> None:
+            for call in choices.calls:
+                self._end(call)
+
+        if choices.calls[0].sse:
             return _EventStream(
-                self._events(call),
-                on_close=lambda: self._end(call),
-                idle_timeout_s=self.stream_idle_timeout_s,
+                self._events(choices), on_close=end, idle_timeout_s=self.stream_idle_timeout_s
             )
         try:
-            response = await _until_disconnected(request.receive, lambda: self._collect(call))
+            response = await _until_disconnected(request.receive, lambda: self._collect(choices))
         finally:
-            self._end(call)
+            end()
         return response or Response(status_code=_CLIENT_GONE)
 
-    async def _admit(self, request: Request, *, chat: bool) -> _Call:
-        """Validate, tokenize and submit; every failure here is an `APIError` (nothing queued)."""
+    async def _admit(self, request: Request, *, chat: bool) -> _Choices:
+        """Validate, tokenize and submit choice 0; every failure here is an `APIError` (nothing
+        queued). Choice i > 0 samples with seed + i, so a seeded request is reproducible and
+        its choices differ."""
         body = p.decode_body(await _read_body(request, self.max_request_bytes))
         if chat:
             messages, options = p.parse_chat(body)
@@ -296,29 +319,40 @@ class _Server:
             default_max_tokens=None if chat else p.COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        submit_s = time.monotonic()
-        try:
+        header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
+
+        def submit(index: int) -> _Call:
+            params = sampling
+            if index and sampling.seed is not None:
+                params = replace(sampling, seed=(sampling.seed + index) % p.SEED_SPACE)
+            submit_s = time.monotonic()
             source = self.engine.submit(
                 prompt_ids,
-                sampling,
+                params,
                 consumption_rate=options.consumption_rate or self.default_rate,
                 priority=options.priority,
-                request_id=request_id,
+                request_id=f"{request_id}-{index}" if index else request_id,
                 streaming=options.stream,
             )
+            self._live.add(source.request_id)
+            self._idle.clear()
+            return _Call(
+                header=header,
+                chat=chat,
+                sse=options.stream,
+                include_usage=options.include_usage,
+                logprobs=sampling.logprobs is not None,
+                source=source,
+                submit_s=submit_s,
+                num_prompt_tokens=len(prompt_ids),
+                index=index,
+            )
+
+        try:
+            first = submit(0)
         except EngineError as err:
             raise from_engine_error(err) from None
-        self._live.add(source.request_id)
-        self._idle.clear()
-        return _Call(
-            header=p.StreamHeader(request_id, int(time.time()), self.model_name),
-            chat=chat,
-            sse=options.stream,
-            include_usage=options.include_usage,
-            source=source,
-            submit_s=submit_s,
-            num_prompt_tokens=len(prompt_ids),
-        )
+        return _Choices([first], options.n, submit)
 
     def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
         try:
@@ -327,6 +361,53 @@ class _Server:
             raise bad_request(
                 f"The chat template rejected the messages: {err}", "messages"
             ) from None
+
+    async def _choice_deltas(self, choices: _Choices) -> AsyncGenerator[tuple[_Call, Delta], None]:
+        """Every choice's deltas as they come; submits the later choices on choice 0's first
+        delta. A single choice is read directly, with no queue hop per token."""
+        if choices.n == 1:
+            async with aclosing(self._deltas(choices.calls[0])) as deltas:
+                async for delta in deltas:
+                    yield choices.calls[0], delta
+            return
+        queue: asyncio.Queue[tuple[_Call, Delta | None]] = asyncio.Queue()
+
+        async def pump(call: _Call) -> None:
+            try:
+                async with aclosing(self._deltas(call)) as deltas:
+                    async for delta in deltas:
+                        queue.put_nowait((call, delta))
+            finally:
+                queue.put_nowait((call, None))
+
+        tasks = [asyncio.create_task(pump(choices.calls[0]))]
+        num_open = 1
+        try:
+            while num_open:
+                call, delta = await queue.get()
+                if delta is None:
+                    num_open -= 1
+                    continue
+                if len(choices.calls) < choices.n and choices.error is None and _is_healthy(delta):
+                    added = self._submit_rest(choices)
+                    tasks += [asyncio.create_task(pump(c)) for c in added]
+                    num_open += len(added)
+                yield call, delta
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _submit_rest(self, choices: _Choices) -> list[_Call]:
+        """Submit choices 1..n-1; a refusal (queue full, engine down) fails the request."""
+        added = []
+        for index in range(len(choices.calls), choices.n):
+            try:
+                added.append(choices.submit(index))
+            except EngineError as err:
+                choices.error = f"Choice {index} could not be queued: {err}"
+                break
+        choices.calls += added
+        return added
 
     async def _deltas(self, call: _Call) -> AsyncGenerator[Delta, None]:
         """The engine's deltas, timed and bookkept on `call`."""
@@ -383,49 +464,110 @@ class _Server:
             final.num_cached_tokens if final else 0,
         )
 
-    async def _events(self, call: _Call) -> AsyncGenerator[bytes, None]:
-        """SSE events of one request, [DONE] last; `_EventStream` closes it."""
-        h = call.header
-        role_sent = False
-        async with aclosing(self._deltas(call)) as deltas:
-            async for delta in deltas:
-                if call.chat and not role_sent and (delta.token_ids or delta.text):
-                    role_sent = True
-                    yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None))
-                if delta.text:
-                    yield p.sse_event(_text_chunk(call, delta.text, None))
-        failure = _failure(call.final)
+    async def _events(self, choices: _Choices) -> AsyncGenerator[bytes, None]:
+        """SSE events of one request, [DONE] last; `_EventStream` closes it. Every choice's
+        finish chunk comes at the end, in index order."""
+        first = choices.calls[0]
+        h = first.header
+        role_sent: set[int] = set()
+        async with aclosing(self._choice_deltas(choices)) as deltas:
+            async for call, delta in deltas:
+                if call.chat and call.index not in role_sent and (delta.token_ids or delta.text):
+                    role_sent.add(call.index)
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
+                    )
+                if delta.text or delta.logprobs:
+                    tokens = self._token_texts(delta)
+                    yield responses.sse_event(_text_chunk(call, delta.text, None, tokens))
+        failure = _choices_failure(choices)
         if failure is not None:
-            yield p.sse_event(failure.payload())
+            yield responses.sse_event(failure.payload())
         else:
-            if call.chat and not role_sent:
-                yield p.sse_event(p.chat_chunk(h, _ROLE_DELTA, None))
-            yield p.sse_event(_text_chunk(call, "", _FINISH_REASONS[call.final.finish_reason]))
-            if call.include_usage:
-                object_name = "chat.completion.chunk" if call.chat else "text_completion"
-                usage = p.usage(call.final)
-                yield p.sse_event(p.usage_chunk(h, object_name, usage))
-        yield p.SSE_DONE
+            for call in choices.calls:
+                if call.chat and call.index not in role_sent:
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
+                    )
+                reason = _FINISH_REASONS[call.final.finish_reason]
+                yield responses.sse_event(_text_chunk(call, "", reason))
+            if first.include_usage:
+                object_name = "chat.completion.chunk" if first.chat else "text_completion"
+                usage = responses.usage([c.final for c in choices.calls])
+                yield responses.sse_event(responses.usage_chunk(h, object_name, usage))
+        yield responses.SSE_DONE
 
-    async def _collect(self, call: _Call) -> Response:
-        texts = []
-        async with aclosing(self._deltas(call)) as deltas:
-            async for delta in deltas:
-                texts.append(delta.text)
-        failure = _failure(call.final)
+    async def _collect(self, choices: _Choices) -> Response:
+        texts: dict[int, list[str]] = {i: [] for i in range(choices.n)}
+        tokens: dict[int, list[responses.TokenText]] = {i: [] for i in range(choices.n)}
+        async with aclosing(self._choice_deltas(choices)) as deltas:
+            async for call, delta in deltas:
+                texts[call.index].append(delta.text)
+                tokens[call.index].extend(self._token_texts(delta) or ())
+        failure = _choices_failure(choices)
         if failure is not None:
             return failure.response()
-        reason = _FINISH_REASONS[call.final.finish_reason]
-        usage = p.usage(call.final)
-        build = p.chat_response if call.chat else p.completion_response
-        return JSONResponse(build(call.header, "".join(texts), reason, usage))
+        first = choices.calls[0]
+        usage = responses.usage([c.final for c in choices.calls])
+        build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
+        choice = responses.chat_choice if first.chat else responses.completion_choice
+        body = [
+            choice(
+                i,
+                "".join(texts[i]),
+                _FINISH_REASONS[choices.calls[i].final.finish_reason],
+                build_logprobs(tokens[i]) if first.logprobs else None,
+            )
+            for i in range(choices.n)
+        ]
+        build = responses.chat_response if first.chat else responses.completion_response
+        return JSONResponse(build(first.header, body, usage))
+
+    def _token_texts(self, delta: Delta) -> list[responses.TokenText] | None:
+        """The delta's logprobs with each token as text (as vLLM: the token decoded alone)."""
+        if delta.logprobs is None:
+            return None
+        decode = self.engine.tokenizer.decode
+        return [
+            responses.TokenText(
+                decode([lp.token_id]), lp.logprob, tuple((decode([t]), v) for t, v in lp.top)
+            )
+            for lp in delta.logprobs
+        ]
 
 
-def _text_chunk(call: _Call, text: str, finish_reason: str | None) -> dict[str, Any]:
-    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`)."""
+def _text_chunk(
+    call: _Call,
+    text: str,
+    finish_reason: str | None,
+    tokens: list[responses.TokenText] | None = None,
+) -> dict[str, Any]:
+    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`), with the
+    logprobs of `tokens` if the request asked for them."""
     if call.chat:
-        return p.chat_chunk(call.header, {"content": text} if text else {}, finish_reason)
-    return p.completion_chunk(call.header, text, finish_reason)
+        delta = {"content": text} if text or tokens is not None else {}
+        logprobs = None if tokens is None else responses.chat_logprobs(tokens)
+        return responses.chat_chunk(call.header, delta, finish_reason, logprobs, call.index)
+    logprobs = None if tokens is None else responses.completion_logprobs(tokens, call.text_offset)
+    call.text_offset += sum(len(t.text) for t in tokens or ())
+    return responses.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
+
+
+def _is_healthy(delta: Delta) -> bool:
+    """The delta is output, or a stop/length finish: not an error or an abort."""
+    return delta.error is None and delta.finish_reason in (None, *_FINISH_REASONS)
+
+
+def _choices_failure(choices: _Choices) -> APIError | None:
+    """The first failed choice's error (see `_failure`), or why a choice was never queued."""
+    for call in choices.calls:
+        failure = _failure(call.final)
+        if failure is not None:
+            return failure
+    if len(choices.calls) < choices.n:
+        message = choices.error or "The first choice ended before the others were queued."
+        return APIError(503, message, type=SERVER_ERROR)
+    return None
 
 
 def _failure(final: Delta | None) -> APIError | None:

@@ -1,50 +1,96 @@
-"""OpenAI request parsing and validation, and the response and SSE chunk builders.
+"""OpenAI request parsing and validation (responses are built by `serving.responses`).
 
 Parsing is hand-written over the decoded JSON instead of a schema library so that every way a
 body can be wrong (bad JSON, wrong types, NaN, booleans posing as integers, out-of-range values,
 unsupported options) becomes an `APIError` with status 400 and the offending `param`: no body can
-reach the engine invalid or make the server answer 500. Fields we do not know are ignored, as
-OpenAI clients send extras; OpenAI fields we cannot honour (n > 1, logprobs, echo, penalties,
-logit_bias, ...) are rejected rather than silently ignored, because the answer would be wrong.
+reach the engine invalid or make the server answer 500. Every field of OpenAI's chat and
+completions bodies (and the vLLM extensions clients send to peers) is either in
+`HONOURED_FIELDS` or in `REFUSED_UNLESS`: a field we cannot honour is a 400 unless it carries a
+value meaning "off", never silently ignored, because the answer would be wrong (a client asking
+for JSON would get free text). Fields no API defines are ignored, as clients send extras.
 
 Defaults follow OpenAI: temperature 1, top_p 1; `max_tokens` 16 on /v1/completions and "the rest
 of the context" on /v1/chat/completions (as vLLM). Extensions: `consumption_rate` (tokens/s the
 reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the server default
-when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, `stop_token_ids` (vLLM's).
+when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, and vLLM's
+`stop_token_ids`, `repetition_penalty` and `min_p`. `logprobs` is a count of alternatives on
+/v1/completions (0-5) and a boolean with `top_logprobs` (0-20) on chat: both become
+`SamplingParams.logprobs`.
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
-
-The builders return plain dicts in the chunk shapes of the OpenAI streaming API;
-`serving.app` decides which to send when.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from serving.errors import bad_request
-from tfjax.api import Delta
-from tfjax.request import SamplingParams
+from tfjax.logits import MAX_LOGIT_BIAS
+from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-SSE_DONE = b"data: [DONE]\n\n"
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on completions `logprobs`
+MAX_CHOICES = 16  # `n`: each choice is a request; OpenAI allows 128, we keep one body small
 
-# OpenAI options we do not implement, with the values (besides null) that mean "off" and are
-# therefore accepted. Compared with their type too, since True == 1 in Python.
-_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+# Fields of OpenAI's chat and completions request bodies (openai-python's
+# `CompletionCreateParams`) that are honoured whatever their (valid) value. Informational ones
+# count: `user`, `metadata`, `safety_identifier` and `prompt_cache_key` change no output, and
+# the prefix cache serves repeated prefixes whether or not a key names them.
+HONOURED_FIELDS = frozenset(
+    {
+        "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
+        "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
+        "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
+        "n",
+    }
+)  # fmt: skip
+# Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
+# the values (besides null) that mean "off" and are therefore accepted. Compared with their
+# type too, since True == 1 in Python.
+REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "echo": (False,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "suffix": ("",),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "moderation": (),
+    "store": (False,),  # we keep nothing for OpenAI's evals or distillation
+    "service_tier": ("auto", "default"),  # one tier: the one every request gets
+    "prompt_cache_retention": ("in_memory", "in-memory"),  # our cache lives in memory only
+    "prompt_cache_options": (),
+    # vLLM's extensions
+    "min_tokens": (0,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "prompt_logprobs": (0,),
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "truncate_prompt_tokens": (),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
 }
 _INT64 = 2**63
-_SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
+SEED_SPACE = 2**32  # the engine's PRNG seeds are uint32; OpenAI's are any int64
 _TOP_K_MAX = 2**31 - 1  # the runner's top-k is int32; a cut beyond the vocabulary is no cut
 # Stop strings are matched on the engine thread after every token, at a cost that grows with
 # their number times their length squared: unbounded, one request could slow every stream.
@@ -55,6 +101,14 @@ MIN_CONSUMPTION_RATE = 1e-3  # tokens/s: one token every ~17 minutes
 # No valid body nests deeper than messages[i].content[j] (4 levels); a deep one is an attack or
 # a bug, and every later walk over the body (validation, re-encoding) would pay for its depth.
 MAX_JSON_DEPTH = 32
+# (low, high, off) of each penalty: OpenAI's ranges; vLLM's for its extensions, with
+# repetition_penalty's upper end ours (beyond it every seen token is all but banned anyway).
+_PENALTY_RANGES = {
+    "presence_penalty": (-2.0, 2.0, 0.0),
+    "frequency_penalty": (-2.0, 2.0, 0.0),
+    "repetition_penalty": (0.0, 10.0, 1.0),
+    "min_p": (0.0, 1.0, 0.0),
+}
 _CONTAINERS = frozenset({dict, list})
 
 
@@ -75,6 +129,13 @@ class GenerateOptions:
     include_usage: bool = False
     consumption_rate: float | None = None  # None: the server's --default-consumption-rate
     priority: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; else this many top alternatives per token
+    n: int = 1  # choices, each its own engine request
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -113,14 +174,24 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt, _parse_options(body)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         raise bad_request(
             "Batched prompts are not supported: send one request per prompt.", param="prompt"
         )
-    if isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt):
-        return prompt, _parse_options(body)
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt)
+    ):
+        if body.get("top_logprobs") is not None:
+            raise bad_request(
+                "'top_logprobs' is a chat option: completions take 'logprobs': <count>.",
+                param="top_logprobs",
+            )
+        logprobs = _opt_int(body, "logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(
+                f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}].", param="logprobs"
+            )
+        return prompt, replace(_parse_options(body), logprobs=logprobs)
     raise bad_request(
         "'prompt' must be a string or a list of non-negative token ids.", param="prompt"
     )
@@ -131,7 +202,20 @@ def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], GenerateOpti
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list.", param="messages")
-    return [_parse_message(m) for m in messages], _parse_options(body)
+    options = replace(_parse_options(body), logprobs=_parse_chat_logprobs(body))
+    return [_parse_message(m) for m in messages], options
+
+
+def _parse_chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's `logprobs: true` with `top_logprobs` alternatives (0-20), as one count."""
+    top = _opt_int(body, "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}].", "top_logprobs")
+    if not _opt_bool(body, "logprobs"):
+        if top:
+            raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def sampling_params(
@@ -160,7 +244,13 @@ def sampling_params(
         temperature=options.temperature,
         top_k=options.top_k,
         top_p=options.top_p,
-        seed=None if options.seed is None else options.seed % _SEED_SPACE,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        logit_bias=options.logit_bias,
+        logprobs=options.logprobs,
+        seed=None if options.seed is None else options.seed % SEED_SPACE,
         stop=options.stop,
         stop_token_ids=options.stop_token_ids,
         ignore_eos=options.ignore_eos,
@@ -168,14 +258,17 @@ def sampling_params(
 
 
 def _parse_options(body: dict[str, Any]) -> GenerateOptions:
-    for name, off in _UNSUPPORTED_UNLESS.items():
+    for name, off in REFUSED_UNLESS.items():
         value = body.get(name)
         if value is not None and not any(type(value) is type(a) and value == a for a in off):
             raise bad_request(f"'{name}' is not supported by this server.", param=name)
-    n = _opt_int(body, "n")
-    if n not in (None, 1):
-        raise bad_request("Only n=1 is supported: send one request per choice.", param="n")
-    _opt_str(body, "user")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        _opt_str(body, name)
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise bad_request("'metadata' must be an object of strings.", param="metadata")
 
     stream = _opt_bool(body, "stream") or False
     stream_options = body.get("stream_options")
@@ -203,6 +296,15 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
     top_k = _opt_int(body, "top_k")
     if top_k is not None and top_k < -1:
         raise bad_request("'top_k' must be -1 or 0 (no cut) or a positive integer.", "top_k")
+    n = _opt_int(body, "n")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"'n' must be in [1, {MAX_CHOICES}].", param="n")
+    penalties = {
+        name: _opt_bounded(body, name, low, high, default)
+        for name, (low, high, default) in _PENALTY_RANGES.items()
+    }
+    if penalties["repetition_penalty"] == 0:
+        raise bad_request("'repetition_penalty' must be > 0.", param="repetition_penalty")
     seed = _opt_int(body, "seed")
     if seed is not None and not -_INT64 <= seed < _INT64:
         raise bad_request("'seed' must fit in a signed 64-bit integer.", param="seed")
@@ -230,6 +332,9 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         include_usage=include_usage,
         consumption_rate=rate,
         priority=priority or 0,
+        logit_bias=_parse_logit_bias(body.get("logit_bias")),
+        n=n or 1,
+        **penalties,
     )
 
 
@@ -280,6 +385,47 @@ def _parse_stop_token_ids(ids: object) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _parse_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` with biases in [-100, 100], as sorted (id, bias) pairs.
+    An id beyond the model's logits biases nothing (the device scatter drops it), as no such
+    token can be sampled anyway."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(
+            f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids.",
+            param="logit_bias",
+        )
+    pairs = {}
+    for key in bias:
+        if not (
+            isinstance(key, str)
+            and key.isascii()
+            and key.isdigit()
+            and len(key) <= 10
+            and int(key) < 2**31
+        ):
+            raise bad_request(f"'logit_bias' key {key!r} is not a token id.", param="logit_bias")
+        pairs[int(key)] = _opt_bounded(bias, key, -100.0, 100.0, 0.0, param="logit_bias")
+    return tuple(sorted(pairs.items()))
+
+
+def _opt_bounded(
+    body: dict[str, Any],
+    name: str,
+    low: float,
+    high: float,
+    default: float,
+    param: str | None = None,
+) -> float:
+    value = _opt_number(body, name, param)
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be in [{low}, {high}].", param=param or name)
+    return value
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1 here
 
@@ -291,18 +437,18 @@ def _opt_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _opt_number(body: dict[str, Any], name: str) -> float | None:
+def _opt_number(body: dict[str, Any], name: str, param: str | None = None) -> float | None:
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a finite number.", param=name)
+        raise bad_request(f"'{name}' must be a finite number.", param=param or name)
     try:
         number = float(value)  # json allows NaN and Infinity, and integers beyond float range
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise bad_request(f"'{name}' must be a finite number.", param=name)
+        raise bad_request(f"'{name}' must be a finite number.", param=param or name)
     return number
 
 
@@ -318,69 +464,3 @@ def _opt_str(body: dict[str, Any], name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise bad_request(f"'{name}' must be a string.", param=name)
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class StreamHeader:
-    """The fields every chunk and response of one request repeats unchanged."""
-
-    id: str
-    created: int  # unix seconds
-    model: str
-
-
-def usage(final: Delta) -> dict[str, Any]:
-    """OpenAI's usage object, with the prompt tokens the prefix cache served."""
-    return {
-        "prompt_tokens": final.num_prompt_tokens,
-        "completion_tokens": final.num_output_tokens,
-        "total_tokens": final.num_prompt_tokens + final.num_output_tokens,
-        "prompt_tokens_details": {"cached_tokens": final.num_cached_tokens},
-    }
-
-
-def completion_chunk(h: StreamHeader, text: str, finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(h, "text_completion", [choice], None)
-
-
-def chat_chunk(h: StreamHeader, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(h, "chat.completion.chunk", [choice], None)
-
-
-def usage_chunk(h: StreamHeader, object_name: str, usage: dict[str, Any]) -> dict[str, Any]:
-    """The `stream_options.include_usage` chunk: no choices, sent just before [DONE]."""
-    return _envelope(h, object_name, [], usage)
-
-
-def completion_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
-) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(h, "text_completion", [choice], usage)
-
-
-def chat_response(
-    h: StreamHeader, text: str, finish_reason: str, usage: dict[str, Any]
-) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(h, "chat.completion", [choice], usage)
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-
-
-def _envelope(
-    h: StreamHeader, object_name: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None
-) -> dict[str, Any]:
-    return {
-        "id": h.id,
-        "object": object_name,
-        "created": h.created,
-        "model": h.model,
-        "choices": choices,
-        "usage": usage,
-    }

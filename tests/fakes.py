@@ -17,7 +17,8 @@ import numpy as np
 
 from tfjax.engine import Engine
 from tfjax.kv.manager import PrefillWork
-from tfjax.request import Request
+from tfjax.request import MAX_TOP_LOGPROBS, Request
+from tfjax.sampling import TokenLogprobs
 
 VOCAB = 1000
 EOS = 2
@@ -63,6 +64,16 @@ class FakeRunner:
         if decode:
             ids.extend(self.decode(decode).tolist())
         return np.array(ids, np.int64)
+
+    def step_scored(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[np.ndarray, TokenLogprobs]:
+        """`step`, scored as the fake model is sure: the chosen token has logprob 0 and the
+        next ids follow, each one nat less likely."""
+        ids = self.step(prefill, decode)
+        top_ids = (ids[:, None] + np.arange(MAX_TOP_LOGPROBS)) % VOCAB
+        top = -np.broadcast_to(np.arange(MAX_TOP_LOGPROBS, dtype=np.float32), top_ids.shape)
+        return ids, TokenLogprobs(token=np.zeros(len(ids), np.float32), top_ids=top_ids, top=top)
 
     def prefill(self, request: Request, num_tokens: int) -> np.ndarray:
         start = request.num_computed_tokens

@@ -8,7 +8,6 @@ import functools
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from models.weights import init_random
 from tests.fakes import FakeTokenizer, drive
 from tests.kv.test_offload import StormPolicy
 from tests.test_engine import Recorder
+from tests.test_logits import numpy_penalties
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.host import HostTier
@@ -57,8 +57,11 @@ def _one_token_step():
     return jax.jit(lambda w, step, kv: forward(w, TINY, step, kv), donate_argnums=2)
 
 
-def greedy_reference(weights, prompt: list[int], num_tokens: int) -> list[int]:
-    """One sequence fed one token per call (a single compiled shape): no engine involved."""
+def greedy_reference(
+    weights, prompt: list[int], num_tokens: int, penalties: SamplingParams | None = None
+) -> list[int]:
+    """One sequence fed one token per call (a single compiled shape): no engine involved.
+    `penalties`: bias and penalties applied by `tests.test_logits.numpy_penalties`."""
     pages = MAX_LEN // PAGE_SIZE
     kv = init_kv_cache(TINY, pages + 1, PAGE_SIZE)
     tokens, out = list(prompt), []
@@ -66,7 +69,10 @@ def greedy_reference(weights, prompt: list[int], num_tokens: int) -> list[int]:
         step = single_sequence_step([tokens[pos]], pos, PAGE_SIZE, pages)
         hidden, kv = _one_token_step()(weights, step, kv)
         if pos >= len(prompt) - 1:
-            out.append(int(jnp.argmax(logits(weights, TINY, hidden[0]))))
+            logits_V = np.asarray(logits(weights, TINY, hidden[0]), np.float32)
+            if penalties is not None:
+                logits_V = numpy_penalties(logits_V, prompt, out, penalties)
+            out.append(int(np.argmax(logits_V)))
             tokens.append(out[-1])
     return out
 
@@ -159,6 +165,26 @@ def test_recompute_preemption_keeps_outputs(weights) -> None:
         assert tight_rec.tokens(r.request_id) == calm_rec.tokens(r.request_id)
 
 
+def test_recompute_preemption_keeps_penalised_outputs_and_logprobs(weights) -> None:
+    """Penalties count the tokens a request holds, and logprobs come with each appended
+    token, so re-prefilling a preempted request changes neither."""
+    sampling = dict(presence_penalty=0.8, repetition_penalty=1.3, logprobs=2)
+    calm, calm_rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    tight, tight_rec = make_engine(weights, num_pages=14, policy=FcfsPolicy(chunked=True))
+    drive(calm, requests_for(8, max_tokens=24, **sampling))
+    drive(tight, requests_for(8, max_tokens=24, **sampling))
+    assert tight.kv.stats.num_preemptions > 0
+    for r in requests_for(8, max_tokens=24):
+        assert tight_rec.tokens(r.request_id) == calm_rec.tokens(r.request_id)
+        calm_lps, tight_lps = (
+            [lp for d in rec.deltas[r.request_id] for lp in d.logprobs or ()]
+            for rec in (calm_rec, tight_rec)
+        )
+        assert [lp.token_id for lp in tight_lps] == tight_rec.tokens(r.request_id)
+        for a, b in zip(calm_lps, tight_lps, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
 def test_transfers_overlapping_steps_never_corrupt_kv(weights) -> None:
     """Swap storm with async copies vs the same storm with every copy forced synchronous."""
     results = []
@@ -194,6 +220,82 @@ def test_sampling_respects_top_k_one_as_greedy(weights) -> None:
     drive(engine, [request])
     assert rec.tokens("r0") == greedy_reference(weights, request.prompt_ids, 6)
     assert np.all(np.asarray(rec.tokens("r0")) >= 0)
+
+
+def test_penalties_in_the_engine_match_numpy_beside_plain_rows(weights) -> None:
+    """Greedy rows with bias and penalties give the numpy reference's tokens; their plain
+    neighbours keep plain greedy tokens; the penalised sampler was compiled at warm-up."""
+    engine, rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    penalised = [
+        dict(presence_penalty=1.5, frequency_penalty=0.5),
+        dict(repetition_penalty=1.8, logit_bias=((7, 5.0), (11, -100.0))),
+        dict(frequency_penalty=-0.7, presence_penalty=-0.3, repetition_penalty=0.6),
+    ]
+    requests = requests_for(6, max_tokens=10)
+    for i, extra in enumerate(penalised):
+        requests[2 * i] = requests_for(2 * i + 1, max_tokens=10, **extra)[2 * i]
+    compiles = COMPILES.count
+    drive(engine, requests)
+    assert COMPILES.count == compiles, "compiled while serving"
+    for r in requests:
+        want = greedy_reference(
+            weights, r.prompt_ids, 10, r.sampling if r.sampling.has_penalties else None
+        )
+        assert rec.tokens(r.request_id) == want, r.sampling
+    plain = [greedy_reference(weights, r.prompt_ids, 10) for r in requests[::2]]
+    assert plain != [rec.tokens(r.request_id) for r in requests[::2]], "penalties changed nothing"
+
+
+def teacher_forced_logits(weights, prompt: list[int], output: list[int]) -> np.ndarray:
+    """[len(output), V] float32: the logits each output token was sampled from."""
+    pages = MAX_LEN // PAGE_SIZE
+    kv = init_kv_cache(TINY, pages + 1, PAGE_SIZE)
+    tokens, rows = prompt + output, []
+    for pos in range(len(tokens) - 1):
+        step = single_sequence_step([tokens[pos]], pos, PAGE_SIZE, pages)
+        hidden, kv = _one_token_step()(weights, step, kv)
+        if pos >= len(prompt) - 1:
+            rows.append(np.asarray(logits(weights, TINY, hidden[0]), np.float32))
+    return np.stack(rows)
+
+
+def test_logprobs_are_the_raw_log_softmax(weights) -> None:
+    """Greedy and temperature-0.7 rows with logprobs (one with penalties, which logprobs
+    ignore) beside rows without: each token's logprob and top-5 equal torch's log-softmax of
+    the logits it was sampled from; rows that did not ask get none; nothing compiles."""
+    import torch
+
+    engine, rec = make_engine(weights, num_pages=128, policy=FcfsPolicy(chunked=True))
+    asked = [
+        dict(logprobs=5),
+        dict(logprobs=5, temperature=0.7, seed=11),
+        dict(logprobs=0, temperature=0.7, seed=12, presence_penalty=1.0),
+    ]
+    requests = requests_for(5, max_tokens=8)
+    for i, extra in enumerate(asked):
+        requests[i] = requests_for(i + 1, max_tokens=8, **extra)[i]
+    compiles = COMPILES.count
+    drive(engine, requests)
+    assert COMPILES.count == compiles, "compiled while serving"
+    for r in requests:
+        logprobs = [lp for d in rec.deltas[r.request_id] if d.logprobs for lp in d.logprobs]
+        if r.sampling.logprobs is None:
+            assert all(d.logprobs is None for d in rec.deltas[r.request_id])
+            continue
+        output = rec.tokens(r.request_id)
+        assert [lp.token_id for lp in logprobs] == output
+        want = torch.log_softmax(
+            torch.from_numpy(teacher_forced_logits(weights, r.prompt_ids, output)), dim=-1
+        ).numpy()
+        got = np.array([lp.logprob for lp in logprobs])
+        np.testing.assert_allclose(got, want[np.arange(len(output)), output], atol=1e-4)
+        for lp, row in zip(logprobs, want, strict=True):
+            assert len(lp.top) == r.sampling.logprobs
+            top_ids = [t for t, _ in lp.top]
+            np.testing.assert_allclose([v for _, v in lp.top], row[top_ids], atol=1e-4)
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            if lp.top:
+                assert lp.top[0][1] == pytest.approx(row.max(), abs=1e-4)
 
 
 def test_tiny_config_is_a_replaceable_base() -> None:

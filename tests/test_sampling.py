@@ -18,6 +18,7 @@ def params(temperature, top_k, top_p, seed) -> SamplingInput:
         temperature=jnp.asarray(temperature, jnp.float32),
         top_k=jnp.asarray(top_k, jnp.int32),
         top_p=jnp.asarray(top_p, jnp.float32),
+        min_p=jnp.zeros(n, jnp.float32),
         seed=jnp.asarray(seed, jnp.uint32),
         output_index=jnp.arange(n, dtype=jnp.int32),
     )

@@ -31,6 +31,17 @@ class EngineDeadError(EngineError):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One output token's log-probability under the model's raw log-softmax (before bias,
+    penalties, temperature and filters), with the `top` likeliest tokens as (id, logprob),
+    likeliest first; `top` is as long as the request asked (`SamplingParams.logprobs`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """New output of one request since the previous delta.
 
@@ -48,6 +59,7 @@ class Delta:
     stall_s: float = 0.0  # reader-model stall so far (set on the final delta)
     num_preemptions: int = 0  # times the request left the device (set on the final delta)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (final delta)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id; None: not asked
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,13 +28,14 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from tfjax.api import Decision, Delta
+from tfjax.api import Decision, Delta, TokenLogprob
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
 from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
 from tfjax.request import FinishReason, Request, RequestStatus
+from tfjax.sampling import TokenLogprobs, row_logprob
 from tfjax.sched.base import (
     Costs,
     Plan,
@@ -61,6 +62,12 @@ class StepRunner(Protocol):
 
     def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> jax.Array:
         """Token ids sampled after each prefill chunk, then after each decode row."""
+        ...
+
+    def step_scored(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[jax.Array, TokenLogprobs]:
+        """`step` plus raw logprobs per row; only called when a request asks for logprobs."""
         ...
 
 
@@ -161,24 +168,45 @@ class Engine:
             return False
         self.num_steps += 1
         start = self.clock()
-        ids = np.asarray(self.runner.step(work.prefill, work.decode)).tolist()
-        prefill_ids, decode_ids = ids[: len(work.prefill)], ids[len(work.prefill) :]
+        sampled = self._run(work)
         now = self.clock()
         self._measure(work, now - start)
-        for w, token in zip(work.prefill, prefill_ids, strict=True):
+        self._postprocess(work, sampled, now)
+        if plan.write_through:
+            running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
+            self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
+        return True
+
+    def _postprocess(
+        self, work: StepWork, sampled: list[tuple[int, TokenLogprob | None]], now: float
+    ) -> None:
+        """Advance each row's request by what the step computed and append its token."""
+        prefill_out, decode_out = sampled[: len(work.prefill)], sampled[len(work.prefill) :]
+        for w, (token, logprob) in zip(work.prefill, prefill_out, strict=True):
             request = w.request
             request.num_computed_tokens += w.num_tokens
             if request.num_uncomputed_prefill == 0:
                 request.status = RequestStatus.RUNNING
                 if not request.output_ids:  # a recomputed request already has its next token
-                    self._append(request, token, now)
-        for request, token in zip(work.decode, decode_ids[: len(work.decode)], strict=True):
+                    self._append(request, token, now, logprob)
+        for request, (token, logprob) in zip(work.decode, decode_out, strict=True):
             request.num_computed_tokens += 1
-            self._append(request, token, now)
-        if plan.write_through:
-            running = [r for r in work.decode if r.status is RequestStatus.RUNNING]
-            self.kv.write_through(running, now, self.costs.decode_step_time(len(running)))
-        return True
+            self._append(request, token, now, logprob)
+
+    def _run(self, work: StepWork) -> list[tuple[int, TokenLogprob | None]]:
+        """Run the step on the device: each row's token id (prefill chunks first) and its
+        logprobs if its request asked. Only steps with such a request run the runner's
+        scored variant, so the others pay nothing for logprobs."""
+        rows = [w.request for w in work.prefill] + list(work.decode)
+        if all(r.sampling.logprobs is None for r in rows):
+            ids = np.asarray(self.runner.step(work.prefill, work.decode))[: len(rows)].tolist()
+            return [(token, None) for token in ids]
+        ids, scores = jax.device_get(self.runner.step_scored(work.prefill, work.decode))
+        sampled = []
+        for i, (request, token) in enumerate(zip(rows, ids.tolist(), strict=False)):
+            asked = request.sampling.logprobs
+            sampled.append((token, None if asked is None else row_logprob(scores, i, token, asked)))
+        return sampled
 
     def _note_decision(self, now_s: float, plan: Plan) -> None:
         """Keep a plan that admits, preempts or resumes (the dashboard's "last decision");
@@ -222,7 +250,9 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _append(self, request: Request, token: int, now: float) -> None:
+    def _append(
+        self, request: Request, token: int, now: float, logprob: TokenLogprob | None = None
+    ) -> None:
         self.kv.on_decoded(request)
         request.output_ids.append(token)
         request.reader.on_token(now)
@@ -245,10 +275,18 @@ class Engine:
                 or request.num_tokens >= self.runner.max_model_len
             ):
                 finish = FinishReason.LENGTH
+        logprobs = None if logprob is None else (logprob,)
         if finish is None:
-            self._send(request, text, (token,))
+            self._send(request, text, (token,), logprobs=logprobs)
         else:
-            self._finish(request, finish, RequestStatus.FINISHED, text=text, token_ids=(token,))
+            self._finish(
+                request,
+                finish,
+                RequestStatus.FINISHED,
+                text=text,
+                token_ids=(token,),
+                logprobs=logprobs,
+            )
 
     def _finish(
         self,
@@ -258,6 +296,7 @@ class Engine:
         *,
         text: str = "",
         token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] | None = None,
         error: str | None = None,
     ) -> None:
         detok = self._detokenizers.pop(request.request_id, None)
@@ -269,7 +308,7 @@ class Engine:
         del self.requests[request.request_id]
         reader = request.reader
         self.effective_tokens += float(token_weights(reader.buffers, reader.num_tokens).sum())
-        self._send(request, text, token_ids, finish=reason, error=error)
+        self._send(request, text, token_ids, logprobs=logprobs, finish=reason, error=error)
 
     def _send(
         self,
@@ -277,6 +316,7 @@ class Engine:
         text: str,
         token_ids: tuple[int, ...],
         *,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
         finish: FinishReason | None = None,
         error: str | None = None,
     ) -> None:
@@ -295,6 +335,7 @@ class Engine:
                 stall_s=request.reader.stall_s if finish else 0.0,
                 num_preemptions=request.num_preemptions if finish else 0,
                 num_cached_tokens=request.num_cached_prompt_tokens if finish else 0,
+                logprobs=logprobs,
             ),
         )
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 from tfjax.buffers import Reader
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat `top_logprobs`
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -64,12 +66,19 @@ class SamplingParams:
 
     `seed` makes sampling reproducible whatever else shares the batch: the key of output
     token j is derived from (seed, j) only. Without a seed the engine draws one at submit.
+    Bias and penalties are applied as `tfjax.logits` defines them (vLLM's definitions).
     """
 
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: no min-p cut
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None  # None: no logprobs; else this many top alternatives too
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -84,6 +93,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def has_penalties(self) -> bool:
+        """The row needs `tfjax.logits.apply_penalties` (bias or any penalty)."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(slots=True, eq=False)

@@ -42,8 +42,9 @@ from tfjax.config import (
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.kv.transfer import gather_pages, scatter_pages
+from tfjax.logits import MAX_LOGIT_BIAS, PenaltyInput
 from tfjax.request import Request
-from tfjax.sampling import SamplingInput, sample
+from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
 UINT32_MASK = 0xFFFFFFFF
 
@@ -66,6 +67,16 @@ def _forward_logits(
 
 
 _sample = jax.jit(sample)
+
+
+@jax.jit
+def _sample_scored(
+    logits_NxV: jax.Array, sampling: SamplingInput, penalties: PenaltyInput | None
+) -> tuple[jax.Array, TokenLogprobs]:
+    """`sample` plus the raw logprobs of what it chose: the variant for steps with a row
+    that asked for logprobs."""
+    tokens_N = sample(logits_NxV, sampling, penalties)
+    return tokens_N, token_logprobs(logits_NxV, tokens_N)
 
 
 def enable_compilation_cache(cache_dir: Path) -> None:
@@ -130,7 +141,7 @@ class Runner:
         buckets = self.config.step_buckets()
         total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
-            jax.block_until_ready(self._run(bucket, [], []))
+            jax.block_until_ready(self._warm(bucket))
             if on_compiled:
                 on_compiled(i + 1, total)
         self._time_steps()
@@ -139,6 +150,18 @@ class Runner:
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
         jax.block_until_ready(self.kv)
+
+    def _warm(self, bucket: Bucket) -> list[object]:
+        """Run `bucket` on padding and sample with every sampler variant (with and without
+        penalties, scored or not), so each is compiled for the very inputs serving gives it."""
+        logits_NxV, sampling, _ = self._logits(bucket, [], [])
+        pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
+        penalties = jax.device_put(pad, self._input_sharding)
+        return [
+            variant(logits_NxV, sampling, p)
+            for variant in (_sample, _sample_scored)
+            for p in (None, penalties)
+        ]
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
@@ -179,18 +202,34 @@ class Runner:
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         return self._run(bucket, prefill, decode)
 
+    def step_scored(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[jax.Array, TokenLogprobs]:
+        """`step`, plus every row's raw logprobs (`tfjax.sampling.token_logprobs`), in the
+        same order; for steps where some request asked for logprobs."""
+        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
+        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
+        return _sample_scored(logits_NxV, sampling, penalties)
+
     def _run(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> jax.Array:
-        step, sampling, last = self._inputs(bucket, prefill, decode)
+        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
+        return _sample(logits_NxV, sampling, penalties)
+
+    def _logits(
+        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
+        """The step's logits [N, V] (KV written) and its sampling inputs, on the device."""
+        step, sampling, penalties, last = self._inputs(bucket, prefill, decode)
         logits_NxV, self.kv = _forward_logits(
             self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
         )
-        return _sample(logits_NxV, sampling)
+        return logits_NxV, sampling, penalties
 
     def _inputs(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[StepInput, SamplingInput, jax.Array]:
+    ) -> tuple[StepInput, SamplingInput, PenaltyInput | None, jax.Array]:
         """Pack one step into the bucket's host arrays and move them to the device."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
@@ -201,7 +240,7 @@ class Runner:
         kv_lens_R = np.ones(num_rows, np.int32)  # pad rows see one (pad) key: no empty softmax
         q_lens_R = np.zeros(num_rows, np.int32)
         last_N = np.zeros(num_out, np.int32)
-        sampling = _SamplingRows(num_out)
+        sampling = _SamplingRows(num_out, self.max_model_len)
 
         def put(row: int, first: int, request: Request, start: int, n: int) -> None:
             """Row `row` holds tokens start..start+n of `request` at flat index `first`.."""
@@ -237,32 +276,77 @@ class Runner:
                 page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
             ),
         )
-        return jax.device_put((step, sampling.arrays(), last_N), self._input_sharding)
+        inputs = (step, sampling.arrays(), sampling.penalties(), last_N)
+        return jax.device_put(inputs, self._input_sharding)
 
 
 class _SamplingRows:
-    """Host arrays of per-row sampling parameters; pad rows are greedy."""
+    """Host arrays of per-row sampling parameters; pad rows are greedy. The penalty arrays
+    (`tfjax.logits.PenaltyInput`, histories `history_len` wide) are only allocated once a row
+    needs them, so batches without bias or penalties build and send none."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, history_len: int) -> None:
         self.temperature = np.zeros(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
         self.top_p = np.ones(n, np.float32)
+        self.min_p = np.zeros(n, np.float32)
         self.seed = np.zeros(n, np.uint32)
         self.index = np.zeros(n, np.int32)
+        self.history_len = history_len
+        self._penalties: PenaltyInput | None = None
 
     def set(self, row: int, request: Request) -> None:
         params = request.sampling
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p
+        self.min_p[row] = params.min_p
         self.seed[row] = (params.seed or 0) & UINT32_MASK
         self.index[row] = request.num_output_tokens
+        if params.has_penalties:
+            self._set_penalties(row, request)
+
+    def _set_penalties(self, row: int, request: Request) -> None:
+        p = self.penalty_arrays()
+        params = request.sampling
+        tokens = request.token_ids
+        p.history[row, : len(tokens)] = tokens
+        p.num_prompt_tokens[row] = request.num_prompt_tokens
+        p.num_tokens[row] = len(tokens)
+        p.presence[row] = params.presence_penalty
+        p.frequency[row] = params.frequency_penalty
+        p.repetition[row] = params.repetition_penalty
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias, strict=True)
+            p.bias_ids[row, : len(ids)] = ids
+            p.bias[row, : len(ids)] = biases
+
+    def penalties(self) -> PenaltyInput | None:
+        """None if no row needs bias or penalties."""
+        return self._penalties
+
+    def penalty_arrays(self) -> PenaltyInput:
+        """The penalty arrays, allocated on first use with every row off."""
+        if self._penalties is None:
+            n = len(self.temperature)
+            self._penalties = PenaltyInput(
+                history=np.zeros((n, self.history_len), np.int32),
+                num_prompt_tokens=np.zeros(n, np.int32),
+                num_tokens=np.zeros(n, np.int32),
+                presence=np.zeros(n, np.float32),
+                frequency=np.zeros(n, np.float32),
+                repetition=np.ones(n, np.float32),
+                bias_ids=np.zeros((n, MAX_LOGIT_BIAS), np.int32),
+                bias=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
+            )
+        return self._penalties
 
     def arrays(self) -> SamplingInput:
         return SamplingInput(
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             seed=self.seed,
             output_index=self.index,
         )

@@ -38,3 +38,19 @@ def test_repeated_prefix_is_reported_cached_and_outputs_match_a_cold_run() -> No
         assert f'tfjax_prefix_cache_hit_tokens_total{{tier="device"}} {shared}.0' in metrics
         wait_until(lambda: engine.stats().device_pages_used == 0, 5, "pages to return")
         assert httpx.get(f"{live.url}/health?deep=1", timeout=15).status_code == 200
+
+
+def test_later_choices_reuse_the_first_choices_prompt_pages() -> None:
+    """`n=3`: one prefill of the prompt; choices 1 and 2 find its full pages cached."""
+    tokenizer = TextTokenizer()
+    engine = make_engine(policy="fcfs-chunked", host_pages=None)
+    with serve(engine) as live:
+        body = completion_body(SYSTEM, 6, stream=False, n=3)
+        answer = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).json()
+        expected = expected_text(tokenizer, SYSTEM, 6)
+        assert [c["text"] for c in answer["choices"]] == [expected] * 3
+        assert answer["usage"]["completion_tokens"] == 18
+        shared = len(SYSTEM) // PAGE_SIZE * PAGE_SIZE
+        metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
+        assert f'tfjax_prefix_cache_hit_tokens_total{{tier="device"}} {2 * shared}.0' in metrics
+        wait_until(lambda: engine.stats().device_pages_used == 0, 5, "pages to return")

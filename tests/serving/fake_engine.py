@@ -11,6 +11,7 @@ Engine: output token k (k = 0, 1, ...) of a prompt is the letter `chr(97 + (sum(
 engine it never sends part of a stop string), or with ERROR after `fail_after` tokens, or with
 ABORT when `abort` is called. Knobs: `raise_on_submit` (an exception `submit` raises),
 `healthy`. Records: `submitted` (every accepted `Submission`), `aborted` (request ids).
+With `SamplingParams.logprobs` set, every token carries `fake_logprob(token_id, k, n)`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from tfjax.api import Delta, EngineStats
+from tfjax.api import Delta, EngineStats, TokenLogprob
 from tfjax.request import FinishReason, SamplingParams
 
 STATS = EngineStats(
@@ -38,6 +39,13 @@ STATS = EngineStats(
     effective_tokens=1000.5,
     extra={"mean_stall_s": 0.25},
 )
+
+
+def fake_logprob(token_id: int, k: int, num_top: int) -> TokenLogprob:
+    """Output token k's logprob is -k/4; its alternatives are itself and the next ids, each
+    one nat less likely than the one before."""
+    top = tuple((token_id + j, -k / 4 - j) for j in range(num_top))
+    return TokenLogprob(token_id, -k / 4, top)
 
 
 def expected_text(prompt_ids: Sequence[int], num_tokens: int) -> str:
@@ -105,15 +113,17 @@ class FakeStream:
                 return
             text = expected_text(prompt, k)
             token = (ord(text[-1]),)
+            asked = sampling.logprobs
+            lp = None if asked is None else (fake_logprob(token[0], k, asked),)
             cut = min((i for s in sampling.stop if (i := text.find(s)) >= 0), default=None)
             if cut is not None:
-                yield Delta(text[sent:cut], token, len(prompt), k, FinishReason.STOP)
+                yield Delta(text[sent:cut], token, len(prompt), k, FinishReason.STOP, logprobs=lp)
                 return
             if k == sampling.max_tokens:
-                yield Delta(text[sent:], token, len(prompt), k, FinishReason.LENGTH)
+                yield Delta(text[sent:], token, len(prompt), k, FinishReason.LENGTH, logprobs=lp)
                 return
             safe = len(text) - (max_stop - 1)  # hold back what may start a stop string
-            yield Delta(text[sent:safe], token, len(prompt), k)
+            yield Delta(text[sent:safe], token, len(prompt), k, logprobs=lp)
             sent = max(sent, safe)
 
 

@@ -43,7 +43,7 @@ async def test_engine_series(client: httpx.AsyncClient) -> None:
 
 async def test_app_series(client: httpx.AsyncClient) -> None:
     await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "stream": True})
-    await client.post("/v1/completions", json={"prompt": "hi", "n": 3})
+    await client.post("/v1/completions", json={"prompt": "hi", "n": 999})
     await client.get("/nowhere")
     m = await scrape(client)
     assert m["tfjax_time_to_first_token_seconds_count"][()] == 1

@@ -59,5 +59,28 @@ def test_prompt_filling_the_context_is_rejected() -> None:
     assert sampling.max_tokens == 1
 
 
-def test_sse_event_keeps_unicode() -> None:
-    assert p.sse_event({"text": "é"}) == 'data: {"text": "é"}\n\n'.encode()
+def test_penalties_reach_the_sampling_params() -> None:
+    body = {
+        "prompt": "hi",
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "repetition_penalty": 1.2,
+        "min_p": 0.05,
+        "logit_bias": {"50": -100, "7": 2.5},
+    }
+    _, options = p.parse_completion(body)
+    sampling = p.sampling_params(
+        options, num_prompt_tokens=2, max_model_len=64, default_max_tokens=16
+    )
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
+    assert (sampling.repetition_penalty, sampling.min_p) == (1.2, 0.05)
+    assert sampling.logit_bias == ((7, 2.5), (50, -100.0))
+    assert sampling.has_penalties
+
+
+def test_requests_without_penalties_have_none() -> None:
+    _, options = p.parse_completion({"prompt": "hi", "presence_penalty": 0, "logit_bias": {}})
+    sampling = p.sampling_params(
+        options, num_prompt_tokens=2, max_model_len=64, default_max_tokens=16
+    )
+    assert not sampling.has_penalties
