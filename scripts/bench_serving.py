@@ -34,9 +34,10 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ async def _stream(
             rec.error = f"HTTP {resp.status_code}: {text[:300]}"
             return
         done = False
-        async for line in resp.aiter_lines():
+        async for line in sse_lines(resp):
             now = time.perf_counter() - t0
             if not line.startswith("data:"):
                 continue  # blank separators, ":" comments (keep-alive pings), other fields
@@ -289,6 +290,19 @@ async def _report(state: _Progress, requests: Sequence[ClientRequest], t0: float
             file=sys.stderr,
             flush=True,
         )
+
+
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines as SSE ends them (LF, CRLF or CR, never inside a JSON string):
+    httpx's `aiter_lines` also splits at U+2028, U+2029 and U+0085, which a server may send
+    raw inside an event's JSON."""
+    buffer = ""
+    async for text in resp.aiter_text():
+        *lines, buffer = re.split(r"\r\n|\r|\n", buffer + text)
+        for line in lines:
+            yield line
+    if buffer:
+        yield buffer
 
 
 async def scrape_counters(base_url: str) -> dict[str, float] | None:

@@ -133,8 +133,15 @@ def chat_response(
     return _envelope(h, "chat.completion", choices, usage)
 
 
+# Characters that JSON may carry raw but that line splitters like Python's `str.splitlines`
+# (and so httpx's `aiter_lines`) treat as line ends: escaped, a generated token that contains
+# one cannot cut an event in two for such a client.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    text = json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def _envelope(

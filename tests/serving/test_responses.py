@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 from serving import responses
 from tfjax.api import Delta
 
 
 def test_sse_event_keeps_unicode() -> None:
     assert responses.sse_event({"text": "é"}) == 'data: {"text": "é"}\n\n'.encode()
+
+
+def test_sse_event_escapes_what_line_splitters_take_for_line_ends() -> None:
+    text = "a\x85b\u2028c\u2029d\ne"
+    event = responses.sse_event({"text": text}).decode()
+    lines = event.splitlines()  # httpx's aiter_lines splits as str.splitlines does
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: ") :]) == {"text": text}
 
 
 def test_usage_counts_the_prompt_once_over_choices() -> None:
