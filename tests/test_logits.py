@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfjax.logits import MAX_LOGIT_BIAS, PenaltyInput, apply_penalties
+from tfjax.logits import PenaltyInput, apply_penalties
 from tfjax.request import SamplingParams
 from tfjax.sampling import SamplingInput, sample
 
@@ -35,17 +35,7 @@ def numpy_penalties(
 
 
 def penalty_input(rows: list[tuple[list[int], list[int], SamplingParams]]) -> PenaltyInput:
-    n = len(rows)
-    p = PenaltyInput(
-        history=np.zeros((n, HISTORY), np.int32),
-        num_prompt_tokens=np.zeros(n, np.int32),
-        num_tokens=np.zeros(n, np.int32),
-        presence=np.zeros(n, np.float32),
-        frequency=np.zeros(n, np.float32),
-        repetition=np.ones(n, np.float32),
-        bias_ids=np.zeros((n, MAX_LOGIT_BIAS), np.int32),
-        bias=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
-    )
+    p = PenaltyInput.neutral(len(rows), HISTORY)
     for row, (prompt, output, params) in enumerate(rows):
         if not params.has_penalties:
             continue

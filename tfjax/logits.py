@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import register_dataclass
 
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI's API allows
@@ -39,6 +40,20 @@ class PenaltyInput:
     repetition: jax.Array  # [B] float32, 1 = off
     bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] int32, pad entries have bias 0
     bias: jax.Array  # [B, MAX_LOGIT_BIAS] float32
+
+    @classmethod
+    def neutral(cls, num_rows: int, history_len: int) -> PenaltyInput:
+        """Host arrays for `num_rows` rows with every bias and penalty off."""
+        return cls(
+            history=np.zeros((num_rows, history_len), np.int32),
+            num_prompt_tokens=np.zeros(num_rows, np.int32),
+            num_tokens=np.zeros(num_rows, np.int32),
+            presence=np.zeros(num_rows, np.float32),
+            frequency=np.zeros(num_rows, np.float32),
+            repetition=np.ones(num_rows, np.float32),
+            bias_ids=np.zeros((num_rows, MAX_LOGIT_BIAS), np.int32),
+            bias=np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32),
+        )
 
 
 def token_counts(p: PenaltyInput, vocab: int) -> tuple[jax.Array, jax.Array]:

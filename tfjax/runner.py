@@ -42,7 +42,7 @@ from tfjax.config import (
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.kv.transfer import gather_pages, scatter_pages
-from tfjax.logits import MAX_LOGIT_BIAS, PenaltyInput
+from tfjax.logits import PenaltyInput
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
@@ -328,17 +328,7 @@ class _SamplingRows:
     def penalty_arrays(self) -> PenaltyInput:
         """The penalty arrays, allocated on first use with every row off."""
         if self._penalties is None:
-            n = len(self.temperature)
-            self._penalties = PenaltyInput(
-                history=np.zeros((n, self.history_len), np.int32),
-                num_prompt_tokens=np.zeros(n, np.int32),
-                num_tokens=np.zeros(n, np.int32),
-                presence=np.zeros(n, np.float32),
-                frequency=np.zeros(n, np.float32),
-                repetition=np.ones(n, np.float32),
-                bias_ids=np.zeros((n, MAX_LOGIT_BIAS), np.int32),
-                bias=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
-            )
+            self._penalties = PenaltyInput.neutral(len(self.temperature), self.history_len)
         return self._penalties
 
     def arrays(self) -> SamplingInput:
