@@ -1,5 +1,5 @@
-"""Fixtures: a `FakeEngine`, the app serving it as "fake", an httpx client on that app, and a
-real `AsyncEngine` frozen in a hand-computed state (`async_engine`)."""
+"""Fixtures: a `FakeEngine`, the app serving it as "fake", an httpx client and the `openai`
+client on that app, and a real `AsyncEngine` frozen in a hand-computed state (`async_engine`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from starlette.applications import Starlette
 
@@ -39,6 +40,16 @@ async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
+
+
+@pytest.fixture
+async def oai(app: Starlette) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official `openai` client on the app."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport) as http:
+        yield openai.AsyncOpenAI(
+            base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
+        )
 
 
 def sse_events(body: str) -> list[Any]:

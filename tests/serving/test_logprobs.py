@@ -4,12 +4,9 @@ parses them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
 
 from tests.serving.conftest import sse_events
 from tests.serving.fake_engine import FakeEngine, FakeTokenizer, expected_text
@@ -100,15 +97,6 @@ async def test_bad_logprobs(client: httpx.AsyncClient, path: str, extra: dict, p
     base = {"messages": MESSAGES} if path == CHAT else {"prompt": "hi"}
     r = await client.post(path, json={**base, **extra})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
-
-
-@pytest.fixture
-async def oai(app: Starlette) -> AsyncIterator[openai.AsyncOpenAI]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport) as http:
-        yield openai.AsyncOpenAI(
-            base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
-        )
 
 
 async def test_the_openai_client_reads_logprobs(oai: openai.AsyncOpenAI) -> None:

@@ -3,12 +3,8 @@ chunks, sends our extensions through `extra_body`, and maps our errors to its ex
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
 
 from tests.serving.fake_engine import FakeEngine, FakeTokenizer, expected_text
 from tfjax.api import QueueFullError
@@ -16,15 +12,6 @@ from tfjax.api import QueueFullError
 pytestmark = pytest.mark.anyio
 TOK = FakeTokenizer()
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def oai(app: Starlette) -> AsyncIterator[openai.AsyncOpenAI]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport) as http:
-        yield openai.AsyncOpenAI(
-            base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
-        )
 
 
 async def test_chat_stream_with_usage(oai: openai.AsyncOpenAI, engine: FakeEngine) -> None:
