@@ -108,10 +108,11 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding() -> None:
 
 
 def test_short_prompts_behind_a_long_one_start_before_it_with_a_long_prefill_threshold() -> None:
-    # Budget 16, threshold 4: the 64-token prompt, first in line, prefills 4 tokens a step and
-    # the 3-token prompts behind it take the rest of the budget, so they stream long before
-    # the long prompt's first token; every output is still the one-at-a-time output.
-    engine, rec = make_engine(num_pages=256, budget=16, long_prefill=4)
+    # Budget 160 tokens (five 32-token tiles), threshold 4: the 64-token prompt, first in line,
+    # prefills 4 tokens (a tile) a step and the 3-token prompts behind it take the other four
+    # tiles, so they stream long before the long prompt's first token; every output is still
+    # the one-at-a-time output.
+    engine, rec = make_engine(num_pages=256, budget=160, long_prefill=4)
     long = make_request(0, prompt_len=64, max_tokens=3)
     shorts = [make_request(i, prompt_len=3, max_tokens=10) for i in range(1, 5)]
     for request in (long, *shorts):

@@ -98,11 +98,10 @@ class EngineConfig:
         return geometric_buckets(1, self.max_batch_size)
 
     def prefill_tile_buckets(self) -> tuple[int, ...]:
-        """Prefill rows of QUERY_TILE tokens per step, x4 steps: a chunk pads to < one tile,
-        so a step holds at most budget/QT tiles plus one partial tile per chunk (chunks are
-        rows, at most max_batch_size)."""
-        most = -(-self.prefill_token_budget // QUERY_TILE) + self.max_batch_size - 1
-        return geometric_buckets(1, most, 4)
+        """Prefill rows of QUERY_TILE tokens per step, x4 steps up to the budget's tiles: the
+        packer counts a chunk's partial last tile against the budget
+        (`SchedulerView.prefill_tile_budget`), so no step needs more."""
+        return geometric_buckets(1, -(-self.prefill_token_budget // QUERY_TILE), 4)
 
     def mixed_decode_buckets(self) -> tuple[int, ...]:
         """Decode rows of a step that also prefills: x4 steps from 8, since the tiles'

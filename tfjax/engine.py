@@ -28,6 +28,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
+from models.attention import QUERY_TILE
 from tfjax.api import Decision, Delta, TokenLogprob
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
@@ -231,6 +232,7 @@ class Engine:
             # LOADING requests hold their rows (and pages) until they rejoin the batch.
             max_batch_size=self.config.max_batch_size - len(by_status[RequestStatus.LOADING]),
             prefill_token_budget=self.config.prefill_token_budget,
+            prefill_tile=QUERY_TILE,
             long_prefill_token_threshold=self.config.long_prefill_token_threshold,
             costs=self._costs_with_io(),
             host=self.kv.host,

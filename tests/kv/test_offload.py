@@ -61,9 +61,7 @@ class StormPolicy:
                 resume.append(Resume(request_id=r.request_id, mode=ResumeMode.LOAD))
                 if r.num_uncomputed_prefill == 0:
                     decode.append(r.request_id)
-        budget = StepBudget(
-            view=view, free_pages=free, tokens_left=view.prefill_token_budget, rows_left=rows_left
-        )
+        budget = StepBudget(view=view, free_pages=free, rows_left=rows_left)
         chunks = []
         for r in kept:
             if r.status is RequestStatus.PREFILLING and (

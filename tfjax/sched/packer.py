@@ -113,12 +113,19 @@ def decode_pages_needed(requests: Iterable[Request], page_size: int) -> int:
 
 @dataclass(slots=True)
 class StepBudget:
-    """What is left of one step's pages, prefill tokens and rows while a plan is packed."""
+    """What is left of one step's pages, prefill tokens and tiles, and rows while a plan is
+    packed. Tiles as well as tokens: chunks that each end in a partial tile would otherwise
+    push the step into a larger tile bucket, which computes its padding too."""
 
     view: SchedulerView
     free_pages: int
-    tokens_left: int
     rows_left: int  # requests that may still become resident (decode batch cap)
+    tokens_left: int = field(init=False)
+    tiles_left: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens_left = self.view.prefill_token_budget
+        self.tiles_left = self.view.prefill_tile_budget
 
     def chunk(
         self, request: Request, *, new_resident: bool, headroom: int = 0, from_scratch: bool
@@ -132,7 +139,10 @@ class StepBudget:
             return 0
         view, ps = self.view, self.view.page_size
         computed = 0 if from_scratch else request.num_computed_tokens
-        num_tokens = min(request.num_prefill_target - computed, self.tokens_left)
+        tile = view.prefill_tile
+        num_tokens = min(
+            request.num_prefill_target - computed, self.tokens_left, self.tiles_left * tile
+        )
         if 0 < view.long_prefill_token_threshold < num_tokens:
             num_tokens = view.long_prefill_token_threshold  # leave the rest to others
         held = 0 if from_scratch else len(request.page_ids)
@@ -142,6 +152,7 @@ class StepBudget:
             return 0
         self.free_pages -= max(0, pages_needed(computed + num_tokens, ps) - held)
         self.tokens_left -= num_tokens
+        self.tiles_left -= pages_needed(num_tokens, tile)
         self.rows_left -= new_resident
         return num_tokens
 
@@ -216,7 +227,6 @@ class Packer:
         budget = StepBudget(
             view=view,
             free_pages=free - decode_pages_needed(running, ps),
-            tokens_left=view.prefill_token_budget,
             rows_left=view.max_batch_size - len(resident),
         )
         chunks = [
