@@ -45,6 +45,7 @@ from tfjax.sched.base import (
     context_bucket,
     validate_plan,
 )
+from tfjax.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Engine:
         self.num_steps = 0  # steps that ran something
         self.effective_tokens = 0.0  # paper §7.1.3 weights of finished requests' tokens
         self.last_decision: Decision | None = None  # the newest plan that moved a request
+        self.trace = StepTrace.from_env()  # TFJAX_STEP_TRACE: one JSON line per step
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class Engine:
         sampled = self._run(work)
         now = self.clock()
         self._measure(work, now - start)
+        if self.trace:
+            self.trace.record(start, now - start, plan, work)
         self._postprocess(work, sampled, now)
         if plan.write_through:
             running = [r for r in work.decode if r.status is RequestStatus.RUNNING]

@@ -28,6 +28,23 @@ from tfjax.sim.profiles import CostProfile
 SIM_TOKEN = 3  # the simulator's every output token
 
 
+def step_price(
+    profile: CostProfile,
+    config: EngineConfig,
+    prefill_tokens: Sequence[int],
+    num_decode: int,
+    context_tokens: int,
+) -> float:
+    """What a step costs on `profile`: its bucket's padded prefill tiles and decode rows, and
+    the decode rows' real context."""
+    bucket = config.bucket_for(prefill_tokens, num_decode)
+    return profile.step_s(
+        num_decode=bucket.rows,
+        context_tokens=context_tokens,
+        num_prefill=bucket.tiles * QUERY_TILE,
+    )
+
+
 class TokenSource(Protocol):
     def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]: ...
 
@@ -82,11 +99,12 @@ class CostedRunner:
         self.busy_s = 0.0
 
     def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> Sequence[int]:
-        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        seconds = self.profile.step_s(
-            num_decode=bucket.rows,
-            context_tokens=sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
-            num_prefill=bucket.tiles * QUERY_TILE,
+        seconds = step_price(
+            self.profile,
+            self.config,
+            [w.num_tokens for w in prefill],
+            len(decode),
+            sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
         )
         ids = self.tokens.step(prefill, decode)
         self.clock.advance(seconds)

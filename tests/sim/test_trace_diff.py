@@ -1,0 +1,81 @@
+"""The step trace and its pricing: a simulated trace priced by its own profile is the
+simulated time, and a hand-made trace is priced and gapped as worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.attention import QUERY_TILE
+from tfjax.sched.registry import make_policy
+from tfjax.sim import LengthDist, WorkloadSpec, get_profile, make_requests, simulate
+from tfjax.sim.driver import engine_config
+from tfjax.sim.trace_diff import load_trace, summarize_trace
+from tfjax.step_trace import ENV_VAR
+
+CPU = get_profile("cpu-smollm2")
+
+
+def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
+    tmp_path, monkeypatch
+) -> None:
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv(ENV_VAR, str(path))
+    spec = WorkloadSpec(
+        arrival="burst",
+        num_requests=12,
+        input_len=LengthDist(mean=90, std=40),
+        output_len=LengthDist(mean=12, std=0),
+        rates="15",
+    )
+    result = simulate(make_policy("fcfs"), make_requests(spec), CPU)
+    trace = load_trace(path)
+    assert len(trace) == result.stats["num_steps"]
+    summary = summarize_trace(trace, CPU, engine_config(CPU))
+    kinds = {k.kind: k for k in summary.kinds}
+    assert kinds["prefill"].steps and kinds["decode"].steps
+    for k in summary.kinds:
+        if k.steps:
+            assert k.ratio == pytest.approx(1.0, rel=1e-4)
+            assert k.median_ratio == pytest.approx(1.0, rel=1e-4)
+    assert sum(k.measured_s for k in summary.kinds) == pytest.approx(
+        result.stats["busy_s"], rel=1e-4
+    )
+    # No step's chunks need more than the budget's 16 tiles of 32 tokens (or 512 tokens).
+    assert all(sum(-(-n // QUERY_TILE) for n in s["prefill"]) <= 16 for s in trace)
+    assert all(sum(s["prefill"]) <= 512 for s in trace)
+    assert max(len(s["prefill"]) for s in trace) > 1  # steps did pack several chunks
+
+
+def test_a_hand_made_trace_is_priced_and_gapped_by_hand() -> None:
+    # A decode step of 8 rows at 160 tokens each (the cpu-smollm2 table's context: priced
+    # between the batch-1 and batch-8 points, at 8 rows exactly 136.3 ms), measured at
+    # 150 ms; 20 ms later a prefill-only step of one 100-token chunk (4 tiles = 128 token
+    # slots), measured at 100 ms; then a 2 s wait (not a busy gap) and a decode step again.
+    trace = [
+        {"start_s": 0.0, "seconds": 0.150, "prefill": [], "decode_rows": 8, "context_tokens": 1280},
+        {
+            "start_s": 0.170,
+            "seconds": 0.100,
+            "prefill": [100],
+            "decode_rows": 0,
+            "context_tokens": 0,
+        },
+        {
+            "start_s": 2.270,
+            "seconds": 0.150,
+            "prefill": [],
+            "decode_rows": 8,
+            "context_tokens": 1280,
+        },
+    ]
+    config = engine_config(CPU)
+    summary = summarize_trace(trace, CPU, config, busy_gap_s=0.25)
+    decode, prefill, mixed = summary.kinds
+    assert decode.steps == 2 and decode.priced_s == pytest.approx(2 * 0.1363)
+    assert decode.ratio == pytest.approx(0.150 / 0.1363)
+    overhead = CPU.overhead_s
+    prompt_s = 128 * CPU.flops_per_token / CPU.flops_per_s
+    assert prefill.priced_s == pytest.approx(overhead + prompt_s)
+    assert mixed.steps == 0
+    assert summary.busy_gap_s == pytest.approx(0.020)
+    assert summary.span_s == pytest.approx(2.420)

@@ -1,0 +1,140 @@
+"""Where a cost profile and a server part ways, read from the server's own step trace.
+
+    TFJAX_STEP_TRACE=live.jsonl tfjax serve ...      # then replay a workload against it
+    python -m tfjax.sim.trace_diff --profile cpu.json live.jsonl [sim.jsonl ...]
+
+For every traced step (`tfjax.step_trace`) it prices the same sizes as the simulator does
+(`tfjax.sim.costed.step_price`) and reports, per kind of step (decode-only, prefill-only,
+mixed), the measured and priced seconds and their ratio: a ratio away from 1 is a profile
+error, whatever the policy did. It also reports the engine's time between steps while it is
+busy (gaps under `--busy-gap-s`; longer ones wait for arrivals or copies): planning,
+bookkeeping and streaming, of which the simulator charges planning only. A simulated trace of
+the same workload, given too, shows whether the two runs took the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tfjax.config import EngineConfig
+from tfjax.sim.costed import step_price
+from tfjax.sim.profiles import CostProfile, load_profile
+
+STEP_KINDS = ("decode", "prefill", "mixed")
+
+
+def load_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_kind(step: dict) -> str:
+    if not step["prefill"]:
+        return "decode"
+    return "mixed" if step["decode_rows"] else "prefill"
+
+
+@dataclass(frozen=True, slots=True)
+class KindSummary:
+    kind: str
+    steps: int
+    measured_s: float
+    priced_s: float
+    median_ratio: float  # of measured / priced, per step
+
+    @property
+    def ratio(self) -> float:
+        return self.measured_s / self.priced_s if self.priced_s else float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSummary:
+    steps: int
+    span_s: float
+    kinds: tuple[KindSummary, ...]
+    busy_gap_s: float  # between steps, gaps under the threshold only
+    median_gap_ms: float
+
+
+def summarize_trace(
+    trace: Sequence[dict], profile: CostProfile, config: EngineConfig, busy_gap_s: float = 0.25
+) -> TraceSummary:
+    kinds = []
+    for kind in STEP_KINDS:
+        steps = [s for s in trace if step_kind(s) == kind]
+        prices = [
+            step_price(profile, config, s["prefill"], s["decode_rows"], s["context_tokens"])
+            for s in steps
+        ]
+        ratios = [s["seconds"] / p for s, p in zip(steps, prices, strict=True) if p > 0]
+        kinds.append(
+            KindSummary(
+                kind=kind,
+                steps=len(steps),
+                measured_s=sum(s["seconds"] for s in steps),
+                priced_s=sum(prices),
+                median_ratio=statistics.median(ratios) if ratios else float("nan"),
+            )
+        )
+    gaps = [
+        b["start_s"] - (a["start_s"] + a["seconds"]) for a, b in zip(trace, trace[1:], strict=False)
+    ]
+    busy = [g for g in gaps if g < busy_gap_s]
+    return TraceSummary(
+        steps=len(trace),
+        span_s=trace[-1]["start_s"] + trace[-1]["seconds"] - trace[0]["start_s"] if trace else 0.0,
+        kinds=tuple(kinds),
+        busy_gap_s=sum(busy),
+        median_gap_ms=1e3 * statistics.median(busy) if busy else 0.0,
+    )
+
+
+def format_summary(name: str, summary: TraceSummary) -> str:
+    lines = [
+        f"{name}: {summary.steps} steps over {summary.span_s:.1f} s; between busy steps "
+        f"{summary.busy_gap_s:.2f} s in all, median {summary.median_gap_ms:.1f} ms",
+        "  kind      steps  measured_s  priced_s  ratio  median_step_ratio",
+    ]
+    for k in summary.kinds:
+        lines.append(
+            f"  {k.kind:8} {k.steps:6} {k.measured_s:11.2f} {k.priced_s:9.2f} "
+            f"{k.ratio:6.2f} {k.median_ratio:18.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tfjax.sim.driver import engine_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", required=True, help="built-in profile or calibrate file")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--prefill-token-budget", type=int, default=None)
+    parser.add_argument("--busy-gap-s", type=float, default=0.25)
+    parser.add_argument("traces", type=Path, nargs="+", help="TFJAX_STEP_TRACE files")
+    args = parser.parse_args(argv)
+    profile = load_profile(args.profile)
+    overrides = {
+        k: v
+        for k, v in (
+            ("max_batch_size", args.max_batch_size),
+            ("prefill_token_budget", args.prefill_token_budget),
+        )
+        if v is not None
+    }
+    config = engine_config(profile, **overrides)
+    for path in args.traces:
+        print(
+            format_summary(
+                str(path), summarize_trace(load_trace(path), profile, config, args.busy_gap_s)
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
