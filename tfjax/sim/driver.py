@@ -12,6 +12,8 @@ same token timelines, and so does any token source the runner is given (see `cos
 
 from __future__ import annotations
 
+import copy
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -121,6 +123,94 @@ def build_sim_engine(
     )
 
 
+class _SimRun:
+    """One simulated engine on its own clock: requests go in at their arrival, `run_until`
+    steps it up to a time, `finish` runs it dry."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        profile: CostProfile,
+        config: EngineConfig,
+        start_s: float,
+        tokens: TokenSource | None,
+        page_store: PageIO | None,
+        *,
+        idle_tick_s: float,
+        max_idle_s: float,
+        check_every: int,
+    ) -> None:
+        self.clock = VirtualClock(start_s)
+        self.timed = _TimedPolicy(policy, self.clock, profile.plan_s_per_request)
+        self.engine = build_sim_engine(self.timed, profile, config, self.clock, tokens, page_store)
+        self.runner = self.engine.runner
+        assert isinstance(self.runner, CostedRunner)
+        links = self.engine.kv.offload.transfers if self.engine.kv.offload else None
+        assert links is None or isinstance(links, TimedTransfers)
+        self.links = links
+        self.requests: list[Request] = []
+        self._idle_tick_s, self._max_idle_s, self._check_every = (
+            idle_tick_s,
+            max_idle_s,
+            check_every,
+        )
+
+    def add(self, request: Request) -> None:
+        self.requests.append(request)
+        self.engine.add_request(request)
+
+    @property
+    def num_live(self) -> int:
+        return len(self.engine.requests)
+
+    def run_until(self, t_s: float | None) -> None:
+        """Step until the clock reaches `t_s` (None: until no work is left). A step that had
+        nothing to run moves the clock to the next event: `t_s`, a copy completing, or the
+        idle tick (a policy may wait for a timer)."""
+        idle_since = None
+        while t_s is None or self.clock.now_s < t_s:
+            if not self.engine.has_work:
+                if t_s is not None:
+                    self.clock.advance_to(t_s)
+                return
+            if self.engine.step():
+                idle_since = None
+                if self._check_every and self.runner.num_steps % self._check_every == 0:
+                    self.engine.check_idle()
+                continue
+            copy_done = self.links.next_completion_s() if self.links else None
+            events = [self.clock.now_s + self._idle_tick_s]
+            if t_s is not None:
+                events.append(t_s)
+            elif copy_done is None:
+                idle_since = self.clock.now_s if idle_since is None else idle_since
+                if self.clock.now_s - idle_since > self._max_idle_s:
+                    name = self.timed.name
+                    raise SimStuckError(f"{name}: {self.num_live} requests left")
+            if copy_done is not None:
+                events.append(copy_done)
+            self.clock.advance_to(min(events))
+
+    def stats(self, started: float) -> dict[str, Any]:
+        engine, runner, links = self.engine, self.runner, self.links
+        stats: dict[str, Any] = asdict(engine.kv.stats)
+        stats.update(
+            num_steps=runner.num_steps,
+            busy_s=runner.busy_s,
+            d2h_bytes=links.d2h.bytes_done if links else 0,
+            copy_s=engine.kv.stats.copy_s,
+            h2d_bytes=links.h2d.bytes_done if links else 0,
+            sim_end_s=self.clock.now_s,
+            plan_s=self.timed.plan_s,
+            wall_s=time.perf_counter() - started,
+            mean_plan_ms=1e3 * self.timed.plan_s / max(1, runner.num_steps),
+        )
+        return stats
+
+
+ROUTES = ("round_robin", "power_of_two")
+
+
 def simulate(
     policy: Policy,
     requests: Sequence[Request],
@@ -132,70 +222,78 @@ def simulate(
     idle_tick_s: float = 0.01,
     max_idle_s: float = 60.0,
     check_every: int = 0,
+    replicas: int = 1,
+    route: str = "round_robin",
+    seed: int = 0,
 ) -> SimResult:
     """Run `requests` (fresh, WAITING) under `policy` on `profile` until all finish.
     `config` None: `engine_config(profile)`. `check_every` > 0 audits the page books every
     that many steps (slow; for tests). `tokens` / `page_store`: another token source and the
-    KV it keeps (tests run `tests/fakes.py`'s `FakeRunner` here); the timeline is the same."""
+    KV it keeps (tests run `tests/fakes.py`'s `FakeRunner` here); the timeline is the same.
+
+    `replicas` > 1: that many engines (each with its own copy of `policy`, which keeps
+    state between steps) behind a router
+    that sends each arrival to one of them as an existing LLM router does: `round_robin`, or
+    `power_of_two` (the fewer live requests of two replicas drawn with `seed`). Every
+    replica is stepped up to an arrival before the router looks at them."""
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     if not pending:
         raise ValueError("no requests to simulate")
-    clock = VirtualClock(pending[0].arrival_s)
-    timed = _TimedPolicy(policy, clock, profile.plan_s_per_request)
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; choose from {', '.join(ROUTES)}")
+    if replicas > 1 and (tokens is not None or page_store is not None):
+        raise ValueError("a token source or page store serves one replica")
     config = config or engine_config(profile)
-    engine = build_sim_engine(timed, profile, config, clock, tokens, page_store)
-    runner = engine.runner
-    assert isinstance(runner, CostedRunner)
-    links = engine.kv.offload.transfers if engine.kv.offload else None
-    assert links is None or isinstance(links, TimedTransfers)
     started = time.perf_counter()
-    next_arrival, idle_since = 0, None
-    while True:
-        while next_arrival < len(pending) and pending[next_arrival].arrival_s <= clock.now_s:
-            engine.add_request(pending[next_arrival])
-            next_arrival += 1
-        if not engine.has_work:
-            if next_arrival == len(pending):
-                break
-            clock.advance_to(pending[next_arrival].arrival_s)
-            continue
-        if engine.step():
-            idle_since = None
-            if check_every and runner.num_steps % check_every == 0:
-                engine.check_idle()
-            continue
-        copy_done = links.next_completion_s() if links else None
-        events = [clock.now_s + idle_tick_s]
-        if next_arrival < len(pending):
-            events.append(pending[next_arrival].arrival_s)
-        elif copy_done is None:
-            idle_since = clock.now_s if idle_since is None else idle_since
-            if clock.now_s - idle_since > max_idle_s:
-                raise SimStuckError(f"{policy.name}: {len(engine.requests)} requests left")
-        if copy_done is not None:
-            events.append(copy_done)
-        clock.advance_to(min(events))
-    engine.check_idle()
-    stats: dict[str, Any] = asdict(engine.kv.stats)
-    stats.update(
-        num_steps=runner.num_steps,
-        busy_s=runner.busy_s,
-        d2h_bytes=links.d2h.bytes_done if links else 0,
-        copy_s=engine.kv.stats.copy_s,
-        h2d_bytes=links.h2d.bytes_done if links else 0,
-        sim_end_s=clock.now_s,
-        plan_s=timed.plan_s,
-        wall_s=time.perf_counter() - started,
-        mean_plan_ms=1e3 * timed.plan_s / max(1, runner.num_steps),
-    )
+    runs = [
+        _SimRun(
+            policy if i == 0 else copy.deepcopy(policy),
+            profile,
+            config,
+            pending[0].arrival_s,
+            tokens,
+            page_store,
+            idle_tick_s=idle_tick_s,
+            max_idle_s=max_idle_s,
+            check_every=check_every,
+        )
+        for i in range(replicas)
+    ]
+    rng = random.Random(seed)
+    for i, request in enumerate(pending):
+        for run in runs:
+            run.run_until(request.arrival_s)
+        if route == "round_robin" or replicas == 1:
+            target = runs[i % replicas]
+        else:
+            target = min(rng.sample(runs, 2), key=lambda run: run.num_live)
+        target.add(request)
+    for run in runs:
+        run.run_until(None)
+        run.engine.check_idle()
+    per_replica = [run.stats(started) for run in runs]
+    stats = per_replica[0] if replicas == 1 else _sum_stats(per_replica)
     timelines = [TokenTimeline(arrival_s=r.arrival_s, reader=r.reader) for r in pending]
     return SimResult(
-        policy=policy.name,
+        policy=runs[0].timed.name,
         profile=profile.name,
         requests=pending,
         summary=summarize(timelines),
         stats=stats,
     )
+
+
+def _sum_stats(per_replica: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counters added over replicas, times as the latest replica's, and each replica's own."""
+    latest = ("sim_end_s", "wall_s")
+    total = {
+        k: (max if k in latest else sum)(s[k] for s in per_replica)
+        for k, v in per_replica[0].items()
+        if isinstance(v, int | float)
+    }
+    total["mean_plan_ms"] = 1e3 * total["plan_s"] / max(1, total["num_steps"])
+    total["replicas"] = per_replica
+    return total
 
 
 def result_json(result: SimResult) -> dict[str, Any]:
