@@ -259,15 +259,7 @@ def simulate(
         )
         for i in range(replicas)
     ]
-    rng = random.Random(seed)
-    for i, request in enumerate(pending):
-        for run in runs:
-            run.run_until(request.arrival_s)
-        if route == "round_robin" or replicas == 1:
-            target = runs[i % replicas]
-        else:
-            target = min(rng.sample(runs, 2), key=lambda run: run.num_live)
-        target.add(request)
+    _dispatch(pending, runs, route, random.Random(seed))
     for run in runs:
         run.run_until(None)
         run.engine.check_idle()
@@ -281,6 +273,20 @@ def simulate(
         summary=summarize(timelines),
         stats=stats,
     )
+
+
+def _dispatch(
+    pending: Sequence[Request], runs: list[_SimRun], route: str, rng: random.Random
+) -> None:
+    """Hand each request, in arrival order, to the replica the router picks then."""
+    for i, request in enumerate(pending):
+        for run in runs:
+            run.run_until(request.arrival_s)
+        if route == "round_robin" or len(runs) == 1:
+            target = runs[i % len(runs)]
+        else:
+            target = min(rng.sample(runs, 2), key=lambda run: run.num_live)
+        target.add(request)
 
 
 def _sum_stats(per_replica: list[dict[str, Any]]) -> dict[str, Any]:
