@@ -6,8 +6,11 @@
 moves the clock by its modelled time; a step with nothing to run moves it to the next event
 (an arrival, a copy completing) or by `idle_tick_s` (a policy may be waiting for a timer).
 Idle with nothing left to arrive or copy for longer than `max_idle_s` raises
-`SimStuckError`. Nothing here is random: the same requests, profile and config give the
-same token timelines, and so does any token source the runner is given (see `costed`).
+`SimStuckError`. With `replicas` > 1 the same loop runs one engine per replica, each on its
+own clock, and a router picks a replica per arrival after stepping all of them up to it.
+Nothing here is random (power-of-two routing draws from a seeded generator): the same
+requests, profile and config give the same token timelines, and so does any token source the
+runner is given (see `costed`).
 """
 
 from __future__ import annotations
