@@ -53,7 +53,10 @@ COMMANDS = {
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "bench", help="benchmarks (serve, compare, engine, sim, ...)", description=__doc__
+        "bench",
+        help="benchmarks (serve, compare, engine, sim, ...)",
+        description="Benchmarks of tfjax, or of any OpenAI-compatible server (serve). "
+        "`tfjax bench COMMAND --help` says what COMMAND measures and lists its defaults.",
     )
     commands = parser.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     for name, (_, what) in COMMANDS.items():

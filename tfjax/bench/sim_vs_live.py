@@ -1,15 +1,16 @@
-"""Fidelity of the simulator: one workload file live against `tfjax serve` and simulated.
+"""`tfjax bench sim-vs-live`: fidelity of the simulator, one workload file live against
+`tfjax serve` and simulated.
 
-    .venv/bin/python scripts/sim_vs_live.py --workload W.json --policy P --profile PROFILE \\
+    tfjax bench sim-vs-live --workload W.json --policy P --profile PROFILE \\
         [--server-args "--kv-pages 64 --max-batch-size 8"] [--out R.json]
-    .venv/bin/python scripts/sim_vs_live.py --write-workloads DIR   # the three README workloads
-    .venv/bin/python scripts/sim_vs_live.py --workload W.json --policy P --profile PROFILE \
+    tfjax bench sim-vs-live --write-workloads DIR   # the README's fidelity workloads
+    tfjax bench sim-vs-live --workload W.json --policy P --profile PROFILE \\
         --live-from R.json --out R2.json   # re-simulate only, against R.json's live run
-    .venv/bin/python scripts/sim_vs_live.py --table R.json ...       # the README's table
+    tfjax bench sim-vs-live --table R.json ...       # the README's table
 
-Live: starts `tfjax serve --policy P <server args>` (as `compare_policies.py` does), sends the
+Live: starts `tfjax serve --policy P <server args>` (`tfjax.bench.server`), sends the
 file's requests with their exact token-id prompts at their arrival times and times every
-token on the client (`bench_serving.py`'s client). Simulated: `tfjax simulate`'s path with the
+token on the client (`tfjax.bench.client`). Simulated: `tfjax simulate`'s path with the
 same engine flags on PROFILE (a `tfjax calibrate` file, or a built-in name). Prints live and
 simulated mean / p99 TTFT and raw throughput and their ratios (targets: TTFT within +-25%,
 raw throughput within +-10%).
@@ -25,10 +26,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import bench_serving as bench
-import compare_policies
-from workload_client import ClientRequest
-
+from tfjax.bench.client import ClientConfig, run_requests
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.metrics import timeline_of
+from tfjax.bench.server import tfjax_server
+from tfjax.bench.workload import ClientRequest
 from tfjax.qos import summarize
 
 METRICS = ("mean_ttft_s", "p99_ttft_s", "raw_throughput")
@@ -99,13 +101,13 @@ def live(workload: Path, policy: str, server_args: list[str], log: Path) -> dict
         )
         for i, e in enumerate(entries)
     ]
-    with compare_policies.serve(policy, server_args, log, start_timeout_s=900) as (url, model):
-        cfg = bench.ClientConfig(base_url=url, model=model)
-        records, _ = asyncio.run(bench.run_requests(cfg, requests))
+    with tfjax_server(policy, server_args, log, start_timeout_s=900) as server:
+        cfg = ClientConfig(base_url=server.base_url, model=server.model)
+        records, _ = asyncio.run(run_requests(cfg, requests))
     failed = [r for r in records if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} live requests failed: {failed[0].error}")
-    return summarize([bench.timeline_of(r) for r in records])
+    return summarize([timeline_of(r) for r in records])
 
 
 def simulated(workload: Path, policy: str, profile: str, server_args: list[str]) -> dict:
@@ -139,7 +141,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench sim-vs-live", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--workload", type=Path)
     parser.add_argument("--policy", default="tokenflow")
     parser.add_argument("--profile", default="cpu-smollm2")
@@ -175,7 +179,3 @@ def main(argv: list[str] | None = None) -> int:
                "live": live_summary, "sim": sim_summary}  # fmt: skip
         args.out.write_text(json.dumps(row, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
