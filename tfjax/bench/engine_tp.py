@@ -32,10 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfjax bench engine tp", description=__doc__, formatter_class=HelpFormatter
     )
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--device-kv-gb", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=4, help="layers of the random model")
+    parser.add_argument("--batch", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps")
+    parser.add_argument(
+        "--device-kv-gb",
+        type=float,
+        default=1.0,
+        help="per-device KV budget of the capacity column",
+    )
     return parser
 
 

@@ -1,0 +1,37 @@
+"""`tfjax bench`: every command is reachable from the console script and its --help says what
+it measures (its module docstring) with the defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.cli import main as tfjax
+from tfjax.bench.cli import COMMANDS
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[name] for name in COMMANDS] + [["engine", "tp"], ["engine", "xla-cpu"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_every_command_has_a_help_with_its_defaults(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tfjax(["bench", *argv, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: tfjax bench {' '.join(argv)}" in text
+    assert "(default:" in text
+
+
+def test_the_bench_help_lists_the_commands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        tfjax(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in COMMANDS)
+
+
+def test_serve_dry_run_prints_the_workload_and_sends_nothing(capsys) -> None:
+    argv = ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--dry-run"]
+    assert tfjax([*argv, "--num-prompts", "5", "--request-rate", "2"]) == 0
+    err = capsys.readouterr().err
+    assert '"num_requests": 5' in err
