@@ -11,7 +11,7 @@ from tfjax.bench.cli import COMMANDS
 
 @pytest.mark.parametrize(
     "argv",
-    [[name] for name in COMMANDS] + [["engine", "tp"], ["engine", "xla-cpu"]],
+    [[name] for name in COMMANDS] + [["engine", "tp"], ["engine", "xla-cpu"], ["sim", "sched"]],
     ids=lambda argv: " ".join(argv),
 )
 def test_every_command_has_a_help_with_its_defaults(argv: list[str], capsys) -> None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
+DESCRIPTION = (
+    "Benchmarks of tfjax, or of any OpenAI-compatible server (serve). "
+    "`tfjax bench COMMAND --help` says what COMMAND measures and lists its defaults."
+)
 # name -> (module, what it measures): the one-line help of `tfjax bench --help`.
 COMMANDS = {
     "serve": (
@@ -48,16 +52,34 @@ COMMANDS = {
         "tfjax.bench.mixed_lengths",
         "short streams' throughput and TTFT alone and beside one long prompt, per policy",
     ),
+    "soak": (
+        "tfjax.bench.soak",
+        "bounded soak of a server: steady streams, bursts, hang-ups, bad requests; leak checks",
+    ),
+    "gpu-check": (
+        "tfjax.bench.gpu_check",
+        "the GPU gate: kernels and engine tokens vs reference, decode/prefill vs floors",
+    ),
 }
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `bench` on the `tfjax` console script's subcommands."""
     parser = subparsers.add_parser(
-        "bench",
-        help="benchmarks (serve, compare, engine, sim, ...)",
-        description="Benchmarks of tfjax, or of any OpenAI-compatible server (serve). "
-        "`tfjax bench COMMAND --help` says what COMMAND measures and lists its defaults.",
+        "bench", help="benchmarks (serve, compare, engine, sim, ...)", description=DESCRIPTION
     )
+    _add_commands(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tfjax.bench COMMAND ...`: the same commands without the server's modules."""
+    parser = argparse.ArgumentParser(prog="python -m tfjax.bench", description=DESCRIPTION)
+    _add_commands(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def _add_commands(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     for name, (_, what) in COMMANDS.items():
         sub = commands.add_parser(name, help=what, add_help=False, prefix_chars="\0")

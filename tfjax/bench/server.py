@@ -37,19 +37,22 @@ STOP_TIMEOUT_S = 60.0
 class Server:
     base_url: str
     model: str
+    pid: int  # of the server process (a soak reads its RSS and open files)
 
 
-def tfjax_serve_command(policy: str, flags: Sequence[str]) -> list[str]:
-    """`tfjax serve` of this checkout on a free loopback port."""
-    serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--policy", policy, *flags]
-    return [sys.executable, "-m", "serving.cli", *serve]
+def tfjax_serve_command(policy: str | None, flags: Sequence[str]) -> list[str]:
+    """`tfjax serve` of this checkout on a free loopback port (`policy` None: its default)."""
+    serve = ["serve", "--host", "127.0.0.1", "--port", "0"]
+    if policy is not None:
+        serve += ["--policy", policy]
+    return [sys.executable, "-m", "serving.cli", *serve, *flags]
 
 
 @contextmanager
 def tfjax_server(
-    policy: str, flags: Sequence[str], log_path: Path, start_timeout_s: float
+    policy: str | None, flags: Sequence[str], log_path: Path, start_timeout_s: float
 ) -> Iterator[Server]:
-    """`tfjax serve --policy POLICY FLAGS` until the block ends."""
+    """`tfjax serve [--policy POLICY] FLAGS` until the block ends."""
     with _running(tfjax_serve_command(policy, flags), log_path) as (proc, lines):
         yield _wait_ready_line(proc, lines, start_timeout_s, log_path)
 
@@ -62,7 +65,7 @@ def command_server(
     base_url = base_url.rstrip("/")
     with _running(shlex.split(command), log_path) as (proc, _):
         _wait_healthy(proc, base_url, start_timeout_s, log_path)
-        yield Server(base_url=base_url, model=served_model(base_url))
+        yield Server(base_url=base_url, model=served_model(base_url), pid=proc.pid)
 
 
 @contextmanager
@@ -106,7 +109,8 @@ def _wait_ready_line(
         if line is None:
             break
         if match := READY.search(line):
-            return Server(base_url=match.group("url"), model=match.group("model"))
+            url, model = match.group("url"), match.group("model")
+            return Server(base_url=url, model=model, pid=proc.pid)
     raise RuntimeError(f"server not ready (exit code {proc.poll()}); see {log_path}")
 
 

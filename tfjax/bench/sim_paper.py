@@ -28,6 +28,7 @@ and policy) and PNG plots: TTFT CDFs per setup and token timelines (paper Fig. 1
 non-streaming setups the latency column (arrival to last token) is the one that matters.
 
     tfjax bench sim --out out/sim [--group held-out] [--policies ...]
+    tfjax bench sim sched [--calls 40]    # plan() overhead per policy (tfjax.bench.sim_sched)
 """
 
 from __future__ import annotations
@@ -377,6 +378,11 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sched":
+        from tfjax.bench import sim_sched
+
+        return sim_sched.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="tfjax bench sim", description=__doc__, formatter_class=HelpFormatter
     )
