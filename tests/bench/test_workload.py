@@ -115,3 +115,12 @@ def test_a_shared_prefix_is_the_same_in_every_prompt() -> None:
         len(words) == 16
         and words[:10] == wc.make_prompt(shared[1], mode="text", seed=0).split()[:10]
     )
+
+
+def test_trace_flags_keep_every_row_unless_capped(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    rows = [f'{{"timestamp": {t}, "input_len": 8, "output_len": 4}}' for t in range(40)]
+    trace.write_text("\n".join(rows) + "\n")
+    assert len(requests_from_args(_flags("--trace-file", str(trace)))) == 40
+    capped = requests_from_args(_flags("--trace-file", str(trace), "--num-prompts", "5"))
+    assert [r.arrival_s for r in capped] == [0.0, 1.0, 2.0, 3.0, 4.0]

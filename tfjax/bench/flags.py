@@ -32,7 +32,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="requests")
+    g.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help=f"requests (default {DEFAULT_NUM_PROMPTS}; with --trace-file: a cap, default none)",
+    )
     g.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s; inf: one burst"
     )
@@ -92,7 +97,7 @@ def requests_from_args(args: argparse.Namespace) -> list[ClientRequest]:
     else:
         requests = synthetic_requests(
             arrival=arrival,
-            num_requests=args.num_prompts,
+            num_requests=args.num_prompts or DEFAULT_NUM_PROMPTS,
             input_len=LengthDist(mean=args.random_input_len, std=args.random_input_len_std),
             output_len=LengthDist(mean=args.random_output_len, std=args.random_output_len_std),
             request_rate=1.0 if arrival == "burst" else args.request_rate,
