@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tfjax.bench import calibrate, client, compare_report, report, serve
+from tfjax.bench import calibrate, client, compare_report, report, run
 from tfjax.bench import workload as wc
 from tfjax.sim.workload import assign_rates
 
@@ -130,7 +130,7 @@ def test_client_metrics_against_a_known_schedule(base_url: str, tmp_path: Path) 
         for i, n in enumerate((5, 10, 3, 7))
     ]
     cfg = client.ClientConfig(base_url=base_url, model="fake", request_timeout_s=20)
-    result, records = asyncio.run(serve.benchmark(cfg, requests, progress=False))
+    result, records = asyncio.run(run.benchmark(cfg, requests, progress=False))
     by_len = {r.max_tokens: r for r in records}
 
     assert result["completed"] == 3 and result["failed"] == 1

@@ -56,7 +56,7 @@ from tfjax.bench.compare_report import (
     summary_row,
 )
 from tfjax.bench.report import format_table, save
-from tfjax.bench.serve import benchmark
+from tfjax.bench.run import benchmark
 from tfjax.bench.server import Server, command_server, tfjax_server
 from tfjax.bench.workload import ClientRequest, synthetic_requests, workload_summary
 from tfjax.sim.workload import LengthDist

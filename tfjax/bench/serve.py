@@ -27,35 +27,13 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from tfjax.bench import flags
-from tfjax.bench.client import ClientConfig, RequestRecord, run_requests, served_model
-from tfjax.bench.metrics import compute_metrics, request_rows
+from tfjax.bench.client import served_model
 from tfjax.bench.report import format_table, save
-from tfjax.bench.scrape import counter_figures, scrape_counters
-from tfjax.bench.workload import ClientRequest, workload_summary
-
-
-async def benchmark(
-    cfg: ClientConfig,
-    requests: Sequence[ClientRequest],
-    *,
-    percentiles: Sequence[float] = (99,),
-    progress: bool = True,
-) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """One run: scrape /metrics, send everything, scrape again; returns (result, records)."""
-    before = await scrape_counters(cfg.base_url)
-    records, times = await run_requests(cfg, requests, progress=progress)
-    after = await scrape_counters(cfg.base_url)
-    result = compute_metrics(records, times, percentiles=percentiles)
-    result |= counter_figures(before, after)
-    result["config"] = asdict(cfg)
-    result["requests"] = request_rows(records)
-    return result, records
+from tfjax.bench.run import benchmark
+from tfjax.bench.workload import workload_summary
 
 
 def build_parser(prog: str = "tfjax bench serve") -> argparse.ArgumentParser:
