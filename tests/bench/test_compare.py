@@ -107,3 +107,31 @@ def test_repeats_report_the_median_ratio_to_fcfs_with_its_range() -> None:
     line = next(x for x in format_repeats(rows).splitlines() if x.startswith("tokenflow"))
     assert "1.00 (0.50-1.50)" in line  # p99 TTFT ratios 1.0, 0.5, 1.5
     assert "1.00 (0.90-1.10)" in line  # raw throughput ratios 0.9, 1.1, 1.0
+
+
+def test_two_server_commands_side_by_side(tmp_path, capsys) -> None:
+    """`--server LABEL URL COMMAND` twice: both fakes start, take turns for two repeats, and the
+    ratios are to the first; every run leaves its result and the servers are stopped."""
+    import socket
+    import sys
+
+    from serving.cli import main as tfjax
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    argv = ["bench", "compare", "--out", str(tmp_path), "--workloads", "undeclared"]
+    argv += ["--repeat", "2", "--no-plots", "--disable-tqdm"]
+    for label in ("a", "b"):
+        port = free_port()
+        command = f"{sys.executable} -m tests.bench.fake_openai --port {port} --token-delay-s 0.001"
+        argv += ["--server", label, f"http://127.0.0.1:{port}", command]
+    assert tfjax(argv) == 0
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["policy"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert all(r["failed"] == 0 and r["completed"] == 32 for r in rows)
+    assert {p.name for p in (tmp_path / "b" / "repeat1").iterdir()} == {"result.json", "result.csv"}
+    out = capsys.readouterr().out
+    assert "(ratio to a: median (min-max) over 2 alternating repeats)" in out

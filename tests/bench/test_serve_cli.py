@@ -34,7 +34,9 @@ def _bench(base_url: str, out: Path, *extra: str) -> tuple[dict, list[dict]]:
     assert tfjax(argv) == 0
     with open(out / "run.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return json.loads((out / "run.json").read_text()), rows
+    text = (out / "run.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    return result, rows
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
@@ -42,7 +44,8 @@ def test_against_vllm_chunk_shapes(endpoint: str, tmp_path: Path, capsys) -> Non
     with running_server(token_delay_s=0.01) as url:
         result, rows = _bench(url, tmp_path, "--endpoint", endpoint)
     assert result["completed"] == 4 and result["failed"] == 0
-    assert result["config"]["model"] == MODEL  # from /v1/models
+    assert result["config"]["model"] == result["model_id"] == MODEL  # from /v1/models
+    assert (result["num_prompts"], result["request_rate"]) == (4, "inf")  # vLLM's keys
     # One token per content chunk; the role-only chat delta and the usage chunk carry none.
     assert result["total_output_tokens"] == 4 * 5 and result["tokens_added_at_end"] == 0
     assert result["total_input_tokens"] == 4 * 8  # the final usage chunk's prompt_tokens

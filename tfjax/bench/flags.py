@@ -156,7 +156,12 @@ def percentiles_of(args: argparse.Namespace) -> list[float]:
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags of a run as JSON values, stored with its result."""
-    return {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)
-    }
+    """The flags of a run as strict JSON values (paths and `inf` as strings), stored with its
+    result."""
+    return {k: _json_value(v) for k, v in vars(args).items() if not callable(v)}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path) or (isinstance(value, float) and not math.isfinite(value)):
+        return str(value)
+    return value

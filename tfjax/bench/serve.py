@@ -27,13 +27,28 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from tfjax.bench import flags
-from tfjax.bench.client import served_model
+from tfjax.bench.client import CHAT_COMPLETIONS, served_model
 from tfjax.bench.report import format_table, save
 from tfjax.bench.run import benchmark
 from tfjax.bench.workload import workload_summary
+
+
+def vllm_run_keys(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The run's description under the keys of vLLM's result JSON."""
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "openai-chat" if args.endpoint == CHAT_COMPLETIONS else "openai",
+        "model_id": model,
+        "num_prompts": args.num_prompts,
+        "request_rate": str(args.request_rate),  # "inf" as vLLM writes it
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+    }
 
 
 def build_parser(prog: str = "tfjax bench serve") -> argparse.ArgumentParser:
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     result, records = asyncio.run(
         benchmark(cfg, requests, percentiles=percentiles, progress=args.progress)
     )
+    result |= vllm_run_keys(args, model)
     result["workload"] = flags.args_record(args)
     print(format_table(result))
     if args.save_result or args.plots:
