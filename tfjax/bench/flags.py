@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,15 @@ DEFAULT_NUM_PROMPTS = 32
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as the description, and every flag's default."""
+    """The module docstring as the description, and every flag's default (argparse shows
+    defaults only beside a help text, so a flag without one gets its default as its help)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, argparse.SUPPRESS)
+        if action.option_strings and not action.help and shown and type(action.default) is not bool:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
