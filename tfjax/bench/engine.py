@@ -48,7 +48,7 @@ from models.attention import BACKEND_NAMES, backend_for
 from models.cache import default_cache_dir
 from models.config import QUANTIZATIONS, ModelConfig
 from models.sharding import make_mesh
-from models.weights import init_random, num_bytes
+from models.weights import Weights, init_random, num_bytes
 from tfjax.bench.flags import HelpFormatter
 from tfjax.bench.floors import Floors, matmul_flops_per_s, read_bandwidth_bytes_per_s
 from tfjax.config import EngineConfig
@@ -100,7 +100,10 @@ class DecodeRun:
     seed: int = 0
 
 
-def make_requests(runner: Runner, batch: int, context: int, new_tokens: int, seed: int):
+def make_requests(
+    runner: Runner, batch: int, context: int, new_tokens: int, seed: int
+) -> list[Request]:
+    """`batch` requests of `context` random prompt tokens, their pages allocated for the run."""
     rng = np.random.default_rng(seed)
     pages = PageAllocator(runner.num_pages)
     requests = []
@@ -166,7 +169,7 @@ def bench_ours(runner: Runner, batch: int, context: int, run: DecodeRun) -> dict
     return out
 
 
-def load_hf(model_path: Path):
+def load_hf(model_path: Path) -> Any:
     """transformers' model for the same checkpoint (torch, float32, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -176,7 +179,8 @@ def load_hf(model_path: Path):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
 
 
-def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def bench_hf(model: Any, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    """HF `generate`'s prefill and decode tokens/s on the same shapes (greedy, forced length)."""
     import torch
 
     vocab = model.config.vocab_size
@@ -203,7 +207,9 @@ def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> 
     }
 
 
-def random_weights(shape: str, dtype: str, quantization: str | None, seed: int = 0):
+def random_weights(
+    shape: str, dtype: str, quantization: str | None, seed: int = 0
+) -> tuple[ModelConfig, Weights]:
     """(config, weights) of random weights of a named shape, quantized if asked."""
     cfg = dataclasses.replace(SHAPES[shape], dtype=dtype)
     weights = init_random(cfg, jax.random.key(seed))
@@ -213,7 +219,9 @@ def random_weights(shape: str, dtype: str, quantization: str | None, seed: int =
     return cfg, weights
 
 
-def build(args: argparse.Namespace, batches: list[int], contexts: list[int]):
+def build(
+    args: argparse.Namespace, batches: list[int], contexts: list[int]
+) -> tuple[Runner, Path | None]:
     """(runner, HF model path or None) for `--shape` or `--model`, sized for the largest run."""
     max_len = max(contexts) + args.new_tokens
     config = EngineConfig(
@@ -238,7 +246,13 @@ def build(args: argparse.Namespace, batches: list[int], contexts: list[int]):
     return runner, model.source
 
 
-def measure(runner: Runner, floors: Floors, args, batches, contexts) -> list[dict[str, Any]]:
+def measure(
+    runner: Runner,
+    floors: Floors,
+    args: argparse.Namespace,
+    batches: list[int],
+    contexts: list[int],
+) -> list[dict[str, Any]]:
     """Our figures and their floors, one row per (context, batch)."""
     cfg = runner.cfg
     run = DecodeRun(
