@@ -84,3 +84,14 @@ def test_streaming_figures_from_the_reader_model() -> None:
 def test_a_run_without_successes_stays_strict_json() -> None:
     m = compute_metrics(RECORDS[2:], RunTimes(wall_s=1.0, client_cpu_s=0.0))
     assert m["completed"] == 0 and m["mean_ttft_ms"] is None and "effective_throughput" not in m
+
+
+def test_the_table_shows_every_percentile_asked_for() -> None:
+    from tfjax.bench.report import format_table
+
+    m = compute_metrics(RECORDS, RunTimes(wall_s=3.0, client_cpu_s=0.3), percentiles=(50, 99.9))
+    table = format_table(m)
+    for line in ("P50 TTFT (ms):", "P99.9 ITL (ms):", "P50 E2EL (ms):", "Mean TPOT (ms):"):
+        assert line in table
+    assert "P99 TTFT" not in table
+    assert "Effective throughput (tok/s):" in table and "Failed requests:" in table

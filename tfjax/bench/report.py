@@ -34,7 +34,7 @@ CSV_COLUMNS = (
     "error",
 )
 
-_TABLE_ROWS: tuple[tuple[str, str] | str, ...] = (
+_HEAD_ROWS = (
     ("Successful requests", "completed"),
     ("Failed requests", "failed"),
     ("Benchmark duration (s)", "duration"),
@@ -43,22 +43,14 @@ _TABLE_ROWS: tuple[tuple[str, str] | str, ...] = (
     ("Request throughput (req/s)", "request_throughput"),
     ("Output token throughput (tok/s)", "output_throughput"),
     ("Client CPU s per wall s", "client_cpu_per_wall"),
-    "Time to First Token",
-    ("Mean TTFT (ms)", "mean_ttft_ms"),
-    ("Median TTFT (ms)", "median_ttft_ms"),
-    ("P99 TTFT (ms)", "p99_ttft_ms"),
-    "Time per Output Token (excl. 1st token)",
-    ("Mean TPOT (ms)", "mean_tpot_ms"),
-    ("Median TPOT (ms)", "median_tpot_ms"),
-    ("P99 TPOT (ms)", "p99_tpot_ms"),
-    "Inter-token Latency (per chunk)",
-    ("Mean ITL (ms)", "mean_itl_ms"),
-    ("Median ITL (ms)", "median_itl_ms"),
-    ("P99 ITL (ms)", "p99_itl_ms"),
-    "End-to-end Latency",
-    ("Mean E2EL (ms)", "mean_e2el_ms"),
-    ("P99 E2EL (ms)", "p99_e2el_ms"),
-    "Streaming (reader model, docs/definitions.md)",
+)
+_LATENCY_SECTIONS = (  # metric, its section's title, its short name
+    ("ttft", "Time to First Token", "TTFT"),
+    ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+    ("itl", "Inter-token Latency (per chunk)", "ITL"),
+    ("e2el", "End-to-end Latency", "E2EL"),
+)
+_STREAMING_ROWS = (
     ("Effective throughput (tok/s)", "effective_throughput"),
     ("Raw throughput (tok/s)", "raw_throughput"),
     ("Stall ratio", "stall_ratio"),
@@ -67,6 +59,20 @@ _TABLE_ROWS: tuple[tuple[str, str] | str, ...] = (
     ("QoS (Eq. 2, lambda=mu=1)", "qos"),
     ("Server preemptions (delta)", "preemptions"),
 )
+
+
+def _table_rows(result: dict[str, Any]) -> list[tuple[str, str] | str]:
+    """Section titles (strings) and (label, key) rows: vLLM's layout, with a row for every
+    percentile the result holds."""
+    rows: list[tuple[str, str] | str] = list(_HEAD_ROWS)
+    for metric, title, short in _LATENCY_SECTIONS:
+        rows += [title, (f"Mean {short} (ms)", f"mean_{metric}_ms")]
+        rows.append((f"Median {short} (ms)", f"median_{metric}_ms"))
+        suffix = f"_{metric}_ms"
+        for key in result:
+            if key.startswith("p") and key.endswith(suffix) and key[1].isdigit():
+                rows.append((f"P{key[1 : -len(suffix)]} {short} (ms)", key))
+    return [*rows, "Streaming (reader model, docs/definitions.md)", *_STREAMING_ROWS]
 
 
 def format_table(result: dict[str, Any], title: str = "Serving Benchmark Result") -> str:
@@ -78,7 +84,7 @@ def format_table(result: dict[str, Any], title: str = "Serving Benchmark Result"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     lines = [f"{' ' + title + ' ':=^60}"]
-    for row in _TABLE_ROWS:
+    for row in _table_rows(result):
         if isinstance(row, str):
             lines.append(f"{row:-^60}")
         elif row[1] in result:
