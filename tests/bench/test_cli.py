@@ -35,3 +35,17 @@ def test_serve_dry_run_prints_the_workload_and_sends_nothing(capsys) -> None:
     assert tfjax([*argv, "--num-prompts", "5", "--request-rate", "2"]) == 0
     err = capsys.readouterr().err
     assert '"num_requests": 5' in err
+
+
+def test_vllm_client_flags_carry_over() -> None:
+    from tfjax.bench.flags import client_config
+    from tfjax.bench.serve import build_parser
+
+    def config(*argv: str):
+        return client_config(build_parser().parse_args(list(argv)), "http://h/", "m")
+
+    assert config().endpoint == "/v1/completions" and config().ignore_eos
+    assert config("--backend", "openai-chat").endpoint == "/v1/chat/completions"
+    assert config("--backend", "openai-chat", "--endpoint", "/v2/x").endpoint == "/v2/x"
+    assert config("--ignore-eos").ignore_eos and not config("--no-ignore-eos").ignore_eos
+    assert config().base_url == "http://h"

@@ -20,11 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tfjax.bench.client import COMPLETIONS, ClientConfig
+from tfjax.bench.client import CHAT_COMPLETIONS, COMPLETIONS, ClientConfig
 from tfjax.bench.workload import ClientRequest, read_trace, synthetic_requests, trace_requests
 from tfjax.sim.workload import LengthDist
 
 DEFAULT_NUM_PROMPTS = 32
+BACKEND_ENDPOINTS = {"openai": COMPLETIONS, "vllm": COMPLETIONS, "openai-chat": CHAT_COMPLETIONS}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -124,12 +125,24 @@ def requests_from_args(args: argparse.Namespace) -> list[ClientRequest]:
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("client")
-    g.add_argument("--endpoint", default=COMPLETIONS, help="or /v1/chat/completions")
+    g.add_argument(
+        "--backend",
+        choices=sorted(BACKEND_ENDPOINTS),
+        default="openai",
+        help="vLLM's name for the API: openai (completions) or openai-chat",
+    )
+    g.add_argument("--endpoint", default=None, help="default: the --backend's")
     g.add_argument(
         "--prompt-mode",
         choices=["ids", "text"],
         default="ids",
         help="prompt as a token-id list, or as random words (about 1 token each)",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=True,
+        help="force max_tokens (the default here; vLLM's flag, accepted)",
     )
     g.add_argument("--no-ignore-eos", action="store_false", dest="ignore_eos")
     g.add_argument(
@@ -149,7 +162,7 @@ def client_config(args: argparse.Namespace, base_url: str, model: str) -> Client
     return ClientConfig(
         base_url=base_url.rstrip("/"),
         model=model,
-        endpoint=args.endpoint,
+        endpoint=args.endpoint or BACKEND_ENDPOINTS[args.backend],
         prompt_mode=args.prompt_mode,
         ignore_eos=args.ignore_eos,
         extensions=args.extensions,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tfjax.bench import flags
-from tfjax.bench.client import CHAT_COMPLETIONS, served_model
+from tfjax.bench.client import served_model
 from tfjax.bench.report import format_table, save
 from tfjax.bench.run import benchmark
 from tfjax.bench.workload import workload_summary
@@ -42,7 +42,7 @@ def vllm_run_keys(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """The run's description under the keys of vLLM's result JSON."""
     return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": "openai-chat" if args.endpoint == CHAT_COMPLETIONS else "openai",
+        "backend": args.backend,
         "model_id": model,
         "num_prompts": args.num_prompts,
         "request_rate": str(args.request_rate),  # "inf" as vLLM writes it
