@@ -49,3 +49,31 @@ def test_vllm_client_flags_carry_over() -> None:
     assert config("--backend", "openai-chat", "--endpoint", "/v2/x").endpoint == "/v2/x"
     assert config("--ignore-eos").ignore_eos and not config("--no-ignore-eos").ignore_eos
     assert config().base_url == "http://h"
+
+
+def test_an_unreachable_server_is_one_line_not_a_traceback(capsys) -> None:
+    argv = ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]
+    assert tfjax(argv) == 2
+    err = capsys.readouterr().err
+    assert "tfjax: error: no model listed at http://127.0.0.1:9/v1/models" in err
+
+
+def test_python_m_tfjax_bench_runs_without_the_server_modules() -> None:
+    """What scripts/gpu_check.sh runs on a bare image."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "tfjax.bench", "gpu-check", "--help"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0 and "usage: tfjax bench gpu-check" in result.stdout
+    probe = (
+        "import sys, tfjax.bench.cli as cli\n"
+        "try:\n    cli.main(['gpu-check', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('imported serving:', any(m.startswith('serving') for m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
+    assert result.stdout.strip().endswith("imported serving: False")

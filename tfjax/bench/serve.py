@@ -31,11 +31,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from models.errors import UserError
 from tfjax.bench import flags
 from tfjax.bench.client import served_model
 from tfjax.bench.report import format_table, save
 from tfjax.bench.run import benchmark
 from tfjax.bench.workload import workload_summary
+
+
+def _served_model(base_url: str) -> str:
+    try:
+        return served_model(base_url)
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+        raise UserError(f"no model listed at {base_url}/v1/models ({err}); pass --model") from err
 
 
 def vllm_run_keys(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {json.dumps(workload_summary(requests))}", file=sys.stderr)
     if args.dry_run:
         return 0
-    model = args.model or served_model(args.base_url)
+    model = args.model or _served_model(args.base_url)
     cfg = flags.client_config(args, args.base_url, model)
     percentiles = flags.percentiles_of(args)
     result, records = asyncio.run(
