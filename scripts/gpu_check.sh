@@ -2,7 +2,7 @@
 # GPU check (issue 25): correctness of the attention kernels and the engine, then decode and
 # prefill speed against their floors, as one JSON verdict ($OUT/gpu_check.json) and an exit
 # code that gates (0 pass, 1 a check failed or a target was missed, 2 no usable environment).
-# The logic and the targets are in scripts/gpu_check.py; about 10 minutes on one H200.
+# The logic and the targets are in tfjax/bench/gpu_check.py; about 10 minutes on one H200.
 #
 #   bash scripts/gpu_check.sh [--dry-run]      OUT=dir (default out/gpu_check), PYTHON=python3
 #
@@ -37,4 +37,4 @@ if [ ${#DRY_RUN[@]} -eq 0 ]; then
     || { echo "gpu_check: no CUDA device visible to jax (use --dry-run on CPU)" >&2; exit 2; }
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$OUT/nvidia_smi.csv" 2>&1
 fi
-exec "$PY" scripts/gpu_check.py --out "$OUT" "${DRY_RUN[@]}"
+exec "$PY" -m tfjax.bench gpu-check --out "$OUT" "${DRY_RUN[@]}"

@@ -1,4 +1,5 @@
-"""`tfjax` console script: one subcommand per module (generate, serve, simulate, calibrate).
+"""`tfjax` console script: one subcommand per module (generate, serve, simulate, calibrate,
+bench).
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its flags and sets
 `run=<callable(args) -> int>` as the parser default. Errors a user can fix (a missing model
@@ -13,6 +14,7 @@ import sys
 
 from models.errors import UserError
 from serving import calibrate_cmd, generate_cmd, serve_cmd, simulate_cmd
+from tfjax.bench import cli as bench_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_parser(subparsers)
     simulate_cmd.add_parser(subparsers)
     calibrate_cmd.add_parser(subparsers)
+    bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -308,32 +308,16 @@ class AsyncEngine:
 def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any, Any, Any]:
     """(model, engine config, warmed-up `Runner`) for the model and engine flags in `args`:
     what `tfjax serve` and `tfjax calibrate` run."""
-    from models import load_model
-    from models.cache import default_cache_dir
     from tfjax.config import engine_config_from_args
     from tfjax.progress import ProgressBar
-    from tfjax.runner import Runner, default_num_pages, enable_compilation_cache
+    from tfjax.runner_setup import load_runner
 
     config = engine_config_from_args(args)
-    enable_compilation_cache(default_cache_dir())
-    model = load_model(
+    model, runner = load_runner(
         args.model,
-        dtype=getattr(args, "dtype", None),
-        tensor_parallel=config.tensor_parallel,
-        quantization=getattr(args, "quantization", None),
-    )
-    cfg = model.config
-    num_pages = config.num_pages or default_num_pages(cfg, config)
-    # One request must always fit the pool, so a lone request can never deadlock.
-    pool_tokens = (num_pages - 1) * config.page_size
-    max_model_len = min(config.max_model_len or 2048, cfg.max_position_embeddings, pool_tokens)
-    runner = Runner(
-        cfg,
-        model.weights,
         config,
-        num_pages=num_pages,
-        max_model_len=max_model_len,
-        mesh=model.mesh,
+        dtype=getattr(args, "dtype", None),
+        quantization=getattr(args, "quantization", None),
     )
     if warmup:
         runner.warmup(ProgressBar("step buckets"))

@@ -246,7 +246,7 @@ def test_serve_flag_reaches_the_runner(tiny_qwen2_dir: Path, tmp_path, monkeypat
     from tfjax.async_engine import build_runner
 
     monkeypatch.setenv("TFJAX_CACHE_DIR", str(tmp_path))  # converted weights go here
-    monkeypatch.setattr("tfjax.runner.enable_compilation_cache", lambda cache_dir: None)
+    monkeypatch.setattr("tfjax.runner_setup.enable_compilation_cache", lambda cache_dir: None)
     parser = argparse.ArgumentParser()
     serve_cmd.add_parser(parser.add_subparsers())
     argv = ["serve", "--model", str(tiny_qwen2_dir), "--quantization", "int8", "--kv-pages", "64"]

@@ -36,7 +36,7 @@ def engine_tokens(
     cfg, host_weights, tp: int, *, storm: bool = False, attention_backend: str = "auto"
 ) -> dict[str, list[int]]:
     """Greedy tokens of 6 requests through the engine (`storm`: random preemptions to the host
-    tier and resumes); also scripts/gpu_check.py's gpu-vs-reference check."""
+    tier and resumes); also `tfjax bench gpu-check`'s gpu-vs-reference check."""
     weights = jax.device_put(host_weights, placement(cfg, tp))
     config = EngineConfig(
         page_size=8, prefill_token_budget=32, max_batch_size=4, attention_backend=attention_backend

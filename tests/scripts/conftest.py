@@ -1,4 +1,5 @@
-"""Makes the benchmark scripts importable as top-level modules, as they import each other."""
+"""Makes the dashboard screenshot tools in scripts/ importable as top-level modules, as
+`dashboard_shot.py` imports `headless_chromium.py` by its bare name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The live benchmark's client core against a fake OpenAI SSE server with a known token schedule.
+"""`tfjax bench serve`'s client and metrics against a fake OpenAI SSE server with a known token
+schedule.
 
 The fake server (Starlette under uvicorn on 127.0.0.1, in a thread) streams each request's tokens
 at fixed delays after it arrives, chosen by `max_tokens`:
@@ -28,17 +29,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import bench_serving as bench  # scripts/ is on sys.path (conftest.py)
-import compare_policies as cp
 import pytest
 import uvicorn
-import workload_client as wc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tfjax.sim.workload import LengthDist, assign_rates
+from tfjax.bench import calibrate, client, compare_report, report, run
+from tfjax.bench import workload as wc
+from tfjax.sim.workload import assign_rates
 
 # max_tokens -> (chunk kind, [(delay after arrival s, tokens)], usage completion_tokens)
 SCHEDULES = {
@@ -129,8 +129,8 @@ def test_client_metrics_against_a_known_schedule(base_url: str, tmp_path: Path) 
         wc.ClientRequest(index=i, arrival_s=0.0, prompt_len=4, output_len=n, rate=RATES[n])
         for i, n in enumerate((5, 10, 3, 7))
     ]
-    cfg = bench.ClientConfig(base_url=base_url, model="fake", request_timeout_s=20)
-    result, records = asyncio.run(bench.benchmark(cfg, requests, progress=False))
+    cfg = client.ClientConfig(base_url=base_url, model="fake", request_timeout_s=20)
+    result, records = asyncio.run(run.benchmark(cfg, requests, progress=False))
     by_len = {r.max_tokens: r for r in records}
 
     assert result["completed"] == 3 and result["failed"] == 1
@@ -171,87 +171,19 @@ def test_client_metrics_against_a_known_schedule(base_url: str, tmp_path: Path) 
     assert result["p99_itl_ms"] == pytest.approx(500, abs=100)
 
     json.dumps(result, allow_nan=False)  # strict JSON
-    bench.save(result, records, tmp_path)
+    report.save(result, records, tmp_path, plots=True)
     assert {p.name for p in tmp_path.iterdir()} == {
         "result.json",
+        "result.csv",
         "timelines.png",
         "ttft_cdf.png",
         "buffers.png",
     }
-    assert "Effective throughput" in bench.format_table(result)
-
-
-def test_trace_layouts(tmp_path: Path) -> None:
-    azure = tmp_path / "azure.csv"
-    azure.write_text(
-        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-        "2023-11-16 18:15:46.6805900,374,44\n"
-        "2023-11-16 18:15:50.9951690,396,109\n"
-        "2023-11-16 18:15:51.2224670,879,55\n"
-    )
-    rows = wc.read_trace(azure)
-    assert [(r.input_len, r.output_len) for r in rows] == [(374, 44), (396, 109), (879, 55)]
-    reqs = wc.trace_requests(rows, time_scale=0.5, length_scale=0.5, rate_mix="20")
-    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 2.1572895, 2.2709385])
-    assert [(r.prompt_len, r.output_len, r.rate) for r in reqs][1] == (198, 54, 20.0)
-
-    burst = tmp_path / "burstgpt.csv"
-    burst.write_text(
-        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-        "5,ChatGPT,472,18,490,Conversation log\n"
-        "45,GPT-4,1087,0,1087,Conversation log\n"  # failed request: skipped
-        "118,ChatGPT,417,276,693,API log\n"
-        "130,ChatGPT,100,20,120,API log\n"
-    )
-    rows = wc.read_trace(burst)
-    assert [r.timestamp_s for r in rows] == [5.0, 118.0, 130.0]
-    sliced = wc.trace_requests(rows, start_s=100, duration_s=20, max_input_len=300)
-    assert [(r.arrival_s, r.prompt_len, r.output_len) for r in sliced] == [(0.0, 300, 276)]
-
-    jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text('{"timestamp": 1.5, "input_len": 8, "output_len": 4}\n')
-    assert wc.read_trace(jsonl)[0] == wc.TraceRow(timestamp_s=1.5, input_len=8, output_len=4)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="unknown columns"):
-        wc.read_trace(bad)
-
-
-def _arrivals(**kw) -> list[tuple]:
-    base = dict(
-        arrival="gamma",
-        num_requests=2000,
-        input_len=LengthDist(mean=64, std=16),
-        output_len=LengthDist(mean=32),
-        request_rate=4.0,
-        burstiness=0.25,
-        seed=3,
-    )
-    return [
-        (r.arrival_s, r.prompt_len, r.output_len, r.rate)
-        for r in wc.synthetic_requests(**(base | kw))
-    ]
-
-
-def test_arrivals_are_seeded_and_follow_vllm_burstiness() -> None:
-    assert _arrivals() == _arrivals()
-    assert _arrivals() != _arrivals(seed=4)
-    assert {a[0] for a in _arrivals(arrival="burst", num_requests=10)} == {0.0}
-    times = [a[0] for a in _arrivals()]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    mean = sum(gaps) / len(gaps)
-    cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
-    assert mean == pytest.approx(0.25, rel=0.15)
-    assert cv == pytest.approx(2.0, rel=0.2)  # gamma shape k = 0.25: cv = 1/sqrt(k)
-    req = wc.ClientRequest(index=3, arrival_s=0, prompt_len=16, output_len=4, rate=1.0)
-    ids = wc.make_prompt(req, mode="ids", seed=0)
-    assert ids == wc.make_prompt(req, mode="ids", seed=0) and len(ids) == 16
-    assert len(wc.make_prompt(req, mode="text", seed=0).split()) == 16
+    assert "Effective throughput" in report.format_table(result)
 
 
 def test_calibration_derives_the_paper_regime() -> None:
-    w = cp.derive_workload(
-        {1: 30.0, 4: 80.0},
+    targets = calibrate.RegimeTargets(
         resident=4,
         oversubscription=2.5,
         headroom=0.6,
@@ -261,22 +193,23 @@ def test_calibration_derives_the_paper_regime() -> None:
         page_size=16,
         run_budget_s=30.0,
     )
+    w = calibrate.derive_workload({1: 30.0, 4: 80.0}, targets)
     assert w.burst_size == 10  # > R = 4 resident
     assert w.rate_mix == "4:0.4,5.3:0.6"  # 0.6 * 80 tok/s over 10 readers, 15:20 kept
     rates = assign_rates(w.rate_mix, 10, random.Random(0))
     assert sum(rates) == pytest.approx(0.6 * 80.0, rel=0.01)  # the burst reads < Gamma(R)
     assert w.output_len == int(0.6 * 30 * 4.0)  # 72: the slowest reader's share of the budget
     assert w.kv_pages == 48  # 4 * ceil((64 + 72) / 16) + 1 = 37, rounded up to 16
-    rec = bench.RequestRecord(index=0, rate=1.0, prompt_len=1, max_tokens=4, scheduled_s=0.0)
+    rec = client.RequestRecord(index=0, rate=1.0, prompt_len=1, max_tokens=4, scheduled_s=0.0)
     rec.chunk_times_s, rec.chunk_tokens, rec.output_tokens = [0.0, 1.0, 2.0, 3.0], [1] * 4, 4
-    other = bench.RequestRecord(index=1, rate=1.0, prompt_len=1, max_tokens=3, scheduled_s=0.0)
+    other = client.RequestRecord(index=1, rate=1.0, prompt_len=1, max_tokens=3, scheduled_s=0.0)
     other.chunk_times_s, other.chunk_tokens, other.output_tokens = [0.5, 1.5, 2.5], [1] * 3, 3
     # Window (0.5, 2.5]: tokens at 1.0, 2.0 and 1.5, 2.5 -> 4 tokens in 2 s.
-    assert cp.steady_decode_rate([rec, other]) == pytest.approx(2.0)
+    assert calibrate.steady_decode_rate([rec, other]) == pytest.approx(2.0)
     keys = ("mean_ttft_s", "p99_ttft_s", "effective_throughput", "raw_throughput", "stall_ratio")
     rows = [
         {"policy": "fcfs", **dict(zip(keys, (2.0, 4.0, 10.0, 20.0, 0.1), strict=True))},
         {"policy": "tokenflow", **dict(zip(keys, (1.0, 1.0, 15.0, 20.0, 0.05), strict=True))},
     ]
-    table = cp.format_comparison(rows)
+    table = compare_report.format_comparison(rows)
     assert "1.00 (0.50x)" in table and "15.00 (1.50x)" in table

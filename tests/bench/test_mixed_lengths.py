@@ -1,10 +1,11 @@
-"""bench_mixed_lengths.py: what it sends, and the short streams' figures by hand."""
+"""`tfjax bench mixed-lengths`: what it sends, and the short streams' figures by hand."""
 
 from __future__ import annotations
 
-import bench_mixed_lengths as mixed  # scripts/ is on sys.path (conftest.py)
-import bench_serving as bench
 import pytest
+
+from tfjax.bench import mixed_lengths as mixed
+from tfjax.bench.client import RequestRecord
 
 
 def test_the_long_prompt_goes_first_and_nothing_declares_a_rate() -> None:
@@ -21,8 +22,8 @@ def test_the_long_prompt_goes_first_and_nothing_declares_a_rate() -> None:
     assert all(r.arrival_s == 0.0 and r.output_len == 64 and not r.declared for r in beside)
 
 
-def _record(index: int, first_s: float, end_s: float, tokens: int) -> bench.RequestRecord:
-    return bench.RequestRecord(
+def _record(index: int, first_s: float, end_s: float, tokens: int) -> RequestRecord:
+    return RequestRecord(
         index=index,
         rate=15.0,
         prompt_len=17,

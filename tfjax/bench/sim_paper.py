@@ -1,4 +1,4 @@
-"""Simulated experiments of the TokenFlow paper (§7) for all four policies.
+"""`tfjax bench sim`: the simulated experiments of the TokenFlow paper (§7) for all four policies.
 
 Setups (paper Table 1; rates 15/20 tok/s mixed 40/60 unless the name says otherwise):
   4090-a..d   rtx4090-llama3-8b: burst 60 SL, burst 80 LL, Poisson 2/s and 4/s SL (60 s)
@@ -27,7 +27,8 @@ Prints a table per group with ratios against fcfs, writes DIR/summary.json (one 
 and policy) and PNG plots: TTFT CDFs per setup and token timelines (paper Fig. 18). For
 non-streaming setups the latency column (arrival to last token) is the one that matters.
 
-    .venv/bin/python scripts/bench_sim.py --out out/sim [--group held-out] [--policies ...]
+    tfjax bench sim --out out/sim [--group held-out] [--policies ...]
+    tfjax bench sim sched [--calls 40]    # plan() overhead per policy (tfjax.bench.sim_sched)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfjax.bench.flags import HelpFormatter
 from tfjax.request import Request
 from tfjax.sched.registry import POLICY_NAMES, make_policy
 from tfjax.sim import LengthDist, WorkloadSpec, get_profile, load_trace, make_requests, simulate
@@ -53,7 +55,7 @@ from tfjax.sim import LengthDist, WorkloadSpec, get_profile, load_trace, make_re
 AZURE_DIR = Path(
     os.environ.get(
         "TFJAX_AZURE_TRACE_DIR",
-        Path(__file__).resolve().parents[2] / "shared/data/azure-llm-inference-2023",
+        Path(__file__).resolve().parents[3] / "shared/data/azure-llm-inference-2023",
     )
 )
 
@@ -375,8 +377,15 @@ def plot(rows: list[dict], out: Path) -> None:
         plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sched":
+        from tfjax.bench import sim_sched
+
+        return sim_sched.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench sim", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
@@ -385,7 +394,7 @@ def main() -> int:
     parser.add_argument(
         "--policies", default=",".join(POLICY_NAMES), help="comma-separated, fcfs first"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     names = [s.name for s in SETUPS]
     if args.only:
@@ -426,7 +435,3 @@ def main() -> int:
     (args.out / "summary.json").write_text(json.dumps(public, indent=1))
     print(f"wrote {args.out / 'summary.json'} and plots in {time.perf_counter() - start:.0f}s")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,13 +14,15 @@ same requests from the same spec and seed. This module adds what only a client n
   for servers that need text, random common English words, one word per intended token: with
   BPE tokenizers a common word with its leading space is usually one token, so the prompt length
   is approximate in text mode.
-- The workload flags both benchmark scripts share (`add_workload_arguments`,
-  `requests_from_args`).
+- Shared prefixes: `shared_prefix_len` leading tokens that every request of a run has in
+  common (vLLM's `--random-prefix-len`), so a prefix cache can reuse them.
+
+The flags that choose a workload live in `tfjax.bench.flags`; everything here is
+deterministic for a seed.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -64,6 +66,7 @@ class ClientRequest:
     declared: bool = True  # False: the request sends no consumption_rate (server default)
     stream: bool = True  # False: a non-streaming call, every token arrives at the end
     prompt_ids: tuple[int, ...] = ()  # the exact prompt (a workload file's); () drawn at random
+    shared_prefix_len: int = 0  # leading prompt tokens every request of the run shares
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,88 +207,25 @@ def trace_requests(
 
 
 def make_prompt(req: ClientRequest, *, mode: str, seed: int) -> list[int] | str:
-    """The prompt of `req`: `mode` "ids" (token ids) or "text"; the same for the same seed."""
+    """The prompt of `req`: `mode` "ids" (token ids) or "text"; the same for the same seed.
+
+    Its first `req.shared_prefix_len` tokens (or words) depend on the seed only, so every
+    request of a run starts with the same prefix; the rest depends on the request's index."""
     if req.prompt_ids:
         return list(req.prompt_ids)
-    rng = random.Random(f"{seed}/{req.index}")
+    shared = min(req.shared_prefix_len, req.prompt_len)
+    head = _draw(random.Random(f"{seed}/prefix"), shared, mode)
+    tail = _draw(random.Random(f"{seed}/{req.index}"), req.prompt_len - shared, mode)
+    return head + tail if mode == "ids" else " ".join(head + tail)
+
+
+def _draw(rng: random.Random, n: int, mode: str) -> list:
     if mode == "ids":
         lo, hi = TOKEN_ID_RANGE
-        return [rng.randrange(lo, hi) for _ in range(req.prompt_len)]
+        return [rng.randrange(lo, hi) for _ in range(n)]
     if mode == "text":
-        return " ".join(rng.choice(_WORDS) for _ in range(req.prompt_len))
+        return [rng.choice(_WORDS) for _ in range(n)]
     raise ValueError(f"unknown prompt mode {mode!r}")
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """Workload flags of bench_serving.py and compare_policies.py."""
-    g = parser.add_argument_group("workload")
-    g.add_argument("--arrival", choices=["burst", "poisson", "gamma", "trace"], default="burst")
-    g.add_argument(
-        "--num-prompts",
-        type=int,
-        default=None,
-        help="requests (poisson, gamma: default 32; trace: a cap)",
-    )
-    g.add_argument("--burst-size", type=int, default=None, help="requests of a burst")
-    g.add_argument("--rate", type=float, default=1.0, help="requests/s (poisson, gamma)")
-    g.add_argument(
-        "--burstiness",
-        type=float,
-        default=1.0,
-        help="gamma shape k as in vLLM: 1 is Poisson, < 1 burstier",
-    )
-    g.add_argument("--input-len-mean", type=int, default=128)
-    g.add_argument("--input-len-std", type=float, default=None, help="default: mean / 4")
-    g.add_argument("--output-len-mean", type=int, default=128)
-    g.add_argument("--output-len-std", type=float, default=None, help="default: mean / 4")
-    g.add_argument(
-        "--rate-mix", default="15:0.4,20:0.6", help="consumption rates (tokens/s) and their shares"
-    )
-    g.add_argument("--seed", type=int, default=0)
-    t = parser.add_argument_group("trace replay (--arrival trace)")
-    t.add_argument(
-        "--trace-file",
-        type=Path,
-        default=None,
-        help="CSV/JSONL with Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or "
-        "BurstGPT (Timestamp,Request tokens,Response tokens) columns",
-    )
-    t.add_argument("--trace-start", type=float, default=0.0, help="trace seconds to skip")
-    t.add_argument("--trace-duration", type=float, default=None, help="trace seconds to keep")
-    t.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival gaps")
-    t.add_argument("--length-scale", type=float, default=1.0, help="multiply lengths")
-    t.add_argument("--max-input-len", type=int, default=None, help="cap prompt lengths")
-    t.add_argument("--max-output-len", type=int, default=None, help="cap output lengths")
-
-
-def requests_from_args(args: argparse.Namespace) -> list[ClientRequest]:
-    if args.arrival == "trace":
-        if args.trace_file is None:
-            raise SystemExit("--arrival trace needs --trace-file")
-        return trace_requests(
-            read_trace(args.trace_file),
-            start_s=args.trace_start,
-            duration_s=args.trace_duration,
-            limit=args.num_prompts,
-            time_scale=args.time_scale,
-            length_scale=args.length_scale,
-            max_input_len=args.max_input_len,
-            max_output_len=args.max_output_len,
-            rate_mix=args.rate_mix,
-            seed=args.seed,
-        )
-    n = args.burst_size if args.arrival == "burst" and args.burst_size else args.num_prompts
-    n = n or DEFAULT_NUM_PROMPTS
-    return synthetic_requests(
-        arrival=args.arrival,
-        num_requests=n,
-        input_len=LengthDist(mean=args.input_len_mean, std=args.input_len_std),
-        output_len=LengthDist(mean=args.output_len_mean, std=args.output_len_std),
-        request_rate=args.rate,
-        burstiness=args.burstiness,
-        rate_mix=args.rate_mix,
-        seed=args.seed,
-    )
 
 
 def workload_summary(requests: Sequence[ClientRequest]) -> dict[str, Any]:

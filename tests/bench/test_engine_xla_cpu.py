@@ -1,8 +1,8 @@
-"""bench_xla_cpu.py: which variants it offers on this jaxlib, and how it summarizes rounds."""
+"""`tfjax bench engine xla-cpu`: the variants it offers on this jaxlib; how it sums up rounds."""
 
 from __future__ import annotations
 
-import bench_xla_cpu as bench  # scripts/ is on sys.path (conftest.py)
+from tfjax.bench import engine_xla_cpu as bench
 
 
 def test_variants_use_only_flags_this_jaxlib_has() -> None:

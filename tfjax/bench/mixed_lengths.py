@@ -1,10 +1,10 @@
-"""Mixed lengths through the server: short streams beside one long prompt.
+"""`tfjax bench mixed-lengths`: short streams beside one long prompt, through the server.
 
-    python scripts/bench_mixed_lengths.py --out out/mixed [--policies fcfs,fcfs-chunked,tokenflow]
+    tfjax bench mixed-lengths --out out/mixed [--policies fcfs,fcfs-chunked,tokenflow]
 
 For each policy, one `tfjax serve --max-model-len 4096` (otherwise default flags, or
 `--server-args`) and two runs against it, all requests streamed by a plain OpenAI-style client
-without a declared rate (`bench_serving.py`'s):
+without a declared rate (`tfjax bench serve`'s client):
 - alone:  `--short` streams of `--short-len`-token prompts, all at once, `--max-tokens` each;
 - beside: as many fresh short streams and one `--long-len`-token prompt, sent at the same
           moment (the long one first, so FCFS orders it first).
@@ -26,9 +26,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import bench_serving as bench
-from compare_policies import serve
-from workload_client import ClientRequest
+from tfjax.bench.client import ClientConfig, RequestRecord, run_requests
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.server import tfjax_server
+from tfjax.bench.workload import ClientRequest
 
 LONG = 0  # index of the long request in the beside run
 
@@ -55,7 +56,7 @@ def requests(num_short: int, short_len: int, max_tokens: int, long_len: int) -> 
     return [long, *shorts]
 
 
-def short_figures(records: Sequence[bench.RequestRecord]) -> dict[str, float]:
+def short_figures(records: Sequence[RequestRecord]) -> dict[str, float]:
     """Throughput and TTFT of the short streams of one run (times from the run's start)."""
     shorts = [r for r in records if r.index != LONG]
     failed = [r for r in shorts if not r.ok]
@@ -69,26 +70,26 @@ def short_figures(records: Sequence[bench.RequestRecord]) -> dict[str, float]:
     }
 
 
-def run(cfg: bench.ClientConfig, reqs: list[ClientRequest]) -> list[bench.RequestRecord]:
-    return asyncio.run(bench.run_requests(cfg, reqs, progress=False))[0]
+def send_all(cfg: ClientConfig, reqs: list[ClientRequest]) -> list[RequestRecord]:
+    return asyncio.run(run_requests(cfg, reqs, progress=False))[0]
 
 
 def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
     flags = ["--max-model-len", str(args.max_model_len), *shlex.split(args.server_args)]
     log = out_dir / f"serve_{policy}.log"
-    with serve(policy, flags, log, args.start_timeout) as (base_url, model):
+    with tfjax_server(policy, flags, log, args.start_timeout) as server:
 
-        def config(seed: int) -> bench.ClientConfig:
-            return bench.ClientConfig(base_url=base_url, model=model, seed=seed)
+        def config(seed: int) -> ClientConfig:
+            return ClientConfig(base_url=server.base_url, model=server.model, seed=seed)
 
         short = (args.short, args.short_len, args.max_tokens)
         print(f"{policy}: {args.short} short streams alone", file=sys.stderr, flush=True)
-        alone = short_figures(run(config(1), requests(*short, 0)))
+        alone = short_figures(send_all(config(1), requests(*short, 0)))
         beside_requests = requests(*short, args.long_len)
         if args.cached_long:  # the same long prompt (seed 2, index LONG) once, to cache it
-            run(config(2), beside_requests[:1])
+            send_all(config(2), beside_requests[:1])
         print(f"{policy}: the same beside a {args.long_len}-token prompt", file=sys.stderr)
-        beside = short_figures(run(config(2), beside_requests))
+        beside = short_figures(send_all(config(2), beside_requests))
     return {
         "policy": policy,
         "alone": alone,
@@ -97,37 +98,46 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="fcfs,fcfs-chunked,tokenflow")
-    parser.add_argument("--short", type=int, default=31)
-    parser.add_argument("--short-len", type=int, default=17)
-    parser.add_argument("--long-len", type=int, default=3000)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--cached-long", action="store_true")
-    parser.add_argument("--server-args", default="", help="more `tfjax serve` flags")
-    parser.add_argument("--start-timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=Path("out/bench_mixed_lengths"))
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_policy(p, args, args.out) for p in args.policies.split(",")]
-    print(
-        f"\n{'policy':>13} {'alone tok/s':>11} {'beside tok/s':>12} {'ratio':>6}"
+def format_rows(rows: list[dict]) -> str:
+    lines = [
+        f"{'policy':>13} {'alone tok/s':>11} {'beside tok/s':>12} {'ratio':>6}"
         f" {'TTFT mean/max alone':>20} {'TTFT mean/max beside':>21}"
-    )
+    ]
     for row in rows:
         a, b = row["alone"], row["beside"]
-        print(
+        lines.append(
             f"{row['policy']:>13} {a['short_tok_s']:>11.1f} {b['short_tok_s']:>12.1f}"
             f" {row['ratio']:>6.2f} {a['short_mean_ttft_s']:>9.2f} / {a['short_max_ttft_s']:<8.2f}"
             f" {b['short_mean_ttft_s']:>10.2f} / {b['short_max_ttft_s']:<8.2f}"
         )
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run_policy(p, args, args.out) for p in args.policies.split(",")]
+    print("\n" + format_rows(rows))
+    result = {"args": {k: str(v) for k, v in vars(args).items() if not callable(v)}, "rows": rows}
     (args.out / "bench_mixed_lengths.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'bench_mixed_lengths.json'}", file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def build_parser(prog: str = "tfjax bench mixed-lengths") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--policies", default="fcfs,fcfs-chunked,tokenflow")
+    parser.add_argument("--short", type=int, default=31, help="short streams")
+    parser.add_argument("--short-len", type=int, default=17, help="their prompt tokens")
+    parser.add_argument("--long-len", type=int, default=3000, help="the long prompt's tokens")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--cached-long", action="store_true", help="send the long prompt first")
+    parser.add_argument("--server-args", default="", help="more `tfjax serve` flags")
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_mixed_lengths"))
+    return parser

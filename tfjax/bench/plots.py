@@ -3,9 +3,9 @@ global figure state).
 
 `plot_run` draws one run from its client records: token timelines of sampled requests with the
 reader-model line (paper Fig. 18), the TTFT CDF, and buffer levels over time. `plot_ttft_cdfs`
-overlays several runs (one per policy) for `compare_policies.py`. Read times come from
-`bench_serving.reader_of`, i.e. from `tfjax.buffers.Reader`, never from a second copy of the
-reader model.
+overlays several runs (one per policy) for `tfjax bench compare`. Read times come from
+`tfjax.bench.metrics.reader_of`, i.e. from `tfjax.buffers.Reader`, never from a second copy of
+the reader model. matplotlib is imported only by this module, and only when plots are asked for.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from tfjax.bench.client import RequestRecord
+from tfjax.bench.metrics import reader_of
+
 MAX_TIMELINES = 8
 
 
-def _sample(records: Sequence, k: int = MAX_TIMELINES) -> list:
+def _sample(records: Sequence[RequestRecord], k: int = MAX_TIMELINES) -> list:
     """Up to k completed requests spread over the arrival order (first and last included)."""
     ok = sorted((r for r in records if r.ok), key=lambda r: r.send_s)
     if len(ok) <= k:
@@ -27,14 +30,12 @@ def _sample(records: Sequence, k: int = MAX_TIMELINES) -> list:
     return [ok[i] for i in np.linspace(0, len(ok) - 1, k).round().astype(int)]
 
 
-def _token_times(rec) -> tuple[np.ndarray, np.ndarray]:
-    from bench_serving import reader_of
-
+def _token_times(rec: RequestRecord) -> tuple[np.ndarray, np.ndarray]:
     gen = np.repeat(rec.chunk_times_s, rec.chunk_tokens)
     return gen, np.asarray(reader_of(rec)[1])
 
 
-def plot_timelines(records: Sequence, path: Path) -> None:
+def plot_timelines(records: Sequence[RequestRecord], path: Path) -> None:
     """Tokens received (solid) and read by the reader model (dashed) of sampled requests."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
@@ -70,7 +71,7 @@ def plot_ttft_cdfs(ttfts_s: Mapping[str, Sequence[float]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_buffers(records: Sequence, path: Path) -> None:
+def plot_buffers(records: Sequence[RequestRecord], path: Path) -> None:
     """Unread tokens B(t) of sampled requests (top) and summed over all requests (bottom)."""
     ok = [r for r in records if r.ok]
     if not ok:
@@ -78,7 +79,7 @@ def plot_buffers(records: Sequence, path: Path) -> None:
     end = max(r.end_s for r in ok)
     grid = np.linspace(0.0, end, 400)
 
-    def buffer_of(rec) -> np.ndarray:
+    def buffer_of(rec: RequestRecord) -> np.ndarray:
         gen, read = _token_times(rec)
         return np.searchsorted(gen, grid, "right") - np.searchsorted(read, grid, "right")
 
@@ -96,7 +97,7 @@ def plot_buffers(records: Sequence, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_run(records: Sequence, out_dir: Path) -> None:
+def plot_run(records: Sequence[RequestRecord], out_dir: Path) -> None:
     plot_timelines(records, out_dir / "timelines.png")
     ttfts = [r.chunk_times_s[0] - r.send_s for r in records if r.ok]
     plot_ttft_cdfs({"TTFT": ttfts}, out_dir / "ttft_cdf.png")

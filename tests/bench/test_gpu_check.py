@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh / gpu_check.py: the targets gate the exit code, and the whole check
-runs on CPU (`--dry-run`) so it cannot fail for a trivial reason on its first GPU."""
+"""scripts/gpu_check.sh / `tfjax bench gpu-check`: the targets gate the exit code, and the
+whole check runs on CPU (`--dry-run`) so it cannot fail for a trivial reason on its first GPU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gpu_check  # scripts/ is on sys.path (conftest.py)
 import pytest
+
+from tfjax.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,30 +1,17 @@
-"""`scripts/soak.py` for a few seconds against an in-process server on the fake runner: every
+"""`tfjax bench soak` for a few seconds against an in-process server on the fake runner: every
 kind of traffic it sends gets the answer it expects, and its leak checks pass."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from tests.reliability.harness import PAGE_SIZE, PacedRunner, make_engine, serve
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
-
-
-def load_soak() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tfjax.bench import soak
 
 
 def test_a_short_soak_passes(tmp_path: Path) -> None:
-    soak = load_soak()
     runner = PacedRunner(num_pages=1024, page_size=PAGE_SIZE, step_s=0.002)
     engine = make_engine(runner, policy="tokenflow", max_batch_size=8)
     out = tmp_path / "soak.json"

@@ -1,4 +1,5 @@
-"""plan() overhead of every policy with 64, 256 and 1024 active requests (paper §7.6: ~0.4 ms).
+"""`tfjax bench sim sched`: plan() overhead of every policy with 64, 256 and 1024 active
+requests (paper §7.6: ~0.4 ms).
 
 Each view is an H200-like snapshot (page size 16, 12.5k pages, batch cap 256): half of the
 requests (at most 256) are running with contexts of 600-4600 tokens that fill most of the KV,
@@ -9,7 +10,7 @@ tokenflow is timed twice: a full decision on every call (what the paper measures
 steps between decisions; the script checks that the decisions timed are balancing ones.
 Plans are not applied, so every call sees the same view.
 
-    .venv/bin/python scripts/bench_sched.py [--calls 40] [--json out.json]
+    tfjax bench sim sched [--calls 40] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from tfjax.bench.flags import HelpFormatter
 from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.sched.base import SchedulerView
 from tfjax.sched.registry import POLICY_NAMES, make_policy
@@ -106,11 +108,13 @@ def time_plan(name: str, view: SchedulerView, calls: int, *, decide: bool) -> fl
     return statistics.median(batches)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench sim sched", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=40, help="calls per timed batch")
     parser.add_argument("--json", type=Path, help="also write the table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes = (64, 256, 1024)
     columns = [(p, False) for p in POLICY_NAMES] + [("tokenflow", True)]
     rows = []
@@ -130,7 +134,3 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

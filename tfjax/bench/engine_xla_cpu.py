@@ -1,14 +1,15 @@
-"""XLA:CPU's options for small matrix products, measured on the engine's own step shapes.
+"""`tfjax bench engine xla-cpu`: XLA:CPU's options for small matrix products, measured on the
+engine's own step shapes.
 
-    python scripts/bench_xla_cpu.py --out out/bench_xla_cpu [--shape smollm2-135m]
+    tfjax bench engine xla-cpu --out out/bench_xla_cpu [--shape smollm2-135m]
         [--batches 1,8,32] [--context 128] [--rounds 3] [--quantization int8] [--dtype bfloat16]
-    python scripts/bench_xla_cpu.py --list      # the variants this jaxlib supports, no runs
+    tfjax bench engine xla-cpu --list      # the variants this jaxlib supports, no runs
 
 Each variant is a set of XLA_FLAGS (XLA reads them once per process), so every measurement is
-a child process of this script: it builds a `Runner` on random weights of `--shape`, prefills
+a child process of this command: it builds a `Runner` on random weights of `--shape`, prefills
 `max(batches)` prompts of `--context` tokens through the real prefill buckets, then times
-decode steps at each batch size (`bench_engine.bench_ours`). Variants run in alternating order,
-`--rounds` times, and each figure is the median over rounds, so that a slow spell of a busy
+decode steps at each batch size (`tfjax.bench.engine.bench_ours`). Variants run in alternating
+order, `--rounds` times, and each figure is the median over rounds, so that a slow spell of a busy
 machine does not land on one variant. Run it on an idle machine: numbers taken beside other
 work mean nothing.
 
@@ -35,6 +36,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.server import REPO
 
 # name -> (flags, the flag names it needs); the baseline is the installed jax's defaults.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -82,36 +86,20 @@ def supported_variants() -> dict[str, tuple[str, ...]]:
 
 def child(args: argparse.Namespace) -> int:
     """One variant's measurements (XLA_FLAGS already set by the parent), as one JSON line."""
-    import dataclasses
-
-    import jax
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from models import quant
-    from models.sharding import make_mesh
-    from models.weights import init_random
-    from scripts.bench_engine import SHAPES, bench_ours
+    from tfjax.bench.engine import DecodeRun, bench_ours, random_weights
     from tfjax.config import EngineConfig
-    from tfjax.runner import Runner
+    from tfjax.runner_setup import make_runner
 
     batches = [int(b) for b in args.batches.split(",")]
-    cfg = dataclasses.replace(SHAPES[args.shape], dtype=args.dtype)
-    weights = init_random(cfg, jax.random.key(0))
-    if args.quantization:
-        one_device = NamedSharding(make_mesh(1, cfg), PartitionSpec())
-        weights = quant.quantize(weights, args.quantization, one_device)
+    cfg, weights = random_weights(args.shape, args.dtype, args.quantization)
     max_len = args.context + args.new_tokens
     config = EngineConfig(
         max_batch_size=max(batches), prefill_token_budget=512, max_model_len=max_len
     )
     pages = 1 + max(batches) * -(-max_len // config.page_size)
-    runner = Runner(cfg, weights, config, num_pages=pages, max_model_len=max_len)
-    bench_args = argparse.Namespace(
-        new_tokens=args.new_tokens, seed=0, skip_prefill=False, prefill_token_budget=512
-    )
-    rows = {str(b): bench_ours(runner, b, args.context, bench_args) for b in batches}
+    runner = make_runner(cfg, weights, config, num_pages=pages, max_model_len=max_len)
+    run = DecodeRun(new_tokens=args.new_tokens)
+    rows = {str(b): bench_ours(runner, b, args.context, run) for b in batches}
     print(json.dumps({"rows": rows, "library_fusions": _library_fusions(runner, max(batches))}))
     return 0
 
@@ -134,12 +122,13 @@ def _library_fusions(runner, batch: int) -> dict[str, int]:
 def run_variant(flags: tuple[str, ...], args: argparse.Namespace) -> dict:
     env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    command = [sys.executable, __file__, "--child", "--shape", args.shape, "--dtype", args.dtype]
+    command = [sys.executable, "-m", "serving.cli", "bench", "engine", "xla-cpu", "--child"]
+    command += ["--shape", args.shape, "--dtype", args.dtype]
     command += ["--batches", args.batches, "--context", str(args.context)]
     command += ["--new-tokens", str(args.new_tokens)]
     if args.quantization:
         command += ["--quantization", args.quantization]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         return {"error": lines[-1] if lines else f"exit code {result.returncode}"}
@@ -147,7 +136,9 @@ def run_variant(flags: tuple[str, ...], args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench engine xla-cpu", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--quantization", default=None, choices=("int8", "fp8", "w8a8"))
@@ -217,7 +208,3 @@ def _print_table(table: dict, batches: list[str]) -> None:
         prefill = row[batches[-1]]["prefill_tokens_per_s"]
         fusions = ", ".join(f"{k} x{n}" for k, n in row["library_fusions"].items()) or "none"
         print(f"{name:24} {' '.join(f'{c:>14}' for c in cells)} {prefill:>14.0f}  {fusions}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
-"""Prefix caching on a chat workload: TTFT and throughput with and without the cache.
+"""`tfjax bench prefix`: prefix caching on a chat workload, TTFT and throughput with and
+without the cache.
 
-    python scripts/bench_prefix.py --out out/bench_prefix [--prefix-len 900 --concurrent 16]
+    tfjax bench prefix --out out/bench_prefix [--prefix-len 900 --concurrent 16]
 
 Served in-process (one compiled runner shared by every variant, tokenflow policy):
 - shared: one warm request with a ~`--prefix-len`-token system prompt, then `--concurrent`
@@ -35,15 +36,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from models import load_model
-from models.cache import default_cache_dir
 from tfjax.api import Delta
 from tfjax.assembly import assemble_engine, device_transfers
+from tfjax.bench.flags import HelpFormatter
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.kv.prefix import PrefixStats
+from tfjax.progress import ProgressBar
 from tfjax.request import Request, SamplingParams
-from tfjax.runner import Runner, enable_compilation_cache
+from tfjax.runner import Runner
+from tfjax.runner_setup import load_runner
 
 VARIANTS = {  # name -> (prefix cache, host tier)
     "no-cache": (False, True),
@@ -234,8 +236,10 @@ def report(name: str, rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench prefix", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--prefix-len", type=int, default=900)
     parser.add_argument("--question-len", type=int, default=24)
@@ -256,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-kv-gb", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_prefix"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     page_size = EngineConfig().page_size
     if args.evict_fillers is None:
@@ -266,16 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(chosen) - set(phases):
         parser.error(f"unknown phases {sorted(unknown)}; choose from {sorted(phases)}")
 
-    enable_compilation_cache(default_cache_dir())
-    model = load_model(args.model)
     chat_len = args.prefix_len + args.turns * (args.question_len + args.max_tokens)
     max_len = max(chat_len, args.prefix_len + args.question_len + args.max_tokens) + 32
     config = EngineConfig(max_batch_size=args.concurrent, prefill_token_budget=512)
-    runner = Runner(
-        model.config, model.weights, config, num_pages=args.kv_pages, max_model_len=max_len
-    )
-    runner.warmup(lambda d, t: print(f"\rcompiling {d}/{t}", end="", file=sys.stderr))
-    print(file=sys.stderr)
+    model, runner = load_runner(args.model, config, num_pages=args.kv_pages, max_model_len=max_len)
+    runner.warmup(ProgressBar("step buckets"))
     results = {}
     for name in chosen:
         phase, rows = phases[name], []
@@ -288,7 +292,3 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": str(jax.devices()[0]), "model": model.name, "args": vars(args), **results}
     (args.out / "bench_prefix.json").write_text(json.dumps(result, indent=2, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

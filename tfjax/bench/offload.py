@@ -1,6 +1,7 @@
-"""Preemption and resume costs of the host KV tier, and the paper's Table 2 ablation.
+"""`tfjax bench offload`: preemption and resume costs of the host KV tier, and the paper's
+Table 2 ablation.
 
-    python scripts/bench_offload.py --out out/bench_offload [--contexts 256,1024,4096]
+    tfjax bench offload --out out/bench_offload [--contexts 256,1024,4096]
 
 Part 1, per context length C: one request with C tokens of KV is preempted and resumed by
   (a) write-through swap: its full pages were copied during decoding, only the tail moves now;
@@ -29,13 +30,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from models import load_model
-from models.cache import default_cache_dir
 from tfjax.assembly import assemble_engine, device_transfers
+from tfjax.bench.flags import HelpFormatter
 from tfjax.config import EngineConfig
 from tfjax.engine import Engine
+from tfjax.progress import ProgressBar
 from tfjax.request import Request, RequestStatus, SamplingParams
-from tfjax.runner import Runner, enable_compilation_cache
+from tfjax.runner import Runner
+from tfjax.runner_setup import load_runner
 from tfjax.sched.base import Plan, PrefillChunk, Resume, ResumeMode
 from tfjax.sched.registry import make_policy
 
@@ -105,24 +107,8 @@ def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
     if offload:
         offload.transfers.d2h.drain()
         copy_done_s = time.perf_counter() - start
-    resume_mode = ResumeMode.RECOMPUTE if mode == "recompute" else ResumeMode.LOAD
     start = time.perf_counter()
-    if resume_mode is ResumeMode.LOAD:
-        run_plan(engine, Plan(resume=(Resume(request_id="r", mode=resume_mode),)))
-        offload.transfers.h2d.drain()  # the load runs off the engine thread; wait for it here
-        run_plan(engine, Plan(decode=("r",)))  # the step scatters the pages, then decodes
-    else:
-        chunks = []
-        remaining = request.num_prefill_target
-        resume = (Resume(request_id="r", mode=resume_mode),)
-        while remaining:
-            n = min(512, remaining)
-            run_plan(
-                engine, Plan(resume=resume, prefill=(PrefillChunk(request_id="r", num_tokens=n),))
-            )
-            resume, remaining = (), remaining - n
-            chunks.append(n)
-        run_plan(engine, Plan(decode=("r",)))
+    resume(engine, request, ResumeMode.RECOMPUTE if mode == "recompute" else ResumeMode.LOAD)
     jax.block_until_ready(runner.kv)
     resume_s = time.perf_counter() - start
     engine.abort("r")
@@ -136,6 +122,26 @@ def swap_costs(runner: Runner, tokenizer, context: int, mode: str) -> dict:
         "decode_step_ms": 1e3 * step,
         "stall_steps": (preempt_s + resume_s) / step,
     }
+
+
+def resume(engine: Engine, request: Request, mode: ResumeMode) -> None:
+    """Resume a preempted request by `mode` and decode one token: by LOAD (the copy back runs
+    off the engine thread, waited for here, then the step scatters the pages) or by
+    RECOMPUTE (its tokens prefilled again in chunks of 512)."""
+    rid = request.request_id
+    if mode is ResumeMode.LOAD:
+        run_plan(engine, Plan(resume=(Resume(request_id=rid, mode=mode),)))
+        engine.kv.offload.transfers.h2d.drain()
+        run_plan(engine, Plan(decode=(rid,)))
+        return
+    remaining = request.num_prefill_target
+    resumes = (Resume(request_id=rid, mode=mode),)
+    while remaining:
+        n = min(512, remaining)
+        prefill = (PrefillChunk(request_id=rid, num_tokens=n),)
+        run_plan(engine, Plan(resume=resumes, prefill=prefill))
+        resumes, remaining = (), remaining - n
+    run_plan(engine, Plan(decode=(rid,)))
 
 
 def burst_makespan(runner: Runner, tokenizer, args, variant: str) -> dict:
@@ -172,8 +178,35 @@ def burst_makespan(runner: Runner, tokenizer, args, variant: str) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def format_swaps(swaps: list[dict]) -> str:
+    lines = [
+        f"{'context':>7} {'mode':>9} {'preempt ms':>10} {'copy done ms':>12} "
+        f"{'resume ms':>9} {'step ms':>7} {'stall steps':>11}"
+    ]
+    for row in swaps:
+        lines.append(
+            f"{row['context']:>7} {row['mode']:>9} {row['preempt_ms']:>10.2f} "
+            f"{row['host_copy_done_ms']:>12.2f} {row['resume_ms']:>9.1f} "
+            f"{row['decode_step_ms']:>7.1f} {row['stall_steps']:>11.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_bursts(bursts: list[dict]) -> str:
+    full = bursts[0]["makespan_s"]
+    lines = [f"{'variant':>17} {'makespan s':>10} {'x full':>6} {'preempts':>8} {'loads':>6}"]
+    for row in bursts:
+        lines.append(
+            f"{row['variant']:>17} {row['makespan_s']:>10.1f} {row['makespan_s'] / full:>6.2f} "
+            f"{row['preemptions']:>8} {row['loads']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench offload", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--contexts", default="256,1024,4096")
     parser.add_argument("--burst", type=int, default=16)
@@ -184,48 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_offload"))
-    args = parser.parse_args(argv)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    return parser
 
-    enable_compilation_cache(default_cache_dir())
-    model = load_model(args.model)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
     max_len = max(contexts) + 80
     config = EngineConfig(max_batch_size=args.max_batch_size, prefill_token_budget=512)
-    runner = Runner(
-        model.config,
-        model.weights,
-        config,
-        num_pages=2 + 2 * (max_len // 16) + 512,
-        max_model_len=max_len,
-    )
-    runner.warmup(lambda d, t: print(f"\rcompiling {d}/{t}", end="", file=sys.stderr))
-    print(file=sys.stderr)
+    num_pages = 2 + 2 * (max_len // 16) + 512
+    model, runner = load_runner(args.model, config, num_pages=num_pages, max_model_len=max_len)
+    runner.warmup(ProgressBar("step buckets"))
     swaps = []
     for context in contexts:
         for mode in ("wt", "wb", "recompute"):
             print(f"context {context}: {mode}", file=sys.stderr)
             swaps.append(swap_costs(runner, model.tokenizer, context, mode))
-    print(
-        f"\n{'context':>7} {'mode':>9} {'preempt ms':>10} {'copy done ms':>12} "
-        f"{'resume ms':>9} {'step ms':>7} {'stall steps':>11}"
-    )
-    for row in swaps:
-        print(
-            f"{row['context']:>7} {row['mode']:>9} {row['preempt_ms']:>10.2f} "
-            f"{row['host_copy_done_ms']:>12.2f} {row['resume_ms']:>9.1f} "
-            f"{row['decode_step_ms']:>7.1f} {row['stall_steps']:>11.2f}"
-        )
+    print("\n" + format_swaps(swaps))
     bursts = []
     for variant in ("full", "no-offload", "no-write-through", "no-overlap"):
         print(f"burst: {variant}", file=sys.stderr)
         bursts.append(burst_makespan(runner, model.tokenizer, args, variant))
-    full = bursts[0]["makespan_s"]
-    print(f"\n{'variant':>17} {'makespan s':>10} {'x full':>6} {'preempts':>8} {'loads':>6}")
-    for row in bursts:
-        print(
-            f"{row['variant']:>17} {row['makespan_s']:>10.1f} {row['makespan_s'] / full:>6.2f} "
-            f"{row['preemptions']:>8} {row['loads']:>6}"
-        )
+    print("\n" + format_bursts(bursts))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": str(jax.devices()[0]),
@@ -236,7 +249,3 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "bench_offload.json").write_text(json.dumps(result, indent=2, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
-"""The GPU check's logic (scripts/gpu_check.sh runs it): correctness first, then speed against
-physical floors, then one JSON verdict and an exit code that gates.
+"""`tfjax bench gpu-check`: the GPU check's logic (scripts/gpu_check.sh runs it), correctness
+first, then speed against physical floors, then one JSON verdict and an exit code that gates.
 
-    python scripts/gpu_check.py --out DIR [--dry-run]
+    python -m tfjax.bench gpu-check --out DIR [--dry-run]
 
 Sections, each a record in DIR/gpu_check.json:
     attention  tests/models/test_attention.py at bfloat16: every backend against the dense
@@ -10,7 +10,7 @@ Sections, each a record in DIR/gpu_check.json:
     engine     greedy tokens of a tiny random float32 model through the engine and a swap
                storm (random preemptions to the host tier and resumes): the gpu backend must
                give the reference backend's tokens exactly.
-    decode     scripts/bench_engine.py on a Llama-3-8B-shaped random bf16 model, batches
+    decode     `tfjax bench engine` on a Llama-3-8B-shaped random bf16 model, batches
                1/32/128 at contexts 512/4096: median step time against the HBM floor (every
                weight and each row's KV read once, at the measured read bandwidth).
     prefill    the same model's prefill tokens/s against the matmul floor.
@@ -36,7 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.server import REPO
+
 DECODE_TARGETS = {1: 1.3, 128: 1.5}  # batch -> most x of the HBM floor, at context 512
 TARGET_CONTEXT = 512
 PREFILL_TARGET = 0.5  # least fraction of the matmul floor
@@ -80,7 +82,7 @@ def run(cmd: list[str], log: Path, timeout_s: int, env: dict[str, str] | None = 
     with log.open("w") as out:
         try:
             proc = subprocess.run(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s,
+                cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s,
                 env=dict(os.environ, **(env or {})),
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -112,7 +114,7 @@ def check_engine(out: Path, shapes: dict) -> dict:
         " attention_backend=name) for name in ('gpu', 'reference')}))\n"
     )
     timeout_s = shapes["timeouts_s"]["engine"]
-    ok = run([sys.executable, "-c", code], out / "engine.log", timeout_s, {"PYTHONPATH": str(ROOT)})
+    ok = run([sys.executable, "-c", code], out / "engine.log", timeout_s, {"PYTHONPATH": str(REPO)})
     record = {"check": "engine", "passed": False, "log": "engine.log"}
     if ok:
         tokens = json.loads((out / "engine.log").read_text().strip().splitlines()[-1])
@@ -124,11 +126,11 @@ def check_engine(out: Path, shapes: dict) -> dict:
 
 
 def bench(out: Path, name: str, shapes: dict, batches: str, contexts: str, *extra: str) -> dict:
-    """scripts/bench_engine.py's JSON for random weights of `shapes`, or {} when it failed."""
-    cmd = [sys.executable, "scripts/bench_engine.py", "--shape", shapes["shape"]]
+    """`tfjax bench engine`'s JSON for random weights of `shapes`, or {} when it failed."""
+    cmd = [sys.executable, "-m", "tfjax.bench", "engine", "--shape", shapes["shape"]]
     cmd += ["--dtype", shapes["dtype"], "--batches", batches, "--contexts", contexts]
     cmd += ["--attention-backend", "gpu", "--no-hf", "--out", str(out / name), *extra]
-    if not run(cmd, out / f"{name}.log", shapes["timeouts_s"][name], {"PYTHONPATH": str(ROOT)}):
+    if not run(cmd, out / f"{name}.log", shapes["timeouts_s"][name], {"PYTHONPATH": str(REPO)}):
         return {}
     return json.loads((out / name / "bench_engine.json").read_text())
 
@@ -188,8 +190,10 @@ def check_quantized(out: Path, shapes: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "out" / "gpu_check")
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench gpu-check", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "gpu_check")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpreted, CPU")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("dry_run", "passed", "seconds")}))
     return 0 if summary["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,10 @@
-"""Engine microbenchmark: prefill and decode tokens/s of our runner vs HF transformers, each
+"""`tfjax bench engine`: prefill and decode tokens/s of our runner vs HF transformers, each
 figure beside its physical floor.
 
-    python scripts/bench_engine.py --out out/bench_engine [--batches 1,8,32,64]
-    python scripts/bench_engine.py --shape llama3-8b --contexts 512,2048 --skip-prefill
+    tfjax bench engine --out out/bench_engine [--batches 1,8,32,64]
+    tfjax bench engine --shape llama3-8b --contexts 512,2048 --skip-prefill
+    tfjax bench engine tp [--batch 8]       # tensor parallel 1/2/4 on fake CPU devices
+    tfjax bench engine xla-cpu --list       # XLA:CPU flag variants on the engine's step shapes
 
 For each batch size b and context c: b random prompts of c tokens are prefilled, packed into
 steps of up to `--prefill-token-budget` tokens (several requests per step, as the engine
@@ -11,16 +13,16 @@ tokens/s and the median step time). All of ours runs first, then HF transformers
 on the same shapes (torch, float32, greedy, `min_new_tokens` forcing the length; its decode rate
 is (b * (n - 1)) / (time of n new tokens - time of 1 new token)), never interleaved.
 
-Floors, from this machine's measured read bandwidth and matmul rate: a decode step cannot beat
-max(bytes it must read -- every weight once plus each row's KV -- / bandwidth, its FLOPs /
-matmul rate); prefill cannot beat the matmul rate / FLOPs per token.
+Floors (`tfjax.bench.floors`), from this machine's measured read bandwidth and matmul rate: a
+decode step cannot beat max(bytes it must read / bandwidth, its FLOPs / matmul rate); prefill
+cannot beat the matmul rate / FLOPs per token.
 
 `--quantization` (int8, w8a8, gguf; `models.quant`) runs our side on quantized weights (HF stays
-float32: the issue's equal-terms baseline), and the read floor counts the quantized bytes.
-`--shape` benchmarks random weights of a named shape instead of a checkpoint (no HF side);
+float32: the equal-terms baseline), and the read floor counts the quantized bytes. `--shape`
+benchmarks random weights of a named shape instead of a checkpoint (no HF side);
 `--skip-prefill` decodes over an unfilled cache of the same length (step time depends on the
 shapes only), which saves the prefill compiles and time on big models. The first call of each
-shape compiles and is not timed. Compare numbers from one run only: this machine is noisy.
+shape compiles and is not timed. Compare numbers from one run only on a noisy machine.
 Writes DIR/bench_engine.json.
 """
 
@@ -28,29 +30,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models import load_model, quant
+from models import quant
 from models.attention import BACKEND_NAMES, backend_for
 from models.cache import default_cache_dir
 from models.config import QUANTIZATIONS, ModelConfig
 from models.sharding import make_mesh
-from models.weights import init_random, num_bytes
+from models.weights import Weights, init_random, num_bytes
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.floors import Floors, matmul_flops_per_s, read_bandwidth_bytes_per_s
 from tfjax.config import EngineConfig
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PageAllocator
 from tfjax.request import Request, SamplingParams
-from tfjax.runner import Runner, enable_compilation_cache, kv_bytes_per_token
+from tfjax.runner import Runner, enable_compilation_cache
+from tfjax.runner_setup import load_runner, make_runner
 
 SMOLLM2_135M = ModelConfig(
     architecture="llama",
@@ -80,69 +86,24 @@ LLAMA3_8B = dataclasses.replace(
     tie_word_embeddings=False,
 )
 SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama3-8b": LLAMA3_8B}
+# `tfjax bench engine MODE ...`: the engine microbenchmarks with their own flags.
+MODES = {"tp": "tfjax.bench.engine_tp", "xla-cpu": "tfjax.bench.engine_xla_cpu"}
 
 
-def read_bandwidth_bytes_per_s(repeats: int = 5) -> float:
-    """Best-of-n rate of a jitted sum over one large array on the default device: it reads the
-    array once and writes nothing, as a decode step reads weights and KV.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeRun:
+    """How `bench_ours` drives the runner."""
 
-    Not a copy: `x + 1` in place moves each byte twice, and counting both (58 GB/s on the
-    2-core development VM, against 28-33 GB/s for any pure read there, summed or multiplied
-    by a vector) put the CPU floor at half of what the memory can deliver."""
-    size = (256 << 20) if jax.default_backend() == "cpu" else (4 << 30)
-    total = jax.jit(jnp.sum)
-    x = jnp.ones(size // 4, jnp.float32)
-    jax.block_until_ready(total(x))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(total(x))
-        best = min(best, time.perf_counter() - start)
-    return size / best
+    new_tokens: int
+    prefill_token_budget: int = 512
+    skip_prefill: bool = False  # decode over an unfilled cache of the same length
+    seed: int = 0
 
 
-def matmul_flops_per_s(dtype: str, n: int = 4096, repeats: int = 5) -> float:
-    """Best-of-n rate of one n x n matmul in `dtype` on the default device."""
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(matmul(a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def flops_per_token(cfg: ModelConfig, context: int) -> float:
-    """Matmul FLOPs of one token: 2 per weight it multiplies (the embedding is a lookup, the
-    head a matmul) plus attention's QK and PV over `context` keys."""
-    d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim)  # fmt: skip
-    weights_per_layer = 2 * d * h * dh + 2 * d * k * dh + 3 * d * f  # q, o, k, v, MLP
-    per_layer = 2 * weights_per_layer + 4 * h * dh * context
-    return float(cfg.num_layers * per_layer + 2 * d * cfg.vocab_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Floors:
-    bandwidth: float  # bytes/s
-    flops: float  # matmul FLOP/s
-    weight_bytes: int
-
-    def decode_read_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
-        """Every weight and each row's KV read once (the HBM floor on a GPU)."""
-        return (self.weight_bytes + batch * context * kv_bytes_per_token(cfg)) / self.bandwidth
-
-    def decode_step_s(self, cfg: ModelConfig, batch: int, context: int) -> float:
-        compute_s = batch * flops_per_token(cfg, context) / self.flops
-        return max(self.decode_read_s(cfg, batch, context), compute_s)
-
-    def prefill_tokens_per_s(self, cfg: ModelConfig, context: int) -> float:
-        return self.flops / flops_per_token(cfg, context // 2)
-
-
-def make_requests(runner: Runner, batch: int, context: int, new_tokens: int, seed: int):
+def make_requests(
+    runner: Runner, batch: int, context: int, new_tokens: int, seed: int
+) -> list[Request]:
+    """`batch` requests of `context` random prompt tokens, their pages allocated for the run."""
     rng = np.random.default_rng(seed)
     pages = PageAllocator(runner.num_pages)
     requests = []
@@ -178,19 +139,20 @@ def prefill_all(runner: Runner, requests: list[Request], budget: int) -> float:
     return time.perf_counter() - start
 
 
-def bench_ours(runner: Runner, batch: int, context: int, args) -> dict:
-    requests = make_requests(runner, batch, context, args.new_tokens, args.seed)
+def bench_ours(runner: Runner, batch: int, context: int, run: DecodeRun) -> dict:
+    """Prefill tokens/s (unless skipped) and decode tokens/s and step times of `batch` rows."""
+    requests = make_requests(runner, batch, context, run.new_tokens, run.seed)
     out = {}
-    if args.skip_prefill:
+    if run.skip_prefill:
         for request in requests:  # an unfilled cache of the same length: timing only
             request.num_computed_tokens = context
             request.output_ids.append(11)
     else:
-        prefill_all(runner, requests, args.prefill_token_budget)  # compiles
-        prefill_s = prefill_all(runner, requests, args.prefill_token_budget)
+        prefill_all(runner, requests, run.prefill_token_budget)  # compiles
+        prefill_s = prefill_all(runner, requests, run.prefill_token_budget)
         out["prefill_tokens_per_s"] = batch * context / prefill_s
     step_s = []
-    for i in range(args.new_tokens - 1):
+    for i in range(run.new_tokens - 1):
         start = time.perf_counter()
         tokens = np.asarray(runner.step([], requests))
         if i:  # the first call compiles
@@ -207,7 +169,7 @@ def bench_ours(runner: Runner, batch: int, context: int, args) -> dict:
     return out
 
 
-def load_hf(model_path: Path):
+def load_hf(model_path: Path) -> Any:
     """transformers' model for the same checkpoint (torch, float32, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -217,7 +179,8 @@ def load_hf(model_path: Path):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
 
 
-def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+def bench_hf(model: Any, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    """HF `generate`'s prefill and decode tokens/s on the same shapes (greedy, forced length)."""
     import torch
 
     vocab = model.config.vocab_size
@@ -244,22 +207,106 @@ def bench_hf(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> 
     }
 
 
-def load(args):
-    """(config, weights, HF model path or None) for `--shape` or `--model`."""
+def random_weights(
+    shape: str, dtype: str, quantization: str | None, seed: int = 0
+) -> tuple[ModelConfig, Weights]:
+    """(config, weights) of random weights of a named shape, quantized if asked."""
+    cfg = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    weights = init_random(cfg, jax.random.key(seed))
+    if quantization:
+        one_device = NamedSharding(make_mesh(1, cfg), PartitionSpec())
+        weights = quant.quantize(weights, quantization, one_device)
+    return cfg, weights
+
+
+def build(
+    args: argparse.Namespace, batches: list[int], contexts: list[int]
+) -> tuple[Runner, Path | None]:
+    """(runner, HF model path or None) for `--shape` or `--model`, sized for the largest run."""
+    max_len = max(contexts) + args.new_tokens
+    config = EngineConfig(
+        max_batch_size=max(batches),
+        prefill_token_budget=max(args.prefill_token_budget, 32),
+        max_model_len=max_len,
+        attention_backend=args.attention_backend,
+    )
+    num_pages = 1 + max(batches) * -(-max_len // config.page_size)
     if args.shape:
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        cfg = dataclasses.replace(SHAPES[args.shape], dtype=dtype)
-        weights = init_random(cfg, jax.random.key(args.seed))
-        if args.quantization:
-            one_device = NamedSharding(make_mesh(1, cfg), PartitionSpec())
-            weights = quant.quantize(weights, args.quantization, one_device)
-        return cfg, weights, None
-    model = load_model(args.model, dtype=args.dtype, quantization=args.quantization)
-    return model.config, model.weights, model.source
+        cfg, weights = random_weights(args.shape, dtype, args.quantization, args.seed)
+        return make_runner(cfg, weights, config, num_pages=num_pages, max_model_len=max_len), None
+    model, runner = load_runner(
+        args.model,
+        config,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        num_pages=num_pages,
+        max_model_len=max_len,
+    )
+    return runner, model.source
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def measure(
+    runner: Runner,
+    floors: Floors,
+    args: argparse.Namespace,
+    batches: list[int],
+    contexts: list[int],
+) -> list[dict[str, Any]]:
+    """Our figures and their floors, one row per (context, batch)."""
+    cfg = runner.cfg
+    run = DecodeRun(
+        new_tokens=args.new_tokens,
+        prefill_token_budget=args.prefill_token_budget,
+        skip_prefill=args.skip_prefill,
+        seed=args.seed,
+    )
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            print(f"ours: batch {batch}, context {context}", file=sys.stderr, flush=True)
+            row = {
+                "batch": batch,
+                "context": context,
+                "ours": bench_ours(runner, batch, context, run),
+            }
+            mean_context = context + args.new_tokens // 2
+            row["floor"] = {
+                "decode_step_ms": 1e3 * floors.decode_step_s(cfg, batch, mean_context),
+                "decode_read_ms": 1e3 * floors.decode_read_s(cfg, batch, mean_context),
+                "prefill_tokens_per_s": floors.prefill_tokens_per_s(cfg, context),
+            }
+            rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], floors: Floors, cfg: ModelConfig) -> str:
+    nan = float("nan")
+    lines = [
+        f"\n{'batch':>5} {'ctx':>5} {'prefill tok/s':>13} {'(floor)':>8} {'HF':>6}"
+        f" {'decode tok/s':>12} {'HF':>7} {'step ms':>8} {'(floor)':>8} {'x floor':>7}"
+    ]
+    for row in rows:
+        ours, hf, floor = row["ours"], row.get("hf", {}), row["floor"]
+        lines.append(
+            f"{row['batch']:>5} {row['context']:>5} {ours.get('prefill_tokens_per_s', nan):>13.0f}"
+            f" {floor['prefill_tokens_per_s']:>8.0f} {hf.get('prefill_tokens_per_s', nan):>6.0f}"
+            f" {ours['decode_tokens_per_s']:>12.1f} {hf.get('decode_tokens_per_s', nan):>7.1f}"
+            f" {ours['decode_step_median_ms']:>8.1f} {floor['decode_step_ms']:>8.1f}"
+            f" {ours['decode_step_median_ms'] / floor['decode_step_ms']:>7.2f}"
+        )
+    lines.append(
+        f"floors from {floors.weight_bytes / 1e6:.0f} MB of weights, {floors.bandwidth / 1e9:.1f}"
+        f" GB/s measured read bandwidth, {floors.flops / 1e12:.2f} TFLOP/s measured {cfg.dtype}"
+        " matmul rate"
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench engine", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, else bfloat16")
@@ -273,69 +320,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_engine"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MODES:
+        return importlib.import_module(MODES[argv[0]]).main(argv[1:])
+    args = build_parser().parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-
     enable_compilation_cache(default_cache_dir())
-    cfg, weights, hf_path = load(args)
-    max_len = max(contexts) + args.new_tokens
-    budget = max(args.prefill_token_budget, 32)
-    config = EngineConfig(
-        max_batch_size=max(batches),
-        prefill_token_budget=budget,
-        max_model_len=max_len,
-        attention_backend=args.attention_backend,
-    )
-    pages_per_request = -(-max_len // config.page_size)
-    runner = Runner(
-        cfg, weights, config, num_pages=1 + max(batches) * pages_per_request, max_model_len=max_len
-    )
-    floors = Floors(read_bandwidth_bytes_per_s(), matmul_flops_per_s(cfg.dtype), num_bytes(weights))
-    rows = []
-    for context in contexts:
-        for batch in batches:
-            print(f"ours: batch {batch}, context {context}", file=sys.stderr, flush=True)
-            row = {
-                "batch": batch,
-                "context": context,
-                "ours": bench_ours(runner, batch, context, args),
-            }
-            mean_context = context + args.new_tokens // 2
-            row["floor"] = {
-                "decode_step_ms": 1e3 * floors.decode_step_s(cfg, batch, mean_context),
-                "decode_read_ms": 1e3 * floors.decode_read_s(cfg, batch, mean_context),
-                "prefill_tokens_per_s": floors.prefill_tokens_per_s(cfg, context),
-            }
-            rows.append(row)
+    runner, hf_path = build(args, batches, contexts)
+    cfg, weight_bytes = runner.cfg, num_bytes(runner.weights)
+    floors = Floors(read_bandwidth_bytes_per_s(), matmul_flops_per_s(cfg.dtype), weight_bytes)
+    rows = measure(runner, floors, args, batches, contexts)
     if not (args.no_hf or hf_path is None):
         del runner  # HF runs alone
         hf_model = load_hf(hf_path)
         for row in rows:
-            print(
-                f"HF: batch {row['batch']}, context {row['context']}", file=sys.stderr, flush=True
-            )
+            print(f"HF: batch {row['batch']}, context {row['context']}", file=sys.stderr)
             row["hf"] = bench_hf(hf_model, row["batch"], row["context"], args.new_tokens, args.seed)
-
-    nan = float("nan")
-    print(
-        f"\n{'batch':>5} {'ctx':>5} {'prefill tok/s':>13} {'(floor)':>8} {'HF':>6}"
-        f" {'decode tok/s':>12} {'HF':>7} {'step ms':>8} {'(floor)':>8} {'x floor':>7}"
-    )
-    for row in rows:
-        ours, hf, floor = row["ours"], row.get("hf", {}), row["floor"]
-        print(
-            f"{row['batch']:>5} {row['context']:>5} {ours.get('prefill_tokens_per_s', nan):>13.0f}"
-            f" {floor['prefill_tokens_per_s']:>8.0f} {hf.get('prefill_tokens_per_s', nan):>6.0f}"
-            f" {ours['decode_tokens_per_s']:>12.1f} {hf.get('decode_tokens_per_s', nan):>7.1f}"
-            f" {ours['decode_step_median_ms']:>8.1f} {floor['decode_step_ms']:>8.1f}"
-            f" {ours['decode_step_median_ms'] / floor['decode_step_ms']:>7.2f}"
-        )
-    print(
-        f"floors from {floors.weight_bytes / 1e6:.0f} MB of weights, {floors.bandwidth / 1e9:.1f}"
-        f" GB/s measured read bandwidth, {floors.flops / 1e12:.2f} TFLOP/s measured {cfg.dtype}"
-        " matmul rate"
-    )
+    print(format_rows(rows, floors, cfg))
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "device": str(jax.devices()[0]),
@@ -354,7 +360,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_engine.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'bench_engine.json'}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

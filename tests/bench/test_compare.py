@@ -1,5 +1,5 @@
 """Issue 13's live workloads: what the client sends for undeclared, non-streaming and mixed
-bursts, and how compare_policies tabulates several workloads."""
+bursts, and how `tfjax bench compare` tabulates several workloads and repeats."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import asyncio
 import json
 import time
 
-import bench_serving as bench  # scripts/ is on sys.path (conftest.py)
-import compare_policies as cp
 import httpx
 import pytest
+
+from tfjax.bench import compare as cp
+from tfjax.bench.client import ClientConfig, RequestRecord, send_request
+from tfjax.bench.compare_report import format_comparison, format_repeats
 
 
 def test_ordinary_bursts_are_issue_13s() -> None:
@@ -31,7 +33,7 @@ def test_ordinary_bursts_are_issue_13s() -> None:
     assert sorted((r.rate, r.declared) for r in mixed) == [(2.0, True)] * 16 + [(15.0, False)] * 16
 
 
-def _send(req, answer: dict) -> tuple[dict, bench.RequestRecord]:
+def _send(req, answer: dict) -> tuple[dict, RequestRecord]:
     """Send `req` to a mock server that answers `answer`; returns (the body sent, record)."""
     sent = {}
 
@@ -39,10 +41,10 @@ def _send(req, answer: dict) -> tuple[dict, bench.RequestRecord]:
         sent.update(json.loads(request.content))
         return httpx.Response(200, json=answer)
 
-    async def go() -> bench.RequestRecord:
+    async def go() -> RequestRecord:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            cfg = bench.ClientConfig(base_url="http://mock", model="m")
-            return await bench.send_request(client, cfg, req, time.perf_counter())
+            cfg = ClientConfig(base_url="http://mock", model="m")
+            return await send_request(client, cfg, req, time.perf_counter())
 
     return sent, asyncio.run(go())
 
@@ -78,15 +80,16 @@ def test_comparison_ratios_are_per_workload() -> None:
         ("mixed", "tokenflow", (1.0, 30.0, 60.0)),
     ]
     rows = [{"workload": w, "policy": p, **dict(zip(keys, v, strict=True))} for w, p, v in measured]
-    table = cp.format_comparison(rows)
+    table = format_comparison(rows)
     assert "undeclared / tokenflow" in table and "mixed / fcfs" in table
     assert "4.40 (1.10x)" in table and "95.00 (0.95x)" in table  # against undeclared's fcfs
     assert "1.00 (0.50x)" in table and "60.00 (1.20x)" in table  # against mixed's fcfs
 
 
 def test_unknown_workload_is_an_error() -> None:
-    with pytest.raises(SystemExit):
-        cp.parse_args(["--out", "x", "--workloads", "undeclared,nope"])
+    args = cp.build_parser().parse_args(["--out", "x", "--workloads", "undeclared,nope"])
+    with pytest.raises(SystemExit, match="unknown workload nope"):
+        cp.finish_args(args)
 
 
 def test_repeats_report_the_median_ratio_to_fcfs_with_its_range() -> None:
@@ -101,6 +104,34 @@ def test_repeats_report_the_median_ratio_to_fcfs_with_its_range() -> None:
         row("fcfs", 2, 80.0, 2.0),
         row("tokenflow", 2, 80.0, 3.0),
     ]
-    line = next(x for x in cp.format_repeats(rows).splitlines() if x.startswith("tokenflow"))
+    line = next(x for x in format_repeats(rows).splitlines() if x.startswith("tokenflow"))
     assert "1.00 (0.50-1.50)" in line  # p99 TTFT ratios 1.0, 0.5, 1.5
     assert "1.00 (0.90-1.10)" in line  # raw throughput ratios 0.9, 1.1, 1.0
+
+
+def test_two_server_commands_side_by_side(tmp_path, capsys) -> None:
+    """`--server LABEL URL COMMAND` twice: both fakes start, take turns for two repeats, and the
+    ratios are to the first; every run leaves its result and the servers are stopped."""
+    import socket
+    import sys
+
+    from serving.cli import main as tfjax
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    argv = ["bench", "compare", "--out", str(tmp_path), "--workloads", "undeclared"]
+    argv += ["--repeat", "2", "--no-plots", "--disable-tqdm"]
+    for label in ("a", "b"):
+        port = free_port()
+        command = f"{sys.executable} -m tests.bench.fake_openai --port {port} --token-delay-s 0.001"
+        argv += ["--server", label, f"http://127.0.0.1:{port}", command]
+    assert tfjax(argv) == 0
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["policy"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert all(r["failed"] == 0 and r["completed"] == 32 for r in rows)
+    assert {p.name for p in (tmp_path / "b" / "repeat1").iterdir()} == {"result.json", "result.csv"}
+    out = capsys.readouterr().out
+    assert "(ratio to a: median (min-max) over 2 alternating repeats)" in out

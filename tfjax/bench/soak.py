@@ -1,7 +1,8 @@
-"""Bounded soak test of a tfjax server: steady streams, bursts, hang-ups and bad requests.
+"""`tfjax bench soak`: a bounded soak test of a tfjax server, steady streams, bursts, hang-ups
+and bad requests.
 
 Runs for `--minutes` (default 10) against `--base-url`, or against a server it starts itself
-(`--start-server --model M`, extra `tfjax serve` flags after `--`). Traffic, all at once:
+(`--start-server --model M`, extra `tfjax serve` flags in `--server-args`). Traffic, all at once:
 - `--concurrency` workers, each sending one streaming completion after another (random prompt
   and output lengths, consumption rates, some seeded samples);
 - every `--burst-every-s`, a burst of `--burst-size` streams at the same instant (whether or
@@ -21,8 +22,8 @@ RSS and fd growth since the end of the first minute. Exit code 1 if any request 
 error event, dropped connection, timeout) or anything leaked. `--out FILE` writes the per-minute
 rows and the verdict as JSON.
 
-    .venv/bin/python scripts/soak.py --minutes 2 --start-server --model default -- \\
-        --max-batch-size 8 --max-model-len 512 --kv-pages 256
+    tfjax bench soak --minutes 2 --start-server --model default \\
+        --server-args "--max-batch-size 8 --max-model-len 512 --kv-pages 256"
 """
 
 from __future__ import annotations
@@ -34,12 +35,10 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
+import shlex
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +46,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"tfjax serving (\S+) on (http://\S+)")
+from tfjax.bench.flags import HelpFormatter
+from tfjax.bench.server import tfjax_server
+
 WORDS = [  # prompt words: each is one token in common BPE vocabularies
     "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are",
     "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by",
@@ -330,48 +330,15 @@ def print_row(row: dict[str, Any], file: Any = sys.stdout) -> None:
     )
 
 
-@contextlib.contextmanager
-def started_server(
-    args: argparse.Namespace, serve_args: list[str]
-) -> Iterator[tuple[subprocess.Popen, str]]:
-    log_path = Path(args.server_log)
-    cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", args.model, "--port", "0"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [*cmd, *serve_args], stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT
-        )
-    try:
-        lines: list[str] = []
-        asyncio.run(
-            asyncio.wait_for(asyncio.to_thread(_read_line, proc, lines), args.start_timeout_s)
-        )
-        match = READY.search(lines[0] if lines else "")
-        if not match:
-            raise SystemExit(f"the server did not start (exit {proc.poll()}); see {log_path}")
-        yield proc, match.group(2)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                print(f"server exit code after SIGTERM: {proc.wait(60)}", file=sys.stderr)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                print("server ignored SIGTERM for 60 s: killed", file=sys.stderr)
-
-
-def _read_line(proc: subprocess.Popen, lines: list[str]) -> None:
-    lines.append(proc.stdout.readline())
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    serve_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfjax bench soak", description=__doc__, formatter_class=HelpFormatter
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--start-server", action="store_true", help="start `tfjax serve` here")
     parser.add_argument("--model", default="default", help="with --start-server")
+    parser.add_argument("--server-args", default="", help="more `tfjax serve` flags, one string")
     parser.add_argument("--pid", type=int, default=None, help="the --base-url server's PID")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8, help="steady workers")
@@ -388,12 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-log", default="soak-server.log")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the rows and verdict here (JSON)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.start_server:
-            proc, url = stack.enter_context(started_server(args, serve_args))
-            pid: int | None = proc.pid
+            flags = ["--model", args.model, *shlex.split(args.server_args)]
+            log, timeout_s = Path(args.server_log), args.start_timeout_s
+            server = stack.enter_context(tfjax_server(None, flags, log, timeout_s))
+            url, pid = server.base_url, server.pid
         else:
             url, pid = args.base_url.rstrip("/"), args.pid
         print(f"soaking {url} for {args.minutes} min", file=sys.stderr, flush=True)
@@ -406,7 +378,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), **result}, indent=2))
     return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

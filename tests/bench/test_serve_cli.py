@@ -1,0 +1,112 @@
+"""`tfjax bench serve` end to end: against a fake server answering in vLLM's chunk shapes (both
+endpoints, streaming and not), and against tfjax's own server (the real app and engine on a
+paced fake runner). The files it saves hold what the table printed, one CSV row per request."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.cli import main as tfjax
+from tests.bench.fake_openai import MODEL, running_server
+from tests.reliability.harness import PacedRunner, make_engine, serve
+from tfjax.bench.client import ClientConfig, run_requests
+from tfjax.bench.report import CSV_COLUMNS
+from tfjax.bench.workload import ClientRequest
+
+SMALL = ["--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "5"]
+NO_SPREAD = ["--random-input-len-std", "0", "--random-output-len-std", "0"]
+
+
+def _bench(base_url: str, out: Path, *extra: str) -> tuple[dict, list[dict]]:
+    argv = ["bench", "serve", "--base-url", base_url, *SMALL, *NO_SPREAD, "--disable-tqdm"]
+    argv += ["--save-result", "--result-dir", str(out), "--result-filename", "run", *extra]
+    assert tfjax(argv) == 0
+    with open(out / "run.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = (out / "run.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    return result, rows
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_against_vllm_chunk_shapes(endpoint: str, tmp_path: Path, capsys) -> None:
+    with running_server(token_delay_s=0.01) as url:
+        result, rows = _bench(url, tmp_path, "--endpoint", endpoint)
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert result["config"]["model"] == result["model_id"] == MODEL  # from /v1/models
+    assert (result["num_prompts"], result["request_rate"]) == (4, "inf")  # vLLM's keys
+    # One token per content chunk; the role-only chat delta and the usage chunk carry none.
+    assert result["total_output_tokens"] == 4 * 5 and result["tokens_added_at_end"] == 0
+    assert result["total_input_tokens"] == 4 * 8  # the final usage chunk's prompt_tokens
+    assert result["preemptions"] is None  # no /metrics there
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert result[f"mean_{name}_ms"] > 0 and result[f"p99_{name}_ms"] > 0
+    assert result["mean_itl_ms"] == pytest.approx(10, abs=8)  # one chunk every 10 ms
+    assert len(result["requests"]) == 4 and all(r["finish_reason"] == "length" for r in rows)
+    assert list(rows[0]) == list(CSV_COLUMNS) and len(rows) == 4
+    assert [int(r["output_tokens"]) for r in rows] == [5] * 4
+    assert "Successful requests:" in capsys.readouterr().out
+
+
+def test_non_streaming_requests_count_the_usage(tmp_path: Path) -> None:
+    req = ClientRequest(index=0, arrival_s=0.0, prompt_len=3, output_len=6, rate=5.0, stream=False)
+    with running_server(token_delay_s=0.001) as url:
+        cfg = ClientConfig(base_url=url, model=MODEL)
+        (rec,), _ = asyncio.run(run_requests(cfg, [req], progress=False))
+    assert rec.ok and rec.chunk_tokens == [6] and rec.prompt_len == 3
+
+
+def test_against_tfjax_serve(tmp_path: Path) -> None:
+    engine = make_engine(PacedRunner(num_pages=256, page_size=16, step_s=0.002), policy="tokenflow")
+    with serve(engine) as live:
+        result, rows = _bench(live.url, tmp_path, "--prompt-mode", "text", "--rate-mix", "50")
+    assert result["completed"] == 4 and result["failed"] == 0, result["errors"]
+    assert result["total_output_tokens"] == 20  # ignore_eos forces max_tokens
+    assert result["preemptions"] == 0  # tfjax_preemptions_total was scraped
+    assert result["effective_throughput"] > 0 and result["stall_ratio"] >= 0
+    assert all(float(r["ttft_s"]) > 0 for r in rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # 256 streams; prints the figure, asserts nothing about a busy machine's speed
+def test_client_overhead_at_256_streams(tmp_path: Path) -> None:
+    """The client's own CPU per wall second against canned tokens (target: below 0.05). The
+    fake runs as its own process, so its CPU time is not counted as the client's."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tests.bench.fake_openai", "--port", str(port)]
+    fake = subprocess.Popen([*cmd, "--token-delay-s", "0.05"], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        argv = ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--disable-tqdm"]
+        argv += ["--num-prompts", "256", "--max-concurrency", "256", "--random-output-len", "128"]
+        argv += ["--save-result", "--result-dir", str(tmp_path)]
+        assert tfjax(argv) == 0
+    finally:
+        fake.terminate()
+        fake.wait(30)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["completed"] == 256
+    print(f"client CPU s / wall s at 256 streams: {result['client_cpu_per_wall']:.3f}")
+    assert os.cpu_count() and result["client_cpu_s"] > 0
