@@ -2,7 +2,8 @@
 devices and one random Llama with 4 KV heads split over all 4: greedy text equals a
 single-process server's, with a streamed request and an abort in the run, and once the second
 process is killed, process 0 fails the stream in flight, answers /health 503 and exits with
-WORKER_LOST_EXIT_CODE within a bound. Slow: two servers compile their step buckets."""
+WORKER_LOST_EXIT_CODE within a bound, whether it died or hangs; SIGTERM on process 0 stops
+both with 0. Slow: every server compiles its step buckets."""
 
 from __future__ import annotations
 
@@ -114,23 +115,24 @@ def two_process_server(
         "--num-processes", "2", "--worker-timeout-s", str(WORKER_TIMEOUT_S),
     ]  # fmt: skip
     procs: list[subprocess.Popen] = []
-    try:
-        for process_id in (0, 1):
-            args = [*common, "--process-id", str(process_id)]
-            if process_id == 0:
-                args += ["--port", "0"]
-            log = open(cache_dir / f"process-{process_id}.log", "w")  # noqa: SIM115
-            procs.append(
-                subprocess.Popen(
-                    args, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT
+    with contextlib.ExitStack() as logs:
+        try:
+            for process_id in (0, 1):
+                args = [*common, "--process-id", str(process_id)]
+                if process_id == 0:
+                    args += ["--port", "0"]
+                log = logs.enter_context(open(cache_dir / f"process-{process_id}.log", "w"))
+                procs.append(
+                    subprocess.Popen(
+                        args, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT
+                    )
                 )
-            )
-        yield procs, _ready_url(procs[0], cache_dir)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            yield procs, _ready_url(procs[0], cache_dir)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 def _ready_url(proc: subprocess.Popen, cache_dir: Path) -> str:
@@ -144,20 +146,25 @@ def _ready_url(proc: subprocess.Popen, cache_dir: Path) -> str:
     return match.group(2)
 
 
-def test_two_processes_serve_like_one_and_fail_fast_when_one_dies(
-    llama_4kv_dir: Path, tmp_path: Path
-) -> None:
-    model = llama_4kv_dir.name
-    with live_server(["--model", str(llama_4kv_dir), *ENGINE_ARGS], tmp_path / "one") as (
-        proc,
-        url,
-    ):
-        reference = {p: greedy_text(url, model, p) for p in PROMPTS}
+@pytest.fixture(scope="module")
+def reference(llama_4kv_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Greedy text of each prompt from a single-process server (one device)."""
+    cache_dir = tmp_path_factory.mktemp("one-process")
+    with live_server(["--model", str(llama_4kv_dir), *ENGINE_ARGS], cache_dir) as (proc, url):
+        texts = {p: greedy_text(url, llama_4kv_dir.name, p) for p in PROMPTS}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    return texts
 
-    (tmp_path / "two").mkdir()
-    with two_process_server(llama_4kv_dir, tmp_path / "two") as ((leader, worker), url):
+
+@pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_two_processes_serve_like_one_and_fail_fast_when_one_dies(
+    llama_4kv_dir: Path, reference: dict[str, str], tmp_path: Path, failure: signal.Signals
+) -> None:
+    """A killed worker breaks the step in flight at once (gloo sees the closed connection);
+    a stopped one leaves it blocked in a collective until the watchdog ends the stream."""
+    model = llama_4kv_dir.name
+    with two_process_server(llama_4kv_dir, tmp_path) as ((leader, worker), url):
         with ThreadPoolExecutor(3) as pool:
             plain = pool.submit(greedy_text, url, model, PROMPTS[0])
             streamed = pool.submit(streamed_text, url, model, PROMPTS[1])
@@ -169,16 +176,24 @@ def test_two_processes_serve_like_one_and_fail_fast_when_one_dies(
 
         in_flight = stream_events(url, model, PROMPTS[0], max_tokens=50)
         next(in_flight)
-        worker.kill()
-        killed = time.monotonic()
+        worker.send_signal(failure)
+        failed = time.monotonic()
         rest = list(in_flight)
         assert rest[-1] == "[DONE]"
         assert any("error" in event for event in rest[:-1]), rest
         health = []
-        while leader.poll() is None and time.monotonic() - killed < LOST_BOUND_S:
+        while leader.poll() is None and time.monotonic() - failed < LOST_BOUND_S:
             with contextlib.suppress(httpx.TransportError):  # the process is exiting
                 health.append(httpx.get(f"{url}/health", timeout=1).status_code)
             time.sleep(0.1)
         assert leader.wait(timeout=1) == WORKER_LOST_EXIT_CODE
-        assert time.monotonic() - killed < LOST_BOUND_S
+        assert time.monotonic() - failed < LOST_BOUND_S
         assert 503 in health
+
+
+def test_sigterm_on_process_zero_stops_every_process(llama_4kv_dir: Path, tmp_path: Path) -> None:
+    with two_process_server(llama_4kv_dir, tmp_path) as ((leader, worker), url):
+        greedy_text(url, llama_4kv_dir.name, PROMPTS[0])  # steps ran before the stop
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=60) == 0
+        assert worker.wait(timeout=60) == 0
