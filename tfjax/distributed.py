@@ -131,9 +131,14 @@ def _client() -> Any:
 
 
 def _beat(client: Any, cluster: Cluster) -> None:
+    """Bump this worker's counter until the store fails: the process is shutting down, or
+    process 0 and its coordinator are gone (JAX's heartbeat then ends this process)."""
     key = _ALIVE_KEY.format(cluster.process_id)
     for beat in itertools.count():
-        client.key_value_set(key, str(beat), allow_overwrite=True)
+        try:
+            client.key_value_set(key, str(beat), allow_overwrite=True)
+        except jax.errors.JaxRuntimeError:
+            return
         time.sleep(cluster.heartbeat_s)
 
 
