@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 WORKER_LOST_EXIT_CODE = 3
 LOST_EXIT_DELAY_S = 1.0  # error events of failed streams reach their clients meanwhile
-KEPT_MESSAGES = 8
+KEPT_MESSAGES = 8  # step messages left in the store; older ones were read (module docstring)
 IDLE_POLL_MS = 1000  # a worker's wait for the next step, before it asks again
 HEARTBEATS_PER_TIMEOUT = 4
 JAX_HEARTBEAT_FACTOR = 3  # JAX's own heartbeat timeout, in worker timeouts: ours fires first
@@ -247,7 +247,7 @@ class Leader:
     def _beat_of(self, worker: int) -> str | None:
         try:
             return self._client.key_value_try_get(_ALIVE_KEY.format(worker))
-        except Exception:  # not written yet, or the store failed: no beat either way
+        except jax.errors.JaxRuntimeError:  # not written yet, or the store failed: no beat
             return None
 
 

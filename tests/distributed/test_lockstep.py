@@ -54,7 +54,9 @@ class MemoryStore:
     key_value_set = key_value_set_bytes
 
     def key_value_try_get(self, key: str) -> str:
-        return self.values[key]  # KeyError stands for the store's NOT_FOUND
+        if key not in self.values:
+            raise jax.errors.JaxRuntimeError(f"NOT_FOUND: {key}")
+        return self.values[key]
 
     def key_value_delete(self, key: str) -> None:
         self.deleted.append(key)
