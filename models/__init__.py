@@ -82,15 +82,14 @@ def load_model(
 
     entry = cache.entry_dir(cache_dir, source, dtype)
     start = time.perf_counter()
-    restored = cache.restore(entry, tensor_parallel)
+    # Several `jax.distributed` processes would each write the same entry (orbax saves are
+    # collective, our temp dirs are per process): they convert from the source every start.
+    use_cache = jax.process_count() == 1
+    restored = cache.restore(entry, tensor_parallel) if use_cache else None
     if restored is None:
         cfg, weights, tokenizer = _convert(source, name, dtype, tensor_parallel)
-        start = time.perf_counter()
-        try:
-            cache.save(entry, cfg, weights, tokenizer)
-            _log(f"saved converted {name} to the cache in {time.perf_counter() - start:.1f} s")
-        except OSError as err:  # a read-only or full cache dir costs speed next time only
-            _log(f"cannot cache converted weights in {entry}: {err}")
+        if use_cache:
+            _save_converted(entry, name, cfg, weights, tokenizer)
     else:
         cfg, weights, tokenizer = restored
         _log(f"loaded cached {name} ({dtype}) in {time.perf_counter() - start:.1f} s")
@@ -99,6 +98,17 @@ def load_model(
         weights = quant.quantize(weights, quantization, _one_device(cfg))
         _log(f"quantized {name} to {quantization} in {time.perf_counter() - start:.1f} s")
     return _loaded(name, cfg, weights, tokenizer, source, quantization, restored is not None)
+
+
+def _save_converted(
+    entry: Path, name: str, cfg: ModelConfig, weights: Weights, tokenizer: Tokenizer
+) -> None:
+    start = time.perf_counter()
+    try:
+        cache.save(entry, cfg, weights, tokenizer)
+        _log(f"saved converted {name} to the cache in {time.perf_counter() - start:.1f} s")
+    except OSError as err:  # a read-only or full cache dir costs speed next time only
+        _log(f"cannot cache converted weights in {entry}: {err}")
 
 
 def _loaded(

@@ -14,9 +14,10 @@ Everything is expressed as `NamedSharding`s handed to `jax.device_put` / jit inp
 model code is unchanged and the collectives are XLA's. Loading puts each host (numpy) weight
 straight into its sharding: no device ever holds the whole model.
 
-Multi-host: the same mesh spans processes after `jax.distributed.initialize()`; loaders would
-then need `jax.make_array_from_callback` so each process reads only its shards, and the host KV
-tier would copy each process's local shards. Neither is exercised here (one host, CPU CI).
+Multi-host (`tfjax.distributed`): after `jax.distributed.initialize()` the mesh spans every
+process's devices, in `jax.devices()` order, and must use all of them. Every process reads the
+whole host weights and `device_put` keeps its own shards; a loader that reads only its shards
+(`jax.make_array_from_callback`) and a host KV tier per process are not built yet.
 """
 
 from __future__ import annotations
@@ -35,16 +36,27 @@ AXIS = MESH_AXIS  # named beside the attention kernels, which shard_map over it
 
 
 def make_mesh(num_devices: int, cfg: ModelConfig) -> Mesh:
-    """A `tp` mesh over the first `num_devices` local devices; UserError if it cannot work."""
-    available = len(jax.local_devices())
-    if num_devices > available:
-        raise UserError(f"--tensor-parallel {num_devices} exceeds the {available} local devices")
+    """A `tp` mesh over the first `num_devices` local devices, or over every process's devices
+    once `jax.distributed` runs several processes; UserError if it cannot work."""
+    if jax.process_count() > 1:
+        devices = jax.devices()
+        if num_devices != len(devices):
+            raise UserError(
+                f"--tensor-parallel {num_devices} must equal the {len(devices)} devices of all "
+                f"{jax.process_count()} processes: the model is split over every process"
+            )
+    else:
+        devices = jax.local_devices()
+        if num_devices > len(devices):
+            raise UserError(
+                f"--tensor-parallel {num_devices} exceeds the {len(devices)} local devices"
+            )
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(cfg, name) % num_devices:
             raise UserError(
                 f"--tensor-parallel {num_devices} does not divide {name}={getattr(cfg, name)}"
             )
-    return Mesh(np.array(jax.local_devices()[:num_devices]), (AXIS,))
+    return Mesh(np.array(devices[:num_devices]), (AXIS,))
 
 
 def weight_shardings(cfg: ModelConfig, mesh: Mesh) -> Weights:

@@ -8,6 +8,12 @@ imported when needed, so `tfjax --help` stays fast and JAX loads only for `tfjax
 `--api-key` (or `$TFJAX_API_KEY`) protects `/v1/*` and the dashboard (`serving.auth`);
 `--ssl-keyfile`/`--ssl-certfile` go to uvicorn for TLS.
 
+Multi-host (`--coordinator-address HOST:PORT --num-processes N --process-id I`, the names of
+`jax.distributed.initialize`'s arguments): every process runs this command with the same model
+and engine flags; `--tensor-parallel` must count every process's devices. Process 0 serves
+HTTP as below, its steps broadcast to the others (`tfjax.distributed`); processes > 0 load,
+warm up and then only run those steps, bind nothing and return when process 0 stops.
+
 Start-up: bind, build the engine (weights, compiles) on a thread, then print exactly one line
 to stdout, `tfjax serving MODEL on http://HOST:PORT` (https with `--ssl-certfile`), with the
 bound port (so `--port 0` works); scripts and tests wait for it. Binding first lets routers
@@ -38,7 +44,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -54,6 +60,10 @@ from serving.app import (
     drain,
 )
 from serving.errors import unavailable
+
+if TYPE_CHECKING:
+    from tfjax.async_engine import AsyncEngine
+    from tfjax.distributed import Cluster, Leader
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 API_KEY_ENV = "TFJAX_API_KEY"
@@ -125,6 +135,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="level of tfjax's own log lines (one per request at info); debug also shows "
         "the libraries' (uvicorn, absl, orbax, jax), which are otherwise kept to warnings",
     )
+    multihost = parser.add_argument_group("multi-host model parallel (jax.distributed)")
+    multihost.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="HOST:PORT of process 0's coordinator, which binds there only: keep it on a "
+        "private network (default: one process)",
+    )
+    multihost.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    multihost.add_argument("--process-id", type=int, default=0, help="this process (0 serves HTTP)")
+    multihost.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=10.0,
+        help="process 0 fails every request and exits (code 3) once a worker is silent this long",
+    )
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -137,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
     if args.protect_metrics and args.api_key is None:
         raise UserError(f"--protect-metrics needs --api-key (or ${API_KEY_ENV})")
     library_level = configure_logging(args.log_level)
+    cluster = _join_cluster(args)
+    if cluster is not None and not cluster.is_leader:
+        return _follow(args)
     front = _UntilReady()
     config = uvicorn.Config(
         front,
@@ -150,15 +178,66 @@ def run(args: argparse.Namespace) -> int:
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
     )
-    server = _Server(config, front, lambda: build_engine(args), args)
+    leader = None
+    if cluster is not None:
+        from tfjax.distributed import Leader
+
+        leader = Leader(cluster)
+    server = _Server(config, front, lambda: _lead(build_engine(args), leader), args)
     try:
         server.run()
     finally:
         if server.engine is not None:
             server.engine.shutdown()
+        if leader is not None:
+            leader.stop()
     if server.build_error is not None:
         raise server.build_error
     return 0
+
+
+def _join_cluster(args: argparse.Namespace) -> Cluster | None:
+    """Initialize `jax.distributed` for a multi-host run (None for one process), with the
+    host KV tier off: its page copies are not replayed on the other processes."""
+    if args.coordinator_address is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            raise UserError("--num-processes and --process-id need --coordinator-address")
+        return None
+    import jax
+
+    from tfjax.distributed import Cluster, initialize
+
+    try:
+        cluster = Cluster(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            worker_timeout_s=args.worker_timeout_s,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if args.offload:
+        logging.getLogger("tfjax").info("multi-host: the host KV tier is off (--no-offload)")
+        args.offload = False
+    initialize(cluster)
+    if args.num_pages is None and jax.default_backend() != "cpu":
+        raise UserError("--num-processes > 1 needs --kv-pages: every process sizes one pool")
+    return cluster
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A process > 0: build the same runner as process 0, then run the steps it broadcasts."""
+    from tfjax.async_engine import build_runner
+    from tfjax.distributed import follow
+
+    _, _, runner = build_runner(args)
+    return follow(runner)
+
+
+def _lead(engine: AsyncEngine, leader: Leader | None) -> AsyncEngine:
+    if leader is not None:
+        leader.lead(engine)
+    return engine
 
 
 def configure_logging(level_name: str) -> int:

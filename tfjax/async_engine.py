@@ -180,6 +180,14 @@ class AsyncEngine:
                 )
         return self._live_latest
 
+    def stop_with_error(self, message: str) -> None:
+        """From any thread, when steps can no longer complete (`tfjax.distributed`: a lost
+        worker process): /health turns 503 and every open stream ends with `message`, even
+        while the engine thread is blocked inside a step."""
+        self._stop.set()
+        self._wake.set()
+        self._end_open_streams(message)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort everything in flight and stop the engine thread."""
         self._post(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])

@@ -13,6 +13,11 @@ rows are sorted by length inside the call so that the CPU backend's row groups a
 `warmup` runs every bucket once on padding, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
 flat). The KV cache is donated to every call and replaced by the call's output.
+
+Under `jax.distributed` (`tfjax.distributed`) every process holds a `Runner` over the same
+mesh and must make the same jitted calls: process 0's `step` hands its host inputs to
+`lockstep` (set once warm-up is done, which every process runs alike) before running them,
+and the other processes run what they receive through `run_inputs`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +53,16 @@ from tfjax.request import Request
 from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
 UINT32_MASK = 0xFFFFFFFF
+
+# One step's host arrays: model inputs, sampling rows, penalties (None: no row has any), and
+# the flat index [N] of each output row's last token.
+HostInputs = tuple[StepInput, SamplingInput, PenaltyInput | None, np.ndarray]
+
+
+class StepBroadcast(Protocol):
+    """Where process 0 sends each step's inputs before running them (`tfjax.distributed`)."""
+
+    def send(self, bucket: Bucket, inputs: HostInputs, *, scored: bool) -> None: ...
 
 
 @partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
@@ -134,6 +150,7 @@ class Runner:
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
         self.prefill_token_s = 1e-3
+        self.lockstep: StepBroadcast | None = None  # set on process 0 of a multi-host run
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
         """Compile every bucket by running it once on padding (only PAD_PAGE is written);
@@ -154,7 +171,7 @@ class Runner:
     def _warm(self, bucket: Bucket) -> list[object]:
         """Run `bucket` on padding and sample with every sampler variant (with and without
         penalties, scored or not), so each is compiled for the very inputs serving gives it."""
-        logits_NxV, sampling, _ = self._logits(bucket, [], [])
+        logits_NxV, sampling, _ = self._logits(self.host_inputs(bucket, [], []))
         pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
         penalties = jax.device_put(pad, self._input_sharding)
         return [
@@ -170,7 +187,7 @@ class Runner:
 
         def seconds(bucket: Bucket) -> float:
             start = time.perf_counter()
-            jax.block_until_ready(self._run(bucket, [], []))
+            jax.block_until_ready(self.run_inputs(self.host_inputs(bucket, [], [])))
             return time.perf_counter() - start
 
         self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self.config.decode_batch_buckets()}
@@ -199,38 +216,52 @@ class Runner:
         [>= len(prefill) + len(decode)], prefill chunks first (slice on the host: slicing on
         device would compile). Pages must already cover the tokens; `num_computed_tokens`
         is not advanced here."""
-        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        return self._run(bucket, prefill, decode)
+        return self._step(prefill, decode, scored=False)
 
     def step_scored(
         self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> tuple[jax.Array, TokenLogprobs]:
         """`step`, plus every row's raw logprobs (`tfjax.sampling.token_logprobs`), in the
         same order; for steps where some request asked for logprobs."""
+        return self._step(prefill, decode, scored=True)
+
+    def _step(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request], *, scored: bool
+    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
-        return _sample_scored(logits_NxV, sampling, penalties)
+        inputs = self.host_inputs(bucket, prefill, decode)
+        if self.lockstep is not None:
+            self.lockstep.send(bucket, inputs, scored=scored)
+        return self.run_inputs(inputs, scored=scored)
 
-    def _run(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> jax.Array:
-        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
-        return _sample(logits_NxV, sampling, penalties)
+    def run_inputs(
+        self, inputs: HostInputs, *, scored: bool = False
+    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
+        """Run one step packed by `host_inputs`: sampled ids, plus logprobs if `scored`.
+        Other processes of a multi-host run call this with what process 0 broadcast."""
+        logits_NxV, sampling, penalties = self._logits(inputs)
+        return (_sample_scored if scored else _sample)(logits_NxV, sampling, penalties)
 
-    def _logits(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
+    def _logits(self, inputs: HostInputs) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
         """The step's logits [N, V] (KV written) and its sampling inputs, on the device."""
-        step, sampling, penalties, last = self._inputs(bucket, prefill, decode)
+        step, sampling, penalties, last = jax.device_put(inputs, self._input_sharding)
         logits_NxV, self.kv = _forward_logits(
             self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
         )
         return logits_NxV, sampling, penalties
 
-    def _inputs(
+    def input_structure(self, bucket: Bucket, *, with_penalties: bool) -> jax.tree_util.PyTreeDef:
+        """The pytree structure of `bucket`'s `HostInputs`, with or without penalty arrays:
+        how another process rebuilds inputs it received as a flat list of arrays."""
+        step, sampling, _, last = self.host_inputs(bucket, [], [])
+        rows = _SamplingRows(len(last), self.max_model_len)
+        penalties = rows.penalty_arrays() if with_penalties else None
+        return jax.tree.structure((step, sampling, penalties, last))
+
+    def host_inputs(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[StepInput, SamplingInput, PenaltyInput | None, jax.Array]:
-        """Pack one step into the bucket's host arrays and move them to the device."""
+    ) -> HostInputs:
+        """Pack one step into the bucket's host arrays (numpy; moved to the device per call)."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
         tokens_T = np.zeros(bucket.num_tokens, np.int32)
@@ -276,8 +307,7 @@ class Runner:
                 page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
             ),
         )
-        inputs = (step, sampling.arrays(), sampling.penalties(), last_N)
-        return jax.device_put(inputs, self._input_sharding)
+        return step, sampling.arrays(), sampling.penalties(), last_N
 
 
 class _SamplingRows:

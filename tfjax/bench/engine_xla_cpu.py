@@ -112,7 +112,7 @@ def _library_fusions(runner, batch: int) -> dict[str, int]:
     from tfjax.config import Bucket
     from tfjax.runner import _forward_logits
 
-    step, _, last = runner._inputs(Bucket(0, batch), [], [])
+    step, _, _, last = runner.host_inputs(Bucket(0, batch), [], [])
     compiled = _forward_logits.lower(
         runner.weights, runner.kv, step, last, cfg=runner.cfg, backend=runner.backend
     ).compile()
