@@ -12,8 +12,9 @@ Live: starts `tfjax serve --policy P <server args>` (`tfjax.bench.server`), send
 file's requests with their exact token-id prompts at their arrival times and times every
 token on the client (`tfjax.bench.client`). Simulated: `tfjax simulate`'s path with the
 same engine flags on PROFILE (a `tfjax calibrate` file, or a built-in name). Prints live and
-simulated mean / p99 TTFT and raw throughput and their ratios (targets: TTFT within +-25%,
-raw throughput within +-10%).
+simulated mean / p99 TTFT and raw throughput and their ratios (target: within 0.8-1.25x).
+`--repeat N` replays the workload N times against one server (fresh prompt ids after the
+first) and compares with the median; `--step-trace PATH` keeps both runs' step traces.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from tfjax.bench.metrics import timeline_of
 from tfjax.bench.server import tfjax_server
 from tfjax.bench.workload import ClientRequest
 from tfjax.qos import summarize
+from tfjax.step_trace import ENV_VAR
 
 METRICS = ("mean_ttft_s", "p99_ttft_s", "raw_throughput")
 
@@ -88,26 +92,44 @@ def write_workloads(out: Path, seed: int = 0) -> None:
         print(f"wrote {out / name}.json ({len(reqs)} requests)", file=sys.stderr)
 
 
-def live(workload: Path, policy: str, server_args: list[str], log: Path) -> dict[str, float]:
+def live(
+    workload: Path, policy: str, server_args: list[str], log: Path, repeat: int = 1
+) -> list[dict[str, float]]:
+    """One summary per replay, all against one server: the first replay sends the file's
+    prompts, each later one fresh random ids of the same lengths (same arrivals, lengths and
+    rates), so the prefix cache cannot serve a replay from the one before. One live run per
+    policy varies by 15-20 % on a 2-core VM: compare the simulator with their median."""
     entries = json.loads(workload.read_text())["requests"]
-    requests = [
-        ClientRequest(
-            index=i,
-            arrival_s=e["arrival_s"],
-            prompt_len=len(e["prompt_token_ids"]),
-            output_len=e["max_tokens"],
-            rate=e["consumption_rate"],
-            prompt_ids=tuple(e["prompt_token_ids"]),
-        )
-        for i, e in enumerate(entries)
-    ]
+    summaries = []
     with tfjax_server(policy, server_args, log, start_timeout_s=900) as server:
         cfg = ClientConfig(base_url=server.base_url, model=server.model)
-        records, _ = asyncio.run(run_requests(cfg, requests))
-    failed = [r for r in records if not r.ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} live requests failed: {failed[0].error}")
-    return summarize([timeline_of(r) for r in records])
+        for replay in range(repeat):
+            rng = random.Random(replay)
+            requests = [
+                ClientRequest(
+                    index=i,
+                    arrival_s=e["arrival_s"],
+                    prompt_len=len(e["prompt_token_ids"]),
+                    output_len=e["max_tokens"],
+                    rate=e["consumption_rate"],
+                    prompt_ids=tuple(
+                        rng.randrange(100, 10_000) if replay else t for t in e["prompt_token_ids"]
+                    ),
+                )
+                for i, e in enumerate(entries)
+            ]
+            records, _ = asyncio.run(run_requests(cfg, requests))
+            failed = [r for r in records if not r.ok]
+            if failed:
+                raise RuntimeError(f"{len(failed)} live requests failed: {failed[0].error}")
+            summaries.append(summarize([timeline_of(r) for r in records]))
+            print(f"live replay {replay + 1}/{repeat} done", file=sys.stderr)
+    return summaries
+
+
+def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's median over the replays (a replay's own figures for one replay)."""
+    return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
 
 
 def simulated(workload: Path, policy: str, profile: str, server_args: list[str]) -> dict:
@@ -154,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         "--live-from", type=Path, default=None, help="reuse this result file's live summary"
     )
     parser.add_argument("--table", type=Path, nargs="+", default=None, help="result files")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="live replays against one server; median compared"
+    )
+    parser.add_argument(
+        "--step-trace",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write both runs' step traces (PATH.live.jsonl, PATH.sim.jsonl; tfjax.sim.trace_diff)",
+    )
     args = parser.parse_args(argv)
     if args.write_workloads:
         write_workloads(args.write_workloads)
@@ -164,18 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload is None:
         parser.error("--workload is required")
     flags = shlex.split(args.server_args)
+    if args.step_trace:  # the server's steps, then the simulator's, for tfjax.sim.trace_diff
+        os.environ[ENV_VAR] = str(args.step_trace.with_suffix(".live.jsonl"))
     if args.live_from:
-        live_summary = json.loads(args.live_from.read_text())["live"]
+        row = json.loads(args.live_from.read_text())
+        replays = row.get("live_replays", [row["live"]])
     else:
         log = args.workload.with_suffix(f".{args.policy}.serve.log")
-        live_summary = live(args.workload, args.policy, flags, log)
+        replays = live(args.workload, args.policy, flags, log, args.repeat)
+    if args.step_trace:
+        os.environ[ENV_VAR] = str(args.step_trace.with_suffix(".sim.jsonl"))
+    live_summary = median_summary(replays)
     sim_summary = simulated(args.workload, args.policy, args.profile, flags)
-    print(f"{args.workload.stem} {args.policy}: metric live sim sim/live")
+    print(f"{args.workload.stem} {args.policy}: metric, live median (min-max of {len(replays)}),"
+          " sim, sim/live")  # fmt: skip
     for key in METRICS:
+        values = [r[key] for r in replays]
         ratio = sim_summary[key] / live_summary[key] if live_summary[key] else float("nan")
-        print(f"  {key:15s} {live_summary[key]:9.3f} {sim_summary[key]:9.3f} {ratio:6.2f}x")
+        print(
+            f"  {key:15s} {live_summary[key]:9.3f} ({min(values):.3f}-{max(values):.3f})"
+            f" {sim_summary[key]:9.3f} {ratio:6.2f}x"
+        )
     if args.out:
         row = {"workload": str(args.workload), "policy": args.policy, "profile": args.profile,
-               "live": live_summary, "sim": sim_summary}  # fmt: skip
+               "live": live_summary, "live_replays": replays, "sim": sim_summary}  # fmt: skip
         args.out.write_text(json.dumps(row, indent=1))
     return 0
