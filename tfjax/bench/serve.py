@@ -48,13 +48,13 @@ def _served_model(base_url: str) -> str:
         raise UserError(f"no model listed at {base_url}/v1/models ({err}); pass --model") from err
 
 
-def vllm_run_keys(args: argparse.Namespace, model: str) -> dict[str, Any]:
+def vllm_run_keys(args: argparse.Namespace, model: str, num_prompts: int) -> dict[str, Any]:
     """The run's description under the keys of vLLM's result JSON."""
     return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "backend": args.backend,
         "model_id": model,
-        "num_prompts": args.num_prompts,
+        "num_prompts": num_prompts,
         "request_rate": str(args.request_rate),  # "inf" as vLLM writes it
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     result, records = asyncio.run(
         benchmark(cfg, requests, percentiles=percentiles, progress=args.progress)
     )
-    result |= vllm_run_keys(args, model)
+    result |= vllm_run_keys(args, model, len(requests))
     result["workload"] = flags.args_record(args)
     print(format_table(result))
     if args.save_result or args.plots:
