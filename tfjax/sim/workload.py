@@ -158,7 +158,7 @@ def load_trace(
 
 
 def load_workload_file(path: str | Path) -> list[Request]:
-    """Requests of a workload file (`tfjax simulate --workload`, `scripts/sim_vs_live.py`):
+    """Requests of a workload file (`tfjax simulate --workload`, `tfjax bench sim-vs-live`):
 
         {"requests": [{"arrival_s": float, "prompt_token_ids": [int, ...] (or
           "prompt_tokens": int), "max_tokens": int, "consumption_rate": float}, ...]}
