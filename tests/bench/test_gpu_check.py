@@ -79,6 +79,12 @@ def test_dry_run_passes_on_cpu(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result.returncode == 0, json.dumps(summary, indent=2) + result.stderr[-3000:]
     assert summary["dry_run"] and summary["passed"]
-    assert [c["check"] for c in summary["checks"]] == ["attention", "engine", "decode", "prefill"]
+    assert [c["check"] for c in summary["checks"]] == [
+        "attention",
+        "engine",
+        "decode",
+        "prefill",
+        "quantized",
+    ]
     engine = summary["checks"][1]
     assert engine["num_tokens"] > 0 and engine["differing_requests"] == []
