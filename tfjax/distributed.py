@@ -268,15 +268,17 @@ def follow(runner: Runner, client: Any = None) -> int:
     """A worker's loop: run every step process 0 broadcasts, in order, until STOP (then 0).
     An error from the store other than an idle wait's deadline ends the process."""
     client = client if client is not None else _client()
+    structures: dict[tuple[Bucket, bool], Any] = {}  # built once per bucket, not per step
     num_received = 0
     while True:
         header, arrays = decode(_next_message(client, _STEP_KEY.format(num_received)))
         num_received += 1
         if header["op"] == "stop":
             return 0
-        bucket = Bucket(*header["bucket"])
-        structure = runner.input_structure(bucket, with_penalties=header["penalties"])
-        runner.run_inputs(jax.tree.unflatten(structure, arrays), scored=header["scored"])
+        key = (Bucket(*header["bucket"]), header["penalties"])
+        if key not in structures:
+            structures[key] = runner.input_structure(key[0], with_penalties=key[1])
+        runner.run_inputs(jax.tree.unflatten(structures[key], arrays), scored=header["scored"])
 
 
 def _next_message(client: Any, key: str) -> bytes:
