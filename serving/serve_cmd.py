@@ -150,6 +150,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=10.0,
         help="process 0 fails every request and exits (code 3) once a worker is silent this long",
     )
+    multihost.add_argument(
+        "--step-timeout-s",
+        type=float,
+        default=120.0,
+        help="... or once a step has not completed after this long (a wedged worker)",
+    )
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -213,6 +219,7 @@ def _join_cluster(args: argparse.Namespace) -> Cluster | None:
             num_processes=args.num_processes,
             process_id=args.process_id,
             worker_timeout_s=args.worker_timeout_s,
+            step_timeout_s=args.step_timeout_s,
         )
     except ValueError as err:
         raise UserError(str(err)) from err

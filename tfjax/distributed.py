@@ -20,11 +20,12 @@ after every process has joined that step's collectives, so older messages have b
 
 Failure: a worker bumps `tfjax/alive/<i>` every `worker_timeout_s / 4` from the moment it
 joins. Process 0's watchdog declares a worker lost when that counter stands still for
-`worker_timeout_s` (dead, stopped or wedged); it calls `on_lost` (every open stream ends with
-an error, /health answers 503), gives the error events LOST_EXIT_DELAY_S to reach clients and
-exits with WORKER_LOST_EXIT_CODE: a step blocked in a collective with a dead peer can never
-finish and cannot be interrupted. JAX's own heartbeat (`heartbeat_timeout_seconds`, set longer)
-is the backstop that ends any process whose peers vanished, workers included.
+`worker_timeout_s` (dead or stopped), or when a step has not completed after `step_timeout_s`
+(a worker alive but wedged, or calls that diverged); it calls `on_lost` (every open stream
+ends with an error, /health answers 503), gives the error events LOST_EXIT_DELAY_S to reach
+clients and exits with WORKER_LOST_EXIT_CODE: a step blocked in a collective with a dead peer
+can never finish and cannot be interrupted. JAX's own heartbeat (`heartbeat_timeout_seconds`,
+set longer) is the backstop that ends any process whose peers vanished, workers included.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Cluster:
     num_processes: int
     process_id: int
     worker_timeout_s: float = 10.0  # a worker silent this long is lost
+    step_timeout_s: float = 120.0  # a step not completed after this long: a worker is lost
 
     def __post_init__(self) -> None:
         host, _, port = self.coordinator_address.rpartition(":")
@@ -83,6 +85,8 @@ class Cluster:
             raise ValueError(f"process_id must be in [0, {self.num_processes})")
         if self.worker_timeout_s <= 0:
             raise ValueError("worker_timeout_s must be > 0")
+        if self.step_timeout_s <= 0:
+            raise ValueError("step_timeout_s must be > 0")
 
     @property
     def is_leader(self) -> bool:
@@ -188,6 +192,7 @@ class Leader:
         self.cluster = cluster
         self._client = client if client is not None else _client()
         self._num_sent = 0
+        self._step_sent_s: float | None = None  # monotonic time of the step in flight
         self._stopped = threading.Event()
 
     def lead(self, engine: AsyncEngine) -> None:
@@ -197,6 +202,10 @@ class Leader:
 
     def send(self, bucket: Bucket, inputs: HostInputs, *, scored: bool) -> None:
         self._put(encode_step(bucket, inputs, scored=scored))
+        self._step_sent_s = time.monotonic()
+
+    def completed(self) -> None:
+        self._step_sent_s = None
 
     def stop(self) -> None:
         """Tell every worker to return, and stop watching them (they stop beating)."""
@@ -230,12 +239,16 @@ class Leader:
         return thread
 
     def _wait_for_lost_worker(self) -> str | None:
-        """Poll the heartbeats until one stands still too long (its reason) or `stop`."""
-        timeout_s = self.cluster.worker_timeout_s
+        """Poll the heartbeats and the step in flight until one stands still too long (the
+        reason) or `stop`."""
+        timeout_s, step_timeout_s = self.cluster.worker_timeout_s, self.cluster.step_timeout_s
         now = time.monotonic()
         seen = {i: (self._beat_of(i), now) for i in range(1, self.cluster.num_processes)}
         while not self._stopped.wait(self.cluster.heartbeat_s):
             now = time.monotonic()
+            step_sent_s = self._step_sent_s
+            if step_sent_s is not None and now - step_sent_s > step_timeout_s:
+                return f"a step has not completed in {step_timeout_s:g} s"
             for worker, (beat, since) in seen.items():
                 latest = self._beat_of(worker)
                 if latest != beat:
@@ -255,15 +268,17 @@ def follow(runner: Runner, client: Any = None) -> int:
     """A worker's loop: run every step process 0 broadcasts, in order, until STOP (then 0).
     An error from the store other than an idle wait's deadline ends the process."""
     client = client if client is not None else _client()
+    structures: dict[tuple[Bucket, bool], Any] = {}  # built once per bucket, not per step
     num_received = 0
     while True:
         header, arrays = decode(_next_message(client, _STEP_KEY.format(num_received)))
         num_received += 1
         if header["op"] == "stop":
             return 0
-        bucket = Bucket(*header["bucket"])
-        structure = runner.input_structure(bucket, with_penalties=header["penalties"])
-        runner.run_inputs(jax.tree.unflatten(structure, arrays), scored=header["scored"])
+        key = (Bucket(*header["bucket"]), header["penalties"])
+        if key not in structures:
+            structures[key] = runner.input_structure(key[0], with_penalties=key[1])
+        runner.run_inputs(jax.tree.unflatten(structures[key], arrays), scored=header["scored"])
 
 
 def _next_message(client: Any, key: str) -> bytes:

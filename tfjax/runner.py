@@ -60,9 +60,12 @@ HostInputs = tuple[StepInput, SamplingInput, PenaltyInput | None, np.ndarray]
 
 
 class StepBroadcast(Protocol):
-    """Where process 0 sends each step's inputs before running them (`tfjax.distributed`)."""
+    """Where process 0 sends each step's inputs before running them, and says when the step
+    has completed (`tfjax.distributed`: a step that never completes is a lost worker)."""
 
     def send(self, bucket: Bucket, inputs: HostInputs, *, scored: bool) -> None: ...
+
+    def completed(self) -> None: ...
 
 
 @partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
@@ -230,9 +233,13 @@ class Runner:
     ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         inputs = self.host_inputs(bucket, prefill, decode)
-        if self.lockstep is not None:
-            self.lockstep.send(bucket, inputs, scored=scored)
-        return self.run_inputs(inputs, scored=scored)
+        if self.lockstep is None:
+            return self.run_inputs(inputs, scored=scored)
+        self.lockstep.send(bucket, inputs, scored=scored)
+        # The engine reads the tokens at once anyway; waiting here tells the watchdog.
+        result = jax.block_until_ready(self.run_inputs(inputs, scored=scored))
+        self.lockstep.completed()
+        return result
 
     def run_inputs(
         self, inputs: HostInputs, *, scored: bool = False

@@ -68,12 +68,13 @@ class MemoryStore:
             return self.values[key]
 
 
-def cluster(worker_timeout_s: float = 10.0) -> Cluster:
+def cluster(worker_timeout_s: float = 10.0, step_timeout_s: float = 120.0) -> Cluster:
     return Cluster(
         coordinator_address="127.0.0.1:1",
         num_processes=2,
         process_id=0,
         worker_timeout_s=worker_timeout_s,
+        step_timeout_s=step_timeout_s,
     )
 
 
@@ -163,14 +164,39 @@ def test_watchdog_fails_the_run_when_a_worker_goes_silent() -> None:
     assert 0.4 < time.monotonic() - start < 5
 
 
-def test_watchdog_keeps_quiet_while_workers_beat_and_after_stop() -> None:
+def test_watchdog_fails_the_run_when_a_step_never_completes(weights) -> None:
+    """The worker still beats (alive but wedged): the step in flight gives it away."""
     store = MemoryStore()
-    leader = Leader(cluster(worker_timeout_s=0.4), client=store)
+    leader = Leader(cluster(worker_timeout_s=0.4, step_timeout_s=0.6), client=store)
+    runner = Runner(TINY, weights, CONFIG, num_pages=NUM_PAGES, max_model_len=MAX_LEN)
+    lost: list[str] = []
     exits: list[int] = []
-    watchdog = leader.watch(lambda _: None, exit_process=exits.append)
-    for beat in range(12):  # 1.2 s of beats, three timeouts
+    watchdog = leader.watch(lost.append, exit_process=exits.append)
+    leader.send(Bucket(0, 1), runner.host_inputs(Bucket(0, 1), [], []), scored=False)
+    for beat in range(30):
         store.key_value_set("tfjax/alive/1", str(beat), allow_overwrite=True)
         time.sleep(0.1)
+        if exits:
+            break
+    watchdog.join(timeout=5)
+    assert exits == [WORKER_LOST_EXIT_CODE]
+    assert lost == ["a step has not completed in 0.6 s"]
+
+
+def test_watchdog_keeps_quiet_while_workers_beat_and_after_stop(weights) -> None:
+    """Steps that complete, however many, and beats that keep coming never trip it."""
+    store = MemoryStore()
+    leader = Leader(cluster(worker_timeout_s=0.4, step_timeout_s=0.3), client=store)
+    inputs = Runner(TINY, weights, CONFIG, num_pages=NUM_PAGES, max_model_len=MAX_LEN).host_inputs(
+        Bucket(0, 1), [], []
+    )
+    exits: list[int] = []
+    watchdog = leader.watch(lambda _: None, exit_process=exits.append)
+    for beat in range(12):  # 1.2 s of beats and steps, three timeouts of each
+        store.key_value_set("tfjax/alive/1", str(beat), allow_overwrite=True)
+        leader.send(Bucket(0, 1), inputs, scored=False)
+        time.sleep(0.1)
+        leader.completed()
     leader.stop()
     watchdog.join(timeout=5)
     assert not watchdog.is_alive()

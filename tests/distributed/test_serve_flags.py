@@ -32,6 +32,8 @@ def test_one_process_needs_no_coordinator() -> None:
          "process_id must be in [0, 2)"),
         (["--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
           "--worker-timeout-s", "0"], "worker_timeout_s must be > 0"),
+        (["--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+          "--step-timeout-s", "0"], "step_timeout_s must be > 0"),
     ],
 )  # fmt: skip
 def test_bad_multihost_flags_are_user_errors(argv: list[str], message: str) -> None:
