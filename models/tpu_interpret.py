@@ -2,8 +2,8 @@
 
 `--attention-backend tpu` on a host without a TPU, and the tests, run the real Mosaic kernel
 (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`) in the TPU interpreter rather than
-a stand-in, so what is checked on CPU is the code a TPU runs. Two things stand in the way,
-and `interpreted_tpu_kernels()` handles both for the calls traced under it:
+a stand-in, so what is checked on CPU is the code a TPU runs. Three things stand in the way,
+and `interpreted_tpu_kernels()` handles them for the calls traced under it:
 
 * The kernel has no `interpret` argument: the interpreter is chosen by
   `pltpu.force_tpu_interpret_mode`.
@@ -12,9 +12,11 @@ and `interpreted_tpu_kernels()` handles both for the calls traced under it:
   attribute 'indices'" in jax 0.10). Such a load is served by reading the view before the
   reshape and applying the reshape and the indices after it in numpy: the same values, as a
   ref reshape only renames a contiguous buffer's elements.
+* For 16-bit caches the kernel reads its pages through `ref.bitcast(jnp.uint32)`, which
+  the interpreter cannot read either. A bitcast is served the same way, with the TPU's meaning
+  of a width change (pairs of rows on the second-minor axis become one 32-bit row;
+  `jax._src.state.utils.bitcast`), so bfloat16 caches run interpreted too.
 
-Float32 only: for 16-bit caches the kernel also bitcasts its refs (`ref.bitcast`), which the
-interpreter cannot read either; bf16 runs on a TPU only (scripts/gpu_check.sh's tpu section).
 The tuned block sizes need a TPU generation, so callers pass explicit ones
 (`INTERPRET_BLOCKS`): one query per block, because the interpreter's masked store checks
 bounds on the first axis only (`in_bounds_mask[in_bounds_shape[i]:]` for every axis i) and
@@ -31,7 +33,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpreter
-from jax._src.state.types import ReshapeTransform
+from jax._src.state.types import BitcastTransform, ReshapeTransform
 from jax.experimental.pallas import tpu as pltpu
 
 INTERPRET_BLOCKS = {"num_kv_pages_per_block": 1, "num_queries_per_block": 1}
@@ -50,12 +52,33 @@ def _index(indexer) -> tuple[int | slice, ...]:
     return tuple(out)
 
 
-def _get_through_reshape(
+def _tpu_bitcast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A ref bitcast as a TPU reads it: a width change packs or splits the second-minor axis
+    (`jax._src.state.utils.bitcast`), e.g. bfloat16 [2R, C] -> uint32 [R, C], row 2r in the
+    low half of word r."""
+    dtype = np.dtype(dtype)
+    ratio = dtype.itemsize // value.itemsize if dtype.itemsize > value.itemsize else 0
+    if ratio:  # narrower -> wider: pairs of rows become one
+        *lead, rows, cols = value.shape
+        grouped = value.reshape(*lead, rows // ratio, ratio, cols).swapaxes(-1, -2)
+        return np.ascontiguousarray(grouped).view(dtype)[..., 0]
+    if dtype.itemsize < value.itemsize:  # wider -> narrower: one row becomes several
+        split = np.ascontiguousarray(value)[..., None].view(dtype)
+        *lead, rows, cols, ratio = split.shape
+        return split.swapaxes(-1, -2).reshape(*lead, rows * ratio, cols)
+    return value.view(dtype)
+
+
+_VIEWS = (ReshapeTransform, BitcastTransform)
+
+
+def _get_through_views(
     token, device_id, local_core_id, memory_space, buffer_id, transforms, *args, **kwargs
 ):
-    """The interpreter's `get`, which also reads through a ref reshape (see module doc)."""
+    """The interpreter's `get`, which also reads through a ref reshape or bitcast (see module
+    doc)."""
     transforms = tuple(transforms)
-    cut = next((i for i, t in enumerate(transforms) if isinstance(t, ReshapeTransform)), None)
+    cut = next((i for i, t in enumerate(transforms) if isinstance(t, _VIEWS)), None)
     if cut is None:
         return _original_get(
             token, device_id, local_core_id, memory_space, buffer_id, transforms, *args, **kwargs
@@ -63,17 +86,19 @@ def _get_through_reshape(
     token, whole = _original_get(
         token, device_id, local_core_id, memory_space, buffer_id, transforms[:cut], *args, **kwargs
     )
-    value = np.asarray(whole).reshape(transforms[cut].shape)
-    for transform in transforms[cut + 1 :]:
+    value = np.asarray(whole)
+    for transform in transforms[cut:]:
         if isinstance(transform, ReshapeTransform):
             value = value.reshape(transform.shape)
+        elif isinstance(transform, BitcastTransform):
+            value = _tpu_bitcast(value, transform.dtype)
         else:
             value = value[_index(transform)]
     return token, np.ascontiguousarray(value)
 
 
 # DMAs call the undecorated reader (`get.__wrapped__`); their transforms are plain indices.
-_get_through_reshape.__wrapped__ = _original_get.__wrapped__
+_get_through_views.__wrapped__ = _original_get.__wrapped__
 
 
 @contextlib.contextmanager
@@ -83,6 +108,6 @@ def interpreted_tpu_kernels() -> Iterator[None]:
     Tracing happens inside (the first call of a jitted function, or an eager call); the
     compiled interpreter calls the reader when run, so the reader stays installed for the
     life of the process once installed (it only adds a case the original raised on)."""
-    _interpreter.get = _get_through_reshape
+    _interpreter.get = _get_through_views
     with pltpu.force_tpu_interpret_mode():
         yield

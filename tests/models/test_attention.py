@@ -8,8 +8,8 @@ TPU kernel in the Pallas TPU interpreter (`models.tpu_interpret`), for every hea
 the models tfjax loads.
 
 On a GPU (`scripts/gpu_check.sh`) the same tests run the Triton kernel compiled, at the dtype
-in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default); the interpreted TPU kernel
-reads float32 caches only and is skipped at 16 bits.
+in $TFJAX_ATTENTION_DTYPE (bfloat16 there; float32 by default); both interpreted kernels are
+also checked at bfloat16 on CPU.
 """
 
 from __future__ import annotations
@@ -23,17 +23,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention
+from models import attention, tpu_interpret
 from models.attention import QUERY_TILE, AttentionBatch, backend_for
 
 HEAD_DIM = 16
 DTYPE = jnp.dtype(os.environ.get("TFJAX_ATTENTION_DTYPE", "float32"))
-# float32 agrees to rounding; bfloat16 outputs (|o| < 4) to a few of its 8 mantissa bits.
-ATOL = 2e-5 if DTYPE.itemsize == 4 else 4e-2
+
+
+def _atol(dtype: jnp.dtype) -> float:
+    """float32 agrees to rounding; bfloat16 outputs (|o| < 4) to a few of its 8 mantissa
+    bits."""
+    return 2e-5 if jnp.dtype(dtype).itemsize == 4 else 4e-2
+
+
+ATOL = _atol(DTYPE)
 
 
 def _batch(
-    rng, page_size: int, kv_heads: int, groups: int, *, decode_lens, prefill, head_dim=HEAD_DIM
+    rng,
+    page_size: int,
+    kv_heads: int,
+    groups: int,
+    *,
+    decode_lens,
+    prefill,
+    head_dim=HEAD_DIM,
+    dtype=DTYPE,
 ):
     """A cache of random K/V, one row table per request, and the flat query batch.
 
@@ -68,7 +83,7 @@ def _batch(
         num_tiles=num_tiles,
     )
     t = num_tiles * QUERY_TILE + len(decode_lens)
-    q = jnp.asarray(rng.normal(size=(t, kv_heads * groups, head_dim)), DTYPE)
+    q = jnp.asarray(rng.normal(size=(t, kv_heads * groups, head_dim)), dtype)
     slots_kv = rng.normal(size=(2, num_pages * page_size, kv_heads, head_dim))
     return batch, q, jnp.asarray(slots_kv, jnp.float32), num_pages
 
@@ -94,21 +109,23 @@ def _run(backend, q, batch, layer, kv_heads: int):
     return jax.jit(partial(backend.attend, kv_heads=kv_heads))(q, layer, batch)
 
 
-def _check(name: str, rng, page_size: int, kv_heads: int, groups: int, spec, **kw) -> None:
+def _check(
+    name: str, rng, page_size: int, kv_heads: int, groups: int, spec, dtype=DTYPE, **kw
+) -> None:
     """Backend `name` (its Pallas kernel interpreted on CPU) against the reference."""
-    batch, q, slots_kv, num_pages = _batch(rng, page_size, kv_heads, groups, **spec, **kw)
+    batch, q, slots_kv, num_pages = _batch(
+        rng, page_size, kv_heads, groups, **spec, dtype=dtype, **kw
+    )
     reference = backend_for("reference")
     want = _run(
         reference, q, batch, _cache(reference, slots_kv, num_pages, page_size, q.dtype), kv_heads
     )
-    if attention.needs_interpreter(name) and DTYPE.itemsize < 4:
-        pytest.skip(f"the interpreted {name} kernel reads float32 caches only")
     backend = backend_for(name)  # the real kernel, interpreted where its accelerator is absent
     got = _run(
         backend, q, batch, _cache(backend, slots_kv, num_pages, page_size, q.dtype), kv_heads
     )
     valid = _valid(batch)
-    np.testing.assert_allclose(_f32(got)[valid], _f32(want)[valid], atol=ATOL)
+    np.testing.assert_allclose(_f32(got)[valid], _f32(want)[valid], atol=_atol(dtype))
     assert np.isfinite(np.asarray(got)).all(), "padding rows must stay finite"
 
 
@@ -149,6 +166,30 @@ def test_kernels_take_every_model_head_layout(name, heads, kv_heads, head_dim) -
     tiled")."""
     rng = np.random.default_rng(heads + head_dim)
     _check(name, rng, 16, kv_heads, heads // kv_heads, SMALL, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("name", ["gpu", "tpu"])
+def test_interpreted_kernels_read_bfloat16_caches(name) -> None:
+    """SmolLM2's layout at bfloat16 through the real kernels in their interpreters (the TPU
+    kernel reads 16-bit pages through a ref bitcast, `models.tpu_interpret`)."""
+    _check(name, np.random.default_rng(73), 16, 3, 3, SMALL, head_dim=64, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 6, 5)])
+@pytest.mark.parametrize("pair", [("bfloat16", "uint32"), ("uint32", "bfloat16")])
+def test_the_interpreters_ref_bitcast_is_jaxs(shape, pair) -> None:
+    """`models.tpu_interpret`'s numpy bitcast against JAX's own TPU bitcast semantics."""
+    from jax._src.state.utils import bitcast
+
+    src, dst = (jnp.dtype(d) for d in pair)
+    rows = shape[-2] * (2 if src.itemsize < dst.itemsize else 1)  # whole words either way
+    bits = np.dtype(f"uint{8 * src.itemsize}")
+    words = np.random.default_rng(1).integers(0, np.iinfo(bits).max, (*shape[:-2], rows, shape[-1]))
+    value = words.astype(bits).view(src)  # any bit pattern: compared bit for bit
+    want = np.asarray(bitcast(jnp.asarray(value), dst))
+    got = tpu_interpret._tpu_bitcast(value, dst)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 def test_decode_only_and_prefill_only_batches() -> None:
