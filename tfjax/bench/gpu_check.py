@@ -6,7 +6,7 @@ first, then speed against physical floors, then one JSON verdict and an exit cod
 Sections, each a record in DIR/gpu_check.json:
     attention  tests/models/test_attention.py at bfloat16: every backend against the dense
                reference on mixed lengths, with the real kernels (Triton on the GPU; the TPU
-               kernel interpreted, float32 only, so it is skipped at bfloat16 there).
+               kernel interpreted).
     engine     greedy tokens of a tiny random float32 model through the engine and a swap
                storm (random preemptions to the host tier and resumes): the gpu backend must
                give the reference backend's tokens exactly.
