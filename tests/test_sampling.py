@@ -21,6 +21,8 @@ def params(temperature, top_k, top_p, seed) -> SamplingInput:
         min_p=jnp.zeros(n, jnp.float32),
         seed=jnp.asarray(seed, jnp.uint32),
         output_index=jnp.arange(n, dtype=jnp.int32),
+        allowed=jnp.full((n, -(-VOCAB // 32)), -1, jnp.int32),
+        constrained=jnp.zeros(n, bool),
     )
 
 

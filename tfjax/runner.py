@@ -133,6 +133,11 @@ class Runner:
         self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
+        self.num_mask_words = -(-cfg.vocab_size // 32)  # the sampler's packed grammar mask
+        # Device-resident all-ones masks per row count: steps without a grammar send none.
+        self._all_allowed: dict[int, jax.Array] = {}
+        self.mask_s = 0.0  # host seconds spent filling grammar masks (structured outputs)
+        self.num_masked_steps = 0
         self.prefill_token_s = 1e-3
 
     def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
@@ -155,7 +160,7 @@ class Runner:
         """Run `bucket` on padding and sample with every sampler variant (with and without
         penalties, scored or not), so each is compiled for the very inputs serving gives it."""
         logits_NxV, sampling, _ = self._logits(bucket, [], [])
-        pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
+        pad = PenaltyInput.neutral(len(sampling.temperature), self.max_model_len)
         penalties = jax.device_put(pad, self._input_sharding)
         return [
             variant(logits_NxV, sampling, p)
@@ -240,7 +245,7 @@ class Runner:
         kv_lens_R = np.ones(num_rows, np.int32)  # pad rows see one (pad) key: no empty softmax
         q_lens_R = np.zeros(num_rows, np.int32)
         last_N = np.zeros(num_out, np.int32)
-        sampling = _SamplingRows(num_out, self.max_model_len)
+        sampling = _SamplingRows(num_out, self.max_model_len, self.num_mask_words)
 
         def put(row: int, first: int, request: Request, start: int, n: int) -> None:
             """Row `row` holds tokens start..start+n of `request` at flat index `first`.."""
@@ -276,16 +281,28 @@ class Runner:
                 page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
             ),
         )
-        inputs = (step, sampling.arrays(), sampling.penalties(), last_N)
-        return jax.device_put(inputs, self._input_sharding)
+        if sampling.mask_s:
+            self.mask_s += sampling.mask_s
+            self.num_masked_steps += 1
+        inputs = (step, sampling.arrays(self._all_allowed_mask(num_out)), sampling.penalties())
+        return jax.device_put((*inputs, last_N), self._input_sharding)
+
+    def _all_allowed_mask(self, num_rows: int) -> jax.Array:
+        """The all-ones grammar mask of `num_rows` rows, on the device once (the step's
+        `device_put` leaves an array already in place)."""
+        if num_rows not in self._all_allowed:
+            ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
+            self._all_allowed[num_rows] = jax.device_put(ones, self._input_sharding)
+        return self._all_allowed[num_rows]
 
 
 class _SamplingRows:
     """Host arrays of per-row sampling parameters; pad rows are greedy. The penalty arrays
-    (`tfjax.logits.PenaltyInput`, histories `history_len` wide) are only allocated once a row
-    needs them, so batches without bias or penalties build and send none."""
+    (`tfjax.logits.PenaltyInput`, histories `history_len` wide) and the grammar mask
+    (`num_mask_words` wide) are only allocated once a row needs them, so batches without bias,
+    penalties or grammars build and send none."""
 
-    def __init__(self, n: int, history_len: int) -> None:
+    def __init__(self, n: int, history_len: int, num_mask_words: int) -> None:
         self.temperature = np.zeros(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
         self.top_p = np.ones(n, np.float32)
@@ -294,6 +311,10 @@ class _SamplingRows:
         self.index = np.zeros(n, np.int32)
         self.history_len = history_len
         self._penalties: PenaltyInput | None = None
+        self.num_mask_words = num_mask_words
+        self.constrained = np.zeros(n, np.bool_)
+        self._allowed: np.ndarray | None = None  # [n, num_mask_words] int32 once a row needs it
+        self.mask_s = 0.0  # time spent filling grammar masks
 
     def set(self, row: int, request: Request) -> None:
         params = request.sampling
@@ -305,6 +326,13 @@ class _SamplingRows:
         self.index[row] = request.num_output_tokens
         if params.has_penalties:
             self._set_penalties(row, request)
+        if request.grammar is not None:
+            start = time.perf_counter()
+            if self._allowed is None:
+                self._allowed = np.full((len(self.constrained), self.num_mask_words), -1, np.int32)
+            request.grammar.fill_bitmask(self._allowed[row])
+            self.constrained[row] = True
+            self.mask_s += time.perf_counter() - start
 
     def _set_penalties(self, row: int, request: Request) -> None:
         p = self.penalty_arrays()
@@ -331,7 +359,8 @@ class _SamplingRows:
             self._penalties = PenaltyInput.neutral(len(self.temperature), self.history_len)
         return self._penalties
 
-    def arrays(self) -> SamplingInput:
+    def arrays(self, all_allowed: jax.Array) -> SamplingInput:
+        """The rows' inputs; `all_allowed` is the mask sent when no row has a grammar."""
         return SamplingInput(
             temperature=self.temperature,
             top_k=self.top_k,
@@ -339,4 +368,6 @@ class _SamplingRows:
             min_p=self.min_p,
             seed=self.seed,
             output_index=self.index,
+            allowed=all_allowed if self._allowed is None else self._allowed,
+            constrained=self.constrained,
         )
