@@ -4,8 +4,9 @@
 never builds one, so tests run it against a fake engine and `serving.serve_cmd` against the real
 one. A generation request goes: decode and validate the body (`serving.protocol`), check the
 model name, tokenize (chat: through the model's chat template), check the context length,
-`engine.submit` (its errors become 429/400/503 before anything is sent), then stream the deltas
-as SSE events or collect them into one JSON response.
+compile a structured-output constraint (`serving.constraints`), `engine.submit` (its errors
+become 429/400/503 before anything is sent), then stream the deltas as SSE events or collect
+them into one JSON response.
 
 Every admitted request ends in `_Server._end`, called from a `finally` around sending its
 response: it aborts the engine request unless the engine already finished it, counts the finish
@@ -49,6 +50,7 @@ from starlette.types import Message, Receive, Scope, Send
 from serving import protocol as p
 from serving import responses
 from serving.auth import ApiKeyAuth
+from serving.constraints import GrammarCompiler
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
@@ -213,6 +215,7 @@ class _Server:
         self.max_request_bytes = max_request_bytes
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self._live: set[str] = set()  # ids of requests submitted and not yet ended
+        self.grammars = GrammarCompiler(engine.tokenizer)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -318,6 +321,8 @@ class _Server:
             max_model_len=self.engine.max_model_len,
             default_max_tokens=None if chat else p.COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
+        if options.constraint is not None:
+            sampling = replace(sampling, grammar=await self.grammars.compile(options.constraint))
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
 

@@ -15,7 +15,8 @@ reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the serve
 when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, and vLLM's
 `stop_token_ids`, `repetition_penalty` and `min_p`. `logprobs` is a count of alternatives on
 /v1/completions (0-5) and a boolean with `top_logprobs` (0-20) on chat: both become
-`SamplingParams.logprobs`.
+`SamplingParams.logprobs`. Structured outputs (`response_format`, vLLM's `guided_json`,
+`guided_regex`, `guided_choice`) are parsed by `serving.constraints`.
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 """
 
@@ -26,6 +27,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from serving import constraints
 from serving.errors import bad_request
 from tfjax.logits import MAX_LOGIT_BIAS
 from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
@@ -44,7 +46,7 @@ HONOURED_FIELDS = frozenset(
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
         "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
-        "n",
+        "n", *constraints.FIELDS,
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
@@ -54,7 +56,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (),
@@ -73,9 +74,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prompt_cache_options": (),
     # vLLM's extensions
     "min_tokens": (0,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
     "prompt_logprobs": (0,),
@@ -136,6 +134,7 @@ class GenerateOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; else this many top alternatives per token
     n: int = 1  # choices, each its own engine request
+    constraint: constraints.Constraint | None = None  # structured output (`serving.constraints`)
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -334,6 +333,7 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         priority=priority or 0,
         logit_bias=_parse_logit_bias(body.get("logit_bias")),
         n=n or 1,
+        constraint=constraints.parse_constraint(body),
         **penalties,
     )
 

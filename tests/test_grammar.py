@@ -9,14 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.loaders import safetensors
 from models.tokenizer import Tokenizer
 from tests.fakes import drive
 from tests.kv.test_offload import StormPolicy
@@ -32,31 +30,23 @@ from tfjax.request import FinishReason, Request, SamplingParams
 from tfjax.runner import Runner
 from tfjax.sched.fcfs import FcfsPolicy
 
-PAGE_SIZE = 8
-MAX_LEN = 128
-CONFIG = EngineConfig(page_size=PAGE_SIZE, prefill_token_budget=32, max_batch_size=8)
 WORDS = ["fox", "dog", "the quick", "lazy", 'say "hi"']
 KEYS = ["a", "name", "items", "n", "ok"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_qwen2_dir: Path) -> tuple[Runner, Tokenizer, GrammarTokenizer]:
-    """One warmed runner for every engine of the module (engines run one at a time and write
-    every page before reading it)."""
-    cfg, weights = safetensors.load(tiny_qwen2_dir, dtype="float32")
-    runner = Runner(cfg, weights, CONFIG, num_pages=128, max_model_len=MAX_LEN)
-    runner.warmup()
-    tokenizer = Tokenizer.from_hf_dir(tiny_qwen2_dir)
-    return runner, tokenizer, GrammarTokenizer(tokenizer)
+def model(tiny_qwen2_engine_parts) -> tuple[Runner, EngineConfig, Tokenizer, GrammarTokenizer]:
+    runner, config, tokenizer = tiny_qwen2_engine_parts
+    return runner, config, tokenizer, GrammarTokenizer(tokenizer)
 
 
 def make_engine(model, *, num_pages: int = 128, policy=None, offload: bool = False):
-    runner, tokenizer, _ = model
+    runner, config, tokenizer, _ = model
     io = None
     if offload:
         transfers = Transfers(runner.pages_sharding, max_bytes_in_flight=1 << 24)
-        io = Offload(host=HostTier(256, PAGE_SIZE), transfers=transfers, io=runner)
-    config = dataclasses.replace(CONFIG, num_pages=num_pages)
+        io = Offload(host=HostTier(256, config.page_size), transfers=transfers, io=runner)
+    config = dataclasses.replace(config, num_pages=num_pages)
     rec = Recorder()
     policy = policy or FcfsPolicy(chunked=True)
     return Engine(runner, tokenizer, config, policy, emit=rec, offload=io), rec
@@ -119,7 +109,7 @@ _SCHEMAS = st.recursive(
 def test_random_schemas_give_valid_json_at_temperature_one(model) -> None:
     """Every output that ends with "stop" parses and validates against its schema; outputs
     cut by max_tokens say "length". Each example runs four seeded requests in one batch."""
-    runner, tokenizer, grammars = model
+    _, _, tokenizer, grammars = model
     finishes = []
 
     @settings(
@@ -148,7 +138,7 @@ def test_random_schemas_give_valid_json_at_temperature_one(model) -> None:
 
 
 def test_a_constrained_row_leaves_its_neighbours_tokens_alone(model) -> None:
-    runner, tokenizer, grammars = model
+    _, _, tokenizer, grammars = model
     alone, alone_rec = make_engine(model)
     drive(alone, requests(tokenizer, 4, None))
     mixed, mixed_rec = make_engine(model)
@@ -167,7 +157,7 @@ def test_a_constrained_row_leaves_its_neighbours_tokens_alone(model) -> None:
 def test_preemption_keeps_a_constrained_requests_tokens(model, how: str) -> None:
     """A tight pool (recompute) or a preempt-and-load storm (swap) gives the tokens of a calm
     run: the matcher follows the output tokens, which preemption never drops."""
-    runner, tokenizer, grammars = model
+    _, _, tokenizer, grammars = model
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
@@ -191,7 +181,7 @@ def test_preemption_keeps_a_constrained_requests_tokens(model, how: str) -> None
 
 
 def test_regex_and_choice_grammars(model) -> None:
-    runner, tokenizer, grammars = model
+    _, _, tokenizer, grammars = model
     engine, rec = make_engine(model)
     choices = ["yes", "no", 'a "quoted" fox']
     batch = requests(tokenizer, 3, grammars.choice(choices))
@@ -206,7 +196,7 @@ def test_regex_and_choice_grammars(model) -> None:
 
 
 def test_a_schema_that_cannot_compile_is_a_value_error_naming_it(model) -> None:
-    _, _, grammars = model
+    *_, grammars = model
     with pytest.raises(ValueError, match="foo"):
         grammars.json_schema({"type": "foo"})
     with pytest.raises(ValueError, match="regex"):

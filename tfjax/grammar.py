@@ -51,11 +51,7 @@ class GrammarTokenizer:
     def json_schema(self, schema: dict[str, Any]) -> Grammar:
         """Output that validates against `schema`; a ValueError names what cannot compile."""
         source = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-        return Grammar(self, source, f"JSON schema {json.dumps(schema)[:80]}")
-
-    def json_object(self) -> Grammar:
-        """Any JSON object (OpenAI's `json_object` response format)."""
-        return self.json_schema({"type": "object"})
+        return Grammar(self, source, "JSON schema")
 
     def regex(self, pattern: str) -> Grammar:
         return Grammar(self, llguidance.LLMatcher.grammar_from_regex(pattern), f"regex {pattern}")
