@@ -11,7 +11,7 @@ them into one JSON response.
 Every admitted request ends in `_Server._end`, called from a `finally` around sending its
 response: it aborts the engine request unless the engine already finished it, counts the finish
 reason and logs one line. The engine request is therefore aborted and its pages freed however
-the response ends: a client disconnect (raced against the body by `_until_disconnected`, so a
+the response ends: a client disconnect (raced against the body by `until_disconnected`, so a
 request still waiting in the queue is aborted too, not only one that is writing), a
 cancellation, or a server error. It does not rely on the event generator's own `finally`, which
 never runs if the client leaves before the generator is first entered.
@@ -33,40 +33,38 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
-from serving import responses
+from serving import rendering, responses
 from serving.auth import ApiKeyAuth
 from serving.constraints import GrammarCompiler
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
     APIError,
-    bad_request,
     from_engine_error,
+    from_final_delta,
     model_not_found,
-    payload_too_large,
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
+from serving.tools import ToolCallStream, split_answer
+from serving.transport import EventStream, read_body, until_disconnected
 from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource, RequestStream
 from tfjax.request import FinishReason
 
 logger = logging.getLogger("tfjax.requests")
-T = TypeVar("T")
 
 _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 _ROLE_DELTA = {"role": "assistant", "content": ""}
@@ -76,18 +74,8 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # ~1M tokens of prompt ids as JSON: more th
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 
 
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str: ...
-
-
 class ServedEngine(EngineClient, Protocol):
-    tokenizer: Tokenizer
+    tokenizer: rendering.Tokenizer
 
 
 @dataclass(slots=True)
@@ -108,6 +96,7 @@ class _Call:
     final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
     text_offset: int = 0  # completions logprobs: characters of token text already sent
     index: int = 0  # the choice this call answers
+    tool_calls: ToolCallStream | None = None  # chat with tools: splits calls from the content
 
 
 @dataclass(slots=True)
@@ -287,11 +276,11 @@ class _Server:
                 self._end(call)
 
         if choices.calls[0].sse:
-            return _EventStream(
+            return EventStream(
                 self._events(choices), on_close=end, idle_timeout_s=self.stream_idle_timeout_s
             )
         try:
-            response = await _until_disconnected(request.receive, lambda: self._collect(choices))
+            response = await until_disconnected(request.receive, lambda: self._collect(choices))
         finally:
             end()
         return response or Response(status_code=_CLIENT_GONE)
@@ -300,7 +289,7 @@ class _Server:
         """Validate, tokenize and submit choice 0; every failure here is an `APIError` (nothing
         queued). Choice i > 0 samples with seed + i, so a seeded request is reproducible and
         its choices differ."""
-        body = p.decode_body(await _read_body(request, self.max_request_bytes))
+        body = p.decode_body(await read_body(request, self.max_request_bytes))
         if chat:
             messages, options = p.parse_chat(body)
         else:
@@ -311,10 +300,11 @@ class _Server:
             raise unavailable("The server is shutting down.")
         if not self.engine.is_healthy:
             raise unavailable("The engine is not ready or has stopped.")
+        tokenizer = self.engine.tokenizer
         if chat:
-            prompt_ids = self.engine.tokenizer.encode(self._chat_prompt(messages))
+            prompt_ids = rendering.chat_prompt_ids(tokenizer, messages, options.tools)
         else:
-            prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            prompt_ids = rendering.completion_prompt_ids(tokenizer, prompt)
         sampling = p.sampling_params(
             options,
             num_prompt_tokens=len(prompt_ids),
@@ -351,6 +341,7 @@ class _Server:
                 submit_s=submit_s,
                 num_prompt_tokens=len(prompt_ids),
                 index=index,
+                tool_calls=None if options.tools is None else ToolCallStream(),
             )
 
         try:
@@ -358,14 +349,6 @@ class _Server:
         except EngineError as err:
             raise from_engine_error(err) from None
         return _Choices([first], options.n, submit)
-
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        try:
-            return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as err:  # the model's Jinja template may reject any conversation
-            raise bad_request(
-                f"The chat template rejected the messages: {err}", "messages"
-            ) from None
 
     async def _choice_deltas(self, choices: _Choices) -> AsyncGenerator[tuple[_Call, Delta], None]:
         """Every choice's deltas as they come; submits the later choices on choice 0's first
@@ -470,7 +453,7 @@ class _Server:
         )
 
     async def _events(self, choices: _Choices) -> AsyncGenerator[bytes, None]:
-        """SSE events of one request, [DONE] last; `_EventStream` closes it. Every choice's
+        """SSE events of one request, [DONE] last; `EventStream` closes it. Every choice's
         finish chunk comes at the end, in index order."""
         first = choices.calls[0]
         h = first.header
@@ -482,9 +465,17 @@ class _Server:
                     yield responses.sse_event(
                         responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
                     )
-                if delta.text or delta.logprobs:
+                text, calls = delta.text, []
+                if call.tool_calls is not None:
+                    text, calls = call.tool_calls.push(text)
+                if text or delta.logprobs:
                     tokens = self._token_texts(delta)
-                    yield responses.sse_event(_text_chunk(call, delta.text, None, tokens))
+                    yield responses.sse_event(_text_chunk(call, text, None, tokens))
+                if calls:
+                    delta_calls = {"tool_calls": calls}
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, delta_calls, None, None, call.index)
+                    )
         failure = _choices_failure(choices)
         if failure is not None:
             yield responses.sse_event(failure.payload())
@@ -494,8 +485,11 @@ class _Server:
                     yield responses.sse_event(
                         responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
                     )
-                reason = _FINISH_REASONS[call.final.finish_reason]
-                yield responses.sse_event(_text_chunk(call, "", reason))
+                rest = call.tool_calls.flush() if call.tool_calls is not None else ""
+                if rest:
+                    yield responses.sse_event(_text_chunk(call, rest, None))
+                num_calls = call.tool_calls.num_calls if call.tool_calls is not None else 0
+                yield responses.sse_event(_text_chunk(call, "", _finish_reason(call, num_calls)))
             if first.include_usage:
                 object_name = "chat.completion.chunk" if first.chat else "text_completion"
                 usage = responses.usage([c.final for c in choices.calls])
@@ -515,16 +509,17 @@ class _Server:
         first = choices.calls[0]
         usage = responses.usage([c.final for c in choices.calls])
         build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
-        choice = responses.chat_choice if first.chat else responses.completion_choice
-        body = [
-            choice(
-                i,
-                "".join(texts[i]),
-                _FINISH_REASONS[choices.calls[i].final.finish_reason],
-                build_logprobs(tokens[i]) if first.logprobs else None,
-            )
-            for i in range(choices.n)
-        ]
+
+        def choice(call: _Call) -> dict[str, Any]:
+            text, i = "".join(texts[call.index]), call.index
+            logprobs = build_logprobs(tokens[i]) if first.logprobs else None
+            if not call.chat:
+                return responses.completion_choice(i, text, _finish_reason(call), logprobs)
+            content, calls = (text, []) if call.tool_calls is None else split_answer(text)
+            reason = _finish_reason(call, len(calls))
+            return responses.chat_choice(i, content, reason, logprobs, calls)
+
+        body = [choice(call) for call in choices.calls]
         build = responses.chat_response if first.chat else responses.completion_response
         return JSONResponse(build(first.header, body, usage))
 
@@ -558,108 +553,28 @@ def _text_chunk(
     return responses.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
 
 
+def _finish_reason(call: _Call, num_tool_calls: int = 0) -> str:
+    """OpenAI's finish reason of a call that ended with stop or length: "tool_calls" for an
+    answer that stopped after calling tools."""
+    reason = _FINISH_REASONS[call.final.finish_reason]
+    return "tool_calls" if num_tool_calls and reason == "stop" else reason
+
+
 def _is_healthy(delta: Delta) -> bool:
     """The delta is output, or a stop/length finish: not an error or an abort."""
     return delta.error is None and delta.finish_reason in (None, *_FINISH_REASONS)
 
 
 def _choices_failure(choices: _Choices) -> APIError | None:
-    """The first failed choice's error (see `_failure`), or why a choice was never queued."""
+    """The first failed choice's error (`from_final_delta`), or why one was never queued."""
     for call in choices.calls:
-        failure = _failure(call.final)
+        failure = from_final_delta(call.final)
         if failure is not None:
             return failure
     if len(choices.calls) < choices.n:
         message = choices.error or "The first choice ended before the others were queued."
         return APIError(503, message, type=SERVER_ERROR)
     return None
-
-
-def _failure(final: Delta | None) -> APIError | None:
-    """Why a submitted request did not end with stop/length, or None if it did."""
-    if final is None:
-        return APIError(
-            500, "The engine ended the stream without a finish reason.", type=SERVER_ERROR
-        )
-    if final.error is not None or final.finish_reason is FinishReason.ERROR:
-        return APIError(
-            500, f"Generation failed: {final.error or 'engine error'}", type=SERVER_ERROR
-        )
-    if final.finish_reason is FinishReason.ABORT:
-        return APIError(
-            503, "The request was aborted by the server.", type=SERVER_ERROR, code="aborted"
-        )
-    return None
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that stops as soon as the client leaves, then calls `on_close`.
-
-    Starlette's StreamingResponse listens for `http.disconnect` only on ASGI spec < 2.4; on 2.4
-    it notices a gone client at its next write, which for a request still queued in the engine
-    may be minutes away.
-    """
-
-    def __init__(
-        self,
-        events: AsyncGenerator[bytes, None],
-        on_close: Callable[[], None],
-        idle_timeout_s: float | None,
-    ) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self._events = events
-        self._on_close = on_close
-        self._idle_timeout_s = idle_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_or_give_up(message: Message) -> None:
-            """uvicorn's send waits while the socket's buffers are full (flow control)."""
-            with anyio.fail_after(self._idle_timeout_s):
-                await send(message)
-
-        try:
-            await _until_disconnected(receive, lambda: self.stream_response(send_or_give_up))
-        except* OSError:  # a spec 2.4 server failing a write to a gone client
-            pass
-        except* TimeoutError:
-            logger.warning(
-                "dropped a stream whose client took no data for %s s", self._idle_timeout_s
-            )
-        finally:
-            await self._events.aclose()
-            self._on_close()
-
-
-async def _read_body(request: Request, limit_bytes: int) -> bytes:
-    """The whole body, or a 413 once it is known to exceed `limit_bytes` (from the declared
-    length before reading anything, else as the chunks arrive)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit_bytes:
-        raise payload_too_large(limit_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
-            raise payload_too_large(limit_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
-    """Run `work` unless the client disconnects first, in which case cancel it, return None."""
-    results: list[T] = []
-    async with anyio.create_task_group() as tasks:
-
-        async def run_work() -> None:
-            results.append(await work())
-            tasks.cancel_scope.cancel()
-
-        tasks.start_soon(run_work)
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the body was read already; nothing else may arrive before the disconnect
-        tasks.cancel_scope.cancel()
-    return results[0] if results else None
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

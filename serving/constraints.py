@@ -28,11 +28,11 @@ MAX_CHOICES = 256  # `guided_choice` options: beyond this a regex or an enum sch
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """A validated constraint: `kind` is "json_schema", "regex" or "choice"; `param` names
-    the body field it came from, for error messages."""
+    """A validated constraint: `kind` is "json_schema", "regex", "choice" or "lark" (forced
+    tool calls, `serving.tools`); `param` names the body field it came from, for errors."""
 
     kind: str
-    value: Any  # the schema (dict), the pattern (str) or the options (tuple of str)
+    value: Any  # the schema (dict), the pattern or grammar (str), the options (tuple of str)
     param: str
 
 
@@ -127,4 +127,6 @@ class GrammarCompiler:
             return self._grammars.json_schema(constraint.value)
         if constraint.kind == "regex":
             return self._grammars.regex(constraint.value)
+        if constraint.kind == "lark":
+            return self._grammars.lark(constraint.value)
         return self._grammars.choice(constraint.value)

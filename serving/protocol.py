@@ -29,6 +29,7 @@ from typing import Any
 
 from serving import constraints
 from serving.errors import bad_request
+from serving.tools import ToolRequest, parse_tools, template_message
 from tfjax.logits import MAX_LOGIT_BIAS
 from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -46,7 +47,7 @@ HONOURED_FIELDS = frozenset(
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
         "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
-        "n", *constraints.FIELDS,
+        "n", *constraints.FIELDS, "tools", "tool_choice", "parallel_tool_calls",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
@@ -56,9 +57,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (),
     "functions": ([],),
     "function_call": ("none",),
     "audio": (),
@@ -135,6 +133,7 @@ class GenerateOptions:
     logprobs: int | None = None  # None: none; else this many top alternatives per token
     n: int = 1  # choices, each its own engine request
     constraint: constraints.Constraint | None = None  # structured output (`serving.constraints`)
+    tools: ToolRequest | None = None  # chat only: tools the model may call (`serving.tools`)
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -180,6 +179,8 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt)
     ):
+        if parse_tools(body) is not None:
+            raise bad_request("'tools' is a chat option.", param="tools")
         if body.get("top_logprobs") is not None:
             raise bad_request(
                 "'top_logprobs' is a chat option: completions take 'logprobs': <count>.",
@@ -196,12 +197,26 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
     )
 
 
-def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], GenerateOptions]:
-    """Messages come back as `{"role", "content"}` with text parts joined into one string."""
+def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerateOptions]:
+    """Messages come back as `{"role", "content"}` with text parts joined into one string,
+    plus an assistant turn's `tool_calls` and a tool turn's `tool_call_id`."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list.", param="messages")
-    options = replace(_parse_options(body), logprobs=_parse_chat_logprobs(body))
+    options = _parse_options(body)
+    tools = parse_tools(body)
+    forced = tools.constraint() if tools else None
+    if forced is not None and options.constraint is not None:
+        raise bad_request(
+            f"'{options.constraint.param}' cannot be combined with a forced 'tool_choice'.",
+            param="tool_choice",
+        )
+    options = replace(
+        options,
+        logprobs=_parse_chat_logprobs(body),
+        tools=tools,
+        constraint=forced or options.constraint,
+    )
     return [_parse_message(m) for m in messages], options
 
 
@@ -338,7 +353,7 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
     )
 
 
-def _parse_message(message: object) -> dict[str, str]:
+def _parse_message(message: object) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise bad_request("Each message must be an object.", param="messages")
     role = message.get("role")
@@ -347,6 +362,7 @@ def _parse_message(message: object) -> dict[str, str]:
     content = message.get("content")
     if content is None and role == "assistant":  # an assistant turn that only made tool calls
         content = ""
+    extra = _parse_tool_turn(message)
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise bad_request("Only text content parts are supported.", param="messages")
@@ -357,7 +373,32 @@ def _parse_message(message: object) -> dict[str, str]:
         raise bad_request(
             "Message 'content' must be a string or a list of text parts.", param="messages"
         )
-    return {"role": role, "content": content}
+    return template_message({"role": role, "content": content, **extra})
+
+
+def _parse_tool_turn(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's `tool_calls` and a tool result's `tool_call_id`, checked."""
+    extra = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict)
+            and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), str)
+            for c in calls
+        ):
+            raise bad_request(
+                '\'tool_calls\' must be a list of {"function": {"name", "arguments"}}.',
+                param="messages",
+            )
+        extra["tool_calls"] = calls
+    call_id = message.get("tool_call_id")
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise bad_request("'tool_call_id' must be a string.", param="messages")
+        extra["tool_call_id"] = call_id
+    return extra
 
 
 def _parse_stop(stop: object) -> tuple[str, ...]:

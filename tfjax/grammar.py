@@ -1,10 +1,10 @@
 """Structured outputs: compiled grammars and the per-request matchers that mask the sampler.
 
 A `Grammar` is a constraint compiled once per API request, by llguidance (a maintained engine
-built for LLM token masks; we write no JSON-schema compiler): a JSON schema, any JSON object, a
-regular expression or a choice among strings. It rides in `SamplingParams.grammar`, and every
-`Request` built from those params gets its own `GrammarMatcher` (a copy of the compiled
-grammar's start state, so `n` choices never share one).
+built for LLM token masks; we write no JSON-schema compiler): a JSON schema, a regular
+expression, a choice among strings or a Lark grammar (forced tool calls). It rides in
+`SamplingParams.grammar`, and every `Request` built from those params gets its own
+`GrammarMatcher` (a copy of the compiled grammar's start state: `n` choices never share one).
 
 Each step the runner asks the matcher of every constrained row to fill that row of a packed
 bitmask (bit t of word t // 32 set: token t allowed), on the host; the jitted sampler sends
@@ -56,10 +56,13 @@ class GrammarTokenizer:
     def regex(self, pattern: str) -> Grammar:
         return Grammar(self, llguidance.LLMatcher.grammar_from_regex(pattern), f"regex {pattern}")
 
+    def lark(self, source: str) -> Grammar:
+        """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a JSON schema)."""
+        return Grammar(self, llguidance.LLMatcher.grammar_from_lark(source), "grammar")
+
     def choice(self, options: Sequence[str]) -> Grammar:
         """Exactly one of `options`, verbatim (vLLM's `guided_choice`: no JSON quotes)."""
-        lark = "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
-        return Grammar(self, llguidance.LLMatcher.grammar_from_lark(lark), "choice")
+        return self.lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
 
 
 class Grammar:
