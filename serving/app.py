@@ -33,9 +33,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
@@ -48,25 +48,31 @@ from starlette.routing import Route
 from serving import protocol as p
 from serving import rendering, responses
 from serving.auth import ApiKeyAuth
+from serving.calls import (
+    Call,
+    Choices,
+    choices_failure,
+    finish_name,
+    is_healthy,
+    text_chunk,
+)
 from serving.constraints import GrammarCompiler
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
     APIError,
     from_engine_error,
-    from_final_delta,
     model_not_found,
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
 from serving.tools import ToolCallStream, split_answer
 from serving.transport import EventStream, read_body, until_disconnected
-from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource, RequestStream
+from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource
 from tfjax.request import FinishReason
 
 logger = logging.getLogger("tfjax.requests")
 
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 _ROLE_DELTA = {"role": "assistant", "content": ""}
 _CLIENT_GONE = 499  # nginx's "client closed request": only ever seen by our status counter
 _DEEP_CHECK_TIMEOUT_S = 10.0  # /health?deep=1: the check waits for the current step
@@ -76,39 +82,6 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 
 class ServedEngine(EngineClient, Protocol):
     tokenizer: rendering.Tokenizer
-
-
-@dataclass(slots=True)
-class _Call:
-    """One admitted generation request, from submit to its last delta."""
-
-    header: responses.StreamHeader
-    chat: bool
-    sse: bool  # stream the answer as server-sent events
-    include_usage: bool
-    logprobs: bool  # the request asked for logprobs
-    source: RequestStream
-    submit_s: float  # time.monotonic()
-    num_prompt_tokens: int
-    num_output_tokens: int = 0
-    first_token_s: float | None = None
-    last_token_s: float | None = None
-    final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
-    text_offset: int = 0  # completions logprobs: characters of token text already sent
-    index: int = 0  # the choice this call answers
-    tool_calls: ToolCallStream | None = None  # chat with tools: splits calls from the content
-
-
-@dataclass(slots=True)
-class _Choices:
-    """The `n` calls answering one request, choice i in `calls[i]`. Only choice 0 is submitted
-    at admission; the others when its first delta shows its prompt prefilled, so that they
-    find the prompt's full pages in the prefix cache rather than prefill it again."""
-
-    calls: list[_Call]
-    n: int
-    submit: Callable[[int], _Call]  # submits choice i (raises `EngineError`)
-    error: str | None = None  # why a later choice could not be submitted
 
 
 def create_app(
@@ -285,7 +258,7 @@ class _Server:
             end()
         return response or Response(status_code=_CLIENT_GONE)
 
-    async def _admit(self, request: Request, *, chat: bool) -> _Choices:
+    async def _admit(self, request: Request, *, chat: bool) -> Choices:
         """Validate, tokenize and submit choice 0; every failure here is an `APIError` (nothing
         queued). Choice i > 0 samples with seed + i, so a seeded request is reproducible and
         its choices differ."""
@@ -316,7 +289,7 @@ class _Server:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
 
-        def submit(index: int) -> _Call:
+        def submit(index: int) -> Call:
             params = sampling
             if index and sampling.seed is not None:
                 params = replace(sampling, seed=(sampling.seed + index) % p.SEED_SPACE)
@@ -331,7 +304,7 @@ class _Server:
             )
             self._live.add(source.request_id)
             self._idle.clear()
-            return _Call(
+            return Call(
                 header=header,
                 chat=chat,
                 sse=options.stream,
@@ -348,9 +321,9 @@ class _Server:
             first = submit(0)
         except EngineError as err:
             raise from_engine_error(err) from None
-        return _Choices([first], options.n, submit)
+        return Choices([first], options.n, submit)
 
-    async def _choice_deltas(self, choices: _Choices) -> AsyncGenerator[tuple[_Call, Delta], None]:
+    async def _choice_deltas(self, choices: Choices) -> AsyncGenerator[tuple[Call, Delta], None]:
         """Every choice's deltas as they come; submits the later choices on choice 0's first
         delta. A single choice is read directly, with no queue hop per token."""
         if choices.n == 1:
@@ -358,9 +331,9 @@ class _Server:
                 async for delta in deltas:
                     yield choices.calls[0], delta
             return
-        queue: asyncio.Queue[tuple[_Call, Delta | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Call, Delta | None]] = asyncio.Queue()
 
-        async def pump(call: _Call) -> None:
+        async def pump(call: Call) -> None:
             try:
                 async with aclosing(self._deltas(call)) as deltas:
                     async for delta in deltas:
@@ -376,7 +349,7 @@ class _Server:
                 if delta is None:
                     num_open -= 1
                     continue
-                if len(choices.calls) < choices.n and choices.error is None and _is_healthy(delta):
+                if len(choices.calls) < choices.n and choices.error is None and is_healthy(delta):
                     added = self._submit_rest(choices)
                     tasks += [asyncio.create_task(pump(c)) for c in added]
                     num_open += len(added)
@@ -385,7 +358,7 @@ class _Server:
             for task in tasks:
                 task.cancel()
 
-    def _submit_rest(self, choices: _Choices) -> list[_Call]:
+    def _submit_rest(self, choices: Choices) -> list[Call]:
         """Submit choices 1..n-1; a refusal (queue full, engine down) fails the request."""
         added = []
         for index in range(len(choices.calls), choices.n):
@@ -397,7 +370,7 @@ class _Server:
         choices.calls += added
         return added
 
-    async def _deltas(self, call: _Call) -> AsyncGenerator[Delta, None]:
+    async def _deltas(self, call: Call) -> AsyncGenerator[Delta, None]:
         """The engine's deltas, timed and bookkept on `call`."""
         async for delta in call.source:
             if delta.token_ids or delta.text:
@@ -407,7 +380,7 @@ class _Server:
                 call.final = delta
             yield delta
 
-    def _end(self, call: _Call) -> None:
+    def _end(self, call: Call) -> None:
         """Called exactly once per admitted request, after its response ended in any way."""
         if call.final is None:
             self.engine.abort(call.source.request_id)
@@ -416,7 +389,7 @@ class _Server:
             self._idle.set()
         self._log_finished(call)
 
-    def _observe_token(self, call: _Call) -> None:
+    def _observe_token(self, call: Call) -> None:
         now = time.monotonic()
         if call.last_token_s is None:
             call.first_token_s = now
@@ -425,7 +398,7 @@ class _Server:
             self.metrics.itl.observe(now - call.last_token_s)
         call.last_token_s = now
 
-    def _log_finished(self, call: _Call) -> None:
+    def _log_finished(self, call: Call) -> None:
         """One line per request, with the engine's stall and preemption figures."""
         final = call.final
         if final is None:
@@ -452,7 +425,7 @@ class _Server:
             final.num_cached_tokens if final else 0,
         )
 
-    async def _events(self, choices: _Choices) -> AsyncGenerator[bytes, None]:
+    async def _events(self, choices: Choices) -> AsyncGenerator[bytes, None]:
         """SSE events of one request, [DONE] last; `EventStream` closes it. Every choice's
         finish chunk comes at the end, in index order."""
         first = choices.calls[0]
@@ -470,13 +443,13 @@ class _Server:
                     text, calls = call.tool_calls.push(text)
                 if text or delta.logprobs:
                     tokens = self._token_texts(delta)
-                    yield responses.sse_event(_text_chunk(call, text, None, tokens))
+                    yield responses.sse_event(text_chunk(call, text, None, tokens))
                 if calls:
                     delta_calls = {"tool_calls": calls}
                     yield responses.sse_event(
                         responses.chat_chunk(h, delta_calls, None, None, call.index)
                     )
-        failure = _choices_failure(choices)
+        failure = choices_failure(choices)
         if failure is not None:
             yield responses.sse_event(failure.payload())
         else:
@@ -487,36 +460,36 @@ class _Server:
                     )
                 rest = call.tool_calls.flush() if call.tool_calls is not None else ""
                 if rest:
-                    yield responses.sse_event(_text_chunk(call, rest, None))
+                    yield responses.sse_event(text_chunk(call, rest, None))
                 num_calls = call.tool_calls.num_calls if call.tool_calls is not None else 0
-                yield responses.sse_event(_text_chunk(call, "", _finish_reason(call, num_calls)))
+                yield responses.sse_event(text_chunk(call, "", finish_name(call, num_calls)))
             if first.include_usage:
                 object_name = "chat.completion.chunk" if first.chat else "text_completion"
                 usage = responses.usage([c.final for c in choices.calls])
                 yield responses.sse_event(responses.usage_chunk(h, object_name, usage))
         yield responses.SSE_DONE
 
-    async def _collect(self, choices: _Choices) -> Response:
+    async def _collect(self, choices: Choices) -> Response:
         texts: dict[int, list[str]] = {i: [] for i in range(choices.n)}
         tokens: dict[int, list[responses.TokenText]] = {i: [] for i in range(choices.n)}
         async with aclosing(self._choice_deltas(choices)) as deltas:
             async for call, delta in deltas:
                 texts[call.index].append(delta.text)
                 tokens[call.index].extend(self._token_texts(delta) or ())
-        failure = _choices_failure(choices)
+        failure = choices_failure(choices)
         if failure is not None:
             return failure.response()
         first = choices.calls[0]
         usage = responses.usage([c.final for c in choices.calls])
         build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
 
-        def choice(call: _Call) -> dict[str, Any]:
+        def choice(call: Call) -> dict[str, Any]:
             text, i = "".join(texts[call.index]), call.index
             logprobs = build_logprobs(tokens[i]) if first.logprobs else None
             if not call.chat:
-                return responses.completion_choice(i, text, _finish_reason(call), logprobs)
+                return responses.completion_choice(i, text, finish_name(call), logprobs)
             content, calls = (text, []) if call.tool_calls is None else split_answer(text)
-            reason = _finish_reason(call, len(calls))
+            reason = finish_name(call, len(calls))
             return responses.chat_choice(i, content, reason, logprobs, calls)
 
         body = [choice(call) for call in choices.calls]
@@ -534,47 +507,6 @@ class _Server:
             )
             for lp in delta.logprobs
         ]
-
-
-def _text_chunk(
-    call: _Call,
-    text: str,
-    finish_reason: str | None,
-    tokens: list[responses.TokenText] | None = None,
-) -> dict[str, Any]:
-    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`), with the
-    logprobs of `tokens` if the request asked for them."""
-    if call.chat:
-        delta = {"content": text} if text or tokens is not None else {}
-        logprobs = None if tokens is None else responses.chat_logprobs(tokens)
-        return responses.chat_chunk(call.header, delta, finish_reason, logprobs, call.index)
-    logprobs = None if tokens is None else responses.completion_logprobs(tokens, call.text_offset)
-    call.text_offset += sum(len(t.text) for t in tokens or ())
-    return responses.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
-
-
-def _finish_reason(call: _Call, num_tool_calls: int = 0) -> str:
-    """OpenAI's finish reason of a call that ended with stop or length: "tool_calls" for an
-    answer that stopped after calling tools."""
-    reason = _FINISH_REASONS[call.final.finish_reason]
-    return "tool_calls" if num_tool_calls and reason == "stop" else reason
-
-
-def _is_healthy(delta: Delta) -> bool:
-    """The delta is output, or a stop/length finish: not an error or an abort."""
-    return delta.error is None and delta.finish_reason in (None, *_FINISH_REASONS)
-
-
-def _choices_failure(choices: _Choices) -> APIError | None:
-    """The first failed choice's error (`from_final_delta`), or why one was never queued."""
-    for call in choices.calls:
-        failure = from_final_delta(call.final)
-        if failure is not None:
-            return failure
-    if len(choices.calls) < choices.n:
-        message = choices.error or "The first choice ended before the others were queued."
-        return APIError(503, message, type=SERVER_ERROR)
-    return None
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
