@@ -286,6 +286,9 @@ class _Server:
         )
         if options.constraint is not None:
             sampling = replace(sampling, grammar=await self.grammars.compile(options.constraint))
+        num_sequences = max(options.best_of, options.n)
+        if num_sequences > options.n and sampling.logprobs is None:
+            sampling = replace(sampling, logprobs=0)  # best_of ranks by the sampled logprobs
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
 
@@ -309,7 +312,7 @@ class _Server:
                 chat=chat,
                 sse=options.stream,
                 include_usage=options.include_usage,
-                logprobs=sampling.logprobs is not None,
+                logprobs=options.logprobs is not None,
                 source=source,
                 submit_s=submit_s,
                 num_prompt_tokens=len(prompt_ids),
@@ -321,7 +324,7 @@ class _Server:
             first = submit(0)
         except EngineError as err:
             raise from_engine_error(err) from None
-        return Choices([first], options.n, submit)
+        return Choices([first], num_sequences, submit, keep=options.n)
 
     async def _choice_deltas(self, choices: Choices) -> AsyncGenerator[tuple[Call, Delta], None]:
         """Every choice's deltas as they come; submits the later choices on choice 0's first
@@ -483,16 +486,19 @@ class _Server:
         usage = responses.usage([c.final for c in choices.calls])
         build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
 
-        def choice(call: Call) -> dict[str, Any]:
-            text, i = "".join(texts[call.index]), call.index
-            logprobs = build_logprobs(tokens[i]) if first.logprobs else None
+        def choice(i: int, call: Call) -> dict[str, Any]:
+            text = "".join(texts[call.index])
+            logprobs = build_logprobs(tokens[call.index]) if first.logprobs else None
             if not call.chat:
                 return responses.completion_choice(i, text, finish_name(call), logprobs)
             content, calls = (text, []) if call.tool_calls is None else split_answer(text)
             reason = finish_name(call, len(calls))
             return responses.chat_choice(i, content, reason, logprobs, calls)
 
-        body = [choice(call) for call in choices.calls]
+        kept = choices.calls
+        if choices.keep < choices.n:  # best_of: the likeliest sequences, by raw logprob
+            kept = sorted(kept, key=lambda c: -sum(t.logprob for t in tokens[c.index]))
+        body = [choice(i, call) for i, call in enumerate(kept[: choices.keep])]
         build = responses.chat_response if first.chat else responses.completion_response
         return JSONResponse(build(first.header, body, usage))
 

@@ -45,11 +45,13 @@ class Call:
 class Choices:
     """The `n` calls answering one request, choice i in `calls[i]`. Only choice 0 is submitted
     at admission; the others when its first delta shows its prompt prefilled, so that they
-    find the prompt's full pages in the prefix cache rather than prefill it again."""
+    find the prompt's full pages in the prefix cache rather than prefill it again. With
+    `best_of`, `n` sequences run and the `keep` likeliest are answered."""
 
     calls: list[Call]
-    n: int
+    n: int  # sequences generated
     submit: Callable[[int], Call]  # submits choice i (raises `EngineError`)
+    keep: int  # choices answered: `n`, or fewer with best_of
     error: str | None = None  # why a later choice could not be submitted
 
 

@@ -16,7 +16,9 @@ when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, and vLLM's
 `stop_token_ids`, `repetition_penalty` and `min_p`. `logprobs` is a count of alternatives on
 /v1/completions (0-5) and a boolean with `top_logprobs` (0-20) on chat: both become
 `SamplingParams.logprobs`. Structured outputs (`response_format`, vLLM's `guided_json`,
-`guided_regex`, `guided_choice`) are parsed by `serving.constraints`.
+`guided_regex`, `guided_choice`) are parsed by `serving.constraints`, chat's `tools` by
+`serving.tools`. Completions' `best_of` (n to MAX_CHOICES, not streamed) runs that many
+sequences and answers the n with the highest cumulative raw logprob (`serving.app`).
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 """
 
@@ -47,14 +49,13 @@ HONOURED_FIELDS = frozenset(
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
         "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
-        "n", *constraints.FIELDS, "tools", "tool_choice", "parallel_tool_calls",
+        "n", "best_of", *constraints.FIELDS, "tools", "tool_choice", "parallel_tool_calls",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
 # the values (besides null) that mean "off" and are therefore accepted. Compared with their
 # type too, since True == 1 in Python.
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
     "functions": ([],),
@@ -132,6 +133,7 @@ class GenerateOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; else this many top alternatives per token
     n: int = 1  # choices, each its own engine request
+    best_of: int = 1  # completions: sequences generated, of which the n likeliest are answered
     constraint: constraints.Constraint | None = None  # structured output (`serving.constraints`)
     tools: ToolRequest | None = None  # chat only: tools the model may call (`serving.tools`)
 
@@ -191,7 +193,8 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
             raise bad_request(
                 f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}].", param="logprobs"
             )
-        return prompt, replace(_parse_options(body), logprobs=logprobs)
+        options = _parse_options(body)
+        return prompt, replace(options, logprobs=logprobs, best_of=_parse_best_of(body, options))
     raise bad_request(
         "'prompt' must be a string or a list of non-negative token ids.", param="prompt"
     )
@@ -204,6 +207,8 @@ def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerateOpti
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list.", param="messages")
     options = _parse_options(body)
+    if _opt_int(body, "best_of") not in (None, 1):
+        raise bad_request("'best_of' is a completions option.", param="best_of")
     tools = parse_tools(body)
     forced = tools.constraint() if tools else None
     if forced is not None and options.constraint is not None:
@@ -218,6 +223,18 @@ def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerateOpti
         constraint=forced or options.constraint,
     )
     return [_parse_message(m) for m in messages], options
+
+
+def _parse_best_of(body: dict[str, Any], options: GenerateOptions) -> int:
+    """Completions' `best_of`: n <= best_of <= MAX_CHOICES, not streamed (as OpenAI)."""
+    best_of = _opt_int(body, "best_of")
+    if best_of is None:
+        return options.n
+    if not options.n <= best_of <= MAX_CHOICES:
+        raise bad_request(f"'best_of' must be in [n, {MAX_CHOICES}].", param="best_of")
+    if best_of > options.n and options.stream:
+        raise bad_request("'best_of' greater than 'n' cannot be streamed.", param="best_of")
+    return best_of
 
 
 def _parse_chat_logprobs(body: dict[str, Any]) -> int | None:

@@ -16,10 +16,8 @@ import jsonschema
 import openai
 import pytest
 
-from serving.app import create_app
+from tests.serving.tiny_engine import app_client, openai_client, tiny_async_engine
 from tfjax.async_engine import AsyncEngine
-from tfjax.engine import Engine
-from tfjax.sched.fcfs import FcfsPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -39,31 +37,18 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema
 
 @pytest.fixture(scope="module")
 def served(tiny_qwen2_engine_parts) -> Iterator[AsyncEngine]:
-    runner, config, tokenizer = tiny_qwen2_engine_parts
-    engine = AsyncEngine(
-        lambda emit: Engine(runner, tokenizer, config, FcfsPolicy(chunked=True), emit=emit),
-        model_name="tiny",
-        tokenizer=tokenizer,
-        max_waiting=64,
-    )
-    yield engine
-    engine.shutdown()
+    yield from tiny_async_engine(tiny_qwen2_engine_parts)
 
 
 @pytest.fixture
 async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(served))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
-    assert await served.check_invariants() is None
-    assert served.engine.kv.num_used_pages == 0
+    async for client in app_client(served):
+        yield client
 
 
 @pytest.fixture
-async def oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
-    )
+def oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai_client(http)
 
 
 def body(path: str, **extra: Any) -> dict[str, Any]:

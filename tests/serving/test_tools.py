@@ -15,11 +15,9 @@ import openai
 import pytest
 
 from models.tokenizer import Tokenizer
-from serving.app import create_app
 from serving.tools import ToolCallStream, split_answer
+from tests.serving.tiny_engine import app_client, openai_client, tiny_async_engine
 from tfjax.async_engine import AsyncEngine
-from tfjax.engine import Engine
-from tfjax.sched.fcfs import FcfsPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -58,37 +56,25 @@ MESSAGES = [{"role": "user", "content": "weather in Oslo?"}]
 
 @pytest.fixture(scope="module")
 def served(tiny_qwen2_engine_parts) -> Iterator[AsyncEngine]:
-    runner, config, plain = tiny_qwen2_engine_parts
+    plain = tiny_qwen2_engine_parts[2]
     tokenizer = Tokenizer(
         plain.backend,
         chat_template=TOOLS_TEMPLATE,
         special_tokens=plain.special_tokens,
         eos_token_ids=plain.eos_token_ids,
     )
-    engine = AsyncEngine(
-        lambda emit: Engine(runner, tokenizer, config, FcfsPolicy(chunked=True), emit=emit),
-        model_name="tiny",
-        tokenizer=tokenizer,
-        max_waiting=64,
-    )
-    yield engine
-    engine.shutdown()
+    yield from tiny_async_engine(tiny_qwen2_engine_parts, tokenizer)
 
 
 @pytest.fixture
 async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(served))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
-    assert await served.check_invariants() is None
-    assert served.engine.kv.num_used_pages == 0
+    async for client in app_client(served):
+        yield client
 
 
 @pytest.fixture
 def oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0
-    )
+    return openai_client(http)
 
 
 def check_call(name: str, arguments: str, want: str | None = None) -> None:
