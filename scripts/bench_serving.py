@@ -70,6 +70,7 @@ class ClientConfig:
     request_timeout_s: float = 600.0
     max_concurrency: int | None = None  # client-side cap; waiting for a slot is not in TTFT
     seed: int = 0  # of the prompts
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every body
 
 
 @dataclass(slots=True)
@@ -120,6 +121,7 @@ async def send_request(
         body["ignore_eos"] = cfg.ignore_eos
     if cfg.temperature is not None:
         body["temperature"] = cfg.temperature
+    body.update(cfg.extra_body)
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.perf_counter()))
     rec.send_s = time.perf_counter() - t0
     try:
@@ -503,6 +505,12 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="send neither consumption_rate nor ignore_eos",
     )
     g.add_argument("--temperature", type=float, default=None)
+    g.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        help="JSON merged into every request body, e.g. '{\"response_format\": {...}}'",
+    )
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
     g.add_argument("--metric-percentiles", default="99", help="e.g. 50,90,99")
@@ -521,6 +529,7 @@ def client_config(args: argparse.Namespace, base_url: str, model: str) -> Client
         request_timeout_s=args.request_timeout,
         max_concurrency=args.max_concurrency,
         seed=args.seed,
+        extra_body=args.extra_body,
     )
 
 

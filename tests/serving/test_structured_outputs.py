@@ -81,6 +81,15 @@ async def test_openai_client_gets_schema_valid_json_in_every_choice(oai: openai.
     assert any(c.finish_reason == "stop" for c in reply.choices)
 
 
+async def test_mask_time_is_reported_on_metrics(http: httpx.AsyncClient) -> None:
+    r = await http.post(C, json=body(C, guided_regex="[a-z]{3}"))
+    assert r.status_code == 200, r.text
+    metrics = (await http.get("/metrics")).text
+    seconds = re.search(r'tfjax_engine_extra\{name="grammar_mask_seconds_total"\} (\S+)', metrics)
+    steps = re.search(r'tfjax_engine_extra\{name="grammar_masked_steps"\} (\S+)', metrics)
+    assert seconds and float(seconds[1]) > 0 and steps and float(steps[1]) >= 3, metrics
+
+
 async def test_json_object_streamed_on_both_endpoints(http: httpx.AsyncClient) -> None:
     for path in (C, CHAT):
         for seed in range(3):
