@@ -40,7 +40,8 @@ class TokenizerSource(Protocol):
 
 
 class GrammarTokenizer:
-    """The model's vocabulary as llguidance sees it; built once per served model (~1 s)."""
+    """The model's vocabulary as llguidance sees it; built once per served model (0.4 s for
+    SmolLM2's 49k tokens)."""
 
     def __init__(self, tokenizer: TokenizerSource) -> None:
         self.llg = llguidance.LLTokenizer(

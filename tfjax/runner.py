@@ -225,17 +225,24 @@ class Runner:
     def _logits(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
-        """The step's logits [N, V] (KV written) and its sampling inputs, on the device."""
-        step, sampling, penalties, last = self._inputs(bucket, prefill, decode)
+        """The step's logits [N, V] (KV written) and its sampling inputs, on the device. The
+        forward pass is dispatched first: grammar masks are filled on the host while it runs."""
+        step, last, rows = self._inputs(bucket, prefill, decode)
         logits_NxV, self.kv = _forward_logits(
             self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
         )
-        return logits_NxV, sampling, penalties
+        start = time.perf_counter()
+        if rows.fill_masks():
+            self.mask_s += time.perf_counter() - start
+            self.num_masked_steps += 1
+        sampling = (rows.arrays(self._all_allowed_mask(len(last))), rows.penalties())
+        return logits_NxV, *jax.device_put(sampling, self._input_sharding)
 
     def _inputs(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[StepInput, SamplingInput, PenaltyInput | None, jax.Array]:
-        """Pack one step into the bucket's host arrays and move them to the device."""
+    ) -> tuple[StepInput, jax.Array, _SamplingRows]:
+        """Pack one step into the bucket's host arrays; move the model's inputs to the device
+        (the flat index of each output row's last token too) and return the sampling rows."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
         tokens_T = np.zeros(bucket.num_tokens, np.int32)
@@ -281,11 +288,8 @@ class Runner:
                 page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
             ),
         )
-        if sampling.mask_s:
-            self.mask_s += sampling.mask_s
-            self.num_masked_steps += 1
-        inputs = (step, sampling.arrays(self._all_allowed_mask(num_out)), sampling.penalties())
-        return jax.device_put((*inputs, last_N), self._input_sharding)
+        step, last_N = jax.device_put((step, last_N), self._input_sharding)
+        return step, last_N, sampling
 
     def _all_allowed_mask(self, num_rows: int) -> jax.Array:
         """The all-ones grammar mask of `num_rows` rows, on the device once (the step's
@@ -314,7 +318,18 @@ class _SamplingRows:
         self.num_mask_words = num_mask_words
         self.constrained = np.zeros(n, np.bool_)
         self._allowed: np.ndarray | None = None  # [n, num_mask_words] int32 once a row needs it
-        self.mask_s = 0.0  # time spent filling grammar masks
+        self._constrained_rows: list[tuple[int, Request]] = []
+
+    def fill_masks(self) -> bool:
+        """Fill the grammar mask of every constrained row; False if there is none. Called
+        after `set` for every row, once the step's forward pass is on its way."""
+        if not self._constrained_rows:
+            return False
+        self._allowed = np.full((len(self.constrained), self.num_mask_words), -1, np.int32)
+        for row, request in self._constrained_rows:
+            request.grammar.fill_bitmask(self._allowed[row])
+            self.constrained[row] = True
+        return True
 
     def set(self, row: int, request: Request) -> None:
         params = request.sampling
@@ -327,12 +342,7 @@ class _SamplingRows:
         if params.has_penalties:
             self._set_penalties(row, request)
         if request.grammar is not None:
-            start = time.perf_counter()
-            if self._allowed is None:
-                self._allowed = np.full((len(self.constrained), self.num_mask_words), -1, np.int32)
-            request.grammar.fill_bitmask(self._allowed[row])
-            self.constrained[row] = True
-            self.mask_s += time.perf_counter() - start
+            self._constrained_rows.append((row, request))
 
     def _set_penalties(self, row: int, request: Request) -> None:
         p = self.penalty_arrays()
