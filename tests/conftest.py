@@ -178,7 +178,7 @@ def tiny_qwen2_engine_parts(tiny_qwen2_dir: Path) -> tuple[Any, Any, Any]:
     from tfjax.config import EngineConfig
     from tfjax.runner import Runner
 
-    config = EngineConfig(page_size=8, prefill_token_budget=32, max_batch_size=8)
+    config = EngineConfig(page_size=8, prefill_token_budget=32, max_batch_size=4)
     cfg, weights = safetensors.load(tiny_qwen2_dir, dtype="float32")
     runner = Runner(cfg, weights, config, num_pages=128, max_model_len=256)
     runner.warmup()
