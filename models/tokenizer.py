@@ -83,13 +83,20 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for `messages` ({"role", "content"} dicts) per the model's template."""
+        """The prompt text for `messages` ({"role", "content"} dicts) per the model's template;
+        `tools` (OpenAI tool objects) for templates that render them, as transformers passes."""
         if self._template is None:
             raise ModelLoadError("this model has no chat template")
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **self.special_tokens,
         )
 
     @classmethod

@@ -4,13 +4,14 @@
 never builds one, so tests run it against a fake engine and `serving.serve_cmd` against the real
 one. A generation request goes: decode and validate the body (`serving.protocol`), check the
 model name, tokenize (chat: through the model's chat template), check the context length,
-`engine.submit` (its errors become 429/400/503 before anything is sent), then stream the deltas
-as SSE events or collect them into one JSON response.
+compile a structured-output constraint (`serving.constraints`), `engine.submit` (its errors
+become 429/400/503 before anything is sent), then stream the deltas as SSE events or collect
+them into one JSON response.
 
 Every admitted request ends in `_Server._end`, called from a `finally` around sending its
 response: it aborts the engine request unless the engine already finished it, counts the finish
 reason and logs one line. The engine request is therefore aborted and its pages freed however
-the response ends: a client disconnect (raced against the body by `_until_disconnected`, so a
+the response ends: a client disconnect (raced against the body by `until_disconnected`, so a
 request still waiting in the queue is aborted too, not only one that is writing), a
 cancellation, or a server error. It does not rely on the event generator's own `finally`, which
 never runs if the client leaves before the generator is first entered.
@@ -32,41 +33,46 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from dataclasses import replace
+from typing import Any, Protocol
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
 
 from serving import protocol as p
-from serving import responses
+from serving import rendering, responses
 from serving.auth import ApiKeyAuth
+from serving.calls import (
+    Call,
+    Choices,
+    choices_failure,
+    finish_name,
+    is_healthy,
+    text_chunk,
+)
+from serving.constraints import GrammarCompiler
 from serving.dashboard import Dashboard
 from serving.errors import (
     SERVER_ERROR,
     APIError,
-    bad_request,
     from_engine_error,
     model_not_found,
-    payload_too_large,
     unavailable,
 )
 from serving.prom import CONTENT_TYPE, Metrics, StatusCounter
-from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource, RequestStream
+from serving.tools import ToolCallStream, split_answer
+from serving.transport import EventStream, read_body, until_disconnected
+from tfjax.api import Delta, EngineClient, EngineError, LiveStateSource
 from tfjax.request import FinishReason
 
 logger = logging.getLogger("tfjax.requests")
-T = TypeVar("T")
 
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 _ROLE_DELTA = {"role": "assistant", "content": ""}
 _CLIENT_GONE = 499  # nginx's "client closed request": only ever seen by our status counter
 _DEEP_CHECK_TIMEOUT_S = 10.0  # /health?deep=1: the check waits for the current step
@@ -74,50 +80,8 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # ~1M tokens of prompt ids as JSON: more th
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
 
 
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str: ...
-
-
 class ServedEngine(EngineClient, Protocol):
-    tokenizer: Tokenizer
-
-
-@dataclass(slots=True)
-class _Call:
-    """One admitted generation request, from submit to its last delta."""
-
-    header: responses.StreamHeader
-    chat: bool
-    sse: bool  # stream the answer as server-sent events
-    include_usage: bool
-    logprobs: bool  # the request asked for logprobs
-    source: RequestStream
-    submit_s: float  # time.monotonic()
-    num_prompt_tokens: int
-    num_output_tokens: int = 0
-    first_token_s: float | None = None
-    last_token_s: float | None = None
-    final: Delta | None = None  # the delta with finish_reason (or error); None if cut short
-    text_offset: int = 0  # completions logprobs: characters of token text already sent
-    index: int = 0  # the choice this call answers
-
-
-@dataclass(slots=True)
-class _Choices:
-    """The `n` calls answering one request, choice i in `calls[i]`. Only choice 0 is submitted
-    at admission; the others when its first delta shows its prompt prefilled, so that they
-    find the prompt's full pages in the prefix cache rather than prefill it again."""
-
-    calls: list[_Call]
-    n: int
-    submit: Callable[[int], _Call]  # submits choice i (raises `EngineError`)
-    error: str | None = None  # why a later choice could not be submitted
+    tokenizer: rendering.Tokenizer
 
 
 def create_app(
@@ -213,6 +177,7 @@ class _Server:
         self.max_request_bytes = max_request_bytes
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self._live: set[str] = set()  # ids of requests submitted and not yet ended
+        self.grammars = GrammarCompiler(engine.tokenizer)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -284,20 +249,20 @@ class _Server:
                 self._end(call)
 
         if choices.calls[0].sse:
-            return _EventStream(
+            return EventStream(
                 self._events(choices), on_close=end, idle_timeout_s=self.stream_idle_timeout_s
             )
         try:
-            response = await _until_disconnected(request.receive, lambda: self._collect(choices))
+            response = await until_disconnected(request.receive, lambda: self._collect(choices))
         finally:
             end()
         return response or Response(status_code=_CLIENT_GONE)
 
-    async def _admit(self, request: Request, *, chat: bool) -> _Choices:
+    async def _admit(self, request: Request, *, chat: bool) -> Choices:
         """Validate, tokenize and submit choice 0; every failure here is an `APIError` (nothing
         queued). Choice i > 0 samples with seed + i, so a seeded request is reproducible and
         its choices differ."""
-        body = p.decode_body(await _read_body(request, self.max_request_bytes))
+        body = p.decode_body(await read_body(request, self.max_request_bytes))
         if chat:
             messages, options = p.parse_chat(body)
         else:
@@ -308,20 +273,26 @@ class _Server:
             raise unavailable("The server is shutting down.")
         if not self.engine.is_healthy:
             raise unavailable("The engine is not ready or has stopped.")
+        tokenizer = self.engine.tokenizer
         if chat:
-            prompt_ids = self.engine.tokenizer.encode(self._chat_prompt(messages))
+            prompt_ids = rendering.chat_prompt_ids(tokenizer, messages, options.tools)
         else:
-            prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            prompt_ids = rendering.completion_prompt_ids(tokenizer, prompt)
         sampling = p.sampling_params(
             options,
             num_prompt_tokens=len(prompt_ids),
             max_model_len=self.engine.max_model_len,
             default_max_tokens=None if chat else p.COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
+        if options.constraint is not None:
+            sampling = replace(sampling, grammar=await self.grammars.compile(options.constraint))
+        num_sequences = max(options.best_of, options.n)
+        if num_sequences > options.n and sampling.logprobs is None:
+            sampling = replace(sampling, logprobs=0)  # best_of ranks by the sampled logprobs
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         header = responses.StreamHeader(request_id, int(time.time()), self.model_name)
 
-        def submit(index: int) -> _Call:
+        def submit(index: int) -> Call:
             params = sampling
             if index and sampling.seed is not None:
                 params = replace(sampling, seed=(sampling.seed + index) % p.SEED_SPACE)
@@ -336,33 +307,26 @@ class _Server:
             )
             self._live.add(source.request_id)
             self._idle.clear()
-            return _Call(
+            return Call(
                 header=header,
                 chat=chat,
                 sse=options.stream,
                 include_usage=options.include_usage,
-                logprobs=sampling.logprobs is not None,
+                logprobs=options.logprobs is not None,
                 source=source,
                 submit_s=submit_s,
                 num_prompt_tokens=len(prompt_ids),
                 index=index,
+                tool_calls=None if options.tools is None else ToolCallStream(),
             )
 
         try:
             first = submit(0)
         except EngineError as err:
             raise from_engine_error(err) from None
-        return _Choices([first], options.n, submit)
+        return Choices([first], num_sequences, submit, keep=options.n)
 
-    def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        try:
-            return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as err:  # the model's Jinja template may reject any conversation
-            raise bad_request(
-                f"The chat template rejected the messages: {err}", "messages"
-            ) from None
-
-    async def _choice_deltas(self, choices: _Choices) -> AsyncGenerator[tuple[_Call, Delta], None]:
+    async def _choice_deltas(self, choices: Choices) -> AsyncGenerator[tuple[Call, Delta], None]:
         """Every choice's deltas as they come; submits the later choices on choice 0's first
         delta. A single choice is read directly, with no queue hop per token."""
         if choices.n == 1:
@@ -370,9 +334,9 @@ class _Server:
                 async for delta in deltas:
                     yield choices.calls[0], delta
             return
-        queue: asyncio.Queue[tuple[_Call, Delta | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Call, Delta | None]] = asyncio.Queue()
 
-        async def pump(call: _Call) -> None:
+        async def pump(call: Call) -> None:
             try:
                 async with aclosing(self._deltas(call)) as deltas:
                     async for delta in deltas:
@@ -388,7 +352,7 @@ class _Server:
                 if delta is None:
                     num_open -= 1
                     continue
-                if len(choices.calls) < choices.n and choices.error is None and _is_healthy(delta):
+                if len(choices.calls) < choices.n and choices.error is None and is_healthy(delta):
                     added = self._submit_rest(choices)
                     tasks += [asyncio.create_task(pump(c)) for c in added]
                     num_open += len(added)
@@ -397,7 +361,7 @@ class _Server:
             for task in tasks:
                 task.cancel()
 
-    def _submit_rest(self, choices: _Choices) -> list[_Call]:
+    def _submit_rest(self, choices: Choices) -> list[Call]:
         """Submit choices 1..n-1; a refusal (queue full, engine down) fails the request."""
         added = []
         for index in range(len(choices.calls), choices.n):
@@ -409,7 +373,7 @@ class _Server:
         choices.calls += added
         return added
 
-    async def _deltas(self, call: _Call) -> AsyncGenerator[Delta, None]:
+    async def _deltas(self, call: Call) -> AsyncGenerator[Delta, None]:
         """The engine's deltas, timed and bookkept on `call`."""
         async for delta in call.source:
             if delta.token_ids or delta.text:
@@ -419,7 +383,7 @@ class _Server:
                 call.final = delta
             yield delta
 
-    def _end(self, call: _Call) -> None:
+    def _end(self, call: Call) -> None:
         """Called exactly once per admitted request, after its response ended in any way."""
         if call.final is None:
             self.engine.abort(call.source.request_id)
@@ -428,7 +392,7 @@ class _Server:
             self._idle.set()
         self._log_finished(call)
 
-    def _observe_token(self, call: _Call) -> None:
+    def _observe_token(self, call: Call) -> None:
         now = time.monotonic()
         if call.last_token_s is None:
             call.first_token_s = now
@@ -437,7 +401,7 @@ class _Server:
             self.metrics.itl.observe(now - call.last_token_s)
         call.last_token_s = now
 
-    def _log_finished(self, call: _Call) -> None:
+    def _log_finished(self, call: Call) -> None:
         """One line per request, with the engine's stall and preemption figures."""
         final = call.final
         if final is None:
@@ -464,8 +428,8 @@ class _Server:
             final.num_cached_tokens if final else 0,
         )
 
-    async def _events(self, choices: _Choices) -> AsyncGenerator[bytes, None]:
-        """SSE events of one request, [DONE] last; `_EventStream` closes it. Every choice's
+    async def _events(self, choices: Choices) -> AsyncGenerator[bytes, None]:
+        """SSE events of one request, [DONE] last; `EventStream` closes it. Every choice's
         finish chunk comes at the end, in index order."""
         first = choices.calls[0]
         h = first.header
@@ -477,10 +441,18 @@ class _Server:
                     yield responses.sse_event(
                         responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
                     )
-                if delta.text or delta.logprobs:
+                text, calls = delta.text, []
+                if call.tool_calls is not None:
+                    text, calls = call.tool_calls.push(text)
+                if text or delta.logprobs:
                     tokens = self._token_texts(delta)
-                    yield responses.sse_event(_text_chunk(call, delta.text, None, tokens))
-        failure = _choices_failure(choices)
+                    yield responses.sse_event(text_chunk(call, text, None, tokens))
+                if calls:
+                    delta_calls = {"tool_calls": calls}
+                    yield responses.sse_event(
+                        responses.chat_chunk(h, delta_calls, None, None, call.index)
+                    )
+        failure = choices_failure(choices)
         if failure is not None:
             yield responses.sse_event(failure.payload())
         else:
@@ -489,37 +461,44 @@ class _Server:
                     yield responses.sse_event(
                         responses.chat_chunk(h, _ROLE_DELTA, None, index=call.index)
                     )
-                reason = _FINISH_REASONS[call.final.finish_reason]
-                yield responses.sse_event(_text_chunk(call, "", reason))
+                rest = call.tool_calls.flush() if call.tool_calls is not None else ""
+                if rest:
+                    yield responses.sse_event(text_chunk(call, rest, None))
+                num_calls = call.tool_calls.num_calls if call.tool_calls is not None else 0
+                yield responses.sse_event(text_chunk(call, "", finish_name(call, num_calls)))
             if first.include_usage:
                 object_name = "chat.completion.chunk" if first.chat else "text_completion"
                 usage = responses.usage([c.final for c in choices.calls])
                 yield responses.sse_event(responses.usage_chunk(h, object_name, usage))
         yield responses.SSE_DONE
 
-    async def _collect(self, choices: _Choices) -> Response:
+    async def _collect(self, choices: Choices) -> Response:
         texts: dict[int, list[str]] = {i: [] for i in range(choices.n)}
         tokens: dict[int, list[responses.TokenText]] = {i: [] for i in range(choices.n)}
         async with aclosing(self._choice_deltas(choices)) as deltas:
             async for call, delta in deltas:
                 texts[call.index].append(delta.text)
                 tokens[call.index].extend(self._token_texts(delta) or ())
-        failure = _choices_failure(choices)
+        failure = choices_failure(choices)
         if failure is not None:
             return failure.response()
         first = choices.calls[0]
         usage = responses.usage([c.final for c in choices.calls])
         build_logprobs = responses.chat_logprobs if first.chat else responses.completion_logprobs
-        choice = responses.chat_choice if first.chat else responses.completion_choice
-        body = [
-            choice(
-                i,
-                "".join(texts[i]),
-                _FINISH_REASONS[choices.calls[i].final.finish_reason],
-                build_logprobs(tokens[i]) if first.logprobs else None,
-            )
-            for i in range(choices.n)
-        ]
+
+        def choice(i: int, call: Call) -> dict[str, Any]:
+            text = "".join(texts[call.index])
+            logprobs = build_logprobs(tokens[call.index]) if first.logprobs else None
+            if not call.chat:
+                return responses.completion_choice(i, text, finish_name(call), logprobs)
+            content, calls = (text, []) if call.tool_calls is None else split_answer(text)
+            reason = finish_name(call, len(calls))
+            return responses.chat_choice(i, content, reason, logprobs, calls)
+
+        kept = choices.calls
+        if choices.keep < choices.n:  # best_of: the likeliest sequences, by raw logprob
+            kept = sorted(kept, key=lambda c: -sum(t.logprob for t in tokens[c.index]))
+        body = [choice(i, call) for i, call in enumerate(kept[: choices.keep])]
         build = responses.chat_response if first.chat else responses.completion_response
         return JSONResponse(build(first.header, body, usage))
 
@@ -534,127 +513,6 @@ class _Server:
             )
             for lp in delta.logprobs
         ]
-
-
-def _text_chunk(
-    call: _Call,
-    text: str,
-    finish_reason: str | None,
-    tokens: list[responses.TokenText] | None = None,
-) -> dict[str, Any]:
-    """A completions chunk, or a chat chunk whose delta is `text` (empty: `{}`), with the
-    logprobs of `tokens` if the request asked for them."""
-    if call.chat:
-        delta = {"content": text} if text or tokens is not None else {}
-        logprobs = None if tokens is None else responses.chat_logprobs(tokens)
-        return responses.chat_chunk(call.header, delta, finish_reason, logprobs, call.index)
-    logprobs = None if tokens is None else responses.completion_logprobs(tokens, call.text_offset)
-    call.text_offset += sum(len(t.text) for t in tokens or ())
-    return responses.completion_chunk(call.header, text, finish_reason, logprobs, call.index)
-
-
-def _is_healthy(delta: Delta) -> bool:
-    """The delta is output, or a stop/length finish: not an error or an abort."""
-    return delta.error is None and delta.finish_reason in (None, *_FINISH_REASONS)
-
-
-def _choices_failure(choices: _Choices) -> APIError | None:
-    """The first failed choice's error (see `_failure`), or why a choice was never queued."""
-    for call in choices.calls:
-        failure = _failure(call.final)
-        if failure is not None:
-            return failure
-    if len(choices.calls) < choices.n:
-        message = choices.error or "The first choice ended before the others were queued."
-        return APIError(503, message, type=SERVER_ERROR)
-    return None
-
-
-def _failure(final: Delta | None) -> APIError | None:
-    """Why a submitted request did not end with stop/length, or None if it did."""
-    if final is None:
-        return APIError(
-            500, "The engine ended the stream without a finish reason.", type=SERVER_ERROR
-        )
-    if final.error is not None or final.finish_reason is FinishReason.ERROR:
-        return APIError(
-            500, f"Generation failed: {final.error or 'engine error'}", type=SERVER_ERROR
-        )
-    if final.finish_reason is FinishReason.ABORT:
-        return APIError(
-            503, "The request was aborted by the server.", type=SERVER_ERROR, code="aborted"
-        )
-    return None
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that stops as soon as the client leaves, then calls `on_close`.
-
-    Starlette's StreamingResponse listens for `http.disconnect` only on ASGI spec < 2.4; on 2.4
-    it notices a gone client at its next write, which for a request still queued in the engine
-    may be minutes away.
-    """
-
-    def __init__(
-        self,
-        events: AsyncGenerator[bytes, None],
-        on_close: Callable[[], None],
-        idle_timeout_s: float | None,
-    ) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self._events = events
-        self._on_close = on_close
-        self._idle_timeout_s = idle_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_or_give_up(message: Message) -> None:
-            """uvicorn's send waits while the socket's buffers are full (flow control)."""
-            with anyio.fail_after(self._idle_timeout_s):
-                await send(message)
-
-        try:
-            await _until_disconnected(receive, lambda: self.stream_response(send_or_give_up))
-        except* OSError:  # a spec 2.4 server failing a write to a gone client
-            pass
-        except* TimeoutError:
-            logger.warning(
-                "dropped a stream whose client took no data for %s s", self._idle_timeout_s
-            )
-        finally:
-            await self._events.aclose()
-            self._on_close()
-
-
-async def _read_body(request: Request, limit_bytes: int) -> bytes:
-    """The whole body, or a 413 once it is known to exceed `limit_bytes` (from the declared
-    length before reading anything, else as the chunks arrive)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit_bytes:
-        raise payload_too_large(limit_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
-            raise payload_too_large(limit_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _until_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
-    """Run `work` unless the client disconnects first, in which case cancel it, return None."""
-    results: list[T] = []
-    async with anyio.create_task_group() as tasks:
-
-        async def run_work() -> None:
-            results.append(await work())
-            tasks.cancel_scope.cancel()
-
-        tasks.start_soon(run_work)
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the body was read already; nothing else may arrive before the disconnect
-        tasks.cancel_scope.cancel()
-    return results[0] if results else None
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

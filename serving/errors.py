@@ -18,7 +18,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from tfjax.api import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from tfjax.api import Delta, EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from tfjax.request import FinishReason
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -93,3 +94,20 @@ def from_engine_error(err: EngineError) -> APIError:
     if isinstance(err, EngineDeadError):
         return unavailable(f"The engine has stopped ({err}).")
     return APIError(500, f"Engine error: {err}", type=SERVER_ERROR)
+
+
+def from_final_delta(final: Delta | None) -> APIError | None:
+    """Why a submitted request did not end with stop/length, or None if it did."""
+    if final is None:
+        return APIError(
+            500, "The engine ended the stream without a finish reason.", type=SERVER_ERROR
+        )
+    if final.error is not None or final.finish_reason is FinishReason.ERROR:
+        return APIError(
+            500, f"Generation failed: {final.error or 'engine error'}", type=SERVER_ERROR
+        )
+    if final.finish_reason is FinishReason.ABORT:
+        return APIError(
+            503, "The request was aborted by the server.", type=SERVER_ERROR, code="aborted"
+        )
+    return None

@@ -15,7 +15,10 @@ reader consumes, docs/definitions.md; at least `MIN_CONSUMPTION_RATE`; the serve
 when missing), `priority`, `top_k` (-1 or 0: no cut), `ignore_eos`, and vLLM's
 `stop_token_ids`, `repetition_penalty` and `min_p`. `logprobs` is a count of alternatives on
 /v1/completions (0-5) and a boolean with `top_logprobs` (0-20) on chat: both become
-`SamplingParams.logprobs`.
+`SamplingParams.logprobs`. Structured outputs (`response_format`, vLLM's `guided_json`,
+`guided_regex`, `guided_choice`) are parsed by `serving.constraints`, chat's `tools` by
+`serving.tools`. Completions' `best_of` (n to MAX_CHOICES, not streamed) runs that many
+sequences and answers the n with the highest cumulative raw logprob (`serving.app`).
 Strings must be valid Unicode: a lone surrogate (legal in JSON as "\\ud800") is a 400.
 """
 
@@ -26,7 +29,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from serving import constraints
 from serving.errors import bad_request
+from serving.tools import ToolRequest, parse_tools, template_message
 from tfjax.logits import MAX_LOGIT_BIAS
 from tfjax.request import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -44,20 +49,15 @@ HONOURED_FIELDS = frozenset(
         "top_p", "seed", "stop", "stream", "stream_options", "user", "metadata",
         "safety_identifier", "prompt_cache_key", "presence_penalty", "frequency_penalty",
         "logit_bias", "repetition_penalty", "min_p", "logprobs", "top_logprobs",
-        "n",
+        "n", "best_of", *constraints.FIELDS, "tools", "tool_choice", "parallel_tool_calls",
     }
 )  # fmt: skip
 # Options we do not implement, OpenAI's and the vLLM extensions clients send to peers, with
 # the values (besides null) that mean "off" and are therefore accepted. Compared with their
 # type too, since True == 1 in Python.
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
-    "response_format": ({"type": "text"},),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (),
     "functions": ([],),
     "function_call": ("none",),
     "audio": (),
@@ -73,9 +73,6 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prompt_cache_options": (),
     # vLLM's extensions
     "min_tokens": (0,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
     "prompt_logprobs": (0,),
@@ -136,6 +133,9 @@ class GenerateOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; else this many top alternatives per token
     n: int = 1  # choices, each its own engine request
+    best_of: int = 1  # completions: sequences generated, of which the n likeliest are answered
+    constraint: constraints.Constraint | None = None  # structured output (`serving.constraints`)
+    tools: ToolRequest | None = None  # chat only: tools the model may call (`serving.tools`)
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -181,6 +181,8 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and all(_is_int(t) and 0 <= t < 2**31 for t in prompt)
     ):
+        if parse_tools(body) is not None:
+            raise bad_request("'tools' is a chat option.", param="tools")
         if body.get("top_logprobs") is not None:
             raise bad_request(
                 "'top_logprobs' is a chat option: completions take 'logprobs': <count>.",
@@ -191,19 +193,48 @@ def parse_completion(body: dict[str, Any]) -> tuple[str | list[int], GenerateOpt
             raise bad_request(
                 f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}].", param="logprobs"
             )
-        return prompt, replace(_parse_options(body), logprobs=logprobs)
+        options = _parse_options(body)
+        return prompt, replace(options, logprobs=logprobs, best_of=_parse_best_of(body, options))
     raise bad_request(
         "'prompt' must be a string or a list of non-negative token ids.", param="prompt"
     )
 
 
-def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, str]], GenerateOptions]:
-    """Messages come back as `{"role", "content"}` with text parts joined into one string."""
+def parse_chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerateOptions]:
+    """Messages come back as `{"role", "content"}` with text parts joined into one string,
+    plus an assistant turn's `tool_calls` and a tool turn's `tool_call_id`."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list.", param="messages")
-    options = replace(_parse_options(body), logprobs=_parse_chat_logprobs(body))
+    options = _parse_options(body)
+    if _opt_int(body, "best_of") not in (None, 1):
+        raise bad_request("'best_of' is a completions option.", param="best_of")
+    tools = parse_tools(body)
+    forced = tools.constraint() if tools else None
+    if forced is not None and options.constraint is not None:
+        raise bad_request(
+            f"'{options.constraint.param}' cannot be combined with a forced 'tool_choice'.",
+            param="tool_choice",
+        )
+    options = replace(
+        options,
+        logprobs=_parse_chat_logprobs(body),
+        tools=tools,
+        constraint=forced or options.constraint,
+    )
     return [_parse_message(m) for m in messages], options
+
+
+def _parse_best_of(body: dict[str, Any], options: GenerateOptions) -> int:
+    """Completions' `best_of`: n <= best_of <= MAX_CHOICES, not streamed (as OpenAI)."""
+    best_of = _opt_int(body, "best_of")
+    if best_of is None:
+        return options.n
+    if not options.n <= best_of <= MAX_CHOICES:
+        raise bad_request(f"'best_of' must be in [n, {MAX_CHOICES}].", param="best_of")
+    if best_of > options.n and options.stream:
+        raise bad_request("'best_of' greater than 'n' cannot be streamed.", param="best_of")
+    return best_of
 
 
 def _parse_chat_logprobs(body: dict[str, Any]) -> int | None:
@@ -334,11 +365,12 @@ def _parse_options(body: dict[str, Any]) -> GenerateOptions:
         priority=priority or 0,
         logit_bias=_parse_logit_bias(body.get("logit_bias")),
         n=n or 1,
+        constraint=constraints.parse_constraint(body),
         **penalties,
     )
 
 
-def _parse_message(message: object) -> dict[str, str]:
+def _parse_message(message: object) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise bad_request("Each message must be an object.", param="messages")
     role = message.get("role")
@@ -347,6 +379,7 @@ def _parse_message(message: object) -> dict[str, str]:
     content = message.get("content")
     if content is None and role == "assistant":  # an assistant turn that only made tool calls
         content = ""
+    extra = _parse_tool_turn(message)
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise bad_request("Only text content parts are supported.", param="messages")
@@ -357,7 +390,32 @@ def _parse_message(message: object) -> dict[str, str]:
         raise bad_request(
             "Message 'content' must be a string or a list of text parts.", param="messages"
         )
-    return {"role": role, "content": content}
+    return template_message({"role": role, "content": content, **extra})
+
+
+def _parse_tool_turn(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's `tool_calls` and a tool result's `tool_call_id`, checked."""
+    extra = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict)
+            and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), str)
+            for c in calls
+        ):
+            raise bad_request(
+                '\'tool_calls\' must be a list of {"function": {"name", "arguments"}}.',
+                param="messages",
+            )
+        extra["tool_calls"] = calls
+    call_id = message.get("tool_call_id")
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise bad_request("'tool_call_id' must be a string.", param="messages")
+        extra["tool_call_id"] = call_id
+    return extra
 
 
 def _parse_stop(stop: object) -> tuple[str, ...]:

@@ -89,7 +89,7 @@ def completion_chunk(
 
 def chat_chunk(
     h: StreamHeader,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     finish_reason: str | None,
     logprobs: dict[str, Any] | None = None,
     index: int = 0,
@@ -110,9 +110,15 @@ def completion_choice(
 
 
 def chat_choice(
-    index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+    index: int,
+    text: str | None,
+    finish_reason: str,
+    logprobs: dict[str, Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "index": index,
         "message": message,

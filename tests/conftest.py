@@ -166,3 +166,20 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=2,
     )
     return _save_tiny_model(directory, config, max_shard_size="10GB")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_engine_parts(tiny_qwen2_dir: Path) -> tuple[Any, Any, Any]:
+    """(warmed `Runner`, its `EngineConfig`, `Tokenizer`) of the tiny Qwen2, for tests that
+    build engines on a real model and tokenizer. Engines built on it must run one at a time
+    (each writes every page before reading it, so one engine's leftovers never show)."""
+    from models.loaders import safetensors
+    from models.tokenizer import Tokenizer
+    from tfjax.config import EngineConfig
+    from tfjax.runner import Runner
+
+    config = EngineConfig(page_size=8, prefill_token_budget=32, max_batch_size=4)
+    cfg, weights = safetensors.load(tiny_qwen2_dir, dtype="float32")
+    runner = Runner(cfg, weights, config, num_pages=128, max_model_len=256)
+    runner.warmup()
+    return runner, config, Tokenizer.from_hf_dir(tiny_qwen2_dir)

@@ -99,5 +99,7 @@ def test_min_p_keeps_tokens_near_the_top() -> None:
         min_p=jnp.full(n, 0.5),  # keeps p >= 0.25: tokens 0 and 1
         seed=jnp.arange(n, dtype=jnp.uint32),
         output_index=jnp.zeros(n, jnp.int32),
+        allowed=jnp.full((n, 1), -1, jnp.int32),
+        constrained=jnp.zeros(n, bool),
     )
     assert set(np.asarray(jax.jit(sample)(logits, params)).tolist()) == {0, 1}

@@ -21,6 +21,8 @@ def params(temperature, top_k, top_p, seed) -> SamplingInput:
         min_p=jnp.zeros(n, jnp.float32),
         seed=jnp.asarray(seed, jnp.uint32),
         output_index=jnp.arange(n, dtype=jnp.int32),
+        allowed=jnp.full((n, -(-VOCAB // 32)), -1, jnp.int32),
+        constrained=jnp.zeros(n, bool),
     )
 
 
@@ -54,3 +56,23 @@ def test_filters_keep_draws_inside_the_allowed_set() -> None:
         assert int(sample(logits, params([1.0], [0], [0.5], [seed]))[0]) in nucleus
     unfiltered = {int(sample(logits, params([1.0], [0], [1.0], [s]))[0]) for s in range(30)}
     assert not unfiltered <= top5  # without filters the draw leaves the top 5 at times
+
+
+def test_the_grammar_mask_leaves_only_allowed_tokens() -> None:
+    """Rows with a packed mask draw (greedy, plain and filtered sampling) only tokens whose
+    bit is set, greedy rows the best of those; the unconstrained row keeps its own draw."""
+    logits = jax.random.normal(jax.random.key(3), (4, VOCAB)) * 3
+    rng = np.random.default_rng(0)
+    allowed_BxV = rng.random((4, VOCAB)) < 0.05
+    allowed_BxV[0] = True  # row 0 is unconstrained
+    words = np.packbits(allowed_BxV, axis=1, bitorder="little").view(np.int32)
+    for seed in range(10):
+        p = params([1.0, 0.0, 1.0, 0.8], [0, 0, 0, 20], [1.0, 1.0, 1.0, 0.9], [seed] * 4)
+        masked = SamplingInput(
+            **{**p.__dict__, "allowed": jnp.asarray(words), "constrained": jnp.arange(4) > 0}
+        )
+        tokens = np.asarray(jax.jit(sample)(logits, masked))
+        assert all(allowed_BxV[row, t] for row, t in enumerate(tokens))
+        best = np.where(allowed_BxV[1], np.asarray(logits[1]), -np.inf).argmax()
+        assert tokens[1] == best
+        assert tokens[0] == int(sample(logits[:1], params([1.0], [0], [1.0], [seed]))[0])

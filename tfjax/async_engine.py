@@ -273,6 +273,8 @@ class AsyncEngine:
 
     def _snapshot(self) -> EngineStats:
         engine = self.engine
+        offload = self._offload_stats()
+        extra = {**offload.pop("extra", {}), **_grammar_stats(engine.runner)}
         return EngineStats(
             num_waiting=engine.count(RequestStatus.WAITING),
             num_running=engine.count(RequestStatus.RUNNING)
@@ -288,7 +290,8 @@ class AsyncEngine:
             host_copy_s=engine.kv.stats.copy_s,
             page_size=engine.runner.page_size,
             **engine.kv.prefix_stats(),
-            **self._offload_stats(),
+            **offload,
+            extra=extra,
         )
 
     def _offload_stats(self) -> dict[str, object]:
@@ -311,6 +314,17 @@ class AsyncEngine:
                 "resumes_timed": stats.num_resumes_timed,
             },
         )
+
+
+def _grammar_stats(runner: object) -> dict[str, float]:
+    """Host time spent filling structured-output masks (`tfjax.runner.Runner.mask_s`), for
+    /metrics; runners without grammars (fakes, the simulator's) have none."""
+    if not hasattr(runner, "mask_s"):
+        return {}
+    return {
+        "grammar_mask_seconds_total": runner.mask_s,
+        "grammar_masked_steps": runner.num_masked_steps,
+    }
 
 
 def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any, Any, Any]:

@@ -32,6 +32,7 @@ from models.attention import QUERY_TILE
 from tfjax.api import Decision, Delta, TokenLogprob
 from tfjax.config import EngineConfig
 from tfjax.detokenizer import Decoder, Detokenizer
+from tfjax.grammar import GrammarError
 from tfjax.kv.manager import KVManager, Offload, PrefillWork, StepWork
 from tfjax.kv.prefix import PrefixCache
 from tfjax.qos import token_weights
@@ -267,6 +268,11 @@ class Engine:
         detok = self._detokenizers.get(request.request_id)
         finish = None
         text = ""
+        try:
+            grammar_done = request.grammar is not None and request.grammar.advance(token)
+        except GrammarError as err:
+            self._finish(request, FinishReason.ERROR, RequestStatus.ABORTED, error=str(err))
+            return
         if (token in self._eos_token_ids and not params.ignore_eos) or (
             token in params.stop_token_ids
         ):
@@ -274,7 +280,7 @@ class Engine:
         else:
             if detok is not None:
                 text = detok.push(token)
-            if detok is not None and detok.stopped:
+            if grammar_done or (detok is not None and detok.stopped):
                 finish = FinishReason.STOP
             elif (
                 request.num_output_tokens >= params.max_tokens

@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tfjax.buffers import Reader
+
+if TYPE_CHECKING:  # the simulator and the scheduler never load the grammar engine
+    from tfjax.grammar import Grammar, GrammarMatcher
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat `top_logprobs`
 
@@ -67,6 +71,7 @@ class SamplingParams:
     `seed` makes sampling reproducible whatever else shares the batch: the key of output
     token j is derived from (seed, j) only. Without a seed the engine draws one at submit.
     Bias and penalties are applied as `tfjax.logits` defines them (vLLM's definitions).
+    `grammar` constrains the output (`tfjax.grammar`); each request gets its own matcher.
     """
 
     max_tokens: int = 16
@@ -83,6 +88,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -131,9 +137,14 @@ class Request:
     reader: Reader = field(init=False)
     sent_offset: int = 0  # chars of detokenized text already streamed to the client
     num_cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # Where the output stands in `sampling.grammar`: a function of `output_ids` only, so it
+    # survives preemption, swap and recompute untouched.
+    grammar: GrammarMatcher | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.reader = Reader(self.consumption_rate)
+        grammar = self.sampling.grammar
+        self.grammar = None if grammar is None else grammar.matcher()
 
     @property
     def token_ids(self) -> list[int]:

@@ -152,6 +152,11 @@ class Runner:
         self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
+        self.num_mask_words = -(-cfg.vocab_size // 32)  # the sampler's packed grammar mask
+        # Device-resident all-ones masks per row count: steps without a grammar send none.
+        self._all_allowed: dict[int, jax.Array] = {}
+        self.mask_s = 0.0  # host seconds spent filling grammar masks (structured outputs)
+        self.num_masked_steps = 0
         self.prefill_token_s = 1e-3
         self.lockstep: StepBroadcast | None = None  # set on process 0 of a multi-host run
 
@@ -174,9 +179,10 @@ class Runner:
     def _warm(self, bucket: Bucket) -> list[object]:
         """Run `bucket` on padding and sample with every sampler variant (with and without
         penalties, scored or not), so each is compiled for the very inputs serving gives it."""
-        logits_NxV, sampling, _ = self._logits(self.host_inputs(bucket, [], []))
-        pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
-        penalties = jax.device_put(pad, self._input_sharding)
+        step, sampling, _, last = self.host_inputs(bucket, [], [])
+        logits_NxV = self._forward(step, last)
+        pad = PenaltyInput.neutral(len(last), self.max_model_len)
+        sampling, penalties = jax.device_put((sampling, pad), self._input_sharding)
         return [
             variant(logits_NxV, sampling, p)
             for variant in (_sample, _sample_scored)
@@ -232,9 +238,12 @@ class Runner:
         self, prefill: Sequence[PrefillWork], decode: Sequence[Request], *, scored: bool
     ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        inputs = self.host_inputs(bucket, prefill, decode)
+        step, last, rows = self._pack(bucket, prefill, decode)
         if self.lockstep is None:
-            return self.run_inputs(inputs, scored=scored)
+            # The forward pass is dispatched first: grammar masks fill on the host meanwhile.
+            logits_NxV = self._forward(step, last)
+            return self._draw(logits_NxV, self._sampling(rows, len(last)), scored=scored)
+        inputs = (step, *self._sampling(rows, len(last)), last)
         self.lockstep.send(bucket, inputs, scored=scored)
         # The engine reads the tokens at once anyway; waiting here tells the watchdog.
         result = jax.block_until_ready(self.run_inputs(inputs, scored=scored))
@@ -246,29 +255,57 @@ class Runner:
     ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
         """Run one step packed by `host_inputs`: sampled ids, plus logprobs if `scored`.
         Other processes of a multi-host run call this with what process 0 broadcast."""
-        logits_NxV, sampling, penalties = self._logits(inputs)
-        return (_sample_scored if scored else _sample)(logits_NxV, sampling, penalties)
+        step, sampling, penalties, last = inputs
+        return self._draw(self._forward(step, last), (sampling, penalties), scored=scored)
 
-    def _logits(self, inputs: HostInputs) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
-        """The step's logits [N, V] (KV written) and its sampling inputs, on the device."""
-        step, sampling, penalties, last = jax.device_put(inputs, self._input_sharding)
+    def _forward(self, step: StepInput, last_N: np.ndarray) -> jax.Array:
+        """Dispatch the step's forward pass (KV written); its logits [N, V] on the device."""
+        step, last_N = jax.device_put((step, last_N), self._input_sharding)
         logits_NxV, self.kv = _forward_logits(
-            self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
+            self.weights, self.kv, step, last_N, cfg=self.cfg, backend=self.backend
         )
-        return logits_NxV, sampling, penalties
+        return logits_NxV
+
+    def _sampling(
+        self, rows: _SamplingRows, num_rows: int
+    ) -> tuple[SamplingInput, PenaltyInput | None]:
+        """The rows' sampling inputs, their grammar masks filled (timed for /metrics)."""
+        start = time.perf_counter()
+        if rows.fill_masks():
+            self.mask_s += time.perf_counter() - start
+            self.num_masked_steps += 1
+        return rows.arrays(self._all_allowed_mask(num_rows)), rows.penalties()
+
+    def _draw(
+        self,
+        logits_NxV: jax.Array,
+        sampling: tuple[SamplingInput, PenaltyInput | None],
+        *,
+        scored: bool,
+    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
+        sampling_in, penalties = jax.device_put(sampling, self._input_sharding)
+        return (_sample_scored if scored else _sample)(logits_NxV, sampling_in, penalties)
 
     def input_structure(self, bucket: Bucket, *, with_penalties: bool) -> jax.tree_util.PyTreeDef:
         """The pytree structure of `bucket`'s `HostInputs`, with or without penalty arrays:
         how another process rebuilds inputs it received as a flat list of arrays."""
         step, sampling, _, last = self.host_inputs(bucket, [], [])
-        rows = _SamplingRows(len(last), self.max_model_len)
-        penalties = rows.penalty_arrays() if with_penalties else None
+        penalties = PenaltyInput.neutral(len(last), self.max_model_len) if with_penalties else None
         return jax.tree.structure((step, sampling, penalties, last))
 
     def host_inputs(
         self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
     ) -> HostInputs:
-        """Pack one step into the bucket's host arrays (numpy; moved to the device per call)."""
+        """One step's inputs, packed and grammar masks filled (what a multi-host step
+        broadcasts)."""
+        step, last, rows = self._pack(bucket, prefill, decode)
+        return (step, *self._sampling(rows, len(last)), last)
+
+    def _pack(
+        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> tuple[StepInput, np.ndarray, _SamplingRows]:
+        """Pack one step into the bucket's host arrays (numpy): the model's inputs, the flat
+        index of each output row's last token, and the sampling rows (masks not yet filled)."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
         tokens_T = np.zeros(bucket.num_tokens, np.int32)
@@ -278,7 +315,7 @@ class Runner:
         kv_lens_R = np.ones(num_rows, np.int32)  # pad rows see one (pad) key: no empty softmax
         q_lens_R = np.zeros(num_rows, np.int32)
         last_N = np.zeros(num_out, np.int32)
-        sampling = _SamplingRows(num_out, self.max_model_len)
+        sampling = _SamplingRows(num_out, self.max_model_len, self.num_mask_words)
 
         def put(row: int, first: int, request: Request, start: int, n: int) -> None:
             """Row `row` holds tokens start..start+n of `request` at flat index `first`.."""
@@ -314,15 +351,24 @@ class Runner:
                 page_table=table_RxW, kv_lens=kv_lens_R, q_lens=q_lens_R, num_tiles=bucket.tiles
             ),
         )
-        return step, sampling.arrays(), sampling.penalties(), last_N
+        return step, last_N, sampling
+
+    def _all_allowed_mask(self, num_rows: int) -> jax.Array:
+        """The all-ones grammar mask of `num_rows` rows, on the device once (the step's
+        `device_put` leaves an array already in place)."""
+        if num_rows not in self._all_allowed:
+            ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
+            self._all_allowed[num_rows] = jax.device_put(ones, self._input_sharding)
+        return self._all_allowed[num_rows]
 
 
 class _SamplingRows:
     """Host arrays of per-row sampling parameters; pad rows are greedy. The penalty arrays
-    (`tfjax.logits.PenaltyInput`, histories `history_len` wide) are only allocated once a row
-    needs them, so batches without bias or penalties build and send none."""
+    (`tfjax.logits.PenaltyInput`, histories `history_len` wide) and the grammar mask
+    (`num_mask_words` wide) are only allocated once a row needs them, so batches without bias,
+    penalties or grammars build and send none."""
 
-    def __init__(self, n: int, history_len: int) -> None:
+    def __init__(self, n: int, history_len: int, num_mask_words: int) -> None:
         self.temperature = np.zeros(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
         self.top_p = np.ones(n, np.float32)
@@ -331,6 +377,21 @@ class _SamplingRows:
         self.index = np.zeros(n, np.int32)
         self.history_len = history_len
         self._penalties: PenaltyInput | None = None
+        self.num_mask_words = num_mask_words
+        self.constrained = np.zeros(n, np.bool_)
+        self._allowed: np.ndarray | None = None  # [n, num_mask_words] int32 once a row needs it
+        self._constrained_rows: list[tuple[int, Request]] = []
+
+    def fill_masks(self) -> bool:
+        """Fill the grammar mask of every constrained row; False if there is none. Called
+        after `set` for every row, once the step's forward pass is on its way."""
+        if not self._constrained_rows:
+            return False
+        self._allowed = np.full((len(self.constrained), self.num_mask_words), -1, np.int32)
+        for row, request in self._constrained_rows:
+            request.grammar.fill_bitmask(self._allowed[row])
+            self.constrained[row] = True
+        return True
 
     def set(self, row: int, request: Request) -> None:
         params = request.sampling
@@ -342,6 +403,8 @@ class _SamplingRows:
         self.index[row] = request.num_output_tokens
         if params.has_penalties:
             self._set_penalties(row, request)
+        if request.grammar is not None:
+            self._constrained_rows.append((row, request))
 
     def _set_penalties(self, row: int, request: Request) -> None:
         p = self.penalty_arrays()
@@ -368,7 +431,8 @@ class _SamplingRows:
             self._penalties = PenaltyInput.neutral(len(self.temperature), self.history_len)
         return self._penalties
 
-    def arrays(self) -> SamplingInput:
+    def arrays(self, all_allowed: jax.Array) -> SamplingInput:
+        """The rows' inputs; `all_allowed` is the mask sent when no row has a grammar."""
         return SamplingInput(
             temperature=self.temperature,
             top_k=self.top_k,
@@ -376,4 +440,6 @@ class _SamplingRows:
             min_p=self.min_p,
             seed=self.seed,
             output_index=self.index,
+            allowed=all_allowed if self._allowed is None else self._allowed,
+            constrained=self.constrained,
         )

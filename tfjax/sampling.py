@@ -17,8 +17,11 @@ log-softmax, before bias, penalties, temperature and filters (vLLM's default); t
 it only in steps where some row asked for logprobs.
 
 `logit_bias` and the penalties (`tfjax.logits`) come first when the batch has a row that asks
-for them (`penalties` is then given, a separate compilation); then, as in vLLM, temperature,
-min-p (on the scaled distribution), top-k and top-p.
+for them (`penalties` is then given, a separate compilation); then the grammar mask of
+structured outputs (`tfjax.grammar`); then, as in vLLM, temperature, min-p (on the scaled
+distribution), top-k and top-p. The mask is a packed bitmask input every step carries (the
+runner passes a device-resident all-ones mask when no row is constrained), behind a
+`lax.cond` on `constrained`: one compiled shape, and unconstrained batches skip the unpacking.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class SamplingInput:
     min_p: jax.Array  # [B] float32, 0 = off
     seed: jax.Array  # [B] uint32
     output_index: jax.Array  # [B] int32, index j of the token being sampled
+    allowed: jax.Array  # [B, ceil(V / 32)] int32, bit t % 32 of word t // 32: token t allowed
+    constrained: jax.Array  # [B] bool, the row has a grammar (its `allowed` is not all ones)
 
 
 def _draw(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
@@ -87,6 +92,13 @@ def _sample_filtered(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
     return _draw(jnp.where(dropped_BxV, -jnp.inf, scaled_BxV), params)
 
 
+def allowed_only(logits_BxV: jax.Array, allowed_BxW: jax.Array) -> jax.Array:
+    """`logits_BxV` with the tokens whose bit is clear in `allowed_BxW` set to -inf."""
+    ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
+    bits_BxV = jnp.right_shift(allowed_BxW[:, ids_V // 32], ids_V % 32) & 1
+    return jnp.where(bits_BxV == 1, logits_BxV, -jnp.inf)
+
+
 def sample(
     logits_BxV: jax.Array, params: SamplingInput, penalties: PenaltyInput | None = None
 ) -> jax.Array:
@@ -95,6 +107,13 @@ def sample(
         logits_BxV = logits_BxV.astype(jnp.float32)
         if penalties is not None:
             logits_BxV = apply_penalties(logits_BxV, penalties)
+        logits_BxV = jax.lax.cond(
+            jnp.any(params.constrained),
+            allowed_only,
+            lambda logits, _: logits,
+            logits_BxV,
+            params.allowed,
+        )
         branch = jnp.any(params.temperature > 0).astype(jnp.int32) + jnp.any(_filters(params))
         tokens_B = jax.lax.switch(
             branch,

@@ -50,7 +50,7 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "n": 17}, 400, "n"),
     (C, {"prompt": "hi", "n": 0}, 400, "n"),
     (C, {"prompt": "hi", "n": "1"}, 400, "n"),
-    (C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (C, {"prompt": "hi", "best_of": 17}, 400, "best_of"),
     (C, {"prompt": "hi", "echo": True}, 400, "echo"),
     (C, {"prompt": "hi", "logprobs": 9}, 400, "logprobs"),
     (C, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),

@@ -52,6 +52,7 @@ class ClientConfig:
     request_timeout_s: float = 600.0
     max_concurrency: int | None = None  # client-side cap; waiting for a slot is not in TTFT
     seed: int = 0  # of the prompts
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every body
 
 
 @dataclass(slots=True)
@@ -101,6 +102,7 @@ def request_body(cfg: ClientConfig, req: ClientRequest) -> dict[str, Any]:
         body["ignore_eos"] = cfg.ignore_eos
     if cfg.temperature is not None:
         body["temperature"] = cfg.temperature
+    body.update(cfg.extra_body)
     return body
 
 

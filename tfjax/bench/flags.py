@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -152,6 +153,13 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         help="send neither consumption_rate nor ignore_eos",
     )
     g.add_argument("--temperature", type=float, default=None)
+    g.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        help="JSON merged into every request body (vLLM's flag), e.g. "
+        '\'{"response_format": {"type": "json_object"}}\'',
+    )
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
     g.add_argument("--metric-percentiles", default="99", help="e.g. 50,90,99")
@@ -170,6 +178,7 @@ def client_config(args: argparse.Namespace, base_url: str, model: str) -> Client
         request_timeout_s=args.request_timeout,
         max_concurrency=args.max_concurrency,
         seed=args.seed,
+        extra_body=args.extra_body,
     )
 
 

@@ -115,7 +115,7 @@ def bad_requests(model: str) -> list[tuple[str, bytes, str]]:
         (c, body(prompt="\ud800 lone surrogate"), "4xx"),
         (c, body(prompt="word " * 100_000), "4xx"),
         (c, body(prompt="x", n=17), "4xx"),  # n is 1-16
-        (c, body(prompt="x", response_format={"type": "json_object"}), "4xx"),  # not yet
+        (c, body(prompt="x", response_format={"type": "json_schema"}), "4xx"),  # no schema
         (c, body(prompt="x", max_tokens=2, n=2, logprobs=2, presence_penalty=0.5), "ok"),
         (c, body(prompt="x", stop=["q" * 100 + str(i) for i in range(1000)]), "4xx"),
         (c, json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), "4xx"),
