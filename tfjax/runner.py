@@ -10,17 +10,28 @@ the order given), then decode rows (in the order given).
 Shapes are bucketed on (prefill tiles, decode rows) only: the page table always has the
 longest row's width, since every attention backend reads only each row's own pages. Decode
 rows are sorted by length inside the call so that the CPU backend's row groups are even.
-`warmup` runs every bucket once on padding, so serving never compiles
+The KV cache is donated to every call and replaced by the call's output.
+
+Compiles: `warmup` compiles buckets ahead of time (`jit(...).lower(...).compile()`, nothing
+runs) into a table of executables, and steps only ever call those, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
-flat). The KV cache is donated to every call and replaced by the call's output.
+flat). With `first`, it returns once those buckets are compiled and compiles the rest on a
+background thread (a replica serves sooner, tfjax/compile_plan.py); until a step's own bucket
+is in the table, the step runs in compiled ones, padded or split into several calls.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +43,7 @@ from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
+from tfjax.compile_plan import background_order, calls_for
 from tfjax.config import (
     DEFAULT_CPU_KV_PAGES,
     Bucket,
@@ -43,10 +55,15 @@ from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.logits import PenaltyInput
+from tfjax.metrics import COMPILES
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
+log = logging.getLogger(__name__)
+
 UINT32_MASK = 0xFFFFFFFF
+NO_ROW = -1  # a call output no step row reads: a prompt piece that ends mid-chunk
+BACKGROUND_NICE = 10  # the compile thread yields the CPU to the engine thread's steps
 
 
 @partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
@@ -134,34 +151,120 @@ class Runner:
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
         self.prefill_token_s = 1e-3
+        # What calls are lowered against: the KV's shapes and shardings (never the live arrays,
+        # which the engine thread donates while the compile thread lowers).
+        self._kv_spec = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv
+        )
+        # The executables. The compile thread publishes a new dict (never mutates one the
+        # engine thread reads), forwards and samplers before `_compiled` names their bucket.
+        self._forwards: dict[Bucket, jax.stages.Compiled] = {}
+        # Samplers by (rows, scored, penalized): buckets of one row count share them.
+        self._samplers: dict[tuple[int, bool, bool], jax.stages.Compiled] = {}
+        self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
+        self._compiled: frozenset[Bucket] = frozenset()
+        self._num_step_buckets = len(config.step_buckets())
+        self._stop_compiling = threading.Event()
+        self._compile_thread: threading.Thread | None = None
+        self.all_compiled = threading.Event()  # set once every bucket is in the table
 
-    def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
-        """Compile every bucket by running it once on padding (only PAD_PAGE is written);
-        `on_compiled(done, total)` reports progress."""
-        buckets = self.config.step_buckets()
+    def warmup(
+        self,
+        on_compiled: Callable[[int, int], None] | None = None,
+        *,
+        first: Sequence[Bucket] | None = None,
+    ) -> None:
+        """Compile the step buckets `first` (default: all of them) and every page-copy size,
+        then time a few steps for the policies' first cost estimates; `on_compiled(done,
+        total)` reports progress. The step buckets not in `first` compile on a background
+        thread after this returns (`all_compiled` is set when they are done); a step needing
+        one of them meanwhile runs in compiled ones (`tfjax.compile_plan.calls_for`)."""
+        buckets = self.config.step_buckets() if first is None else list(first)
         total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
-            jax.block_until_ready(self._warm(bucket))
+            self._compile_step(bucket)
             if on_compiled:
                 on_compiled(i + 1, total)
-        self._time_steps()
         for i, n in enumerate(self._gather_buckets):  # the host tier's page copies
-            self.scatter([], self.gather([PAD_PAGE] * n))
+            self._compile_page_copy(n)
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
-        jax.block_until_ready(self.kv)
+        self._time_steps()
+        rest = background_order(self.config.step_buckets(), self._compiled)
+        if not rest:
+            self.all_compiled.set()
+            return
+        self._compile_thread = threading.Thread(
+            target=self._compile_in_background, args=(rest,), name="tfjax-compile", daemon=True
+        )
+        self._compile_thread.start()
 
-    def _warm(self, bucket: Bucket) -> list[object]:
-        """Run `bucket` on padding and sample with every sampler variant (with and without
-        penalties, scored or not), so each is compiled for the very inputs serving gives it."""
-        logits_NxV, sampling, _ = self._logits(bucket, [], [])
-        pad = _SamplingRows(len(sampling.temperature), self.max_model_len).penalty_arrays()
+    def compile_progress(self) -> tuple[int, int]:
+        """(buckets compiled, buckets in all), step buckets and page-copy sizes together."""
+        total = self._num_step_buckets + len(self._gather_buckets)
+        return len(self._compiled) + len(self._page_copies), total
+
+    def stop_compiling(self, timeout_s: float = 30.0) -> None:
+        """Compile no further bucket in the background, and wait up to `timeout_s` for the
+        one being compiled, so that the process does not exit in the middle of a compile."""
+        self._stop_compiling.set()
+        if self._compile_thread is not None:
+            self._compile_thread.join(timeout_s)
+
+    def _compile_in_background(self, buckets: Sequence[Bucket]) -> None:
+        """The compile thread: `buckets` in order, counted apart from serving-path compiles
+        (`COMPILES.background`), at a lower OS priority than the engine thread."""
+        if sys.platform == "linux":  # there, the priority of one thread (elsewhere: a process)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        start = time.perf_counter()
+        try:
+            with COMPILES.background():
+                for bucket in buckets:
+                    if self._stop_compiling.is_set():
+                        return
+                    self._compile_step(bucket)
+        except Exception:  # serving goes on in the buckets compiled so far
+            log.exception("compiling step buckets in the background failed")
+            return
+        log.info(
+            "compiled the other %d step buckets in the background in %.1f s",
+            len(buckets),
+            time.perf_counter() - start,
+        )
+        self.all_compiled.set()
+
+    def _compile_step(self, bucket: Bucket) -> None:
+        """Compile `bucket`'s forward and the four sampler variants of its row count (with
+        and without penalties, scored or not), lowered on the very inputs serving gives
+        them, and publish them (see `__init__`)."""
+        step, sampling, _, last = self._inputs(bucket, [], [])
+        forward = _forward_logits.lower(
+            self.weights, self._kv_spec, step, last, cfg=self.cfg, backend=self.backend
+        ).compile()
+        num_rows = len(sampling.temperature)
+        pad = _SamplingRows(num_rows, self.max_model_len).penalty_arrays()
         penalties = jax.device_put(pad, self._input_sharding)
-        return [
-            variant(logits_NxV, sampling, p)
-            for variant in (_sample, _sample_scored)
+        logits_spec = forward.out_info[0]
+        samplers = {
+            (num_rows, scored, p is not None): variant.lower(logits_spec, sampling, p).compile()
+            for scored, variant in ((False, _sample), (True, _sample_scored))
             for p in (None, penalties)
-        ]
+            if (num_rows, scored, p is not None) not in self._samplers
+        }
+        self._samplers = {**self._samplers, **samplers}
+        self._forwards = {**self._forwards, bucket: forward}
+        self._compiled = self._compiled | {bucket}
+
+    def _compile_page_copy(self, num_pages: int) -> None:
+        """Compile the gather and the scatter of `num_pages` pages, as a pair: a scatter
+        always takes pages of a size gathered before."""
+        page_ids = np.zeros(num_pages, np.int32)
+        axis = self.backend.layout.page_axis
+        gather = gather_pages.lower(self._kv_spec, page_ids, page_axis=axis).compile()
+        scatter = scatter_pages.lower(
+            self._kv_spec, page_ids, gather.out_info, page_axis=axis
+        ).compile()
+        self._page_copies = {**self._page_copies, num_pages: (gather, scatter)}
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
@@ -170,67 +273,118 @@ class Runner:
 
         def seconds(bucket: Bucket) -> float:
             start = time.perf_counter()
-            jax.block_until_ready(self._run(bucket, [], []))
+            jax.block_until_ready(self._sampled(_Call.padding(bucket), scored=False))
             return time.perf_counter() - start
 
-        self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self.config.decode_batch_buckets()}
-        largest = Bucket(self.config.prefill_tile_buckets()[-1], 0)
+        compiled = self._compiled
+        self.decode_step_s = {
+            b.rows: seconds(b) for b in sorted(compiled, key=lambda b: b.rows) if not b.tiles
+        }
+        largest = max(compiled, key=lambda b: (b.tiles, -b.rows))
         self.prefill_token_s = seconds(largest) / largest.num_tokens
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, A, N, ...] copy of `page_ids` (A arrays per layer, the page axis moved
         to N, which is padded to a bucket)."""
         padded = self._padded_pages(page_ids, len(page_ids))
-        return gather_pages(self.kv, padded, page_axis=self.backend.layout.page_axis)
+        gather, _ = self._page_copies[len(padded)]
+        return gather(self.kv, padded)
 
     def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
         """Write `pages[:, :, i]` into device page `page_ids[i]`; other entries hit PAD_PAGE."""
         padded = self._padded_pages(page_ids, pages.shape[2])
-        self.kv = scatter_pages(self.kv, padded, pages, page_axis=self.backend.layout.page_axis)
+        _, scatter = self._page_copies[len(padded)]
+        self.kv = scatter(self.kv, padded, pages)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
         out = np.full(ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
-    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> jax.Array:
+    def step(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> jax.Array | np.ndarray:
         """Write the KV of each prefill chunk's next `num_tokens` prompt tokens and of each
-        decode row's last token, in one call; return the token sampled after each: ids
-        [>= len(prefill) + len(decode)], prefill chunks first (slice on the host: slicing on
-        device would compile). Pages must already cover the tokens; `num_computed_tokens`
-        is not advanced here."""
-        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        return self._run(bucket, prefill, decode)
+        decode row's last token; return the token sampled after each: ids [>= len(prefill) +
+        len(decode)], prefill chunks first (slice on the host: slicing on device would
+        compile). One call when the step's bucket is compiled. Pages must already cover the
+        tokens; `num_computed_tokens` is not advanced here."""
+        return self._run(self._calls(prefill, decode), len(prefill) + len(decode), scored=False)
 
     def step_scored(
         self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[jax.Array, TokenLogprobs]:
+    ) -> tuple[jax.Array | np.ndarray, TokenLogprobs]:
         """`step`, plus every row's raw logprobs (`tfjax.sampling.token_logprobs`), in the
         same order; for steps where some request asked for logprobs."""
-        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
-        return _sample_scored(logits_NxV, sampling, penalties)
+        return self._run(self._calls(prefill, decode), len(prefill) + len(decode), scored=True)
 
-    def _run(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> jax.Array:
-        logits_NxV, sampling, penalties = self._logits(bucket, prefill, decode)
-        return _sample(logits_NxV, sampling, penalties)
+    def _calls(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> list[_Call]:
+        """The step as calls of compiled buckets: its own bucket if compiled, else those
+        `calls_for` picks, filled in order (prompt chunks split at tile boundaries, each
+        piece after the one before it, so later tiles see the KV earlier ones wrote)."""
+        compiled = self._compiled
+        bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
+        if bucket in compiled:
+            buckets: Sequence[Bucket] = (bucket,)
+        else:
+            tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
+            buckets = calls_for(tiles, len(decode), compiled)
+        calls, work, placed, row = [], 0, 0, 0  # placed: tokens of prefill[work] in calls
+        for bucket in buckets:
+            chunks: list[_Chunk] = []
+            targets: list[int] = []
+            room = bucket.tiles
+            while room and work < len(prefill):
+                w = prefill[work]
+                n = min(room * QUERY_TILE, w.num_tokens - placed)
+                chunks.append(_Chunk(w.request, w.request.num_computed_tokens + placed, n))
+                room -= -(-n // QUERY_TILE)
+                placed += n
+                targets.append(work if placed == w.num_tokens else NO_ROW)
+                if placed == w.num_tokens:
+                    work, placed = work + 1, 0
+            rows = list(decode[row : row + bucket.rows])
+            targets += range(len(prefill) + row, len(prefill) + row + len(rows))
+            row += len(rows)
+            if chunks or rows:
+                calls.append(_Call(bucket, chunks, rows, np.asarray(targets, np.int32)))
+        assert work == len(prefill) and row == len(decode), "calls do not hold the step"
+        return calls
+
+    def _run(self, calls: Sequence[_Call], num_rows: int, *, scored: bool) -> Any:
+        """Each call's sampled outputs; one call's as they are (on the device), several
+        merged on the host into the step's row order."""
+        outputs = [self._sampled(call, scored=scored) for call in calls]  # all dispatched
+        if len(calls) == 1:
+            return outputs[0]
+
+        def merge(*parts: np.ndarray) -> np.ndarray:
+            out = np.empty((num_rows, *parts[0].shape[1:]), parts[0].dtype)
+            for call, part in zip(calls, parts, strict=True):
+                read = call.targets != NO_ROW
+                out[call.targets[read]] = part[: len(call.targets)][read]
+            return out
+
+        return jax.tree.map(merge, *jax.device_get(outputs))
+
+    def _sampled(self, call: _Call, *, scored: bool) -> Any:
+        """Run one call: its tokens [N] (and logprobs if `scored`), on the device."""
+        logits_NxV, sampling, penalties = self._logits(call.bucket, call.chunks, call.decode)
+        key = (len(sampling.temperature), scored, penalties is not None)
+        return self._samplers[key](logits_NxV, sampling, penalties)
 
     def _logits(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[_Chunk], decode: Sequence[Request]
     ) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
-        """The step's logits [N, V] (KV written) and its sampling inputs, on the device."""
-        step, sampling, penalties, last = self._inputs(bucket, prefill, decode)
-        logits_NxV, self.kv = _forward_logits(
-            self.weights, self.kv, step, last, cfg=self.cfg, backend=self.backend
-        )
+        """The call's logits [N, V] (KV written) and its sampling inputs, on the device."""
+        step, sampling, penalties, last = self._inputs(bucket, chunks, decode)
+        logits_NxV, self.kv = self._forwards[bucket](self.weights, self.kv, step, last)
         return logits_NxV, sampling, penalties
 
     def _inputs(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[_Chunk], decode: Sequence[Request]
     ) -> tuple[StepInput, SamplingInput, PenaltyInput | None, jax.Array]:
-        """Pack one step into the bucket's host arrays and move them to the device."""
+        """Pack one call into the bucket's host arrays and move them to the device."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
         tokens_T = np.zeros(bucket.num_tokens, np.int32)
@@ -254,10 +408,10 @@ class Runner:
             q_lens_R[row] = n
 
         tile = 0
-        for out, work in enumerate(prefill):
-            request, start = work.request, work.request.num_computed_tokens
-            for offset in range(0, work.num_tokens, QUERY_TILE):
-                n = min(QUERY_TILE, work.num_tokens - offset)
+        for out, chunk in enumerate(chunks):
+            request, start = chunk.request, chunk.start
+            for offset in range(0, chunk.num_tokens, QUERY_TILE):
+                n = min(QUERY_TILE, chunk.num_tokens - offset)
                 put(tile, tile * QUERY_TILE, request, start + offset, n)
                 tile += 1
             last_N[out] = (tile - 1) * QUERY_TILE + n - 1
@@ -266,8 +420,8 @@ class Runner:
         for row, i in enumerate(by_length):
             request = decode[i]
             put(bucket.tiles + row, split + row, request, request.num_tokens - 1, 1)
-            last_N[len(prefill) + i] = split + row
-            sampling.set(len(prefill) + i, request)
+            last_N[len(chunks) + i] = split + row
+            sampling.set(len(chunks) + i, request)
         step = StepInput(
             tokens=tokens_T,
             positions=positions_T,
@@ -278,6 +432,32 @@ class Runner:
         )
         inputs = (step, sampling.arrays(), sampling.penalties(), last_N)
         return jax.device_put(inputs, self._input_sharding)
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """Prompt tokens start .. start + num_tokens of `request`, one call's share of a prefill
+    chunk (all of it, or a tile-aligned piece); the call samples a token after them."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One call of a step: a compiled bucket, the prompt pieces and decode rows it runs, and
+    for each of its outputs (pieces first, then rows) the step row it answers, or NO_ROW."""
+
+    bucket: Bucket
+    chunks: list[_Chunk]
+    decode: list[Request]
+    targets: np.ndarray  # [len(chunks) + len(decode)] int32
+
+    @staticmethod
+    def padding(bucket: Bucket) -> _Call:
+        """A call of padding only (writes only PAD_PAGE): to time a bucket."""
+        return _Call(bucket, [], [], np.zeros(0, np.int32))
 
 
 class _SamplingRows:
