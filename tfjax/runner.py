@@ -15,9 +15,10 @@ The KV cache is donated to every call and replaced by the call's output.
 Compiles: `warmup` compiles buckets ahead of time (`jit(...).lower(...).compile()`, nothing
 runs) into a table of executables, and steps only ever call those, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
-flat). With `first`, it returns once those buckets are compiled and compiles the rest on a
-background thread (a replica serves sooner, tfjax/compile_plan.py); until a step's own bucket
-is in the table, the step runs in compiled ones, padded or split into several calls.
+flat). `warmup(first=...)` compiles only some buckets, so that a replica serves sooner, and
+`compile_rest_in_background` the others while steps run (tfjax/compile_plan.py); until a
+step's own bucket is in the table, the step runs in compiled ones, padded or split into
+several calls (`num_fallback_steps` counts them).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class Runner:
         self._stop_compiling = threading.Event()
         self._compile_thread: threading.Thread | None = None
         self.all_compiled = threading.Event()  # set once every bucket is in the table
+        self.num_fallback_steps = 0  # steps run in other buckets than their own
 
     def warmup(
         self,
@@ -176,9 +178,8 @@ class Runner:
     ) -> None:
         """Compile the step buckets `first` (default: all of them) and every page-copy size,
         then time a few steps for the policies' first cost estimates; `on_compiled(done,
-        total)` reports progress. The step buckets not in `first` compile on a background
-        thread after this returns (`all_compiled` is set when they are done); a step needing
-        one of them meanwhile runs in compiled ones (`tfjax.compile_plan.calls_for`)."""
+        total)` reports progress. Steps that need a bucket not compiled yet run in compiled
+        ones (`tfjax.compile_plan.calls_for`) until `compile_rest_in_background` adds it."""
         buckets = self.config.step_buckets() if first is None else list(first)
         total = len(buckets) + len(self._gather_buckets)
         for i, bucket in enumerate(buckets):
@@ -190,9 +191,14 @@ class Runner:
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
         self._time_steps()
+        if not background_order(self.config.step_buckets(), self._compiled):
+            self.all_compiled.set()
+
+    def compile_rest_in_background(self) -> None:
+        """Compile the step buckets `warmup` left out on a thread of their own, smallest
+        first, while steps run; `all_compiled` is set when they are all in."""
         rest = background_order(self.config.step_buckets(), self._compiled)
         if not rest:
-            self.all_compiled.set()
             return
         self._compile_thread = threading.Thread(
             target=self._compile_in_background, args=(rest,), name="tfjax-compile", daemon=True
@@ -329,6 +335,7 @@ class Runner:
         else:
             tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
             buckets = calls_for(tiles, len(decode), compiled)
+            self.num_fallback_steps += 1
         calls, work, placed, row = [], 0, 0, 0  # placed: tokens of prefill[work] in calls
         for bucket in buckets:
             chunks: list[_Chunk] = []
