@@ -88,3 +88,21 @@ def test_serves_before_every_bucket_is_compiled(weights) -> None:
             [v for _, v in logprobs], [v for _, v in want_logprobs], atol=1e-5
         )
         assert bool(logprobs) == (r.sampling.logprobs is not None)
+
+
+def test_page_copies_pad_to_a_compiled_size(weights) -> None:
+    """With one page and the largest size compiled, three pages travel in the largest, and
+    the write-through copies one page at a time until the size of two is compiled."""
+    runner = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
+    runner.warmup(first=TINY_FIRST)
+    assert runner.max_gather_pages == 1
+    gathered = runner.gather([1, 2, 3])
+    assert gathered.shape[2] == runner.max_pages_per_row
+    values = np.random.default_rng(0).standard_normal(gathered.shape).astype(gathered.dtype)
+    runner.scatter([4, 5, 6], jax.device_put(values, gathered.sharding))
+    moved = np.asarray(runner.gather([4, 5, 6]))
+    np.testing.assert_array_equal(moved[:, :, :3], values[:, :, :3])
+    runner.compile_rest_in_background()
+    assert runner.all_compiled.wait(COMPILE_TIMEOUT_S)
+    assert runner.max_gather_pages == runner.max_pages_per_row
+    assert runner.gather([1, 2, 3]).shape[2] == 4

@@ -1,11 +1,12 @@
-"""Which step buckets to compile before serving, in what order the rest compile, and how a
-step runs while its own bucket is not compiled yet.
+"""Which step buckets (and page-copy sizes) to compile before serving, in what order the
+rest compile, and how a step runs while its own bucket is not compiled yet.
 
 A replica added under load must answer soon after it starts, but compiling every bucket of
 `EngineConfig.step_buckets()` takes minutes on a small CPU (the persistent XLA cache does not
 help there, README "Start-up output"). So the runner compiles `startup_buckets` first -- what
 a light load needs: a few decode rows, and prompts of a few tiles next to them -- starts
-serving, and compiles `background_order` on a thread while steps run.
+serving, and compiles `background_order` on a thread while steps run. Page copies (the host
+tier's gather and scatter, one pair per size) start with `startup_page_copies`.
 
 Until then a step whose bucket is missing runs in compiled ones (`calls_for`): padded up to a
 compiled bucket that holds it, or split into several calls, whichever costs fewer padded
@@ -18,7 +19,7 @@ bookkeeping over `Bucket`s, shared by the runner and its tests.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from models.attention import QUERY_TILE
 from tfjax.config import Bucket, EngineConfig, ceil_bucket
@@ -37,6 +38,13 @@ def startup_buckets(config: EngineConfig) -> list[Bucket]:
     tiles = config.prefill_tile_buckets()
     prefill = ceil_bucket(tiles, min(LIGHT_LOAD_TILES, tiles[-1]))
     return [Bucket(0, decode), Bucket(prefill, config.mixed_decode_buckets()[0])]
+
+
+def startup_page_copies(sizes: Sequence[int]) -> list[int]:
+    """The page-copy sizes compiled before serving: one page (what the write-through copies
+    while larger sizes compile, `Runner.max_gather_pages`) and the largest, which any copy
+    pads up to meanwhile (a preempted request's tail, rare on a fresh replica)."""
+    return sorted({sizes[0], sizes[-1]})
 
 
 def background_order(buckets: Collection[Bucket], compiled: Collection[Bucket]) -> list[Bucket]:

@@ -44,7 +44,7 @@ from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
-from tfjax.compile_plan import background_order, calls_for
+from tfjax.compile_plan import background_order, calls_for, startup_page_copies
 from tfjax.config import (
     DEFAULT_CPU_KV_PAGES,
     Bucket,
@@ -140,8 +140,7 @@ class Runner:
         self.max_pages_per_row = pages_needed(max_model_len, config.page_size)
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
         self.page_bytes = self.kv_bytes_per_token * config.page_size
-        self.max_gather_pages = self.max_pages_per_row
-        self._gather_buckets = geometric_buckets(1, self.max_gather_pages)
+        self._gather_buckets = geometric_buckets(1, self.max_pages_per_row)
         layout = self.backend.layout
         self.kv = init_kv_cache(
             cfg, num_pages, config.page_size, kv_sharding(self.mesh, layout), self.backend
@@ -176,32 +175,40 @@ class Runner:
         *,
         first: Sequence[Bucket] | None = None,
     ) -> None:
-        """Compile the step buckets `first` (default: all of them) and every page-copy size,
-        then time a few steps for the policies' first cost estimates; `on_compiled(done,
-        total)` reports progress. Steps that need a bucket not compiled yet run in compiled
-        ones (`tfjax.compile_plan.calls_for`) until `compile_rest_in_background` adds it."""
+        """Compile the step buckets `first` and `startup_page_copies` (default: every step
+        bucket and page-copy size), then time a few steps for the policies' first cost
+        estimates; `on_compiled(done, total)` reports progress. Steps that need a bucket not
+        compiled yet run in compiled ones (`tfjax.compile_plan.calls_for`), and page copies
+        pad up to a compiled size, until `compile_rest_in_background` adds them."""
         buckets = self.config.step_buckets() if first is None else list(first)
-        total = len(buckets) + len(self._gather_buckets)
+        sizes = self._gather_buckets if first is None else startup_page_copies(self._gather_buckets)
+        total = len(buckets) + len(sizes)
         for i, bucket in enumerate(buckets):
             self._compile_step(bucket)
             if on_compiled:
                 on_compiled(i + 1, total)
-        for i, n in enumerate(self._gather_buckets):  # the host tier's page copies
+        for i, n in enumerate(sizes):  # the host tier's page copies
             self._compile_page_copy(n)
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
         self._time_steps()
-        if not background_order(self.config.step_buckets(), self._compiled):
+        done, total = self.compile_progress()
+        if done == total:
             self.all_compiled.set()
 
     def compile_rest_in_background(self) -> None:
-        """Compile the step buckets `warmup` left out on a thread of their own, smallest
-        first, while steps run; `all_compiled` is set when they are all in."""
-        rest = background_order(self.config.step_buckets(), self._compiled)
-        if not rest:
+        """Compile the step buckets and page-copy sizes `warmup` left out on a thread of their
+        own, smallest first, step buckets before page copies (the host tier copies a page at
+        a time meanwhile), while steps run; `all_compiled` is set when they are all in."""
+        steps = background_order(self.config.step_buckets(), self._compiled)
+        sizes = [n for n in self._gather_buckets if n not in self._page_copies]
+        if not steps and not sizes:
             return
         self._compile_thread = threading.Thread(
-            target=self._compile_in_background, args=(rest,), name="tfjax-compile", daemon=True
+            target=self._compile_in_background,
+            args=(steps, sizes),
+            name="tfjax-compile",
+            daemon=True,
         )
         self._compile_thread.start()
 
@@ -217,24 +224,28 @@ class Runner:
         if self._compile_thread is not None:
             self._compile_thread.join(timeout_s)
 
-    def _compile_in_background(self, buckets: Sequence[Bucket]) -> None:
-        """The compile thread: `buckets` in order, counted apart from serving-path compiles
-        (`COMPILES.background`), at a lower OS priority than the engine thread."""
+    def _compile_in_background(self, buckets: Sequence[Bucket], sizes: Sequence[int]) -> None:
+        """The compile thread: step `buckets`, then page-copy `sizes`, in order, counted apart
+        from serving-path compiles (`COMPILES.background`), at a lower OS priority than the
+        engine thread."""
         if sys.platform == "linux":  # there, the priority of one thread (elsewhere: a process)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
         start = time.perf_counter()
         try:
             with COMPILES.background():
-                for bucket in buckets:
+                for compile_one, key in [
+                    *((self._compile_step, b) for b in buckets),
+                    *((self._compile_page_copy, n) for n in sizes),
+                ]:
                     if self._stop_compiling.is_set():
                         return
-                    self._compile_step(bucket)
+                    compile_one(key)
         except Exception:  # serving goes on in the buckets compiled so far
-            log.exception("compiling step buckets in the background failed")
+            log.exception("compiling buckets in the background failed")
             return
         log.info(
-            "compiled the other %d step buckets in the background in %.1f s",
-            len(buckets),
+            "compiled the other %d buckets in the background in %.1f s",
+            len(buckets) + len(sizes),
             time.perf_counter() - start,
         )
         self.all_compiled.set()
@@ -289,9 +300,20 @@ class Runner:
         largest = max(compiled, key=lambda b: (b.tiles, -b.rows))
         self.prefill_token_s = seconds(largest) / largest.num_tokens
 
+    @property
+    def max_gather_pages(self) -> int:
+        """The most pages one `gather` copies without padding beyond its size bucket: the
+        largest size up to which every size is compiled (the write-through's cap per copy)."""
+        largest = 0
+        for n in self._gather_buckets:
+            if n not in self._page_copies:
+                break
+            largest = n
+        return largest
+
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, A, N, ...] copy of `page_ids` (A arrays per layer, the page axis moved
-        to N, which is padded to a bucket)."""
+        to N, which is padded to the smallest compiled size that holds it)."""
         padded = self._padded_pages(page_ids, len(page_ids))
         gather, _ = self._page_copies[len(padded)]
         return gather(self.kv, padded)
@@ -303,7 +325,7 @@ class Runner:
         self.kv = scatter(self.kv, padded, pages)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
-        out = np.full(ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
+        out = np.full(ceil_bucket(sorted(self._page_copies), max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
