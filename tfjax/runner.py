@@ -168,6 +168,9 @@ class Runner:
         self._compile_thread: threading.Thread | None = None
         self.all_compiled = threading.Event()  # set once every bucket is in the table
         self.num_fallback_steps = 0  # steps run in other buckets than their own
+        # Before `warmup`, a missing bucket or size compiles when first needed, as a plain jit
+        # would (calibration measures each shape it runs and compiles only those).
+        self._compile_on_demand = True
 
     def warmup(
         self,
@@ -180,6 +183,7 @@ class Runner:
         estimates; `on_compiled(done, total)` reports progress. Steps that need a bucket not
         compiled yet run in compiled ones (`tfjax.compile_plan.calls_for`), and page copies
         pad up to a compiled size, until `compile_rest_in_background` adds them."""
+        self._compile_on_demand = False
         buckets = self.config.step_buckets() if first is None else list(first)
         sizes = self._gather_buckets if first is None else startup_page_copies(self._gather_buckets)
         total = len(buckets) + len(sizes)
@@ -304,6 +308,8 @@ class Runner:
     def max_gather_pages(self) -> int:
         """The most pages one `gather` copies without padding beyond its size bucket: the
         largest size up to which every size is compiled (the write-through's cap per copy)."""
+        if self._compile_on_demand:
+            return self._gather_buckets[-1]
         largest = 0
         for n in self._gather_buckets:
             if n not in self._page_copies:
@@ -325,6 +331,9 @@ class Runner:
         self.kv = scatter(self.kv, padded, pages)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
+        size = ceil_bucket(self._gather_buckets, max(n, 1))
+        if self._compile_on_demand and size not in self._page_copies:
+            self._compile_page_copy(size)
         out = np.full(ceil_bucket(sorted(self._page_copies), max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
@@ -350,8 +359,10 @@ class Runner:
         """The step as calls of compiled buckets: its own bucket if compiled, else those
         `calls_for` picks, filled in order (prompt chunks split at tile boundaries, each
         piece after the one before it, so later tiles see the KV earlier ones wrote)."""
-        compiled = self._compiled
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
+        if self._compile_on_demand and bucket not in self._compiled:
+            self._compile_step(bucket)
+        compiled = self._compiled
         if bucket in compiled:
             buckets: Sequence[Bucket] = (bucket,)
         else:
