@@ -12,7 +12,7 @@ import pytest
 from models.weights import init_random
 from tests.fakes import FakeTokenizer, drive
 from tests.test_engine import Recorder
-from tests.test_runner_engine import PAGE_SIZE, TINY, requests_for
+from tests.test_runner_engine import PAGE_SIZE, TINY, greedy_reference, requests_for
 from tfjax.config import Bucket, EngineConfig
 from tfjax.engine import Engine
 from tfjax.metrics import COMPILES
@@ -106,3 +106,17 @@ def test_page_copies_pad_to_a_compiled_size(weights) -> None:
     assert runner.all_compiled.wait(COMPILE_TIMEOUT_S)
     assert runner.max_gather_pages == runner.max_pages_per_row
     assert runner.gather([1, 2, 3]).shape[2] == 4
+
+
+def test_a_runner_never_warmed_up_compiles_each_shape_when_first_needed(weights) -> None:
+    """What calibration relies on: without `warmup`, every step runs in its own bucket,
+    compiled the first time it is needed, and nothing else compiles."""
+    runner = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
+    engine, rec = make_engine(runner)
+    requests = requests_for(2, max_tokens=MAX_TOKENS)
+    drive(engine, requests, every=1)
+    assert runner.num_fallback_steps == 0
+    assert runner.compile_progress()[0] < runner.compile_progress()[1]
+    assert runner.max_gather_pages == runner.max_pages_per_row
+    for r in requests:
+        assert rec.tokens(r.request_id) == greedy_reference(weights, r.prompt_ids, MAX_TOKENS)
