@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from tfjax.compile_plan import (
     CALL_OVERHEAD_TOKENS,
+    NO_ROW,
     background_order,
     calls_for,
+    merge_rows,
+    split_step,
     startup_buckets,
 )
 from tfjax.config import Bucket, EngineConfig
+from tfjax.kv.manager import PrefillWork
+from tfjax.request import Request, SamplingParams
 
 
 def holds(calls: tuple[Bucket, ...], tiles: int, rows: int) -> bool:
@@ -104,3 +110,28 @@ def test_the_background_order_is_the_rest_smallest_first() -> None:
     rest = background_order(config.step_buckets(), first)
     assert set(rest) == set(config.step_buckets()) - set(first)
     assert [b.num_tokens for b in rest] == sorted(b.num_tokens for b in rest)
+
+
+def test_a_split_step_runs_each_chunk_in_order_and_merges_back_to_its_rows() -> None:
+    def request(name: str, computed: int) -> Request:
+        r = Request(name, list(range(200)), SamplingParams(), arrival_s=0.0, consumption_rate=1)
+        r.num_computed_tokens = computed
+        return r
+
+    a, b = request("a", 5), request("b", 0)
+    rows = [request(f"d{i}", 200) for i in range(3)]
+    calls = split_step([PrefillWork(a, 70), PrefillWork(b, 10)], rows, [Bucket(2, 2)] * 2)
+    # a's 70 tokens: 64 (two tiles, mid-chunk: no row) in the first call, 6 in the second.
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in calls[0].chunks] == [
+        ("a", 5, 64)
+    ]
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in calls[1].chunks] == [
+        ("a", 69, 6),
+        ("b", 0, 10),
+    ]
+    assert [r.request_id for c in calls for r in c.decode] == ["d0", "d1", "d2"]
+    assert calls[0].targets.tolist() == [NO_ROW, 2, 3]
+    assert calls[1].targets.tolist() == [0, 1, 4]
+    # Each call answers [pieces..., rows..., padding...]; the step's rows come back in order.
+    parts = [np.array([-1, 12, 13, 99]), np.array([10, 11, 14, 99])]
+    assert merge_rows(calls, parts, 5).tolist() == [10, 11, 12, 13, 14]

@@ -12,22 +12,55 @@ Until then a step whose bucket is missing runs in compiled ones (`calls_for`): p
 compiled bucket that holds it, or split into several calls, whichever costs fewer padded
 tokens (each call counts `CALL_OVERHEAD_TOKENS` more, for reading every weight once more). Splitting
 is exact: decode rows are independent, and a prompt chunk split at a tile boundary runs its
-tiles in order, each call writing the KV pages the next one reads. No JAX here: this is
-bookkeeping over `Bucket`s, shared by the runner and its tests.
+tiles in order, each call writing the KV pages the next one reads (`split_step`, and
+`merge_rows` puts the calls' outputs back in the step's row order). No JAX calls here: this
+is bookkeeping over `Bucket`s and host arrays, shared by the runner and its tests.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from models.attention import QUERY_TILE
 from tfjax.config import Bucket, EngineConfig, ceil_bucket
+from tfjax.kv.manager import PrefillWork
+from tfjax.request import Request
 
 # A light load: this many streams decoding, with prompts up to this many tiles arriving.
 LIGHT_LOAD_ROWS = 8
 LIGHT_LOAD_TILES = 4
 CALL_OVERHEAD_TOKENS = QUERY_TILE  # one more call reads the weights once more: ~ a tile's cost
+NO_ROW = -1  # a call output no step row reads: a prompt piece that ends mid-chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Prompt tokens start .. start + num_tokens of `request`, one call's share of a prefill
+    chunk (all of it, or a tile-aligned piece); the call samples a token after them."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call of a step: a compiled bucket, the prompt pieces and decode rows it runs, and
+    for each of its outputs (pieces first, then rows) the step row it answers, or NO_ROW."""
+
+    bucket: Bucket
+    chunks: list[Chunk]
+    decode: list[Request]
+    targets: np.ndarray  # [len(chunks) + len(decode)] int32
+
+    @staticmethod
+    def padding(bucket: Bucket) -> Call:
+        """A call of padding only (writes only the padding page): to time a bucket."""
+        return Call(bucket, [], [], np.zeros(0, np.int32))
 
 
 def startup_buckets(config: EngineConfig) -> list[Bucket]:
@@ -86,3 +119,42 @@ def calls_for(tiles: int, rows: int, compiled: frozenset[Bucket]) -> tuple[Bucke
     if total < 0:
         raise ValueError(f"no compiled buckets run {tiles} tiles and {rows} decode rows")
     return tuple(sorted(calls, key=lambda b: (-b.tiles, -b.rows)))
+
+
+def split_step(
+    prefill: Sequence[PrefillWork], decode: Sequence[Request], buckets: Sequence[Bucket]
+) -> list[Call]:
+    """The step's prefill chunks and decode rows as calls of `buckets`, filled in order:
+    chunks split at tile boundaries, each piece in a call after the one before it (so later
+    tiles see the KV earlier ones wrote); only a chunk's last piece answers its row."""
+    calls, work, placed, row = [], 0, 0, 0  # placed: tokens of prefill[work] in calls so far
+    for bucket in buckets:
+        chunks: list[Chunk] = []
+        targets: list[int] = []
+        room = bucket.tiles
+        while room and work < len(prefill):
+            w = prefill[work]
+            n = min(room * QUERY_TILE, w.num_tokens - placed)
+            chunks.append(Chunk(w.request, w.request.num_computed_tokens + placed, n))
+            room -= -(-n // QUERY_TILE)
+            placed += n
+            targets.append(work if placed == w.num_tokens else NO_ROW)
+            if placed == w.num_tokens:
+                work, placed = work + 1, 0
+        rows = list(decode[row : row + bucket.rows])
+        targets += range(len(prefill) + row, len(prefill) + row + len(rows))
+        row += len(rows)
+        if chunks or rows:
+            calls.append(Call(bucket, chunks, rows, np.asarray(targets, np.int32)))
+    assert work == len(prefill) and row == len(decode), "the buckets do not hold the step"
+    return calls
+
+
+def merge_rows(calls: Sequence[Call], parts: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
+    """One output of the step, [num_rows, ...] in its row order, from each call's `parts`
+    (that output of the call, [>= len(call.targets), ...])."""
+    out = np.empty((num_rows, *parts[0].shape[1:]), parts[0].dtype)
+    for call, part in zip(calls, parts, strict=True):
+        read = call.targets != NO_ROW
+        out[call.targets[read]] = part[: len(call.targets)][read]
+    return out

@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,15 @@ from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
-from tfjax.compile_plan import background_order, calls_for, startup_page_copies
+from tfjax.compile_plan import (
+    Call,
+    Chunk,
+    background_order,
+    calls_for,
+    merge_rows,
+    split_step,
+    startup_page_copies,
+)
 from tfjax.config import (
     DEFAULT_CPU_KV_PAGES,
     Bucket,
@@ -63,7 +70,6 @@ from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 log = logging.getLogger(__name__)
 
 UINT32_MASK = 0xFFFFFFFF
-NO_ROW = -1  # a call output no step row reads: a prompt piece that ends mid-chunk
 BACKGROUND_NICE = 10  # the compile thread yields the CPU to the engine thread's steps
 
 
@@ -294,7 +300,7 @@ class Runner:
 
         def seconds(bucket: Bucket) -> float:
             start = time.perf_counter()
-            jax.block_until_ready(self._sampled(_Call.padding(bucket), scored=False))
+            jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
             return time.perf_counter() - start
 
         compiled = self._compiled
@@ -355,10 +361,9 @@ class Runner:
         same order; for steps where some request asked for logprobs."""
         return self._run(self._calls(prefill, decode), len(prefill) + len(decode), scored=True)
 
-    def _calls(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> list[_Call]:
+    def _calls(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> list[Call]:
         """The step as calls of compiled buckets: its own bucket if compiled, else those
-        `calls_for` picks, filled in order (prompt chunks split at tile boundaries, each
-        piece after the one before it, so later tiles see the KV earlier ones wrote)."""
+        `calls_for` picks (`split_step` fills them)."""
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
         if self._compile_on_demand and bucket not in self._compiled:
             self._compile_step(bucket)
@@ -369,52 +374,26 @@ class Runner:
             tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
             buckets = calls_for(tiles, len(decode), compiled)
             self.num_fallback_steps += 1
-        calls, work, placed, row = [], 0, 0, 0  # placed: tokens of prefill[work] in calls
-        for bucket in buckets:
-            chunks: list[_Chunk] = []
-            targets: list[int] = []
-            room = bucket.tiles
-            while room and work < len(prefill):
-                w = prefill[work]
-                n = min(room * QUERY_TILE, w.num_tokens - placed)
-                chunks.append(_Chunk(w.request, w.request.num_computed_tokens + placed, n))
-                room -= -(-n // QUERY_TILE)
-                placed += n
-                targets.append(work if placed == w.num_tokens else NO_ROW)
-                if placed == w.num_tokens:
-                    work, placed = work + 1, 0
-            rows = list(decode[row : row + bucket.rows])
-            targets += range(len(prefill) + row, len(prefill) + row + len(rows))
-            row += len(rows)
-            if chunks or rows:
-                calls.append(_Call(bucket, chunks, rows, np.asarray(targets, np.int32)))
-        assert work == len(prefill) and row == len(decode), "calls do not hold the step"
-        return calls
+        return split_step(prefill, decode, buckets)
 
-    def _run(self, calls: Sequence[_Call], num_rows: int, *, scored: bool) -> Any:
+    def _run(self, calls: Sequence[Call], num_rows: int, *, scored: bool) -> Any:
         """Each call's sampled outputs; one call's as they are (on the device), several
         merged on the host into the step's row order."""
         outputs = [self._sampled(call, scored=scored) for call in calls]  # all dispatched
         if len(calls) == 1:
             return outputs[0]
+        return jax.tree.map(
+            lambda *parts: merge_rows(calls, parts, num_rows), *jax.device_get(outputs)
+        )
 
-        def merge(*parts: np.ndarray) -> np.ndarray:
-            out = np.empty((num_rows, *parts[0].shape[1:]), parts[0].dtype)
-            for call, part in zip(calls, parts, strict=True):
-                read = call.targets != NO_ROW
-                out[call.targets[read]] = part[: len(call.targets)][read]
-            return out
-
-        return jax.tree.map(merge, *jax.device_get(outputs))
-
-    def _sampled(self, call: _Call, *, scored: bool) -> Any:
+    def _sampled(self, call: Call, *, scored: bool) -> Any:
         """Run one call: its tokens [N] (and logprobs if `scored`), on the device."""
         logits_NxV, sampling, penalties = self._logits(call.bucket, call.chunks, call.decode)
         key = (len(sampling.temperature), scored, penalties is not None)
         return self._samplers[key](logits_NxV, sampling, penalties)
 
     def _logits(
-        self, bucket: Bucket, chunks: Sequence[_Chunk], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[Chunk], decode: Sequence[Request]
     ) -> tuple[jax.Array, SamplingInput, PenaltyInput | None]:
         """The call's logits [N, V] (KV written) and its sampling inputs, on the device."""
         step, sampling, penalties, last = self._inputs(bucket, chunks, decode)
@@ -422,7 +401,7 @@ class Runner:
         return logits_NxV, sampling, penalties
 
     def _inputs(
-        self, bucket: Bucket, chunks: Sequence[_Chunk], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[Chunk], decode: Sequence[Request]
     ) -> tuple[StepInput, SamplingInput, PenaltyInput | None, jax.Array]:
         """Pack one call into the bucket's host arrays and move them to the device."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
@@ -472,32 +451,6 @@ class Runner:
         )
         inputs = (step, sampling.arrays(), sampling.penalties(), last_N)
         return jax.device_put(inputs, self._input_sharding)
-
-
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    """Prompt tokens start .. start + num_tokens of `request`, one call's share of a prefill
-    chunk (all of it, or a tile-aligned piece); the call samples a token after them."""
-
-    request: Request
-    start: int
-    num_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One call of a step: a compiled bucket, the prompt pieces and decode rows it runs, and
-    for each of its outputs (pieces first, then rows) the step row it answers, or NO_ROW."""
-
-    bucket: Bucket
-    chunks: list[_Chunk]
-    decode: list[Request]
-    targets: np.ndarray  # [len(chunks) + len(decode)] int32
-
-    @staticmethod
-    def padding(bucket: Bucket) -> _Call:
-        """A call of padding only (writes only PAD_PAGE): to time a bucket."""
-        return _Call(bucket, [], [], np.zeros(0, np.int32))
 
 
 class _SamplingRows:
