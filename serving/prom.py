@@ -51,6 +51,11 @@ def engine_families(s: EngineStats) -> Iterator[Metric]:
         ("tfjax_num_requests_running", "Requests resident on the device.", s.num_running),
         ("tfjax_num_requests_preempted", "Requests preempted, waiting to resume.",
          s.num_preempted),
+        ("tfjax_compiled_buckets", "Step buckets and page-copy sizes compiled; fewer than "
+         "tfjax_buckets: the rest compile in the background, steps run padded or split.",
+         s.num_compiled_buckets),
+        ("tfjax_buckets", "Step buckets and page-copy sizes the runner compiles in all.",
+         s.num_buckets),
     ):  # fmt: skip
         yield GaugeMetricFamily(name, doc, value=value)
     used = GaugeMetricFamily("tfjax_kv_pages_used", "KV pages in use.", labels=["tier"])

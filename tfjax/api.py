@@ -85,6 +85,8 @@ class EngineStats:
     prefix_cache_query_tokens: int = 0  # prompt tokens those lookups could have hit
     prefix_cache_hit_tokens: dict[str, int] = field(default_factory=dict)  # by tier
     page_size: int = 0  # tokens per KV page (0: unknown)
+    num_compiled_buckets: int = 0  # step buckets and page-copy sizes compiled so far
+    num_buckets: int = 0  # ... in all (0: unknown); fewer compiled: the rest still compiling
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from tfjax.api import (
     Delta,
@@ -66,6 +66,18 @@ class _Stream:
 Emit = Callable[[str, Delta], None]
 
 
+class BackgroundCompiles(Protocol):
+    """A runner that may still compile buckets while serving (`tfjax.runner.Runner`)."""
+
+    def compile_progress(self) -> tuple[int, int]:
+        """(buckets compiled, buckets in all)."""
+        ...
+
+    def stop_compiling(self, timeout_s: float = ...) -> None:
+        """Compile nothing more; wait for the compile in progress."""
+        ...
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -74,15 +86,19 @@ class AsyncEngine:
         model_name: str,
         tokenizer: object,
         max_waiting: int,
+        compiles: BackgroundCompiles | None = None,
     ) -> None:
         """`build(emit)` makes the engine whose deltas go to `emit`, this object's thread-safe
-        forwarder to the requests' asyncio queues (`tfjax.assembly.assemble_engine`)."""
+        forwarder to the requests' asyncio queues (`tfjax.assembly.assemble_engine`).
+        `compiles`: the runner, if it compiles buckets in the background (stats report its
+        progress, and `shutdown` stops it)."""
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
         self.engine = engine = build(self._emit)
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = engine.runner.max_model_len
         self.max_waiting = max_waiting
+        self.compiles = compiles
         self.default_rate = engine.config.default_consumption_rate
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
@@ -189,11 +205,13 @@ class AsyncEngine:
         self._end_open_streams(message)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Abort everything in flight and stop the engine thread."""
+        """Abort everything in flight, stop the engine thread and background compiles."""
         self._post(lambda: [self.engine.abort(r) for r in list(self.engine.requests)])
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
+        if self.compiles is not None:
+            self.compiles.stop_compiling(timeout_s)
 
     # -- engine thread ---------------------------------------------------------------------
 
@@ -275,6 +293,7 @@ class AsyncEngine:
         engine = self.engine
         offload = self._offload_stats()
         extra = {**offload.pop("extra", {}), **_grammar_stats(engine.runner)}
+        compiled, total = self.compiles.compile_progress() if self.compiles else (0, 0)
         return EngineStats(
             num_waiting=engine.count(RequestStatus.WAITING),
             num_running=engine.count(RequestStatus.RUNNING)
@@ -289,6 +308,8 @@ class AsyncEngine:
             num_steps=engine.num_steps,
             host_copy_s=engine.kv.stats.copy_s,
             page_size=engine.runner.page_size,
+            num_compiled_buckets=compiled,
+            num_buckets=total,
             **engine.kv.prefix_stats(),
             **offload,
             extra=extra,
@@ -329,7 +350,10 @@ def _grammar_stats(runner: object) -> dict[str, float]:
 
 def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any, Any, Any]:
     """(model, engine config, warmed-up `Runner`) for the model and engine flags in `args`:
-    what `tfjax serve` and `tfjax calibrate` run."""
+    what `tfjax serve` and `tfjax calibrate` run. With `compile_in_background` (the default)
+    the warm-up compiles only the start-up buckets (`tfjax.compile_plan`): the caller starts
+    `runner.compile_rest_in_background()` once it serves."""
+    from tfjax.compile_plan import startup_buckets
     from tfjax.config import engine_config_from_args
     from tfjax.progress import ProgressBar
     from tfjax.runner_setup import load_runner
@@ -342,16 +366,18 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
         quantization=getattr(args, "quantization", None),
     )
     if warmup:
-        runner.warmup(ProgressBar("step buckets"))
+        first = startup_buckets(config) if config.compile_in_background else None
+        runner.warmup(ProgressBar("step buckets"), first=first)
     return model, config, runner
 
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
-    """Load the model named by `args.model`, compile every bucket, start the engine thread."""
+    """Load the model named by `args.model`, compile the start-up buckets (or all of them),
+    start the engine thread and the compiles of the other buckets."""
     from tfjax.assembly import assemble_engine, device_transfers
 
     model, config, runner = build_runner(args)
-    return AsyncEngine(
+    served = AsyncEngine(
         lambda emit: assemble_engine(
             runner,
             runner,
@@ -364,4 +390,7 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
         model_name=model.name,
         tokenizer=model.tokenizer,
         max_waiting=config.max_waiting,
+        compiles=runner,
     )
+    runner.compile_rest_in_background()
+    return served

@@ -75,6 +75,7 @@ class EngineConfig:
     device_memory_fraction: float = 0.8  # of free device memory given to KV when sizing
     tensor_parallel: int = 1  # devices the model and KV are sharded over (models.sharding)
     attention_backend: str = "auto"  # models.attention backend; auto: by jax.default_backend()
+    compile_in_background: bool = True  # serve after the start-up buckets (tfjax.compile_plan)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -221,6 +222,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.attention_backend,
         choices=BACKEND_NAMES,
         help="attention kernels (auto: Pallas on GPU/TPU, blockwise JAX on CPU)",
+    )
+    g.add_argument(
+        "--compile-all-first",
+        action="store_false",
+        dest="compile_in_background",
+        help="compile every step bucket before serving (a slower start; by default serving "
+        "starts once a light load's buckets are compiled and the rest compile meanwhile, "
+        "steps that need one of them running padded or split in compiled ones)",
     )
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     g.add_argument(

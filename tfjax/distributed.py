@@ -278,7 +278,8 @@ def follow(runner: Runner, client: Any = None) -> int:
         key = (Bucket(*header["bucket"]), header["penalties"])
         if key not in structures:
             structures[key] = runner.input_structure(key[0], with_penalties=key[1])
-        runner.run_inputs(jax.tree.unflatten(structures[key], arrays), scored=header["scored"])
+        inputs = jax.tree.unflatten(structures[key], arrays)
+        runner.run_inputs(key[0], inputs, scored=header["scored"])
 
 
 def _next_message(client: Any, key: str) -> bytes:

@@ -10,23 +10,37 @@ the order given), then decode rows (in the order given).
 Shapes are bucketed on (prefill tiles, decode rows) only: the page table always has the
 longest row's width, since every attention backend reads only each row's own pages. Decode
 rows are sorted by length inside the call so that the CPU backend's row groups are even.
-`warmup` runs every bucket once on padding, so serving never compiles
+The KV cache is donated to every call and replaced by the call's output.
+
+Compiles: `warmup` compiles buckets ahead of time (`jit(...).lower(...).compile()`, nothing
+runs) into a table of executables, and steps only ever call those, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
-flat). The KV cache is donated to every call and replaced by the call's output.
+flat). `warmup(first=...)` compiles only some buckets, so that a replica serves sooner, and
+`compile_rest_in_background` the others while steps run (tfjax/compile_plan.py); until a
+step's own bucket is in the table, the step runs in compiled ones, padded or split into
+several calls (`num_fallback_steps` counts them).
 
 Under `jax.distributed` (`tfjax.distributed`) every process holds a `Runner` over the same
-mesh and must make the same jitted calls: process 0's `step` hands its host inputs to
+mesh and must make the same jitted calls: process 0 hands each call's host inputs to
 `lockstep` (set once warm-up is done, which every process runs alike) before running them,
 and the other processes run what they receive through `run_inputs`.
+
+Grammar masks (structured outputs) are filled on the host after a call's forward pass is
+dispatched, so the two overlap; a multi-host call fills them first, since they are part of
+what it broadcasts.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +52,15 @@ from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
+from tfjax.compile_plan import (
+    Call,
+    Chunk,
+    background_order,
+    calls_for,
+    merge_rows,
+    split_step,
+    startup_page_copies,
+)
 from tfjax.config import (
     DEFAULT_CPU_KV_PAGES,
     Bucket,
@@ -49,19 +72,23 @@ from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.logits import PenaltyInput
+from tfjax.metrics import COMPILES
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
 
-UINT32_MASK = 0xFFFFFFFF
+log = logging.getLogger(__name__)
 
-# One step's host arrays: model inputs, sampling rows, penalties (None: no row has any), and
+UINT32_MASK = 0xFFFFFFFF
+BACKGROUND_NICE = 10  # the compile thread yields the CPU to the engine thread's steps
+
+# One call's host arrays: model inputs, sampling rows, penalties (None: no row has any), and
 # the flat index [N] of each output row's last token.
 HostInputs = tuple[StepInput, SamplingInput, PenaltyInput | None, np.ndarray]
 
 
 class StepBroadcast(Protocol):
-    """Where process 0 sends each step's inputs before running them, and says when the step
-    has completed (`tfjax.distributed`: a step that never completes is a lost worker)."""
+    """Where process 0 sends each call's inputs before running them, and says when the call
+    has completed (`tfjax.distributed`: a call that never completes is a lost worker)."""
 
     def send(self, bucket: Bucket, inputs: HostInputs, *, scored: bool) -> None: ...
 
@@ -141,8 +168,7 @@ class Runner:
         self.max_pages_per_row = pages_needed(max_model_len, config.page_size)
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
         self.page_bytes = self.kv_bytes_per_token * config.page_size
-        self.max_gather_pages = self.max_pages_per_row
-        self._gather_buckets = geometric_buckets(1, self.max_gather_pages)
+        self._gather_buckets = geometric_buckets(1, self.max_pages_per_row)
         layout = self.backend.layout
         self.kv = init_kv_cache(
             cfg, num_pages, config.page_size, kv_sharding(self.mesh, layout), self.backend
@@ -152,42 +178,150 @@ class Runner:
         self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
+        self.prefill_token_s = 1e-3
+        self.lockstep: StepBroadcast | None = None  # set on process 0 of a multi-host run
         self.num_mask_words = -(-cfg.vocab_size // 32)  # the sampler's packed grammar mask
         # Device-resident all-ones masks per row count: steps without a grammar send none.
         self._all_allowed: dict[int, jax.Array] = {}
         self.mask_s = 0.0  # host seconds spent filling grammar masks (structured outputs)
         self.num_masked_steps = 0
-        self.prefill_token_s = 1e-3
-        self.lockstep: StepBroadcast | None = None  # set on process 0 of a multi-host run
+        # What calls are lowered against: the KV's shapes and shardings (never the live arrays,
+        # which the engine thread donates while the compile thread lowers).
+        self._kv_spec = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv
+        )
+        # The executables. The compile thread publishes a new dict (never mutates one the
+        # engine thread reads), forwards and samplers before `_compiled` names their bucket.
+        self._forwards: dict[Bucket, jax.stages.Compiled] = {}
+        # Samplers by (rows, scored, penalized): buckets of one row count share them.
+        self._samplers: dict[tuple[int, bool, bool], jax.stages.Compiled] = {}
+        self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
+        self._compiled: frozenset[Bucket] = frozenset()
+        self._num_step_buckets = len(config.step_buckets())
+        self._stop_compiling = threading.Event()
+        self._compile_thread: threading.Thread | None = None
+        self.all_compiled = threading.Event()  # set once every bucket is in the table
+        self.num_fallback_steps = 0  # steps run in other buckets than their own
+        # Before `warmup`, a missing bucket or size compiles when first needed, as a plain jit
+        # would (calibration measures each shape it runs and compiles only those).
+        self._compile_on_demand = True
 
-    def warmup(self, on_compiled: Callable[[int, int], None] | None = None) -> None:
-        """Compile every bucket by running it once on padding (only PAD_PAGE is written);
-        `on_compiled(done, total)` reports progress."""
-        buckets = self.config.step_buckets()
-        total = len(buckets) + len(self._gather_buckets)
+    def warmup(
+        self,
+        on_compiled: Callable[[int, int], None] | None = None,
+        *,
+        first: Sequence[Bucket] | None = None,
+    ) -> None:
+        """Compile the step buckets `first` and `startup_page_copies` (default: every step
+        bucket and page-copy size), then time a few steps for the policies' first cost
+        estimates; `on_compiled(done, total)` reports progress. Steps that need a bucket not
+        compiled yet run in compiled ones (`tfjax.compile_plan.calls_for`), and page copies
+        pad up to a compiled size, until `compile_rest_in_background` adds them."""
+        self._compile_on_demand = False
+        buckets = self.config.step_buckets() if first is None else list(first)
+        sizes = self._gather_buckets if first is None else startup_page_copies(self._gather_buckets)
+        total = len(buckets) + len(sizes)
         for i, bucket in enumerate(buckets):
-            jax.block_until_ready(self._warm(bucket))
+            self._compile_step(bucket)
             if on_compiled:
                 on_compiled(i + 1, total)
-        self._time_steps()
-        for i, n in enumerate(self._gather_buckets):  # the host tier's page copies
-            self.scatter([], self.gather([PAD_PAGE] * n))
+        for i, n in enumerate(sizes):  # the host tier's page copies
+            self._compile_page_copy(n)
             if on_compiled:
                 on_compiled(len(buckets) + i + 1, total)
-        jax.block_until_ready(self.kv)
+        self._time_steps()
+        done, total = self.compile_progress()
+        if done == total:
+            self.all_compiled.set()
 
-    def _warm(self, bucket: Bucket) -> list[object]:
-        """Run `bucket` on padding and sample with every sampler variant (with and without
-        penalties, scored or not), so each is compiled for the very inputs serving gives it."""
-        step, sampling, _, last = self.host_inputs(bucket, [], [])
-        logits_NxV = self._forward(step, last)
-        pad = PenaltyInput.neutral(len(last), self.max_model_len)
-        sampling, penalties = jax.device_put((sampling, pad), self._input_sharding)
-        return [
-            variant(logits_NxV, sampling, p)
-            for variant in (_sample, _sample_scored)
+    def compile_rest_in_background(self) -> None:
+        """Compile the step buckets and page-copy sizes `warmup` left out on a thread of their
+        own, smallest first, step buckets before page copies (the host tier copies a page at
+        a time meanwhile), while steps run; `all_compiled` is set when they are all in."""
+        steps = background_order(self.config.step_buckets(), self._compiled)
+        sizes = [n for n in self._gather_buckets if n not in self._page_copies]
+        if not steps and not sizes:
+            return
+        self._compile_thread = threading.Thread(
+            target=self._compile_in_background,
+            args=(steps, sizes),
+            name="tfjax-compile",
+            daemon=True,
+        )
+        self._compile_thread.start()
+
+    def compile_progress(self) -> tuple[int, int]:
+        """(buckets compiled, buckets in all), step buckets and page-copy sizes together."""
+        total = self._num_step_buckets + len(self._gather_buckets)
+        return len(self._compiled) + len(self._page_copies), total
+
+    def stop_compiling(self, timeout_s: float = 30.0) -> None:
+        """Compile no further bucket in the background, and wait up to `timeout_s` for the
+        one being compiled, so that the process does not exit in the middle of a compile."""
+        self._stop_compiling.set()
+        if self._compile_thread is not None:
+            self._compile_thread.join(timeout_s)
+
+    def _compile_in_background(self, buckets: Sequence[Bucket], sizes: Sequence[int]) -> None:
+        """The compile thread: step `buckets`, then page-copy `sizes`, in order, counted apart
+        from serving-path compiles (`COMPILES.background`), at a lower OS priority than the
+        engine thread."""
+        if sys.platform == "linux":  # there, the priority of one thread (elsewhere: a process)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        start = time.perf_counter()
+        try:
+            with COMPILES.background():
+                for compile_one, key in [
+                    *((self._compile_step, b) for b in buckets),
+                    *((self._compile_page_copy, n) for n in sizes),
+                ]:
+                    if self._stop_compiling.is_set():
+                        return
+                    compile_one(key)
+        except Exception:  # serving goes on in the buckets compiled so far
+            log.exception("compiling buckets in the background failed")
+            return
+        log.info(
+            "compiled the other %d buckets in the background in %.1f s",
+            len(buckets) + len(sizes),
+            time.perf_counter() - start,
+        )
+        self.all_compiled.set()
+
+    def _compile_step(self, bucket: Bucket) -> None:
+        """Compile `bucket`'s forward and the four sampler variants of its row count (with
+        and without penalties, scored or not), lowered on the very inputs serving gives
+        them, and publish them (see `__init__`)."""
+        step, sampling, _, last = jax.device_put(
+            self.host_inputs(bucket, [], []), self._input_sharding
+        )
+        forward = _forward_logits.lower(
+            self.weights, self._kv_spec, step, last, cfg=self.cfg, backend=self.backend
+        ).compile()
+        num_rows = len(last)
+        pad = PenaltyInput.neutral(num_rows, self.max_model_len)
+        penalties = jax.device_put(pad, self._input_sharding)
+        logits_spec = forward.out_info[0]
+        samplers = {
+            (num_rows, scored, p is not None): variant.lower(logits_spec, sampling, p).compile()
+            for scored, variant in ((False, _sample), (True, _sample_scored))
             for p in (None, penalties)
-        ]
+            if (num_rows, scored, p is not None) not in self._samplers
+        }
+        self._samplers = {**self._samplers, **samplers}
+        self._forwards = {**self._forwards, bucket: forward}
+        self._compiled = self._compiled | {bucket}
+
+    def _compile_page_copy(self, num_pages: int) -> None:
+        """Compile the gather and the scatter of `num_pages` pages, as a pair: a scatter
+        always takes pages of a size gathered before."""
+        page_ids = np.zeros(num_pages, np.int32)
+        axis = self.backend.layout.page_axis
+        gather = gather_pages.lower(self._kv_spec, page_ids, page_axis=axis).compile()
+        scatter = scatter_pages.lower(
+            self._kv_spec, page_ids, gather.out_info, page_axis=axis
+        ).compile()
+        self._page_copies = {**self._page_copies, num_pages: (gather, scatter)}
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
@@ -196,74 +330,120 @@ class Runner:
 
         def seconds(bucket: Bucket) -> float:
             start = time.perf_counter()
-            jax.block_until_ready(self.run_inputs(self.host_inputs(bucket, [], [])))
+            jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
             return time.perf_counter() - start
 
-        self.decode_step_s = {b: seconds(Bucket(0, b)) for b in self.config.decode_batch_buckets()}
-        largest = Bucket(self.config.prefill_tile_buckets()[-1], 0)
+        compiled = self._compiled
+        self.decode_step_s = {
+            b.rows: seconds(b) for b in sorted(compiled, key=lambda b: b.rows) if not b.tiles
+        }
+        largest = max(compiled, key=lambda b: (b.tiles, -b.rows))
         self.prefill_token_s = seconds(largest) / largest.num_tokens
+
+    @property
+    def max_gather_pages(self) -> int:
+        """The most pages one `gather` copies without padding beyond its size bucket: the
+        largest size up to which every size is compiled (the write-through's cap per copy)."""
+        if self._compile_on_demand:
+            return self._gather_buckets[-1]
+        largest = 0
+        for n in self._gather_buckets:
+            if n not in self._page_copies:
+                break
+            largest = n
+        return largest
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, A, N, ...] copy of `page_ids` (A arrays per layer, the page axis moved
-        to N, which is padded to a bucket)."""
+        to N, which is padded to the smallest compiled size that holds it)."""
         padded = self._padded_pages(page_ids, len(page_ids))
-        return gather_pages(self.kv, padded, page_axis=self.backend.layout.page_axis)
+        gather, _ = self._page_copies[len(padded)]
+        return gather(self.kv, padded)
 
     def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
         """Write `pages[:, :, i]` into device page `page_ids[i]`; other entries hit PAD_PAGE."""
         padded = self._padded_pages(page_ids, pages.shape[2])
-        self.kv = scatter_pages(self.kv, padded, pages, page_axis=self.backend.layout.page_axis)
+        _, scatter = self._page_copies[len(padded)]
+        self.kv = scatter(self.kv, padded, pages)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
-        out = np.full(ceil_bucket(self._gather_buckets, max(n, 1)), PAD_PAGE, np.int32)
+        size = ceil_bucket(self._gather_buckets, max(n, 1))
+        if self._compile_on_demand and size not in self._page_copies:
+            self._compile_page_copy(size)
+        out = np.full(ceil_bucket(sorted(self._page_copies), max(n, 1)), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
-    def step(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> jax.Array:
+    def step(
+        self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+    ) -> jax.Array | np.ndarray:
         """Write the KV of each prefill chunk's next `num_tokens` prompt tokens and of each
-        decode row's last token, in one call; return the token sampled after each: ids
-        [>= len(prefill) + len(decode)], prefill chunks first (slice on the host: slicing on
-        device would compile). Pages must already cover the tokens; `num_computed_tokens`
-        is not advanced here."""
-        return self._step(prefill, decode, scored=False)
+        decode row's last token; return the token sampled after each: ids [>= len(prefill) +
+        len(decode)], prefill chunks first (slice on the host: slicing on device would
+        compile). One call when the step's bucket is compiled. Pages must already cover the
+        tokens; `num_computed_tokens` is not advanced here."""
+        return self._run(self._calls(prefill, decode), len(prefill) + len(decode), scored=False)
 
     def step_scored(
         self, prefill: Sequence[PrefillWork], decode: Sequence[Request]
-    ) -> tuple[jax.Array, TokenLogprobs]:
+    ) -> tuple[jax.Array | np.ndarray, TokenLogprobs]:
         """`step`, plus every row's raw logprobs (`tfjax.sampling.token_logprobs`), in the
         same order; for steps where some request asked for logprobs."""
-        return self._step(prefill, decode, scored=True)
+        return self._run(self._calls(prefill, decode), len(prefill) + len(decode), scored=True)
 
-    def _step(
-        self, prefill: Sequence[PrefillWork], decode: Sequence[Request], *, scored: bool
-    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
+    def _calls(self, prefill: Sequence[PrefillWork], decode: Sequence[Request]) -> list[Call]:
+        """The step as calls of compiled buckets: its own bucket if compiled, else those
+        `calls_for` picks (`split_step` fills them)."""
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        step, last, rows = self._pack(bucket, prefill, decode)
+        if self._compile_on_demand and bucket not in self._compiled:
+            self._compile_step(bucket)
+        compiled = self._compiled
+        if bucket in compiled:
+            buckets: Sequence[Bucket] = (bucket,)
+        else:
+            tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
+            buckets = calls_for(tiles, len(decode), compiled)
+            self.num_fallback_steps += 1
+        return split_step(prefill, decode, buckets)
+
+    def _run(self, calls: Sequence[Call], num_rows: int, *, scored: bool) -> Any:
+        """Each call's sampled outputs; one call's as they are (on the device), several
+        merged on the host into the step's row order."""
+        outputs = [self._sampled(call, scored=scored) for call in calls]  # all dispatched
+        if len(calls) == 1:
+            return outputs[0]
+        return jax.tree.map(
+            lambda *parts: merge_rows(calls, parts, num_rows), *jax.device_get(outputs)
+        )
+
+    def _sampled(self, call: Call, *, scored: bool) -> Any:
+        """Run one call: its tokens [N] (and logprobs if `scored`), on the device."""
+        step, last, rows = self._pack(call.bucket, call.chunks, call.decode)
         if self.lockstep is None:
             # The forward pass is dispatched first: grammar masks fill on the host meanwhile.
-            logits_NxV = self._forward(step, last)
+            logits_NxV = self._forward(call.bucket, step, last)
             return self._draw(logits_NxV, self._sampling(rows, len(last)), scored=scored)
         inputs = (step, *self._sampling(rows, len(last)), last)
-        self.lockstep.send(bucket, inputs, scored=scored)
+        self.lockstep.send(call.bucket, inputs, scored=scored)
         # The engine reads the tokens at once anyway; waiting here tells the watchdog.
-        result = jax.block_until_ready(self.run_inputs(inputs, scored=scored))
+        result = jax.block_until_ready(self.run_inputs(call.bucket, inputs, scored=scored))
         self.lockstep.completed()
         return result
 
-    def run_inputs(
-        self, inputs: HostInputs, *, scored: bool = False
-    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
-        """Run one step packed by `host_inputs`: sampled ids, plus logprobs if `scored`.
-        Other processes of a multi-host run call this with what process 0 broadcast."""
+    def run_inputs(self, bucket: Bucket, inputs: HostInputs, *, scored: bool = False) -> Any:
+        """Run one call packed by `host_inputs`: sampled ids, plus logprobs if `scored`.
+        Other processes of a multi-host run call this with what process 0 broadcast (a
+        bucket they have not compiled yet compiles here first)."""
+        if bucket not in self._compiled:
+            self._compile_step(bucket)
         step, sampling, penalties, last = inputs
-        return self._draw(self._forward(step, last), (sampling, penalties), scored=scored)
+        logits_NxV = self._forward(bucket, step, last)
+        return self._draw(logits_NxV, (sampling, penalties), scored=scored)
 
-    def _forward(self, step: StepInput, last_N: np.ndarray) -> jax.Array:
-        """Dispatch the step's forward pass (KV written); its logits [N, V] on the device."""
+    def _forward(self, bucket: Bucket, step: StepInput, last_N: np.ndarray) -> jax.Array:
+        """Dispatch `bucket`'s forward pass (KV written); its logits [N, V] on the device."""
         step, last_N = jax.device_put((step, last_N), self._input_sharding)
-        logits_NxV, self.kv = _forward_logits(
-            self.weights, self.kv, step, last_N, cfg=self.cfg, backend=self.backend
-        )
+        logits_NxV, self.kv = self._forwards[bucket](self.weights, self.kv, step, last_N)
         return logits_NxV
 
     def _sampling(
@@ -282,9 +462,19 @@ class Runner:
         sampling: tuple[SamplingInput, PenaltyInput | None],
         *,
         scored: bool,
-    ) -> jax.Array | tuple[jax.Array, TokenLogprobs]:
+    ) -> Any:
+        """Sample the call's rows with the compiled sampler of their row count."""
         sampling_in, penalties = jax.device_put(sampling, self._input_sharding)
-        return (_sample_scored if scored else _sample)(logits_NxV, sampling_in, penalties)
+        key = (len(logits_NxV), scored, penalties is not None)
+        return self._samplers[key](logits_NxV, sampling_in, penalties)
+
+    def _all_allowed_mask(self, num_rows: int) -> jax.Array:
+        """The all-ones grammar mask of `num_rows` rows, on the device once (the call's
+        `device_put` leaves an array already in place)."""
+        if num_rows not in self._all_allowed:
+            ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
+            self._all_allowed[num_rows] = jax.device_put(ones, self._input_sharding)
+        return self._all_allowed[num_rows]
 
     def input_structure(self, bucket: Bucket, *, with_penalties: bool) -> jax.tree_util.PyTreeDef:
         """The pytree structure of `bucket`'s `HostInputs`, with or without penalty arrays:
@@ -294,17 +484,17 @@ class Runner:
         return jax.tree.structure((step, sampling, penalties, last))
 
     def host_inputs(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[Chunk], decode: Sequence[Request]
     ) -> HostInputs:
-        """One step's inputs, packed and grammar masks filled (what a multi-host step
+        """One call's inputs, packed and grammar masks filled (what a multi-host call
         broadcasts)."""
-        step, last, rows = self._pack(bucket, prefill, decode)
+        step, last, rows = self._pack(bucket, chunks, decode)
         return (step, *self._sampling(rows, len(last)), last)
 
     def _pack(
-        self, bucket: Bucket, prefill: Sequence[PrefillWork], decode: Sequence[Request]
+        self, bucket: Bucket, chunks: Sequence[Chunk], decode: Sequence[Request]
     ) -> tuple[StepInput, np.ndarray, _SamplingRows]:
-        """Pack one step into the bucket's host arrays (numpy): the model's inputs, the flat
+        """Pack one call into the bucket's host arrays (numpy): the model's inputs, the flat
         index of each output row's last token, and the sampling rows (masks not yet filled)."""
         s, split = self.page_size, bucket.tiles * QUERY_TILE
         num_rows = num_out = bucket.tiles + bucket.rows
@@ -329,10 +519,10 @@ class Runner:
             q_lens_R[row] = n
 
         tile = 0
-        for out, work in enumerate(prefill):
-            request, start = work.request, work.request.num_computed_tokens
-            for offset in range(0, work.num_tokens, QUERY_TILE):
-                n = min(QUERY_TILE, work.num_tokens - offset)
+        for out, chunk in enumerate(chunks):
+            request, start = chunk.request, chunk.start
+            for offset in range(0, chunk.num_tokens, QUERY_TILE):
+                n = min(QUERY_TILE, chunk.num_tokens - offset)
                 put(tile, tile * QUERY_TILE, request, start + offset, n)
                 tile += 1
             last_N[out] = (tile - 1) * QUERY_TILE + n - 1
@@ -341,8 +531,8 @@ class Runner:
         for row, i in enumerate(by_length):
             request = decode[i]
             put(bucket.tiles + row, split + row, request, request.num_tokens - 1, 1)
-            last_N[len(prefill) + i] = split + row
-            sampling.set(len(prefill) + i, request)
+            last_N[len(chunks) + i] = split + row
+            sampling.set(len(chunks) + i, request)
         step = StepInput(
             tokens=tokens_T,
             positions=positions_T,
@@ -352,14 +542,6 @@ class Runner:
             ),
         )
         return step, last_N, sampling
-
-    def _all_allowed_mask(self, num_rows: int) -> jax.Array:
-        """The all-ones grammar mask of `num_rows` rows, on the device once (the step's
-        `device_put` leaves an array already in place)."""
-        if num_rows not in self._all_allowed:
-            ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
-            self._all_allowed[num_rows] = jax.device_put(ones, self._input_sharding)
-        return self._all_allowed[num_rows]
 
 
 class _SamplingRows:

@@ -36,6 +36,7 @@ async def test_engine_series(client: httpx.AsyncClient) -> None:
     }
     assert m["tfjax_preemptions_total"][()] == 11
     assert m["tfjax_compiles_after_warmup_total"][()] == 0
+    assert m["tfjax_compiled_buckets"][()] == 10 and m["tfjax_buckets"][()] == 26
     assert m["tfjax_generated_tokens_total"][()] == 1234
     assert m["tfjax_effective_tokens_total"][()] == 1000.5
     assert m["tfjax_engine_extra"][(("name", "mean_stall_s"),)] == 0.25

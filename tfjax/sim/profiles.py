@@ -12,12 +12,12 @@ left out). `mem_bytes_per_s` and `flops_per_s` are effective rates: peak times t
 stated in each profile's `source`. `Costs` handed to the policies are derived from the same
 formula, as the engine's EWMA measurements would be.
 
-A profile measured on the machine itself (`decode_table_s`, from `tfjax bench engine` or `tfjax calibrate`)
-replaces the decode part of the roofline: the measured step time at B rows (linear between
-measured sizes, as the engine interpolates its own measurements), plus reading the KV of the
-context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
-tokens' FLOPs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a
-batch-8 one), and it is that shape that decides whether a smaller batch pays.
+A profile measured on the machine itself (`decode_table_s`, from `tfjax bench engine` or `tfjax
+calibrate`) replaces the decode part of the roofline: the measured step time at B rows (linear
+between measured sizes, as the engine interpolates its own measurements), plus reading the KV of
+the context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
+tokens' FLOPs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a batch-8
+one), and it is that shape that decides whether a smaller batch pays.
 
 Never tune a profile to make a policy win: change a figure only with a better public source or
 an engine measurement (`tfjax bench engine`, `tfjax calibrate`), and say so in `source`.
