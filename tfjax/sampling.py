@@ -95,7 +95,7 @@ def _sample_filtered(logits_BxV: jax.Array, params: SamplingInput) -> jax.Array:
 def allowed_only(logits_BxV: jax.Array, allowed_BxW: jax.Array) -> jax.Array:
     """`logits_BxV` with the tokens whose bit is clear in `allowed_BxW` set to -inf."""
     ids_V = jnp.arange(logits_BxV.shape[-1], dtype=jnp.int32)
-    bits_BxV = jnp.right_shift(allowed_BxW[:, ids_V // 32], ids_V % 32) & 1
+    bits_BxV = jnp.right_shift(allowed_BxW[:, ids_V // 32], (ids_V % 32)[None, :]) & 1
     return jnp.where(bits_BxV == 1, logits_BxV, -jnp.inf)
 
 

@@ -85,8 +85,8 @@ class RecordingRunner(Runner):
         super().__init__(TINY, weights, CONFIG, num_pages=NUM_PAGES, max_model_len=MAX_LEN)
         self.outputs: list[list[int]] = []
 
-    def run_inputs(self, inputs, *, scored=False):
-        result = super().run_inputs(inputs, scored=scored)
+    def run_inputs(self, bucket, inputs, *, scored=False):
+        result = super().run_inputs(bucket, inputs, scored=scored)
         tokens = result[0] if scored else result
         self.outputs.append(np.asarray(tokens).tolist())
         return result
