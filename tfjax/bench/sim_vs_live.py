@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workload is required")
     flags = shlex.split(args.server_args)
     if args.step_trace:  # the server's steps, then the simulator's, for tfjax.sim.trace_diff
-        os.environ[ENV_VAR] = str(args.step_trace.with_suffix(".live.jsonl"))
+        os.environ[ENV_VAR] = f"{args.step_trace}.live.jsonl"
     if args.live_from:
         row = json.loads(args.live_from.read_text())
         replays = row.get("live_replays", [row["live"]])
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         log = args.workload.with_suffix(f".{args.policy}.serve.log")
         replays = live(args.workload, args.policy, flags, log, args.repeat)
     if args.step_trace:
-        os.environ[ENV_VAR] = str(args.step_trace.with_suffix(".sim.jsonl"))
+        os.environ[ENV_VAR] = f"{args.step_trace}.sim.jsonl"
     live_summary = median_summary(replays)
     sim_summary = simulated(args.workload, args.policy, args.profile, flags)
     print(f"{args.workload.stem} {args.policy}: metric, live median (min-max of {len(replays)}),"
