@@ -9,7 +9,7 @@ from models.attention import QUERY_TILE
 from tfjax.sched.registry import make_policy
 from tfjax.sim import LengthDist, WorkloadSpec, get_profile, make_requests, simulate
 from tfjax.sim.driver import engine_config
-from tfjax.sim.trace_diff import load_trace, refit, summarize_trace
+from tfjax.sim.trace_diff import load_trace, summarize_trace
 from tfjax.step_trace import ENV_VAR
 
 CPU = get_profile("cpu-smollm2")
@@ -80,24 +80,3 @@ def test_a_hand_made_trace_is_priced_and_gapped_by_hand() -> None:
     assert summary.busy_gap_s == pytest.approx(0.020)
     assert summary.span_s == pytest.approx(2.420)
 
-
-def test_a_refit_profile_prices_its_trace_at_what_it_paid() -> None:
-    # Decode steps of 8 rows at the table's context, measured 1.2x their price: the refit
-    # table is 1.2x the old one, and prices the same trace at exactly what it measured.
-    config = engine_config(CPU)
-    priced = CPU.step_s(num_decode=8, context_tokens=8 * 160)
-    trace = [
-        {
-            "start_s": i * 0.5,
-            "seconds": 1.2 * priced,
-            "prefill": [],
-            "decode_rows": 8,
-            "context_tokens": 8 * 160,
-        }  # fmt: skip
-        for i in range(4)
-    ]
-    fitted = refit(CPU, summarize_trace(trace, CPU, config), "live.jsonl")
-    assert fitted.decode_table_s == tuple((b, 1.2 * s) for b, s in CPU.decode_table_s)
-    assert fitted.prefill_table_s == CPU.prefill_table_s  # no prefill steps: unchanged
-    decode = summarize_trace(trace, fitted, engine_config(fitted)).kinds[0]
-    assert decode.ratio == pytest.approx(1.0) and "x1.200 (4 steps)" in fitted.source

@@ -9,8 +9,7 @@ mixed), the measured and priced seconds and their ratio: a ratio away from 1 is 
 error, whatever the policy did. It also reports the engine's time between steps while it is
 busy (gaps under `--busy-gap-s`; longer ones wait for arrivals or copies): planning,
 bookkeeping and streaming, of which the simulator charges planning only. A simulated trace of
-the same workload, given too, shows whether the two runs took the same steps. `--refit OUT`
-writes the profile with its step tables scaled to what the first (live) trace paid.
+the same workload, given too, shows whether the two runs took the same steps.
 """
 
 from __future__ import annotations
@@ -19,12 +18,12 @@ import argparse
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tfjax.config import EngineConfig
 from tfjax.sim.costed import step_price
-from tfjax.sim.profiles import CostProfile, load_profile, profile_to_json
+from tfjax.sim.profiles import CostProfile, load_profile
 
 STEP_KINDS = ("decode", "prefill", "mixed")
 
@@ -94,33 +93,6 @@ def summarize_trace(
     )
 
 
-MIN_STEPS_TO_REFIT = 3
-
-
-def refit(profile: CostProfile, summary: TraceSummary, name: str) -> CostProfile:
-    """`profile` with its measured decode and prefill tables scaled by the median ratio of
-    a live trace's decode-only and prefill-only steps to their prices: step times as the
-    server pays them (its HTTP and streaming threads share the cores), not as `tfjax
-    calibrate` timed the runner alone. A kind with fewer than `MIN_STEPS_TO_REFIT` steps is
-    left as it was. Refit on a workload other than the ones the profile then predicts."""
-    kinds = {k.kind: k for k in summary.kinds}
-    scale = {
-        kind: kinds[kind].median_ratio if kinds[kind].steps >= MIN_STEPS_TO_REFIT else 1.0
-        for kind in ("decode", "prefill")
-    }
-    if not profile.decode_table_s:
-        raise ValueError("refit needs a measured decode table (tfjax calibrate)")
-    return replace(
-        profile,
-        name=f"{profile.name}-refit",
-        source=f"{profile.source}\nrefit on the live step trace {name}: decode steps x"
-        f"{scale['decode']:.3f} ({kinds['decode'].steps} steps), prefill steps x"
-        f"{scale['prefill']:.3f} ({kinds['prefill'].steps} steps), medians of measured/priced",
-        decode_table_s=tuple((b, s * scale["decode"]) for b, s in profile.decode_table_s),
-        prefill_table_s=tuple((n, s * scale["prefill"]) for n, s in profile.prefill_table_s),
-    )
-
-
 def format_summary(name: str, summary: TraceSummary) -> str:
     lines = [
         f"{name}: {summary.steps} steps over {summary.span_s:.1f} s; between busy steps "
@@ -143,13 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--prefill-token-budget", type=int, default=None)
     parser.add_argument("--busy-gap-s", type=float, default=0.25)
-    parser.add_argument(
-        "--refit",
-        type=Path,
-        default=None,
-        metavar="OUT",
-        help="write the profile refit on the first trace's step times (see `refit`)",
-    )
     parser.add_argument("traces", type=Path, nargs="+", help="TFJAX_STEP_TRACE files")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
@@ -167,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for path, summary in zip(args.traces, summaries, strict=True):
         print(format_summary(str(path), summary))
-    if args.refit:
-        fitted = refit(profile, summaries[0], args.traces[0].name)
-        args.refit.write_text(json.dumps(profile_to_json(fitted), indent=1))
-        print(f"wrote {args.refit}")
     return 0
 
 
