@@ -79,4 +79,3 @@ def test_a_hand_made_trace_is_priced_and_gapped_by_hand() -> None:
     assert mixed.steps == 0
     assert summary.busy_gap_s == pytest.approx(0.020)
     assert summary.span_s == pytest.approx(2.420)
-
