@@ -7,7 +7,7 @@
 #
 # One run: start the server (a child of this script), poll /health every 0.1 s until 200
 # (ready_s, from the process start), send a burst of N streamed completions at once
-# (scripts/bench_serving.py, N=32 by default), poll /metrics until tfjax_compiled_buckets equals
+# (`tfjax bench serve`, N=32 by default), poll /metrics until tfjax_compiled_buckets equals
 # tfjax_buckets (all_compiled_s), send the same burst again, stop the server with SIGTERM.
 # Prints one line per run with both bursts' output tok/s, their ratio, and the serving-path
 # compiles (tfjax_compiles_after_warmup_total, must be 0); DIR keeps the server log and both
@@ -39,9 +39,9 @@ now() { date +%s.%N; }
 since() { "$PY" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 metric() { curl -s "$URL/metrics" | awk -v name="$1" '$1 == name {print $2}'; }
 burst() {
-  "$PY" scripts/bench_serving.py --base-url "$URL" --arrival burst --burst-size "$BURST" \
-    --input-len-mean 128 --output-len-mean "$OUTPUT_LEN" --output-len-std 0 --seed "$2" \
-    --out "$OUT/$1" >/dev/null
+  "$PY" -m tfjax.bench serve --base-url "$URL" --num-prompts "$BURST" --random-input-len 128 \
+    --random-output-len "$OUTPUT_LEN" --random-output-len-std 0 --seed "$2" --save-result \
+    --result-dir "$OUT/$1" --disable-tqdm >/dev/null
   "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); \
 print(f\"{r['output_throughput']:.1f} {r['failed']}\")" "$OUT/$1/result.json"
 }
