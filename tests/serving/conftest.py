@@ -1,5 +1,7 @@
 """Fixtures: a `FakeEngine`, the app serving it as "fake", an httpx client and the `openai`
-client on that app, and a real `AsyncEngine` frozen in a hand-computed state (`async_engine`)."""
+client on that app, and a real `AsyncEngine` frozen in a hand-computed state (`async_engine`).
+A module that defines a `served` engine (`tests.serving.tiny_engine`) gets `http` and
+`served_oai`, the httpx and `openai` clients of the app serving it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from starlette.applications import Starlette
 from serving.app import create_app
 from tests.serving.fake_engine import FakeEngine
 from tests.serving.scripted_engine import scripted_async_engine
+from tests.serving.tiny_engine import app_client, openai_client
 from tfjax.async_engine import AsyncEngine
 
 DEFAULT_RATE = 12.5
@@ -67,3 +70,14 @@ def sse_events(body: str) -> list[Any]:
 def async_engine() -> Iterator[AsyncEngine]:
     """The hand-computed engine state of `tests.serving.scripted_engine`."""
     yield from scripted_async_engine()
+
+
+@pytest.fixture
+async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in app_client(served):
+        yield client
+
+
+@pytest.fixture
+def served_oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    return openai_client(http)

@@ -4,12 +4,12 @@ the n with the highest cumulative logprob are answered, likeliest first; the sam
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.serving.tiny_engine import app_client, tiny_async_engine
+from tests.serving.tiny_engine import tiny_async_engine
 from tfjax.async_engine import AsyncEngine
 
 pytestmark = pytest.mark.anyio
@@ -21,12 +21,6 @@ BODY = {"prompt": "the quick brown fox", "max_tokens": 6, "temperature": 1.0, "s
 @pytest.fixture(scope="module")
 def served(tiny_qwen2_engine_parts) -> Iterator[AsyncEngine]:
     yield from tiny_async_engine(tiny_qwen2_engine_parts)
-
-
-@pytest.fixture
-async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in app_client(served):
-        yield client
 
 
 async def test_best_of_answers_the_likeliest_sequences(http: httpx.AsyncClient) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.serving.tiny_engine import app_client, openai_client, tiny_async_engine
+from tests.serving.tiny_engine import tiny_async_engine
 from tfjax.async_engine import AsyncEngine
 
 pytestmark = pytest.mark.anyio
@@ -40,17 +40,6 @@ def served(tiny_qwen2_engine_parts) -> Iterator[AsyncEngine]:
     yield from tiny_async_engine(tiny_qwen2_engine_parts)
 
 
-@pytest.fixture
-async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in app_client(served):
-        yield client
-
-
-@pytest.fixture
-def oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
-    return openai_client(http)
-
-
 def body(path: str, **extra: Any) -> dict[str, Any]:
     prompt = (
         {"messages": [{"role": "user", "content": "the quick brown fox"}]}
@@ -66,8 +55,8 @@ def check_json(text: str, finish: str, schema: dict[str, Any]) -> None:
         jsonschema.validate(json.loads(text), schema)
 
 
-async def test_openai_client_gets_schema_valid_json_in_every_choice(oai: openai.AsyncOpenAI):
-    reply = await oai.chat.completions.create(
+async def test_openai_client_gets_schema_valid_json_in_every_choice(served_oai: openai.AsyncOpenAI):
+    reply = await served_oai.chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "a pet as JSON"}],
         response_format=RESPONSE_FORMAT,

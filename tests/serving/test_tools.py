@@ -7,7 +7,7 @@ its own: any split of an answer into pieces gives the same content and calls."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import jsonschema
@@ -16,7 +16,7 @@ import pytest
 
 from models.tokenizer import Tokenizer
 from serving.tools import ToolCallStream, split_answer
-from tests.serving.tiny_engine import app_client, openai_client, tiny_async_engine
+from tests.serving.tiny_engine import tiny_async_engine
 from tfjax.async_engine import AsyncEngine
 
 pytestmark = pytest.mark.anyio
@@ -66,17 +66,6 @@ def served(tiny_qwen2_engine_parts) -> Iterator[AsyncEngine]:
     yield from tiny_async_engine(tiny_qwen2_engine_parts, tokenizer)
 
 
-@pytest.fixture
-async def http(served: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in app_client(served):
-        yield client
-
-
-@pytest.fixture
-def oai(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
-    return openai_client(http)
-
-
 def check_call(name: str, arguments: str, want: str | None = None) -> None:
     assert name in SCHEMAS and name == (want or name)
     jsonschema.validate(json.loads(arguments), SCHEMAS[name])
@@ -85,10 +74,12 @@ def check_call(name: str, arguments: str, want: str | None = None) -> None:
 @pytest.mark.parametrize(
     "choice", [{"type": "function", "function": {"name": "get_time"}}, "required"]
 )
-async def test_a_forced_call_reaches_the_openai_client(oai: openai.AsyncOpenAI, choice) -> None:
+async def test_a_forced_call_reaches_the_openai_client(
+    served_oai: openai.AsyncOpenAI, choice
+) -> None:
     want = "get_time" if isinstance(choice, dict) else None
     for seed in range(3):
-        reply = await oai.chat.completions.create(
+        reply = await served_oai.chat.completions.create(
             model="tiny",
             messages=MESSAGES,
             tools=TOOLS,
@@ -106,8 +97,8 @@ async def test_a_forced_call_reaches_the_openai_client(oai: openai.AsyncOpenAI, 
         check_call(call.function.name, call.function.arguments, want)
 
 
-async def test_a_forced_call_streams_as_tool_call_deltas(oai: openai.AsyncOpenAI) -> None:
-    stream = await oai.chat.completions.create(
+async def test_a_forced_call_streams_as_tool_call_deltas(served_oai: openai.AsyncOpenAI) -> None:
+    stream = await served_oai.chat.completions.create(
         model="tiny",
         messages=MESSAGES,
         tools=TOOLS,
