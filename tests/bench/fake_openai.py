@@ -104,10 +104,16 @@ def make_app(token_delay_s: float = 0.01) -> Starlette:
 @contextmanager
 def running_server(token_delay_s: float = 0.01) -> Iterator[str]:
     """The fake on a thread, on a free loopback port; yields its base URL."""
+    with serving_app(make_app(token_delay_s)) as base_url:
+        yield base_url
+
+
+@contextmanager
+def serving_app(app: Starlette) -> Iterator[str]:
+    """`app` served by uvicorn on a thread, on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     # log_config None: no logging handler keeps the sys.stderr of the test that started it.
-    app = make_app(token_delay_s)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -23,19 +23,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.bench.fake_openai import serving_app
 from tfjax.bench import calibrate, client, compare_report, report, run
 from tfjax.bench import workload as wc
 from tfjax.sim.workload import assign_rates
@@ -93,18 +91,8 @@ def _fake_app() -> Starlette:
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(_fake_app(), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with serving_app(_fake_app()) as url:
+        yield url
 
 
 def _design_stall_and_weights(times: list[float], rate: float) -> tuple[float, float]:
