@@ -9,9 +9,12 @@
 # --dry-run: the same logic on CPU, tiny shapes, Pallas kernels interpreted; targets not judged.
 # Runs on a bare CUDA image (jax with CUDA plugins, flax, orbax-checkpoint, transformers,
 # tokenizers, safetensors, jinja2, pytest, httpx, prometheus-client) with only this repository
-# and .whl/ (git-ignored). Fill .whl/ on a machine with network access, in the repository root:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#     gguf starlette uvicorn click hypothesis sortedcontainers attrs qwix
+# and .whl/ (git-ignored; 3.5 MB): the packages that image lacks, for its Python 3.12. Fill it
+# in one command on a machine with network access, in the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform \
+#     manylinux_2_31_x86_64 -d .whl gguf starlette uvicorn qwix 'llguidance>=1.9,<2'
+# (their own dependencies are in the image). $OUT/gpu_check.json is rewritten after every
+# section, so a run stopped from outside keeps what it checked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"

@@ -40,6 +40,11 @@ COMMANDS = {
         "tfjax.bench.sim_vs_live",
         "simulator fidelity: one workload file live against tfjax serve and simulated",
     ),
+    "burst": (
+        "tfjax.bench.burst",
+        "N concurrent streams through the serving engine on random weights: TTFT, tokens/s, "
+        "no stream lost, no KV page leaked",
+    ),
     "prefix": (
         "tfjax.bench.prefix",
         "prefix cache: TTFT and prefill tokens for shared prefixes, chats, evicted prefixes",
