@@ -3,14 +3,18 @@ whole check runs on CPU (`--dry-run`) so it cannot fail for a trivial reason on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
+from models.weights import init_random
+from tests.parallel.tp_checks import LLAMA, engine_tokens, tie_gaps
 from tfjax.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +61,19 @@ def test_a_failed_benchmark_fails_its_check(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(gpu_check, "bench", lambda *a, **k: {})
     assert not gpu_check.check_decode(tmp_path, gpu_check.FULL, False)["passed"]
     assert not gpu_check.check_prefill(tmp_path, gpu_check.FULL, False)["passed"]
+
+
+def test_tie_gaps_tell_a_near_tie_from_a_wrong_token() -> None:
+    """The engine check forgives a greedy flip only where the reference's logits nearly tie."""
+    cfg = dataclasses.replace(LLAMA, head_dim=16)
+    host = jax.device_get(init_random(cfg, jax.random.key(1), scale=0.3))
+    reference = engine_tokens(cfg, host, 1, attention_backend="reference")
+    assert tie_gaps(cfg, host, reference, reference) == {}
+    row = reference["r3"]
+    wrong = dict(reference, r3=row[:5] + [(row[5] + 1) % cfg.vocab_size] + row[6:])
+    gaps = tie_gaps(cfg, host, wrong, reference)
+    assert list(gaps) == ["r3"] and gaps["r3"] > gpu_check.TIE_LOGIT_GAP
+    assert tie_gaps(cfg, host, dict(reference, r3=row[:4]), reference) == {"r3": float("inf")}
 
 
 def test_unknown_argument_exits_2() -> None:

@@ -54,13 +54,52 @@ def engine_tokens(
     policy = StormPolicy(5, 0.2, 0.6) if storm else FcfsPolicy(chunked=True)
     rec = Recorder()
     engine = Engine(runner, FakeTokenizer(), config, policy, emit=rec, offload=offload)
-    requests = requests_for(6, max_tokens=10)
-    for r in requests:
-        r.prompt_ids = [t % cfg.vocab_size for t in r.prompt_ids]
+    requests = _requests(cfg)
     drive(engine, requests)
     if storm:
         assert engine.kv.stats.num_loads > 0, "the storm never resumed by LOAD"
     return {r.request_id: rec.tokens(r.request_id) for r in requests}
+
+
+def _requests(cfg) -> list:
+    requests = requests_for(6, max_tokens=10)
+    for r in requests:
+        r.prompt_ids = [t % cfg.vocab_size for t in r.prompt_ids]
+    return requests
+
+
+def tie_gaps(
+    cfg, host_weights, tokens: dict[str, list[int]], reference: dict[str, list[int]]
+) -> dict[str, float]:
+    """For each request of `engine_tokens` whose `tokens` differ from the `reference` run's:
+    at the first differing position, the reference backend's logit of the reference token
+    minus that of the other token, given their common prefix (one forward, no engine).
+
+    A near tie flips greedy decoding without any bug (float rounding; TF32 inputs in the GPU
+    kernel's float32 dots); a wrong page, position or mask moves logits by whole units."""
+    from models.attention import backend_for
+    from models.llama import forward, init_kv_cache, logits, single_sequence_step
+
+    backend = backend_for("reference")
+    weights = jax.device_put(host_weights)
+    prompts = {r.request_id: r.prompt_ids for r in _requests(cfg)}
+    gaps = {}
+    for rid, ref in reference.items():
+        got = tokens.get(rid, [])
+        at = next((i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
+        if at is None:
+            if len(got) != len(ref):
+                gaps[rid] = float("inf")
+            continue
+        sequence = prompts[rid] + ref[:at]
+        row_pages = -(-len(sequence) // 8)
+        kv = init_kv_cache(cfg, row_pages + 1, 8, backend=backend)
+        hidden, _ = forward(
+            weights, cfg, single_sequence_step(sequence, 0, 8, row_pages), kv, backend
+        )
+        row = np.asarray(logits(weights, cfg, hidden[len(sequence) - 1]))
+        gaps[rid] = float(row[ref[at]] - row[got[at]])
+    return gaps
 
 
 def logits_of(cfg, host_weights, tp: int) -> np.ndarray:
