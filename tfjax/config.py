@@ -177,9 +177,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--default-consumption-rate",
         type=float,
         default=d.default_consumption_rate,
-        help="reading pace (tokens/s, default %(default)g) assumed for a streamed request that "
-        "sends no consumption_rate; buffer-aware policies may pause a stream that is ahead of "
-        "it. Non-streaming requests read at the end and are never paused for their buffer",
+        help=f"reading pace (tokens/s, default {d.default_consumption_rate:g}) assumed for a "
+        "streamed request that sends no consumption_rate; buffer-aware policies may pause a "
+        "stream that is ahead of it. Non-streaming requests read at the end and are never "
+        "paused for their buffer",
     )
     g.add_argument(
         "--host-kv-gb",

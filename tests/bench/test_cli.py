@@ -23,6 +23,16 @@ def test_every_command_has_a_help_with_its_defaults(argv: list[str], capsys) -> 
     assert "(default:" in text
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "simulate", "calibrate", "bench"])
+def test_every_tfjax_command_prints_its_help(command: str, capsys) -> None:
+    """A help string's %(default) on a flag whose default a command overrides with None once
+    crashed `tfjax simulate --help`."""
+    with pytest.raises(SystemExit) as exit_info:
+        tfjax([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: tfjax {command}" in capsys.readouterr().out
+
+
 def test_the_bench_help_lists_the_commands(capsys) -> None:
     with pytest.raises(SystemExit):
         tfjax(["bench", "--help"])
@@ -49,6 +59,21 @@ def test_vllm_client_flags_carry_over() -> None:
     assert config("--backend", "openai-chat", "--endpoint", "/v2/x").endpoint == "/v2/x"
     assert config("--ignore-eos").ignore_eos and not config("--no-ignore-eos").ignore_eos
     assert config().base_url == "http://h"
+
+
+def test_random_range_ratio_sets_uniform_lengths() -> None:
+    from models.errors import UserError
+    from tfjax.bench.flags import requests_from_args
+    from tfjax.bench.serve import build_parser
+
+    def lengths(*argv: str) -> set[int]:
+        args = build_parser().parse_args(["--num-prompts", "200", *argv])
+        return {r.prompt_len for r in requests_from_args(args)}
+
+    assert lengths("--random-input-len", "40", "--random-range-ratio", "0.5") <= set(range(20, 61))
+    assert lengths("--random-input-len", "40", "--random-range-ratio", "0") == {40}
+    with pytest.raises(UserError, match="random-range-ratio"):
+        lengths("--random-input-len-std", "2", "--random-range-ratio", "0.5")
 
 
 def test_an_unreachable_server_is_one_line_not_a_traceback(capsys) -> None:

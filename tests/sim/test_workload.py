@@ -81,3 +81,15 @@ def test_trace_replay_scaling() -> None:
     assert fast[1].sampling.max_tokens == round(109 * 0.5)
     skipped = load_trace(CONV, skip=10, limit=5)
     assert skipped[0].arrival_s == 0.0 and len(skipped) == 5
+
+
+def test_range_ratio_draws_vllm_uniform_lengths() -> None:
+    """`--random-range-ratio` 0.25 around 100: every integer of [75, 125], nothing outside."""
+    rng = random.Random(0)
+    draws = [LengthDist(mean=100, range_ratio=0.25).sample(rng) for _ in range(5000)]
+    assert set(draws) == set(range(75, 126))
+    assert {LengthDist(mean=7, range_ratio=0.0).sample(rng) for _ in range(20)} == {7}
+    with pytest.raises(ValueError, match="not in"):
+        LengthDist(mean=100, range_ratio=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        LengthDist(mean=100, std=3.0, range_ratio=0.1)

@@ -5,8 +5,9 @@
   as one burst) and `--burstiness` (vLLM's gamma shape k: 1 is Poisson, < 1 burstier), or
   `--trace-file` to replay an Azure or BurstGPT trace.
 - Lengths: `--random-input-len`, `--random-output-len` (means of normal laws; the `-std` flags
-  set their spread, mean / 4 by default, so lengths are mixed), `--random-prefix-len` (tokens
-  every prompt shares).
+  set their spread, mean / 4 by default, so lengths are mixed; or `--random-range-ratio` r,
+  vLLM's uniform law over mean x [1 - r, 1 + r]), `--random-prefix-len` (tokens every prompt
+  shares).
 - Reading: `--rate-mix`, the declared consumption rates and their shares (TokenFlow's
   extension; `--no-extensions` sends none, for servers that reject unknown fields).
 """
@@ -21,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from models.errors import UserError
 from tfjax.bench.client import CHAT_COMPLETIONS, COMPLETIONS, ClientConfig
 from tfjax.bench.workload import ClientRequest, read_trace, synthetic_requests, trace_requests
 from tfjax.sim.workload import LengthDist
@@ -59,6 +61,13 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-input-len-std", type=float, default=None, help="default: mean / 4")
     g.add_argument("--random-output-len", type=int, default=128, help="mean output tokens")
     g.add_argument("--random-output-len-std", type=float, default=None, help="default: mean / 4")
+    g.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=None,
+        help="as vllm bench serve: lengths uniform within mean x [1 - r, 1 + r], 0 <= r < 1 "
+        "(instead of the normal laws and their -std flags)",
+    )
     g.add_argument("--random-prefix-len", type=int, default=0, help="tokens all prompts share")
     g.add_argument(
         "--rate-mix", default="15:0.4,20:0.6", help="consumption rates (tokens/s) and their shares"
@@ -109,8 +118,8 @@ def requests_from_args(args: argparse.Namespace) -> list[ClientRequest]:
         requests = synthetic_requests(
             arrival=arrival,
             num_requests=args.num_prompts or DEFAULT_NUM_PROMPTS,
-            input_len=LengthDist(mean=args.random_input_len, std=args.random_input_len_std),
-            output_len=LengthDist(mean=args.random_output_len, std=args.random_output_len_std),
+            input_len=_length(args.random_input_len, args.random_input_len_std, args),
+            output_len=_length(args.random_output_len, args.random_output_len_std, args),
             request_rate=1.0 if arrival == "burst" else args.request_rate,
             burstiness=args.burstiness,
             rate_mix=args.rate_mix,
@@ -122,6 +131,13 @@ def requests_from_args(args: argparse.Namespace) -> list[ClientRequest]:
             replace(r, prompt_len=r.prompt_len + prefix, shared_prefix_len=prefix) for r in requests
         ]
     return requests
+
+
+def _length(mean: int, std: float | None, args: argparse.Namespace) -> LengthDist:
+    try:
+        return LengthDist(mean=mean, std=std, range_ratio=args.random_range_ratio)
+    except ValueError as err:
+        raise UserError(f"--random-range-ratio: {err}") from None
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:

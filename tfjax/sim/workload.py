@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,26 @@ from tfjax.request import Request, SamplingParams
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LengthDist:
+    """Normal around `mean` (clipped to [1, 2 * mean]), or, with `range_ratio` r, uniform over
+    the integers of [mean * (1 - r), mean * (1 + r)] as `vllm bench serve --random-range-ratio`
+    draws them."""
+
     mean: int
     std: float | None = None  # None: mean / 4
+    range_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.range_ratio is not None:
+            if not 0 <= self.range_ratio < 1:
+                raise ValueError(f"range ratio {self.range_ratio} is not in [0, 1)")
+            if self.std is not None:
+                raise ValueError("a length has a std or a range ratio, not both")
 
     def sample(self, rng: random.Random) -> int:
+        if self.range_ratio is not None:
+            low = math.floor(self.mean * (1 - self.range_ratio))
+            high = math.ceil(self.mean * (1 + self.range_ratio))
+            return max(1, rng.randint(low, high))
         std = self.mean / 4 if self.std is None else self.std
         return max(1, min(2 * self.mean, round(rng.gauss(self.mean, std))))
 
