@@ -38,6 +38,7 @@ from tfjax.api import (
     QueueFullError,
     RequestStream,
 )
+from tfjax.config import EngineConfig
 from tfjax.engine import Engine
 from tfjax.live_state import build_live_state
 from tfjax.metrics import COMPILES
@@ -374,22 +375,36 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     """Load the model named by `args.model`, compile the start-up buckets (or all of them),
     start the engine thread and the compiles of the other buckets."""
+    model, config, runner = build_runner(args)
+    return serve_runner(runner, config, model_name=model.name, tokenizer=model.tokenizer)
+
+
+def serve_runner(
+    runner: Any,
+    config: EngineConfig,
+    *,
+    model_name: str,
+    tokenizer: Any,
+    max_waiting: int | None = None,
+) -> AsyncEngine:
+    """The engine thread over a warmed-up `Runner` (`config`'s policy, host tier and real
+    transfer links), then the compiles of the buckets its warm-up left out: what `tfjax serve`
+    runs, also for `tfjax bench burst`'s random weights (`tokenizer` None: no text)."""
     from tfjax.assembly import assemble_engine, device_transfers
 
-    model, config, runner = build_runner(args)
     served = AsyncEngine(
         lambda emit: assemble_engine(
             runner,
             runner,
-            model.tokenizer,
+            tokenizer,
             config,
             transfers=device_transfers(runner.pages_sharding),
             emit=emit,
-            model_id=model.name,
+            model_id=model_name,
         ),
-        model_name=model.name,
-        tokenizer=model.tokenizer,
-        max_waiting=config.max_waiting,
+        model_name=model_name,
+        tokenizer=tokenizer,
+        max_waiting=max_waiting or config.max_waiting,
         compiles=runner,
     )
     runner.compile_rest_in_background()

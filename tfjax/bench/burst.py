@@ -29,8 +29,7 @@ import numpy as np
 
 from models.cache import default_cache_dir
 from tfjax.api import Delta
-from tfjax.assembly import assemble_engine, device_transfers
-from tfjax.async_engine import AsyncEngine
+from tfjax.async_engine import AsyncEngine, serve_runner
 from tfjax.bench.engine import SHAPES, random_weights
 from tfjax.bench.flags import HelpFormatter
 from tfjax.compile_plan import startup_buckets
@@ -114,22 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     first = startup_buckets(config) if config.compile_in_background else None
     runner.warmup(ProgressBar("step buckets"), first=first)
     compile_s = time.monotonic() - compile_start
-    served = AsyncEngine(
-        lambda emit: assemble_engine(
-            runner,
-            runner,
-            None,
-            config,
-            transfers=device_transfers(runner.pages_sharding),
-            emit=emit,
-            model_id=args.shape,
-        ),
+    served = serve_runner(
+        runner,
+        config,
         model_name=args.shape,
         tokenizer=None,
         max_waiting=max(config.max_waiting, args.streams),
-        compiles=runner,
     )
-    runner.compile_rest_in_background()
     rng = np.random.default_rng(args.seed)
     vocab, prompt_len = cfg.vocab_size, args.prompt_len
     prompts = [rng.integers(10, vocab, prompt_len).tolist() for _ in range(args.streams)]
