@@ -10,6 +10,7 @@ import numpy as np
 from tfjax.sampling import SamplingInput, sample
 
 VOCAB = 512
+SAMPLE = jax.jit(sample)  # one compile per batch size; eager calls cost a second each
 
 
 def params(temperature, top_k, top_p, seed) -> SamplingInput:
@@ -29,8 +30,8 @@ def params(temperature, top_k, top_p, seed) -> SamplingInput:
 def test_a_plain_sampled_row_ignores_a_filtered_neighbour() -> None:
     logits = jax.random.normal(jax.random.key(0), (2, VOCAB)) * 3
     for seed in range(20):
-        alone = sample(logits[:1], params([1.0], [0], [1.0], [seed]))
-        crowd = sample(logits, params([1.0, 0.8], [0, 40], [1.0, 0.9], [seed, 99]))
+        alone = SAMPLE(logits[:1], params([1.0], [0], [1.0], [seed]))
+        crowd = SAMPLE(logits, params([1.0, 0.8], [0, 40], [1.0, 0.9], [seed, 99]))
         assert int(alone[0]) == int(crowd[0])
 
 
@@ -42,7 +43,7 @@ def test_a_greedy_row_is_the_argmax_in_every_branch() -> None:
         params([0.0, 1.0, 1.0], [0, 0, 0], [1.0, 1.0, 1.0], [0, 1, 2]),
         params([0.0, 1.0, 0.5], [0, 5, 0], [1.0, 1.0, 0.5], [0, 1, 2]),
     ]
-    assert [int(sample(logits, p)[0]) for p in batches] == [argmax] * 3
+    assert [int(SAMPLE(logits, p)[0]) for p in batches] == [argmax] * 3
 
 
 def test_filters_keep_draws_inside_the_allowed_set() -> None:
@@ -52,9 +53,9 @@ def test_filters_keep_draws_inside_the_allowed_set() -> None:
     order = np.argsort(-probs)
     nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1].tolist())
     for seed in range(30):
-        assert int(sample(logits, params([1.0], [5], [1.0], [seed]))[0]) in top5
-        assert int(sample(logits, params([1.0], [0], [0.5], [seed]))[0]) in nucleus
-    unfiltered = {int(sample(logits, params([1.0], [0], [1.0], [s]))[0]) for s in range(30)}
+        assert int(SAMPLE(logits, params([1.0], [5], [1.0], [seed]))[0]) in top5
+        assert int(SAMPLE(logits, params([1.0], [0], [0.5], [seed]))[0]) in nucleus
+    unfiltered = {int(SAMPLE(logits, params([1.0], [0], [1.0], [s]))[0]) for s in range(30)}
     assert not unfiltered <= top5  # without filters the draw leaves the top 5 at times
 
 
@@ -71,8 +72,8 @@ def test_the_grammar_mask_leaves_only_allowed_tokens() -> None:
         masked = SamplingInput(
             **{**p.__dict__, "allowed": jnp.asarray(words), "constrained": jnp.arange(4) > 0}
         )
-        tokens = np.asarray(jax.jit(sample)(logits, masked))
+        tokens = np.asarray(SAMPLE(logits, masked))
         assert all(allowed_BxV[row, t] for row, t in enumerate(tokens))
         best = np.where(allowed_BxV[1], np.asarray(logits[1]), -np.inf).argmax()
         assert tokens[1] == best
-        assert tokens[0] == int(sample(logits[:1], params([1.0], [0], [1.0], [seed]))[0])
+        assert tokens[0] == int(SAMPLE(logits[:1], params([1.0], [0], [1.0], [seed]))[0])
