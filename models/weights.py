@@ -15,7 +15,6 @@ scales) in place of a weight array, with the same logical shape.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import jax

@@ -4,7 +4,8 @@
 # code that gates (0 pass, 1 a check failed or a target was missed, 2 no usable environment).
 # The logic and the targets are in tfjax/bench/gpu_check.py; about 10 minutes on one H200.
 #
-#   bash scripts/gpu_check.sh [--dry-run]      OUT=dir (default out/gpu_check), PYTHON=python3
+#   bash scripts/gpu_check.sh [--dry-run] [--only=decode,prefill]
+#                                    OUT=dir (default out/gpu_check), PYTHON=python3
 #
 # --dry-run: the same logic on CPU, tiny shapes, Pallas kernels interpreted; targets not judged.
 # Runs on a bare CUDA image (jax with CUDA plugins, flax, orbax-checkpoint, transformers,
@@ -20,10 +21,13 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
 PY="${PYTHON:-python3}"
 DRY_RUN=()
+ONLY=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=(--dry-run) ;;
-    *) echo "gpu_check: unknown argument $arg (usage: gpu_check.sh [--dry-run])" >&2; exit 2 ;;
+    --only=*) ONLY=(--only "${arg#--only=}") ;;
+    *) echo "gpu_check: unknown argument $arg (usage: gpu_check.sh [--dry-run] [--only=a,b])" >&2
+       exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -40,4 +44,4 @@ if [ ${#DRY_RUN[@]} -eq 0 ]; then
     || { echo "gpu_check: no CUDA device visible to jax (use --dry-run on CPU)" >&2; exit 2; }
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$OUT/nvidia_smi.csv" 2>&1
 fi
-exec "$PY" -m tfjax.bench gpu-check --out "$OUT" "${DRY_RUN[@]}"
+exec "$PY" -m tfjax.bench gpu-check --out "$OUT" "${DRY_RUN[@]}" "${ONLY[@]}"

@@ -76,6 +76,19 @@ def test_tie_gaps_tell_a_near_tie_from_a_wrong_token() -> None:
     assert tie_gaps(cfg, host, dict(reference, r3=row[:4]), reference) == {"r3": float("inf")}
 
 
+def test_only_runs_the_named_sections(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(
+        gpu_check, "check_attention", lambda *a: {"check": "attention", "passed": True}
+    )
+    monkeypatch.setattr(gpu_check, "check_engine", lambda *a: {"check": "engine", "passed": False})
+    assert gpu_check.main(["--out", str(tmp_path), "--only", "attention"]) == 0
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["sections"] == ["attention"] and summary["passed"]
+    assert gpu_check.main(["--out", str(tmp_path), "--only", "attention,engine"]) == 1
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--only", "kernels"])
+
+
 def test_unknown_argument_exits_2() -> None:
     result = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--fast"], cwd=ROOT, capture_output=True, text=True
