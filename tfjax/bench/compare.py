@@ -6,9 +6,10 @@ For each policy (`tokenflow`, `fcfs`, `andes`; with `--include-no-offload` also 
 workload and server flags; or, with `--server LABEL URL COMMAND` (repeatable), any server
 command that serves at URL (vLLM, another tfjax build), ready when its /health answers. Every
 server stays up while the `tfjax bench serve` client runs the workload against each in turn,
-`--repeat` times (A B A B ...), then they are stopped with SIGTERM. It prints a side-by-side
-table with ratios against the baseline (fcfs, or the first --server) and, with repeats, each
-ratio as the median and min-max over the repeats. It writes DIR/summary.json (one row per run),
+`--repeat` times (A B, B A, A B, ...: a drifting machine favours neither), then they are
+stopped with SIGTERM. It prints a side-by-side table with ratios against the baseline (fcfs,
+or the first --server) and, with repeats, each ratio as the median and min-max over the
+repeats. It writes DIR/summary.json (one row per run),
 DIR/<label>/result.json and .csv (the full serving result) with plots, DIR/workload.json and
 DIR/ttft_cdf.png (all contestants).
 
@@ -253,7 +254,7 @@ def run_workload(
     ]
     ttfts: dict[str, list[float]] = {}
     for repeat in range(args.repeat):
-        for label, (server, start_s) in servers.items():
+        for label, (server, start_s) in _turns(servers, repeat):
             result, records = run_once(args, server, w.requests)
             result |= {"workload": w.meta, "policy": label, "repeat": repeat}
             run_dir = w.out_dir / label / (f"repeat{repeat}" if args.repeat > 1 else "")
@@ -273,6 +274,14 @@ def run_workload(
     if args.repeat > 1:
         print(format_repeats(rows, args.baseline))
     return rows
+
+
+def _turns(servers: dict[str, Any], repeat: int) -> list[tuple[str, Any]]:
+    """The servers in their order on even repeats, reversed on odd ones (A B, B A, A B, ...): a
+    machine that drifts faster or slower over the run then favours neither server, where
+    A B A B always ran B later."""
+    turns = list(servers.items())
+    return turns[::-1] if repeat % 2 else turns
 
 
 def run_group(
@@ -348,7 +357,10 @@ def build_parser(prog: str = "tfjax bench compare") -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default=None, help="default: fcfs, or the first --server")
     parser.add_argument("--workloads", default=PAPER_WORKLOAD, help=f"of {', '.join(WORKLOADS)}")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per workload and server, in turns (A B A B)"
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per workload and server, in turns (A B, B A, A B, ...)",
     )
     parser.add_argument(
         "--include-no-offload", action="store_true", help="also tokenflow --no-offload"
