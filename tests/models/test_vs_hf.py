@@ -111,3 +111,42 @@ def test_default_model_answers_paris(case: Case) -> None:
     )
     tokens = [token for token, _ in generate_greedy(case.ours, tokenizer.encode(text), 16)]
     assert "Paris" in tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("case", ["llama3"], indirect=True)
+def test_engine_logprobs_are_hf_log_softmax(case: Case) -> None:
+    """The engine's logprobs, greedy and at temperature 0.7, are HF transformers' log-softmax
+    of the same prompt and tokens (teacher-forced): the raw model's, whatever the sampling."""
+    import torch
+
+    from tests.fakes import drive
+    from tests.test_engine import Recorder
+    from tfjax.config import EngineConfig
+    from tfjax.engine import Engine
+    from tfjax.request import Request, SamplingParams
+    from tfjax.runner_setup import make_runner
+    from tfjax.sched.fcfs import FcfsPolicy
+
+    config = EngineConfig(page_size=16, prefill_token_budget=64, max_batch_size=2)
+    ours = case.ours
+    runner = make_runner(ours.config, ours.weights, config, num_pages=32, max_model_len=256)
+    runner.warmup()
+    rec = Recorder()
+    engine = Engine(runner, None, config, FcfsPolicy(chunked=True), emit=rec)
+    settings = {"greedy": {}, "sampled": {"temperature": 0.7, "seed": 3}}  # no tokenizer: no EOS
+    requests = [
+        Request(name, case.prompt, SamplingParams(max_tokens=12, logprobs=5, **kw), 0, 10)
+        for name, kw in settings.items()
+    ]
+    drive(engine, requests)
+    first = len(case.prompt) - 1
+    for r in requests:
+        output = rec.tokens(r.request_id)
+        logprobs = [lp for d in rec.deltas[r.request_id] if d.logprobs for lp in d.logprobs]
+        assert len(output) == len(logprobs) == 12
+        hf_logits = _hf_logits(case.hf_model, case.prompt + output)
+        want = torch.log_softmax(torch.from_numpy(hf_logits), -1).numpy()[first:][: len(output)]
+        got = [lp.logprob for lp in logprobs]
+        np.testing.assert_allclose(got, want[np.arange(len(output)), output], atol=1e-4)
+        for lp, row in zip(logprobs, want, strict=True):
+            np.testing.assert_allclose([v for _, v in lp.top], np.sort(row)[::-1][:5], atol=1e-4)
