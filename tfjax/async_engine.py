@@ -354,9 +354,7 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
     what `tfjax serve` and `tfjax calibrate` run. With `compile_in_background` (the default)
     the warm-up compiles only the start-up buckets (`tfjax.compile_plan`): the caller starts
     `runner.compile_rest_in_background()` once it serves."""
-    from tfjax.compile_plan import startup_buckets
     from tfjax.config import engine_config_from_args
-    from tfjax.progress import ProgressBar
     from tfjax.runner_setup import load_runner
 
     config = engine_config_from_args(args)
@@ -367,9 +365,18 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
         quantization=getattr(args, "quantization", None),
     )
     if warmup:
-        first = startup_buckets(config) if config.compile_in_background else None
-        runner.warmup(ProgressBar("step buckets"), first=first)
+        warm_up(runner, config)
     return model, config, runner
+
+
+def warm_up(runner: Any, config: EngineConfig) -> None:
+    """Compile what serving needs first, with a progress bar: the start-up buckets when the
+    rest compile in the background (`config.compile_in_background`), else every bucket."""
+    from tfjax.compile_plan import startup_buckets
+    from tfjax.progress import ProgressBar
+
+    first = startup_buckets(config) if config.compile_in_background else None
+    runner.warmup(ProgressBar("step buckets"), first=first)
 
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:

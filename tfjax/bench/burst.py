@@ -29,12 +29,10 @@ import numpy as np
 
 from models.cache import default_cache_dir
 from tfjax.api import Delta
-from tfjax.async_engine import AsyncEngine, serve_runner
+from tfjax.async_engine import AsyncEngine, serve_runner, warm_up
 from tfjax.bench.engine import SHAPES, random_weights
 from tfjax.bench.flags import HelpFormatter
-from tfjax.compile_plan import startup_buckets
 from tfjax.config import add_engine_arguments, engine_config_from_args
-from tfjax.progress import ProgressBar
 from tfjax.request import SamplingParams
 from tfjax.runner import enable_compilation_cache
 from tfjax.runner_setup import make_runner
@@ -68,7 +66,6 @@ async def _read(stream: Any, start: float) -> dict[str, Any]:
         "ttft_s": first_s,
         "end_s": end_s,
         "tokens": tokens,
-        "finish_reason": last.finish_reason,
         "error": last.error,
         "preemptions": last.num_preemptions,
     }
@@ -110,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--prompt-len + --max-tokens exceed the context ({runner.max_model_len})")
         return 2
     compile_start = time.monotonic()
-    first = startup_buckets(config) if config.compile_in_background else None
-    runner.warmup(ProgressBar("step buckets"), first=first)
+    warm_up(runner, config)
     compile_s = time.monotonic() - compile_start
     served = serve_runner(
         runner,
