@@ -11,6 +11,7 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -193,6 +194,35 @@ def test_regex_and_choice_grammars(model) -> None:
     for r in batch[3:]:
         assert rec.finish(r.request_id) is FinishReason.STOP
         assert re.fullmatch(r"[a-c]{2,4}-[0-9]", text(tokenizer, rec, r.request_id))
+
+
+def accepts(grammar: Grammar, tokenizer: Tokenizer, text: str) -> bool:
+    """Whether `grammar` lets `text`'s tokens through, one by one (the mask decides)."""
+    matcher = grammar.matcher()
+    mask = np.zeros(grammar.tokenizer.num_mask_words, np.int32)
+    for token in tokenizer.encode(text):
+        matcher.fill_bitmask(mask)
+        if not (int(mask[token // 32]) >> (token % 32)) & 1:
+            return False
+        matcher.advance(token)
+    return True
+
+
+@pytest.mark.parametrize(
+    ("pattern", "good", "bad"),
+    [
+        (r"\d\d", "42", "\u096e\u096e"),  # Devanagari digits are Unicode \d, not ASCII
+        (r"[a\d]+", "a7a", "a\u096e"),  # inside a class too
+        (r"\w+", "ab_9", "\u00e9t\u00e9"),
+        (r"\D", "x", "7"),
+        (r"\\d", "\\d", "7"),  # an escaped backslash then a literal d
+    ],
+)
+def test_regex_classes_are_ascii(model, pattern: str, good: str, bad: str) -> None:
+    _, _, tokenizer, grammars = model
+    grammar = grammars.regex(pattern)
+    assert accepts(grammar, tokenizer, good)
+    assert not accepts(grammar, tokenizer, bad)
 
 
 def test_a_schema_that_cannot_compile_is_a_value_error_naming_it(model) -> None:

@@ -55,7 +55,9 @@ class GrammarTokenizer:
         return Grammar(self, source, "JSON schema")
 
     def regex(self, pattern: str) -> Grammar:
-        return Grammar(self, llguidance.LLMatcher.grammar_from_regex(pattern), f"regex {pattern}")
+        """Output that matches `pattern` whole, with ASCII `\\d` and `\\w` (see `ascii_classes`)."""
+        source = llguidance.LLMatcher.grammar_from_regex(ascii_classes(pattern))
+        return Grammar(self, source, f"regex {pattern}")
 
     def lark(self, source: str) -> Grammar:
         """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a JSON schema)."""
@@ -64,6 +66,30 @@ class GrammarTokenizer:
     def choice(self, options: Sequence[str]) -> Grammar:
         """Exactly one of `options`, verbatim (vLLM's `guided_choice`: no JSON quotes)."""
         return self.lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
+
+
+_ASCII_CLASSES = {"d": "[0-9]", "D": "[^0-9]", "w": "[0-9A-Za-z_]", "W": "[^0-9A-Za-z_]"}
+
+
+def ascii_classes(pattern: str) -> str:
+    """`pattern` with `\\d`, `\\D`, `\\w` and `\\W` spelled as ASCII classes.
+
+    llguidance reads them as Unicode classes (Rust's regex), so `\\d\\d` may give
+    Devanagari digits; JSON-schema patterns (ECMAScript), vLLM's grammar engines and most
+    users mean ASCII. Nested classes are valid in llguidance's syntax, so the same
+    replacement serves inside `[...]`; an escaped backslash (`\\\\d`) is left alone.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        pair = pattern[i : i + 2]
+        if pair[:1] == "\\":
+            out.append(_ASCII_CLASSES.get(pair[1:], pair))
+            i += 2
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out)
 
 
 class Grammar:
