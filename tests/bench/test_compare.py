@@ -7,8 +7,10 @@ import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
 
 from tfjax.bench import compare as cp
 from tfjax.bench.client import ClientConfig, RequestRecord, send_request
@@ -37,13 +39,13 @@ def _send(req, answer: dict) -> tuple[dict, RequestRecord]:
     """Send `req` to a mock server that answers `answer`; returns (the body sent, record)."""
     sent = {}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        sent.update(json.loads(request.content))
-        return httpx.Response(200, json=answer)
+    async def handler(request: web.BaseRequest) -> web.Response:
+        sent.update(await request.json())
+        return web.json_response(answer)
 
     async def go() -> RequestRecord:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            cfg = ClientConfig(base_url="http://mock", model="m")
+        async with RawTestServer(handler) as server, aiohttp.ClientSession() as client:
+            cfg = ClientConfig(base_url=str(server.make_url("")).rstrip("/"), model="m")
             return await send_request(client, cfg, req, time.perf_counter())
 
     return sent, asyncio.run(go())

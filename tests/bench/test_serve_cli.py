@@ -20,7 +20,7 @@ import pytest
 from serving.cli import main as tfjax
 from tests.bench.fake_openai import MODEL, running_server
 from tests.reliability.harness import PacedRunner, make_engine, serve
-from tfjax.bench.client import ClientConfig, run_requests
+from tfjax.bench.client import ClientConfig, run_requests, sse_lines
 from tfjax.bench.report import CSV_COLUMNS
 from tfjax.bench.workload import ClientRequest
 
@@ -57,6 +57,31 @@ def test_against_vllm_chunk_shapes(endpoint: str, tmp_path: Path, capsys) -> Non
     assert list(rows[0]) == list(CSV_COLUMNS) and len(rows) == 4
     assert [int(r["output_tokens"]) for r in rows] == [5] * 4
     assert "Successful requests:" in capsys.readouterr().out
+
+
+class _Reads:
+    """A response body that arrives in the given network reads."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self.reads = reads
+
+    async def iter_any(self):
+        for read in self.reads:
+            yield read
+
+
+def test_sse_lines_end_only_where_sse_ends_a_line() -> None:
+    """U+2028 and U+0085 inside an event's JSON stay in its line, and a CRLF split across two
+    reads or a line split mid-UTF-8 character loses nothing."""
+    event = 'data: {"text": "a\u2028b\u0085c\u00e9"}'.encode()
+    reads = [event[:-3], event[-3:] + b"\r", b"\n\r\ndata: [DONE]\r\n\r\n"]
+
+    async def lines() -> list[bytes]:
+        return [line async for line in sse_lines(_Reads(reads))]
+
+    data = [line for line in asyncio.run(lines()) if line]
+    assert data == [event, b"data: [DONE]"]
+    assert json.loads(data[0][5:])["text"] == "a\u2028b\u0085c\u00e9"
 
 
 def test_non_streaming_requests_count_the_usage(tmp_path: Path) -> None:

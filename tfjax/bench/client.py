@@ -17,7 +17,8 @@ counted per request in `tokens_added_at_end`.
 A failed request (HTTP error, error event, timeout, a stream without [DONE]) keeps its `error`;
 `tfjax.bench.metrics` leaves it out of the latency figures, as vLLM's benchmark does. The
 client's own CPU time over the run is returned with the records, so a run can show that the
-client was not the bottleneck.
+client was not the bottleneck. The client is aiohttp: at 256 streams it spends a third of
+httpx's CPU per chunk, about what a bare asyncio protocol does (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 
 from tfjax.bench.workload import ClientRequest, make_prompt
@@ -107,7 +109,7 @@ def request_body(cfg: ClientConfig, req: ClientRequest) -> dict[str, Any]:
 
 
 async def send_request(
-    client: httpx.AsyncClient, cfg: ClientConfig, req: ClientRequest, t0: float
+    client: aiohttp.ClientSession, cfg: ClientConfig, req: ClientRequest, t0: float
 ) -> RequestRecord:
     """Wait for `req`'s arrival time (relative to `t0`, a perf_counter value), send it."""
     rec = RequestRecord(
@@ -126,28 +128,28 @@ async def send_request(
             await receive(client, cfg.base_url + cfg.endpoint, body, rec, t0)
     except TimeoutError:
         rec.error = f"timeout after {cfg.request_timeout_s} s"
-    except (httpx.HTTPError, OSError, ValueError) as err:
+    except (aiohttp.ClientError, OSError, ValueError) as err:
         rec.error = f"{type(err).__name__}: {err}"
     rec.end_s = time.perf_counter() - t0
     return rec
 
 
 async def _stream(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord, t0: float
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], rec: RequestRecord, t0: float
 ) -> None:
     usage_tokens: int | None = None
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode(errors="replace")
-            rec.error = f"HTTP {resp.status_code}: {text[:300]}"
+    async with client.post(url, json=body) as resp:
+        if resp.status != 200:
+            text = (await resp.read()).decode(errors="replace")
+            rec.error = f"HTTP {resp.status}: {text[:300]}"
             return
         done = False
-        async for line in sse_lines(resp):
+        async for line in sse_lines(resp.content):
             now = time.perf_counter() - t0
-            if not line.startswith("data:"):
+            if not line.startswith(b"data:"):
                 continue  # blank separators, ":" comments (keep-alive pings), other fields
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 done = True
                 break
             usage_tokens = _on_chunk(json.loads(data), rec, now, usage_tokens)
@@ -183,15 +185,16 @@ def _on_chunk(
 
 
 async def _complete(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord, t0: float
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], rec: RequestRecord, t0: float
 ) -> None:
     """A non-streaming call: every token arrives with the response, as one chunk."""
-    resp = await client.post(url, json=body)
+    async with client.post(url, json=body) as resp:
+        content = await resp.read()
     now = time.perf_counter() - t0
-    if resp.status_code != 200:
-        rec.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+    if resp.status != 200:
+        rec.error = f"HTTP {resp.status}: {content.decode(errors='replace')[:300]}"
         return
-    answer = resp.json()
+    answer = json.loads(content)
     usage = answer.get("usage") or {}
     rec.output_tokens = int(usage.get("completion_tokens") or 0)
     rec.prompt_len = int(usage.get("prompt_tokens") or rec.prompt_len)
@@ -217,13 +220,17 @@ def _chunk_tokens(choices: list[dict[str, Any]], usage: dict[str, Any], counted:
     return 1 if text else 0
 
 
-async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
-    """The stream's lines as SSE ends them (LF, CRLF or CR, never inside a JSON string):
-    httpx's `aiter_lines` also splits at U+2028, U+2029 and U+0085, which a server may send
-    raw inside an event's JSON."""
-    buffer = ""
-    async for text in resp.aiter_text():
-        *lines, buffer = re.split(r"\r\n|\r|\n", buffer + text)
+_SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def sse_lines(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines as SSE ends them (LF, CRLF or CR, never inside a JSON string, so
+    U+2028 or U+0085 sent raw inside an event's JSON stays in its line), read as whatever
+    bytes have arrived: one wake-up per network read, not per line. A CRLF split across two
+    reads gives one extra blank line, which readers skip like any separator."""
+    buffer = b""
+    async for data in body.iter_any():
+        *lines, buffer = _SSE_LINE_END.split(buffer + data)
         for line in lines:
             yield line
     if buffer:
@@ -236,13 +243,13 @@ async def run_requests(
     """Send every request on its schedule; returns the records and the run's times.
 
     With `progress`, a one-line bar on stderr counts finished requests."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(connect=30.0, read=None, write=30.0, pool=None)
+    connector = aiohttp.TCPConnector(limit=0)  # no cap: `max_concurrency` is the only one
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0)  # per request: send_request
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     bar = ProgressBar("requests", verbs=("running", "ran")) if progress else None
     finished = 0
 
-    async def one(client: httpx.AsyncClient, req: ClientRequest, t0: float) -> RequestRecord:
+    async def one(client: aiohttp.ClientSession, req: ClientRequest, t0: float) -> RequestRecord:
         nonlocal finished
         if sem is None:
             rec = await send_request(client, cfg, req, t0)
@@ -255,7 +262,7 @@ async def run_requests(
         return rec
 
     cpu0 = time.process_time()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         t0 = time.perf_counter()
         records = await asyncio.gather(*(one(client, r, t0) for r in requests))
         wall_s = time.perf_counter() - t0
