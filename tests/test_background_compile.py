@@ -58,24 +58,25 @@ def test_serves_before_every_bucket_is_compiled(weights) -> None:
     # runner's executables in JAX's in-memory cache.
     runner = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
     runner.warmup(first=TINY_FIRST)
-    done, total = runner.compile_progress()
-    assert done < total and not runner.all_compiled.is_set()
+    table = runner.executables
+    done, total = table.compile_progress()
+    assert done < total and not table.all_compiled.is_set()
     engine, rec = make_engine(runner)
     requests = workload()
     compiles = COMPILES.count
 
     drive(engine, requests[:4], every=1)  # only the two tiny buckets
     assert runner.num_fallback_steps > engine.num_steps / 2  # padded or split
-    runner.compile_rest_in_background()
+    table.compile_rest_in_background()
     drive(engine, requests[4:], every=1)  # while the rest compiles
-    assert runner.all_compiled.wait(COMPILE_TIMEOUT_S), "background compiles did not finish"
+    assert table.all_compiled.wait(COMPILE_TIMEOUT_S), "background compiles did not finish"
     # The background compiles were real (this runner came first), and counted apart.
     assert COMPILES.count == compiles, "compiled on the serving path"
-    assert runner.compile_progress() == (total, total)
+    assert table.compile_progress() == (total, total)
 
     warm = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
     warm.warmup()
-    assert warm.all_compiled.is_set()
+    assert warm.executables.all_compiled.is_set()
     reference_engine, reference = make_engine(warm)
     drive(reference_engine, workload(), every=1)
     for r in requests:
@@ -102,8 +103,8 @@ def test_page_copies_pad_to_a_compiled_size(weights) -> None:
     runner.scatter([4, 5, 6], jax.device_put(values, gathered.sharding))
     moved = np.asarray(runner.gather([4, 5, 6]))
     np.testing.assert_array_equal(moved[:, :, :3], values[:, :, :3])
-    runner.compile_rest_in_background()
-    assert runner.all_compiled.wait(COMPILE_TIMEOUT_S)
+    runner.executables.compile_rest_in_background()
+    assert runner.executables.all_compiled.wait(COMPILE_TIMEOUT_S)
     assert runner.max_gather_pages == runner.max_pages_per_row
     assert runner.gather([1, 2, 3]).shape[2] == 4
 
@@ -116,7 +117,8 @@ def test_a_runner_never_warmed_up_compiles_each_shape_when_first_needed(weights)
     requests = requests_for(2, max_tokens=MAX_TOKENS)
     drive(engine, requests, every=1)
     assert runner.num_fallback_steps == 0
-    assert runner.compile_progress()[0] < runner.compile_progress()[1]
+    done, total = runner.executables.compile_progress()
+    assert done < total
     assert runner.max_gather_pages == runner.max_pages_per_row
     for r in requests:
         assert rec.tokens(r.request_id) == greedy_reference(weights, r.prompt_ids, MAX_TOKENS)

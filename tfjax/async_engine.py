@@ -68,7 +68,8 @@ Emit = Callable[[str, Delta], None]
 
 
 class BackgroundCompiles(Protocol):
-    """A runner that may still compile buckets while serving (`tfjax.runner.Runner`)."""
+    """A runner's table that may still compile buckets while serving
+    (`tfjax.executables.Executables`)."""
 
     def compile_progress(self) -> tuple[int, int]:
         """(buckets compiled, buckets in all)."""
@@ -91,8 +92,8 @@ class AsyncEngine:
     ) -> None:
         """`build(emit)` makes the engine whose deltas go to `emit`, this object's thread-safe
         forwarder to the requests' asyncio queues (`tfjax.assembly.assemble_engine`).
-        `compiles`: the runner, if it compiles buckets in the background (stats report its
-        progress, and `shutdown` stops it)."""
+        `compiles`: the runner's executables, if they compile in the background (stats report
+        their progress, and `shutdown` stops them)."""
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
         self.engine = engine = build(self._emit)
         self.model_name = model_name
@@ -353,7 +354,7 @@ def build_runner(args: argparse.Namespace, *, warmup: bool = True) -> tuple[Any,
     """(model, engine config, warmed-up `Runner`) for the model and engine flags in `args`:
     what `tfjax serve` and `tfjax calibrate` run. With `compile_in_background` (the default)
     the warm-up compiles only the start-up buckets (`tfjax.compile_plan`): the caller starts
-    `runner.compile_rest_in_background()` once it serves."""
+    `runner.executables.compile_rest_in_background()` once it serves."""
     from tfjax.config import engine_config_from_args
     from tfjax.runner_setup import load_runner
 
@@ -412,7 +413,7 @@ def serve_runner(
         model_name=model_name,
         tokenizer=tokenizer,
         max_waiting=max_waiting or config.max_waiting,
-        compiles=runner,
+        compiles=runner.executables,
     )
-    runner.compile_rest_in_background()
+    runner.executables.compile_rest_in_background()
     return served

@@ -75,7 +75,7 @@ def startup_buckets(config: EngineConfig) -> list[Bucket]:
 
 def startup_page_copies(sizes: Sequence[int]) -> list[int]:
     """The page-copy sizes compiled before serving: one page (what the write-through copies
-    while larger sizes compile, `Runner.max_gather_pages`) and the largest, which any copy
+    while larger sizes compile, `Executables.max_gather_pages`) and the largest, which any copy
     pads up to meanwhile (a preempted request's tail, rare on a fresh replica)."""
     return sorted({sizes[0], sizes[-1]})
 

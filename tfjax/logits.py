@@ -14,7 +14,7 @@ Per-row token counts are built here, on the device, from each row's token histor
 output, padded to the model's context `H`), so the host sends ids, not a [B, V] table. The
 history's width is fixed per runner, so a batch with penalties has one compiled shape per row
 bucket too; a batch without any penalised row does not build a `PenaltyInput` at all and runs
-the sampler compiled without this code (`tfjax.runner`), paying nothing for it.
+the sampler compiled without this code (`tfjax.executables`), paying nothing for it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`Runner`: owns the device state (weights, paged KV) and the compiled step per bucket.
+"""`Runner`: owns the device state (weights, paged KV) and runs each step as compiled calls.
 
 The engine hands it one step's work -- prefill chunks of any number of requests and all decode
 rows -- and it runs them as ONE jitted call over a token-flattened ragged batch
@@ -12,13 +12,10 @@ longest row's width, since every attention backend reads only each row's own pag
 rows are sorted by length inside the call so that the CPU backend's row groups are even.
 The KV cache is donated to every call and replaced by the call's output.
 
-Compiles: `warmup` compiles buckets ahead of time (`jit(...).lower(...).compile()`, nothing
-runs) into a table of executables, and steps only ever call those, so serving never compiles
-(`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
-flat). `warmup(first=...)` compiles only some buckets, so that a replica serves sooner, and
-`compile_rest_in_background` the others while steps run (tfjax/compile_plan.py); until a
-step's own bucket is in the table, the step runs in compiled ones, padded or split into
-several calls (`num_fallback_steps` counts them).
+Steps only ever call executables of the runner's table (`tfjax.executables.Executables`,
+`runner.executables`), which `warmup` fills ahead of time, or partly, with the rest compiled
+in the background; until a step's own bucket is in the table, the step runs in compiled ones,
+padded or split into several calls (`num_fallback_steps` counts them).
 
 Under `jax.distributed` (`tfjax.distributed`) every process holds a `Runner` over the same
 mesh and must make the same jitted calls: process 0 hands each call's host inputs to
@@ -32,13 +29,8 @@ what it broadcasts.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,39 +39,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models.attention import QUERY_TILE, AttentionBatch, Backend, backend_for
+from models.attention import QUERY_TILE, AttentionBatch, backend_for
 from models.config import ModelConfig
-from models.llama import KVCache, StepInput, forward, init_kv_cache, logits
+from models.llama import StepInput, init_kv_cache
 from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
-from tfjax.compile_plan import (
-    Call,
-    Chunk,
-    background_order,
-    calls_for,
-    merge_rows,
-    split_step,
-    startup_page_copies,
-)
-from tfjax.config import (
-    DEFAULT_CPU_KV_PAGES,
-    Bucket,
-    EngineConfig,
-    ceil_bucket,
-    geometric_buckets,
-)
+from tfjax.compile_plan import Call, Chunk, calls_for, merge_rows, split_step
+from tfjax.config import DEFAULT_CPU_KV_PAGES, Bucket, EngineConfig
+from tfjax.executables import Executables
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
-from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.logits import PenaltyInput
-from tfjax.metrics import COMPILES
 from tfjax.request import Request
-from tfjax.sampling import SamplingInput, TokenLogprobs, sample, token_logprobs
-
-log = logging.getLogger(__name__)
+from tfjax.sampling import SamplingInput, TokenLogprobs
 
 UINT32_MASK = 0xFFFFFFFF
-BACKGROUND_NICE = 10  # the compile thread yields the CPU to the engine thread's steps
 
 # One call's host arrays: model inputs, sampling rows, penalties (None: no row has any), and
 # the flat index [N] of each output row's last token.
@@ -93,36 +67,6 @@ class StepBroadcast(Protocol):
     def send(self, bucket: Bucket, inputs: HostInputs, *, scored: bool) -> None: ...
 
     def completed(self) -> None: ...
-
-
-@partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
-def _forward_logits(
-    weights: Weights,
-    kv: KVCache,
-    step: StepInput,
-    last_index_N: jax.Array,
-    *,
-    cfg: ModelConfig,
-    backend: Backend,
-) -> tuple[jax.Array, KVCache]:
-    """Logits [N, V] at the flat tokens `last_index`. Module-level so runners of one model
-    share compilations; sampling is a separate jit because it depends on the row count only,
-    which halves the compile time of the bucket table."""
-    hidden_TxD, kv = forward(weights, cfg, step, kv, backend)
-    return logits(weights, cfg, hidden_TxD[last_index_N]), kv
-
-
-_sample = jax.jit(sample)
-
-
-@jax.jit
-def _sample_scored(
-    logits_NxV: jax.Array, sampling: SamplingInput, penalties: PenaltyInput | None
-) -> tuple[jax.Array, TokenLogprobs]:
-    """`sample` plus the raw logprobs of what it chose: the variant for steps with a row
-    that asked for logprobs."""
-    tokens_N = sample(logits_NxV, sampling, penalties)
-    return tokens_N, token_logprobs(logits_NxV, tokens_N)
 
 
 def enable_compilation_cache(cache_dir: Path) -> None:
@@ -148,6 +92,10 @@ def default_num_pages(cfg: ModelConfig, config: EngineConfig) -> int:
 
 
 class Runner:
+    """The engine's one way to the device: runs each step's prefill chunks and decode rows as
+    calls of the compiled table (`executables`) over the KV it owns, and copies pages in and
+    out of that KV for the host tier (module docstring)."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -168,7 +116,6 @@ class Runner:
         self.max_pages_per_row = pages_needed(max_model_len, config.page_size)
         self.kv_bytes_per_token = kv_bytes_per_token(cfg)
         self.page_bytes = self.kv_bytes_per_token * config.page_size
-        self._gather_buckets = geometric_buckets(1, self.max_pages_per_row)
         layout = self.backend.layout
         self.kv = init_kv_cache(
             cfg, num_pages, config.page_size, kv_sharding(self.mesh, layout), self.backend
@@ -185,26 +132,20 @@ class Runner:
         self._all_allowed: dict[int, jax.Array] = {}
         self.mask_s = 0.0  # host seconds spent filling grammar masks (structured outputs)
         self.num_masked_steps = 0
-        # What calls are lowered against: the KV's shapes and shardings (never the live arrays,
-        # which the engine thread donates while the compile thread lowers).
-        self._kv_spec = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.kv
-        )
-        # The executables. The compile thread publishes a new dict (never mutates one the
-        # engine thread reads), forwards and samplers before `_compiled` names their bucket.
-        self._forwards: dict[Bucket, jax.stages.Compiled] = {}
-        # Samplers by (rows, scored, penalized): buckets of one row count share them.
-        self._samplers: dict[tuple[int, bool, bool], jax.stages.Compiled] = {}
-        self._page_copies: dict[int, tuple[jax.stages.Compiled, jax.stages.Compiled]] = {}
-        self._compiled: frozenset[Bucket] = frozenset()
-        self._num_step_buckets = len(config.step_buckets())
-        self._stop_compiling = threading.Event()
-        self._compile_thread: threading.Thread | None = None
-        self.all_compiled = threading.Event()  # set once every bucket is in the table
         self.num_fallback_steps = 0  # steps run in other buckets than their own
-        # Before `warmup`, a missing bucket or size compiles when first needed, as a plain jit
-        # would (calibration measures each shape it runs and compiles only those).
-        self._compile_on_demand = True
+        # The compiled calls: `warmup` fills the table; before it, each compiles when first
+        # needed, as a plain jit would.
+        self.executables = Executables(
+            cfg,
+            weights,
+            self.backend,
+            self.kv,
+            step_buckets=config.step_buckets(),
+            max_pages_per_row=self.max_pages_per_row,
+            max_model_len=max_model_len,
+            input_sharding=self._input_sharding,
+            example_inputs=lambda bucket: self.host_inputs(bucket, [], []),
+        )
 
     def warmup(
         self,
@@ -212,116 +153,12 @@ class Runner:
         *,
         first: Sequence[Bucket] | None = None,
     ) -> None:
-        """Compile the step buckets `first` and `startup_page_copies` (default: every step
-        bucket and page-copy size), then time a few steps for the policies' first cost
-        estimates; `on_compiled(done, total)` reports progress. Steps that need a bucket not
-        compiled yet run in compiled ones (`tfjax.compile_plan.calls_for`), and page copies
-        pad up to a compiled size, until `compile_rest_in_background` adds them."""
-        self._compile_on_demand = False
-        buckets = self.config.step_buckets() if first is None else list(first)
-        sizes = self._gather_buckets if first is None else startup_page_copies(self._gather_buckets)
-        total = len(buckets) + len(sizes)
-        for i, bucket in enumerate(buckets):
-            self._compile_step(bucket)
-            if on_compiled:
-                on_compiled(i + 1, total)
-        for i, n in enumerate(sizes):  # the host tier's page copies
-            self._compile_page_copy(n)
-            if on_compiled:
-                on_compiled(len(buckets) + i + 1, total)
+        """Compile the step buckets `first` and the start-up page copies (default: all of
+        them; `Executables.compile_startup`, which reports `on_compiled(done, total)`), then
+        time a few steps for the policies' first cost estimates. The other buckets compile
+        with `runner.executables.compile_rest_in_background()`."""
+        self.executables.compile_startup(on_compiled, first=first)
         self._time_steps()
-        done, total = self.compile_progress()
-        if done == total:
-            self.all_compiled.set()
-
-    def compile_rest_in_background(self) -> None:
-        """Compile the step buckets and page-copy sizes `warmup` left out on a thread of their
-        own, smallest first, step buckets before page copies (the host tier copies a page at
-        a time meanwhile), while steps run; `all_compiled` is set when they are all in."""
-        steps = background_order(self.config.step_buckets(), self._compiled)
-        sizes = [n for n in self._gather_buckets if n not in self._page_copies]
-        if not steps and not sizes:
-            return
-        self._compile_thread = threading.Thread(
-            target=self._compile_in_background,
-            args=(steps, sizes),
-            name="tfjax-compile",
-            daemon=True,
-        )
-        self._compile_thread.start()
-
-    def compile_progress(self) -> tuple[int, int]:
-        """(buckets compiled, buckets in all), step buckets and page-copy sizes together."""
-        total = self._num_step_buckets + len(self._gather_buckets)
-        return len(self._compiled) + len(self._page_copies), total
-
-    def stop_compiling(self, timeout_s: float = 30.0) -> None:
-        """Compile no further bucket in the background, and wait up to `timeout_s` for the
-        one being compiled, so that the process does not exit in the middle of a compile."""
-        self._stop_compiling.set()
-        if self._compile_thread is not None:
-            self._compile_thread.join(timeout_s)
-
-    def _compile_in_background(self, buckets: Sequence[Bucket], sizes: Sequence[int]) -> None:
-        """The compile thread: step `buckets`, then page-copy `sizes`, in order, counted apart
-        from serving-path compiles (`COMPILES.background`), at a lower OS priority than the
-        engine thread."""
-        if sys.platform == "linux":  # there, the priority of one thread (elsewhere: a process)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        start = time.perf_counter()
-        try:
-            with COMPILES.background():
-                for compile_one, key in [
-                    *((self._compile_step, b) for b in buckets),
-                    *((self._compile_page_copy, n) for n in sizes),
-                ]:
-                    if self._stop_compiling.is_set():
-                        return
-                    compile_one(key)
-        except Exception:  # serving goes on in the buckets compiled so far
-            log.exception("compiling buckets in the background failed")
-            return
-        log.info(
-            "compiled the other %d buckets in the background in %.1f s",
-            len(buckets) + len(sizes),
-            time.perf_counter() - start,
-        )
-        self.all_compiled.set()
-
-    def _compile_step(self, bucket: Bucket) -> None:
-        """Compile `bucket`'s forward and the four sampler variants of its row count (with
-        and without penalties, scored or not), lowered on the very inputs serving gives
-        them, and publish them (see `__init__`)."""
-        step, sampling, _, last = jax.device_put(
-            self.host_inputs(bucket, [], []), self._input_sharding
-        )
-        forward = _forward_logits.lower(
-            self.weights, self._kv_spec, step, last, cfg=self.cfg, backend=self.backend
-        ).compile()
-        num_rows = len(last)
-        pad = PenaltyInput.neutral(num_rows, self.max_model_len)
-        penalties = jax.device_put(pad, self._input_sharding)
-        logits_spec = forward.out_info[0]
-        samplers = {
-            (num_rows, scored, p is not None): variant.lower(logits_spec, sampling, p).compile()
-            for scored, variant in ((False, _sample), (True, _sample_scored))
-            for p in (None, penalties)
-            if (num_rows, scored, p is not None) not in self._samplers
-        }
-        self._samplers = {**self._samplers, **samplers}
-        self._forwards = {**self._forwards, bucket: forward}
-        self._compiled = self._compiled | {bucket}
-
-    def _compile_page_copy(self, num_pages: int) -> None:
-        """Compile the gather and the scatter of `num_pages` pages, as a pair: a scatter
-        always takes pages of a size gathered before."""
-        page_ids = np.zeros(num_pages, np.int32)
-        axis = self.backend.layout.page_axis
-        gather = gather_pages.lower(self._kv_spec, page_ids, page_axis=axis).compile()
-        scatter = scatter_pages.lower(
-            self._kv_spec, page_ids, gather.out_info, page_axis=axis
-        ).compile()
-        self._page_copies = {**self._page_copies, num_pages: (gather, scatter)}
 
     def _time_steps(self) -> None:
         """First cost estimates for the policies, before any request ran: decode step time
@@ -333,7 +170,7 @@ class Runner:
             jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
             return time.perf_counter() - start
 
-        compiled = self._compiled
+        compiled = self.executables.compiled
         self.decode_step_s = {
             b.rows: seconds(b) for b in sorted(compiled, key=lambda b: b.rows) if not b.tiles
         }
@@ -342,35 +179,25 @@ class Runner:
 
     @property
     def max_gather_pages(self) -> int:
-        """The most pages one `gather` copies without padding beyond its size bucket: the
-        largest size up to which every size is compiled (the write-through's cap per copy)."""
-        if self._compile_on_demand:
-            return self._gather_buckets[-1]
-        largest = 0
-        for n in self._gather_buckets:
-            if n not in self._page_copies:
-                break
-            largest = n
-        return largest
+        """`PageIO.max_gather_pages`: `Executables.max_gather_pages`."""
+        return self.executables.max_gather_pages
 
     def gather(self, page_ids: Sequence[int]) -> jax.Array:
         """Fresh [L, A, N, ...] copy of `page_ids` (A arrays per layer, the page axis moved
         to N, which is padded to the smallest compiled size that holds it)."""
         padded = self._padded_pages(page_ids, len(page_ids))
-        gather, _ = self._page_copies[len(padded)]
+        gather, _ = self.executables.page_copies[len(padded)]
         return gather(self.kv, padded)
 
     def scatter(self, page_ids: Sequence[int], pages: jax.Array) -> None:
         """Write `pages[:, :, i]` into device page `page_ids[i]`; other entries hit PAD_PAGE."""
         padded = self._padded_pages(page_ids, pages.shape[2])
-        _, scatter = self._page_copies[len(padded)]
+        _, scatter = self.executables.page_copies[len(padded)]
         self.kv = scatter(self.kv, padded, pages)
 
     def _padded_pages(self, page_ids: Sequence[int], n: int) -> np.ndarray:
-        size = ceil_bucket(self._gather_buckets, max(n, 1))
-        if self._compile_on_demand and size not in self._page_copies:
-            self._compile_page_copy(size)
-        out = np.full(ceil_bucket(sorted(self._page_copies), max(n, 1)), PAD_PAGE, np.int32)
+        """`page_ids` padded with PAD_PAGE to the compiled copy size that holds `n` pages."""
+        out = np.full(self.executables.page_copy_size(n), PAD_PAGE, np.int32)
         out[: len(page_ids)] = page_ids
         return out
 
@@ -395,9 +222,7 @@ class Runner:
         """The step as calls of compiled buckets: its own bucket if compiled, else those
         `calls_for` picks (`split_step` fills them)."""
         bucket = self.config.bucket_for([w.num_tokens for w in prefill], len(decode))
-        if self._compile_on_demand and bucket not in self._compiled:
-            self._compile_step(bucket)
-        compiled = self._compiled
+        compiled = self.executables.compiled_for(bucket)
         if bucket in compiled:
             buckets: Sequence[Bucket] = (bucket,)
         else:
@@ -434,8 +259,8 @@ class Runner:
         """Run one call packed by `host_inputs`: sampled ids, plus logprobs if `scored`.
         Other processes of a multi-host run call this with what process 0 broadcast (a
         bucket they have not compiled yet compiles here first)."""
-        if bucket not in self._compiled:
-            self._compile_step(bucket)
+        if bucket not in self.executables.compiled:
+            self.executables.compile_step(bucket)
         step, sampling, penalties, last = inputs
         logits_NxV = self._forward(bucket, step, last)
         return self._draw(logits_NxV, (sampling, penalties), scored=scored)
@@ -443,7 +268,7 @@ class Runner:
     def _forward(self, bucket: Bucket, step: StepInput, last_N: np.ndarray) -> jax.Array:
         """Dispatch `bucket`'s forward pass (KV written); its logits [N, V] on the device."""
         step, last_N = jax.device_put((step, last_N), self._input_sharding)
-        logits_NxV, self.kv = self._forwards[bucket](self.weights, self.kv, step, last_N)
+        logits_NxV, self.kv = self.executables.forwards[bucket](self.weights, self.kv, step, last_N)
         return logits_NxV
 
     def _sampling(
@@ -466,7 +291,7 @@ class Runner:
         """Sample the call's rows with the compiled sampler of their row count."""
         sampling_in, penalties = jax.device_put(sampling, self._input_sharding)
         key = (len(logits_NxV), scored, penalties is not None)
-        return self._samplers[key](logits_NxV, sampling_in, penalties)
+        return self.executables.samplers[key](logits_NxV, sampling_in, penalties)
 
     def _all_allowed_mask(self, num_rows: int) -> jax.Array:
         """The all-ones grammar mask of `num_rows` rows, on the device once (the call's

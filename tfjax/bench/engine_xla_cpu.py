@@ -110,7 +110,7 @@ def _library_fusions(runner, batch: int) -> dict[str, int]:
     from collections import Counter
 
     from tfjax.config import Bucket
-    from tfjax.runner import _forward_logits
+    from tfjax.executables import _forward_logits
 
     step, _, _, last = runner.host_inputs(Bucket(0, batch), [], [])
     compiled = _forward_logits.lower(
