@@ -116,6 +116,16 @@ def initialize(cluster: Cluster) -> None:
         ).start()
 
 
+WARMUP_BARRIER_TIMEOUT_S = 3600  # the slowest process's start-up compiles, on any machine
+
+
+def barrier(name: str, timeout_s: float = WARMUP_BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process of the run reaches `name` (the coordinator's barrier, no
+    collective). Before the first step of a run: processes finish compiling at different
+    times, and gloo gives a collective's peers only 30 s to join its first call."""
+    _client().wait_at_barrier(name, round(timeout_s * 1000))
+
+
 def keep_stdout_for_python() -> None:
     """gloo prints its connection lines from C++ to file descriptor 1, but `tfjax serve`'s
     stdout carries its ready line alone (scripts wait for it): point descriptor 1 at stderr
@@ -154,6 +164,7 @@ def encode_step(bucket: Bucket, inputs: HostInputs, *, scored: bool) -> bytes:
         "bucket": [bucket.tiles, bucket.rows],
         "scored": scored,
         "penalties": inputs[2] is not None,
+        "masked": inputs[1].allowed is not None,
         "arrays": [[a.dtype.str, list(a.shape)] for a in arrays],
     }
     return _message(header, arrays)
@@ -268,16 +279,16 @@ def follow(runner: Runner, client: Any = None) -> int:
     """A worker's loop: run every step process 0 broadcasts, in order, until STOP (then 0).
     An error from the store other than an idle wait's deadline ends the process."""
     client = client if client is not None else _client()
-    structures: dict[tuple[Bucket, bool], Any] = {}  # built once per bucket, not per step
+    structures: dict[tuple[Bucket, bool, bool], Any] = {}  # built once per bucket, not per step
     num_received = 0
     while True:
         header, arrays = decode(_next_message(client, _STEP_KEY.format(num_received)))
         num_received += 1
         if header["op"] == "stop":
             return 0
-        key = (Bucket(*header["bucket"]), header["penalties"])
+        key = (Bucket(*header["bucket"]), header["penalties"], header["masked"])
         if key not in structures:
-            structures[key] = runner.input_structure(key[0], with_penalties=key[1])
+            structures[key] = runner.input_structure(key[0], with_penalties=key[1], masked=key[2])
         inputs = jax.tree.unflatten(structures[key], arrays)
         runner.run_inputs(key[0], inputs, scored=header["scored"])
 

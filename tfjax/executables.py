@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -222,15 +222,14 @@ class Executables:
 
     def compile_step(self, bucket: Bucket) -> None:
         """Compile `bucket`'s forward and the four sampler variants of its row count (with
-        and without penalties, scored or not), lowered on the very inputs serving gives
-        them, and publish them (module docstring)."""
-        step, sampling, _, last = jax.device_put(self._example_inputs(bucket), self._input_sharding)
+        and without penalties, scored or not), lowered on the shapes and shardings of the
+        inputs serving gives them, and publish them (module docstring)."""
+        step, sampling, _, last = self._input_specs(self._example_inputs(bucket))
         forward = _forward_logits.lower(
             self.weights, self._kv_spec, step, last, cfg=self.cfg, backend=self.backend
         ).compile()
         num_rows = len(last)
-        pad = PenaltyInput.neutral(num_rows, self.max_model_len)
-        penalties = jax.device_put(pad, self._input_sharding)
+        penalties = self._input_specs(PenaltyInput.neutral(num_rows, self.max_model_len))
         logits_spec = forward.out_info[0]
         samplers = {
             (num_rows, scored, p is not None): variant.lower(logits_spec, sampling, p).compile()
@@ -241,6 +240,15 @@ class Executables:
         self.samplers = {**self.samplers, **samplers}
         self.forwards = {**self.forwards, bucket: forward}
         self.compiled = self.compiled | {bucket}
+
+    def _input_specs(self, host_inputs: Any) -> Any:
+        """The shapes and dtypes of host arrays, with the sharding serving puts them in: what
+        a call is lowered on, without a transfer. (Under several processes a `device_put` of
+        host data is a collective, which a compile, on one process's thread, must not run.)"""
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._input_sharding),
+            host_inputs,
+        )
 
     def _compile_page_copy(self, num_pages: int) -> None:
         """Compile the gather and the scatter of `num_pages` pages, as a pair: a scatter

@@ -29,6 +29,7 @@ what it broadcasts.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ from models.sharding import gathered_pages_sharding, kv_sharding, make_mesh
 from models.weights import Weights
 from tfjax.compile_plan import Call, Chunk, calls_for, merge_rows, split_step
 from tfjax.config import DEFAULT_CPU_KV_PAGES, Bucket, EngineConfig
+from tfjax.distributed import barrier
 from tfjax.executables import Executables
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PAD_PAGE, pages_needed
@@ -144,7 +146,7 @@ class Runner:
             max_pages_per_row=self.max_pages_per_row,
             max_model_len=max_model_len,
             input_sharding=self._input_sharding,
-            example_inputs=lambda bucket: self.host_inputs(bucket, [], []),
+            example_inputs=self._example_inputs,
         )
 
     def warmup(
@@ -158,6 +160,8 @@ class Runner:
         time a few steps for the policies' first cost estimates. The other buckets compile
         with `runner.executables.compile_rest_in_background()`."""
         self.executables.compile_startup(on_compiled, first=first)
+        if jax.process_count() > 1:
+            barrier("tfjax: start-up buckets compiled")
         self._time_steps()
 
     def _time_steps(self) -> None:
@@ -247,8 +251,8 @@ class Runner:
         if self.lockstep is None:
             # The forward pass is dispatched first: grammar masks fill on the host meanwhile.
             logits_NxV = self._forward(call.bucket, step, last)
-            return self._draw(logits_NxV, self._sampling(rows, len(last)), scored=scored)
-        inputs = (step, *self._sampling(rows, len(last)), last)
+            return self._draw(logits_NxV, self._sampling(rows), scored=scored)
+        inputs = (step, *self._sampling(rows), last)
         self.lockstep.send(call.bucket, inputs, scored=scored)
         # The engine reads the tokens at once anyway; waiting here tells the watchdog.
         result = jax.block_until_ready(self.run_inputs(call.bucket, inputs, scored=scored))
@@ -267,19 +271,18 @@ class Runner:
 
     def _forward(self, bucket: Bucket, step: StepInput, last_N: np.ndarray) -> jax.Array:
         """Dispatch `bucket`'s forward pass (KV written); its logits [N, V] on the device."""
-        step, last_N = jax.device_put((step, last_N), self._input_sharding)
+        step, last_N = self._put((step, last_N))
         logits_NxV, self.kv = self.executables.forwards[bucket](self.weights, self.kv, step, last_N)
         return logits_NxV
 
-    def _sampling(
-        self, rows: _SamplingRows, num_rows: int
-    ) -> tuple[SamplingInput, PenaltyInput | None]:
-        """The rows' sampling inputs, their grammar masks filled (timed for /metrics)."""
+    def _sampling(self, rows: _SamplingRows) -> tuple[SamplingInput, PenaltyInput | None]:
+        """The rows' sampling inputs, their grammar masks filled (timed for /metrics);
+        `allowed` is None when no row has a grammar (see `_draw`)."""
         start = time.perf_counter()
         if rows.fill_masks():
             self.mask_s += time.perf_counter() - start
             self.num_masked_steps += 1
-        return rows.arrays(self._all_allowed_mask(num_rows)), rows.penalties()
+        return rows.arrays(), rows.penalties()
 
     def _draw(
         self,
@@ -289,22 +292,58 @@ class Runner:
         scored: bool,
     ) -> Any:
         """Sample the call's rows with the compiled sampler of their row count."""
-        sampling_in, penalties = jax.device_put(sampling, self._input_sharding)
+        sampling_in, penalties = self._put(self._masked(*sampling))
         key = (len(logits_NxV), scored, penalties is not None)
         return self.executables.samplers[key](logits_NxV, sampling_in, penalties)
 
-    def _all_allowed_mask(self, num_rows: int) -> jax.Array:
-        """The all-ones grammar mask of `num_rows` rows, on the device once (the call's
-        `device_put` leaves an array already in place)."""
+    def _put(self, host_inputs: Any) -> Any:
+        """Host arrays onto the mesh, replicated. Under several processes, through
+        `make_array_from_process_local_data`: `device_put` would first run one collective per
+        array to check that every process holds the same data, which they do by construction
+        (process 0 broadcast them): 14 collectives a step, most of a 2-process step's overhead."""
+        if jax.process_count() == 1:
+            return jax.device_put(host_inputs, self._input_sharding)
+        return jax.tree.map(
+            lambda a: (
+                a
+                if isinstance(a, jax.Array)
+                else jax.make_array_from_process_local_data(self._input_sharding, a)
+            ),
+            host_inputs,
+        )
+
+    def _masked(
+        self, sampling: SamplingInput, penalties: PenaltyInput | None
+    ) -> tuple[SamplingInput, PenaltyInput | None]:
+        """`sampling` with a grammar mask: a call without constrained rows gets the all-ones
+        mask of its row count, put on the device once (its `device_put` is then a no-op).
+
+        Every process of a multi-host run takes this path alike, from host inputs that carry
+        no mask: a `device_put` of host data there is a collective (JAX checks the data are
+        equal on every process), so process 0 and the workers must put the same arrays."""
+        if sampling.allowed is not None:
+            return sampling, penalties
+        num_rows = len(sampling.temperature)
         if num_rows not in self._all_allowed:
             ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
-            self._all_allowed[num_rows] = jax.device_put(ones, self._input_sharding)
-        return self._all_allowed[num_rows]
+            self._all_allowed[num_rows] = self._put(ones)
+        return dataclasses.replace(sampling, allowed=self._all_allowed[num_rows]), penalties
 
-    def input_structure(self, bucket: Bucket, *, with_penalties: bool) -> jax.tree_util.PyTreeDef:
-        """The pytree structure of `bucket`'s `HostInputs`, with or without penalty arrays:
-        how another process rebuilds inputs it received as a flat list of arrays."""
-        step, sampling, _, last = self.host_inputs(bucket, [], [])
+    def _example_inputs(self, bucket: Bucket) -> HostInputs:
+        """`bucket`'s call without rows, with a grammar mask: what its executables are lowered
+        on (shapes only)."""
+        step, sampling, penalties, last = self.host_inputs(bucket, [], [])
+        allowed = np.full((len(last), self.num_mask_words), -1, np.int32)
+        return step, dataclasses.replace(sampling, allowed=allowed), penalties, last
+
+    def input_structure(
+        self, bucket: Bucket, *, with_penalties: bool, masked: bool
+    ) -> jax.tree_util.PyTreeDef:
+        """The pytree structure of `bucket`'s `HostInputs`, with or without penalty arrays
+        and a grammar mask: how another process rebuilds inputs it received as a flat list of
+        arrays."""
+        inputs = self._example_inputs(bucket) if masked else self.host_inputs(bucket, [], [])
+        step, sampling, _, last = inputs
         penalties = PenaltyInput.neutral(len(last), self.max_model_len) if with_penalties else None
         return jax.tree.structure((step, sampling, penalties, last))
 
@@ -314,7 +353,7 @@ class Runner:
         """One call's inputs, packed and grammar masks filled (what a multi-host call
         broadcasts)."""
         step, last, rows = self._pack(bucket, chunks, decode)
-        return (step, *self._sampling(rows, len(last)), last)
+        return (step, *self._sampling(rows), last)
 
     def _pack(
         self, bucket: Bucket, chunks: Sequence[Chunk], decode: Sequence[Request]
@@ -438,8 +477,9 @@ class _SamplingRows:
             self._penalties = PenaltyInput.neutral(len(self.temperature), self.history_len)
         return self._penalties
 
-    def arrays(self, all_allowed: jax.Array) -> SamplingInput:
-        """The rows' inputs; `all_allowed` is the mask sent when no row has a grammar."""
+    def arrays(self) -> SamplingInput:
+        """The rows' inputs; without a constrained row, no mask (`Runner._masked` adds
+        the all-ones one)."""
         return SamplingInput(
             temperature=self.temperature,
             top_k=self.top_k,
@@ -447,6 +487,6 @@ class _SamplingRows:
             min_p=self.min_p,
             seed=self.seed,
             output_index=self.index,
-            allowed=all_allowed if self._allowed is None else self._allowed,
+            allowed=self._allowed,
             constrained=self.constrained,
         )

@@ -46,7 +46,9 @@ class SamplingInput:
     min_p: jax.Array  # [B] float32, 0 = off
     seed: jax.Array  # [B] uint32
     output_index: jax.Array  # [B] int32, index j of the token being sampled
-    allowed: jax.Array  # [B, ceil(V / 32)] int32, bit t % 32 of word t // 32: token t allowed
+    # [B, ceil(V / 32)] int32, bit t % 32 of word t // 32: token t allowed. None only in host
+    # inputs without a constrained row (the runner adds its all-ones device copy).
+    allowed: jax.Array | None
     constrained: jax.Array  # [B] bool, the row has a grammar (its `allowed` is not all ones)
 
 

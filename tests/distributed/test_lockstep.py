@@ -103,13 +103,18 @@ def test_step_message_round_trips(weights) -> None:
     inputs = runner.host_inputs(bucket, [], [])
     header, arrays = decode(encode_step(bucket, inputs, scored=True))
     assert (header["op"], header["bucket"], header["scored"]) == ("step", [2, 0], True)
-    assert header["penalties"] is False
+    assert header["penalties"] is False and header["masked"] is False
     sent = jax.tree.leaves(inputs)
+    # Host arrays only: process 0 would put a device array without the equality collective
+    # that a worker's `device_put` of the same data runs (a mismatch that hangs or aborts).
+    assert all(isinstance(leaf, np.ndarray) for leaf in sent)
     assert len(arrays) == len(sent)
     for got, want in zip(arrays, sent, strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
-    rebuilt = jax.tree.unflatten(runner.input_structure(bucket, with_penalties=False), arrays)
+    rebuilt = jax.tree.unflatten(
+        runner.input_structure(bucket, with_penalties=False, masked=False), arrays
+    )
     assert jax.tree.structure(rebuilt) == jax.tree.structure(inputs)
     assert decode(encode_stop())[0]["op"] == "stop"
 
