@@ -124,6 +124,7 @@ class Runner:
         )
         # Step inputs are replicated over the mesh; gathered pages keep the KV's head split.
         self._input_sharding = NamedSharding(self.mesh, PartitionSpec())
+        self._multi_process = jax.process_count() > 1  # a `jax.distributed` run
         self.pages_sharding = gathered_pages_sharding(self.mesh, layout)
         self.config = config
         self.decode_step_s: dict[int, float] = {}  # measured by warmup, per batch bucket
@@ -160,7 +161,7 @@ class Runner:
         time a few steps for the policies' first cost estimates. The other buckets compile
         with `runner.executables.compile_rest_in_background()`."""
         self.executables.compile_startup(on_compiled, first=first)
-        if jax.process_count() > 1:
+        if self._multi_process:
             barrier("tfjax: start-up buckets compiled")
         self._time_steps()
 
@@ -292,7 +293,8 @@ class Runner:
         scored: bool,
     ) -> Any:
         """Sample the call's rows with the compiled sampler of their row count."""
-        sampling_in, penalties = self._put(self._masked(*sampling))
+        sampling_in, penalties = sampling
+        sampling_in, penalties = self._put((self._masked(sampling_in), penalties))
         key = (len(logits_NxV), scored, penalties is not None)
         return self.executables.samplers[key](logits_NxV, sampling_in, penalties)
 
@@ -301,7 +303,7 @@ class Runner:
         `make_array_from_process_local_data`: `device_put` would first run one collective per
         array to check that every process holds the same data, which they do by construction
         (process 0 broadcast them): 14 collectives a step, most of a 2-process step's overhead."""
-        if jax.process_count() == 1:
+        if not self._multi_process:
             return jax.device_put(host_inputs, self._input_sharding)
         return jax.tree.map(
             lambda a: (
@@ -312,9 +314,7 @@ class Runner:
             host_inputs,
         )
 
-    def _masked(
-        self, sampling: SamplingInput, penalties: PenaltyInput | None
-    ) -> tuple[SamplingInput, PenaltyInput | None]:
+    def _masked(self, sampling: SamplingInput) -> SamplingInput:
         """`sampling` with a grammar mask: a call without constrained rows gets the all-ones
         mask of its row count, put on the device once (its `device_put` is then a no-op).
 
@@ -322,12 +322,12 @@ class Runner:
         no mask: a `device_put` of host data there is a collective (JAX checks the data are
         equal on every process), so process 0 and the workers must put the same arrays."""
         if sampling.allowed is not None:
-            return sampling, penalties
+            return sampling
         num_rows = len(sampling.temperature)
         if num_rows not in self._all_allowed:
             ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
             self._all_allowed[num_rows] = self._put(ones)
-        return dataclasses.replace(sampling, allowed=self._all_allowed[num_rows]), penalties
+        return dataclasses.replace(sampling, allowed=self._all_allowed[num_rows])
 
     def _example_inputs(self, bucket: Bucket) -> HostInputs:
         """`bucket`'s call without rows, with a grammar mask: what its executables are lowered
