@@ -2,7 +2,7 @@
 # GPU check (issue 25): correctness of the attention kernels and the engine, then decode and
 # prefill speed against their floors, as one JSON verdict ($OUT/gpu_check.json) and an exit
 # code that gates (0 pass, 1 a check failed or a target was missed, 2 no usable environment).
-# The logic and the targets are in tfjax/bench/gpu_check.py; about 10 minutes on one H200.
+# The logic and the targets are in tfjax/bench/gpu_check.py; about 8 minutes on a fresh H200.
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--only=decode,prefill]
 #                                    OUT=dir (default out/gpu_check), PYTHON=python3

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from serving.cli import main as tfjax
+from tfjax.bench import trace_kernels
 from tfjax.bench.floors import Floors, flops_per_token
 from tfjax.runner_setup import make_runner
 
@@ -17,7 +19,14 @@ from tfjax.runner_setup import make_runner
 def test_engine_rows_have_ours_hf_and_floors(tiny_llama3_dir: Path, tmp_path: Path) -> None:
     argv = ["bench", "engine", "--model", str(tiny_llama3_dir), "--batches", "1,2"]
     argv += ["--contexts", "16", "--new-tokens", "4", "--out", str(tmp_path)]
+    argv += ["--profile", str(tmp_path / "trace")]
     assert tfjax(argv) == 0
+    # The profiled second pass runs compiled steps only: no compile in its trace.
+    with gzip.open(trace_kernels.newest_trace(tmp_path / "trace")) as file:
+        host = trace_kernels.kernel_times(json.load(file), "/host")
+    names = {name for counter in host.values() for name in counter}
+    assert any("step" in name for name in names)
+    assert not any("compile_step" in name for name in names)
     result = json.loads((tmp_path / "bench_engine.json").read_text())
     assert [(r["batch"], r["context"]) for r in result["rows"]] == [(1, 16), (2, 16)]
     for row in result["rows"]:

@@ -277,6 +277,13 @@ def measure(
                 "prefill_tokens_per_s": floors.prefill_tokens_per_s(cfg, context),
             }
             rows.append(row)
+            ours = row["ours"]
+            print(
+                f"  decode step {ours['decode_step_median_ms']:.2f} ms "
+                f"(read floor {row['floor']['decode_read_ms']:.2f} ms)",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -320,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_engine"))
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="then run ours again under jax.profiler and write its trace here (for TensorBoard "
+        "or `python -m tfjax.bench.trace_kernels`)",
+    )
     return parser
 
 
@@ -335,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, weight_bytes = runner.cfg, num_bytes(runner.weights)
     floors = Floors(read_bandwidth_bytes_per_s(), matmul_flops_per_s(cfg.dtype), weight_bytes)
     rows = measure(runner, floors, args, batches, contexts)
+    if args.profile:  # a second pass, everything compiled: the trace holds only the steps
+        with jax.profiler.trace(args.profile):
+            measure(runner, floors, args, batches, contexts)
     if not (args.no_hf or hf_path is None):
         del runner  # HF runs alone
         hf_model = load_hf(hf_path)

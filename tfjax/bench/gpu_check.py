@@ -29,8 +29,8 @@ tie: TIE_LOGIT_GAP).
 failed). `--dry-run` runs every section on CPU with tiny shapes and the Pallas kernels
 interpreted, so CI proves the script cannot fail for a trivial reason on its first GPU; targets
 are computed but not judged there (a CPU is not an H200). Sections run in the order above, each
-in a subprocess with its own time limit (under 8 minutes together on the GPU), so one that
-fails or hangs costs only its own record. Exit: 0 every check passed, 1 a check failed or a
+in a subprocess with its own time limit (about 8 minutes together on a fresh GPU machine), so
+one that fails or hangs costs only its own record. Exit: 0 every check passed, 1 a check failed or a
 target was missed.
 """
 
@@ -63,13 +63,16 @@ FULL = {
     "prefill": ("16", "512"),  # batch, context
     "quantized_batches": "1,64",
     "burst": ("64", "128", "64", "gpu"),  # streams, prompt tokens, output tokens, backend
-    # seconds per section, at most 8 minutes in all (compiles included)
+    # Seconds per section, compiles included. On a fresh H200 (2026-12-04) engine took 47 s,
+    # prefill 33, burst 66, quantized 53 (both modes); decode ran past 150 s in its third
+    # bucket's first compile (XLA autotunes each new product shape), and took 25 s with the
+    # compile cache warm. About 8 minutes in all on a fresh machine.
     "timeouts_s": {
         "attention": 90,
         "engine": 60,
-        "decode": 150,
+        "decode": 240,
         "prefill": 60,
-        "burst": 120,
+        "burst": 100,
         "quantized": 45,  # per mode
     },
 }
