@@ -29,6 +29,7 @@ which leave plain arrays on the float code path they always had.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import flax.struct
@@ -136,10 +137,24 @@ def _contract(
     if isinstance(w, AffineBlocks):
         return jax.lax.dot_general(x, w.dequantize(x.dtype), dims, preferred_element_type=out)
     if isinstance(w, Int8Dot):
-        per_token = tuple(range(x.ndim - 1))
-        x = qwix.quantize(x, jnp.int8, channelwise_axes=per_token)
-        w = w.weight
+        return _int8_product(x, w.weight, weight_axis=weight_axis, out=out)
     return qwix.dot_general(x, w, dims, preferred_element_type=out)
+
+
+def _int8_product(
+    x: jax.Array, w: qwix.QArray, *, weight_axis: int, out: jnp.dtype | None
+) -> jax.Array:
+    """`w8a8`'s product: x quantized per token, then int8 x int8. A single token is doubled:
+    XLA:CPU runs an int8 product of one row through a slow path (27 ms against 1.8 ms for
+    two rows of a 2048x8192 weight), and per-token scales keep the copy from changing it."""
+    lead = x.shape[:-1]
+    x_TxI = x.reshape(-1, x.shape[-1])
+    if len(x_TxI) == 1:
+        x_TxI = jnp.concatenate([x_TxI, x_TxI])
+    x_q = qwix.quantize(x_TxI, jnp.int8, channelwise_axes=(0,))
+    dims = (((1,), (weight_axis,)), ((), ()))
+    product = qwix.dot_general(x_q, w, dims, preferred_element_type=out)
+    return product[: math.prod(lead)].reshape(*lead, -1)
 
 
 def quantize(weights: Weights, mode: str, sharding: Sharding) -> Weights:

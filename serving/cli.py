@@ -15,6 +15,7 @@ import sys
 from models.errors import UserError
 from serving import calibrate_cmd, generate_cmd, serve_cmd, simulate_cmd
 from tfjax.bench import cli as bench_cli
+from tfjax.host_memory import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_cmd.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return args.run(args)
     except UserError as err:

@@ -76,6 +76,20 @@ def test_int8_round_trip_per_weight_matches_numpy(tiny_float, mode: str) -> None
         assert np.all(error <= scale * (0.5 + 1e-4))
 
 
+def test_w8a8_product_of_one_token_is_its_row_of_a_batch() -> None:
+    """One token is doubled for XLA:CPU's fast int8 path; per-token scales keep its product
+    the row it is in any batch, whatever shape the token comes in."""
+    w = jax.random.normal(jax.random.key(0), (64, 48), jnp.float32)
+    weight = quant.Int8Dot(qwix.quantize(w, jnp.int8, channelwise_axes=(1,)))
+    x = jax.random.normal(jax.random.key(1), (3, 64), jnp.float32)
+    batch = np.asarray(quant.matmul(x, weight))
+    assert np.abs(batch - np.asarray(x @ w)).max() < 0.05 * np.abs(batch).max()
+    for row in range(3):
+        np.testing.assert_array_equal(quant.matmul(x[row : row + 1], weight), batch[row : row + 1])
+    assert quant.matmul(x[0], weight).shape == (48,)
+    assert quant.matmul(x[:1, None], weight).shape == (1, 1, 48)
+
+
 def test_bfloat16_model_quantizes_with_bfloat16_scales(tiny_float) -> None:
     """Quantizing bfloat16 weights keeps the compute dtype: scales, activations and KV bf16."""
     bf16 = dataclasses.replace(TINY, dtype="bfloat16")
