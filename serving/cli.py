@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_cmd.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
-    keep_freed_memory()
+    keep_freed_memory(getattr(args, "quantization", None))  # before jax's backend starts
     try:
         return args.run(args)
     except UserError as err:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from tfjax.host_memory import keep_freed_memory
-
 DESCRIPTION = (
     "Benchmarks of tfjax, or of any OpenAI-compatible server (serve). "
     "`tfjax bench COMMAND --help` says what COMMAND measures and lists its defaults."
@@ -83,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tfjax.bench", description=DESCRIPTION)
     _add_commands(parser)
     args = parser.parse_args(argv)
-    keep_freed_memory()
     return args.run(args)
 
 

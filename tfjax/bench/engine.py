@@ -52,6 +52,7 @@ from models.weights import Weights, init_random, num_bytes
 from tfjax.bench.flags import HelpFormatter
 from tfjax.bench.floors import Floors, matmul_flops_per_s, read_bandwidth_bytes_per_s
 from tfjax.config import EngineConfig
+from tfjax.host_memory import keep_freed_memory
 from tfjax.kv.manager import PrefillWork
 from tfjax.kv.pages import PageAllocator
 from tfjax.request import Request, SamplingParams
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MODES:
         return importlib.import_module(MODES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
+    keep_freed_memory(args.quantization)  # before jax's backend starts, as `tfjax serve` does
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     enable_compilation_cache(default_cache_dir())
