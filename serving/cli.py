@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_cmd.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
-    keep_freed_memory(getattr(args, "quantization", None))  # before jax's backend starts
+    # Before jax starts its backend (generate and serve have both flags).
+    keep_freed_memory(getattr(args, "quantization", None), getattr(args, "dtype", None))
     try:
         return args.run(args)
     except UserError as err:

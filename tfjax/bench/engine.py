@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MODES:
         return importlib.import_module(MODES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    keep_freed_memory(args.quantization)  # before jax's backend starts, as `tfjax serve` does
+    keep_freed_memory(args.quantization, args.dtype)  # before jax's backend starts, as serve
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     enable_compilation_cache(default_cache_dir())
