@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate_cmd.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
-    # Before jax starts its backend (generate and serve have both flags).
+    # Before jax starts its backend; commands without these flags leave malloc as it is.
     keep_freed_memory(getattr(args, "quantization", None), getattr(args, "dtype", None))
     try:
         return args.run(args)

@@ -325,15 +325,14 @@ class Runner:
             return sampling
         num_rows = len(sampling.temperature)
         if num_rows not in self._all_allowed:
-            ones = np.full((num_rows, self.num_mask_words), -1, np.int32)
-            self._all_allowed[num_rows] = self._put(ones)
+            self._all_allowed[num_rows] = self._put(all_allowed(num_rows, self.num_mask_words))
         return dataclasses.replace(sampling, allowed=self._all_allowed[num_rows])
 
     def _example_inputs(self, bucket: Bucket) -> HostInputs:
         """`bucket`'s call without rows, with a grammar mask: what its executables are lowered
         on (shapes only)."""
         step, sampling, penalties, last = self.host_inputs(bucket, [], [])
-        allowed = np.full((len(last), self.num_mask_words), -1, np.int32)
+        allowed = all_allowed(len(last), self.num_mask_words)
         return step, dataclasses.replace(sampling, allowed=allowed), penalties, last
 
     def input_structure(
@@ -408,6 +407,12 @@ class Runner:
         return step, last_N, sampling
 
 
+def all_allowed(num_rows: int, num_words: int) -> np.ndarray:
+    """The grammar mask [num_rows, num_words] (`SamplingInput.allowed`) with every bit set:
+    rows free to take any token."""
+    return np.full((num_rows, num_words), -1, np.int32)
+
+
 class _SamplingRows:
     """Host arrays of per-row sampling parameters; pad rows are greedy. The penalty arrays
     (`tfjax.logits.PenaltyInput`, histories `history_len` wide) and the grammar mask
@@ -433,7 +438,7 @@ class _SamplingRows:
         after `set` for every row, once the step's forward pass is on its way."""
         if not self._constrained_rows:
             return False
-        self._allowed = np.full((len(self.constrained), self.num_mask_words), -1, np.int32)
+        self._allowed = all_allowed(len(self.constrained), self.num_mask_words)
         for row, request in self._constrained_rows:
             request.grammar.fill_bitmask(self._allowed[row])
             self.constrained[row] = True
