@@ -19,9 +19,9 @@ to stdout, `tfjax serving MODEL on http://HOST:PORT` (https with `--ssl-certfile
 bound port (so `--port 0` works); scripts and tests wait for it. Binding first lets routers
 and probes see a replica that is starting rather than a refused connection: until the engine
 is ready every route answers 503 (`/health` with `{"status": "starting"}`), and from the first
-200 on, `/v1/models` names the served model. The engine is ready once the buckets a light load
-needs are compiled (tfjax/compile_plan.py); the rest compile in the background while it serves
-(`--compile-all-first`: before). Everything else goes to stderr, and little of it: the model
+200 on, `/v1/models` names the served model. The engine is ready once the two largest step
+buckets are compiled (tfjax/compile_plan.py); the rest compile in the background while it
+serves (`--compile-all-first`: before). Everything else goes to stderr, and little of it: the model
 load line, one progress bar with an ETA while the start-up buckets compile, then one line per
 request; libraries log only warnings unless `--log-level debug`.
 

@@ -5,6 +5,8 @@ engine's, nothing compiles on the serving path, and every bucket is compiled at 
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ from models.weights import init_random
 from tests.fakes import FakeTokenizer, drive
 from tests.test_engine import Recorder
 from tests.test_runner_engine import PAGE_SIZE, TINY, greedy_reference, requests_for
+from tfjax.compile_plan import calls_for
 from tfjax.config import Bucket, EngineConfig
 from tfjax.engine import Engine
+from tfjax.executables import IDLE_S
 from tfjax.metrics import COMPILES
 from tfjax.runner import Runner
 from tfjax.sched.fcfs import FcfsPolicy
@@ -89,6 +93,35 @@ def test_serves_before_every_bucket_is_compiled(weights) -> None:
             [v for _, v in logprobs], [v for _, v in want_logprobs], atol=1e-5
         )
         assert bool(logprobs) == (r.sampling.logprobs is not None)
+
+
+def test_a_busy_engine_gets_only_the_buckets_its_padding_pays_for(weights) -> None:
+    """While the engine steps, the compile thread compiles a bucket whose steps padded
+    enough, and nothing else; once the engine is idle, the rest."""
+    runner = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
+    runner.warmup(first=TINY_FIRST)
+    table = runner.executables
+    engine_idle_s = 0.0  # stepping
+    table.compile_rest_in_background(lambda: engine_idle_s)
+    two_rows = Bucket(0, 2)
+    table.ran_padded(two_rows, calls_for(0, 2, table.compiled))  # split in two: worth it
+    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+    while two_rows not in table.compiled:
+        assert time.monotonic() < deadline, "the padded bucket did not compile"
+        time.sleep(0.05)
+    time.sleep(3 * IDLE_S)  # the thread waits while the engine is busy
+    assert table.compiled == {*TINY_FIRST, two_rows}
+    assert not table.all_compiled.is_set()
+    engine_idle_s = IDLE_S
+    assert table.all_compiled.wait(COMPILE_TIMEOUT_S), "the idle engine's compiles did not finish"
+
+
+def test_a_compile_abandoned_between_its_phases_publishes_nothing(weights) -> None:
+    runner = Runner(TINY, weights, CONFIG, num_pages=64, max_model_len=MAX_LEN)
+    runner.warmup(first=TINY_FIRST)
+    table = runner.executables
+    table.compile_step(Bucket(0, 2), proceed=lambda: False)
+    assert table.compiled == set(TINY_FIRST) and Bucket(0, 2) not in table.forwards
 
 
 def test_page_copies_pad_to_a_compiled_size(weights) -> None:

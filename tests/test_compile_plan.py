@@ -10,7 +10,9 @@ import pytest
 
 from tfjax.compile_plan import (
     CALL_OVERHEAD_TOKENS,
+    COMPILE_COST_CALLS,
     NO_ROW,
+    PaddingLedger,
     background_order,
     calls_for,
     merge_rows,
@@ -96,12 +98,25 @@ def test_no_compiled_bucket_with_tiles_cannot_run_a_prefill() -> None:
         EngineConfig(max_batch_size=1, prefill_token_budget=16),
     ],
 )
-def test_the_startup_buckets_run_every_step_shape(config: EngineConfig) -> None:
+def test_the_startup_buckets_run_every_step_shape_in_one_call(config: EngineConfig) -> None:
     first = startup_buckets(config)
     assert len(first) == 2 and set(first) <= set(config.step_buckets())
     for bucket in config.step_buckets():
         calls = calls_for(bucket.tiles, bucket.rows, frozenset(first))
-        assert holds(calls, bucket.tiles, bucket.rows)
+        assert len(calls) == 1 and holds(calls, bucket.tiles, bucket.rows)
+
+
+def test_a_bucket_is_worth_compiling_once_its_steps_padded_more_than_a_compile_costs() -> None:
+    ledger = PaddingLedger()
+    # One decode row padded to 32: 31 tokens wasted a step, against 16 calls of 32 tokens.
+    lone, full = Bucket(0, 1), Bucket(0, 32)
+    steps = [ledger.record(lone, [full]) for _ in range(COMPILE_COST_CALLS + 1)]
+    assert steps == [False] * COMPILE_COST_CALLS + [True]  # 17 * 31 = 527 >= 512
+    # A prefill chunk beside 8 rows, padded to 32 rows: 4 % waste, not worth a compile.
+    mixed, largest = Bucket(16, 8), Bucket(16, 32)
+    assert not any(ledger.record(mixed, [largest]) for _ in range(300))
+    # A split costs a whole call more (the weights read again): worth it at once.
+    assert ledger.record(Bucket(0, 2), [lone, lone])
 
 
 def test_the_background_order_is_the_rest_smallest_first() -> None:

@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -109,6 +111,8 @@ class AsyncEngine:
         self._stats = EngineStats()
         self._live_pending: Future[LiveState] | None = None
         self._live_latest: LiveState | None = None
+        self._stepping = False
+        self._last_step_end_s = -math.inf
         self._thread = threading.Thread(target=self._run, name="tfjax-engine", daemon=True)
         self._thread.start()
 
@@ -120,6 +124,11 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def idle_for(self) -> float:
+        """Seconds since the engine thread last ran a step, 0 while it runs one: when the
+        background compiles may take the CPU (`Executables.compile_rest_in_background`)."""
+        return 0.0 if self._stepping else time.monotonic() - self._last_step_end_s
 
     def submit(
         self,
@@ -258,9 +267,11 @@ class AsyncEngine:
             if self._stop.is_set():
                 break
             try:
+                self._stepping = True
                 ran = self.engine.has_work and self.engine.step()
                 if ran:  # idle wake-ups (aborts, health checks) do not excuse failed steps
                     failures = 0
+                    self._last_step_end_s = time.monotonic()
             except Exception as err:  # any step failure must not kill serving
                 failures += 1
                 log.exception("engine step failed (%d in a row)", failures)
@@ -269,6 +280,8 @@ class AsyncEngine:
                     self._stop.set()
                     break
                 ran = False
+            finally:
+                self._stepping = False
             self._stats = self._snapshot()
             if not ran:
                 if not self.engine.has_work:
@@ -415,5 +428,5 @@ def serve_runner(
         max_waiting=max_waiting or config.max_waiting,
         compiles=runner.executables,
     )
-    runner.executables.compile_rest_in_background()
+    runner.executables.compile_rest_in_background(served.idle_for)
     return served

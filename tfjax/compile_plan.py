@@ -1,12 +1,18 @@
 """Which step buckets (and page-copy sizes) to compile before serving, in what order the
 rest compile, and how a step runs while its own bucket is not compiled yet.
 
-A replica added under load must answer soon after it starts, but compiling every bucket of
-`EngineConfig.step_buckets()` takes minutes on a small CPU (the persistent XLA cache does not
-help there, README "Start-up output"). So the runner compiles `startup_buckets` first -- what
-a light load needs: a few decode rows, and prompts of a few tiles next to them -- starts
-serving, and compiles `background_order` on a thread while steps run. Page copies (the host
-tier's gather and scatter, one pair per size) start with `startup_page_copies`.
+A replica added under load must answer soon after it starts, and at full speed, but compiling
+every bucket of `EngineConfig.step_buckets()` takes about a minute on a small CPU even from
+the persistent XLA cache (tracing, lowering and loading each executable, README "Start-up
+output"). So the runner compiles `startup_buckets` first -- the two largest, which hold any
+step: a full batch decoding, and a full prefill chunk beside a full batch -- and starts
+serving. The others compile on a thread (`Executables.compile_rest_in_background`): a bucket
+once the steps that lacked it have wasted more on padding than its compile costs
+(`PaddingLedger`), the rest in `background_order` while the engine is idle. A compile takes
+the cores from the steps, so a burst at start-up, which runs in the startup buckets with
+little padding, keeps the CPU to itself, and a light load soon gets its small buckets. Page
+copies (the host tier's gather and scatter, one pair per size) start with
+`startup_page_copies`.
 
 Until then a step whose bucket is missing runs in compiled ones (`calls_for`): padded up to a
 compiled bucket that holds it, or split into several calls, whichever costs fewer padded
@@ -26,15 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.attention import QUERY_TILE
-from tfjax.config import Bucket, EngineConfig, ceil_bucket
+from tfjax.config import Bucket, EngineConfig
 from tfjax.kv.manager import PrefillWork
 from tfjax.request import Request
 
-# A light load: this many streams decoding, with prompts up to this many tiles arriving.
-LIGHT_LOAD_ROWS = 8
-LIGHT_LOAD_TILES = 4
 CALL_OVERHEAD_TOKENS = QUERY_TILE  # one more call reads the weights once more: ~ a tile's cost
 NO_ROW = -1  # a call output no step row reads: a prompt piece that ends mid-chunk
+# A compile costs about as much as this many calls of the bucket a step pads up to: 1-7 s on
+# the 2-core CPU, against steps of 30-700 ms (README "Start-up output").
+COMPILE_COST_CALLS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +70,30 @@ class Call:
 
 
 def startup_buckets(config: EngineConfig) -> list[Bucket]:
-    """The buckets compiled before serving: decode steps of up to LIGHT_LOAD_ROWS rows, and
-    steps prefilling up to LIGHT_LOAD_TILES tiles beside as many decode rows. Every other
-    step runs in these (padded or split) until its own bucket is compiled."""
-    decode = ceil_bucket(config.decode_batch_buckets(), min(LIGHT_LOAD_ROWS, config.max_batch_size))
-    tiles = config.prefill_tile_buckets()
-    prefill = ceil_bucket(tiles, min(LIGHT_LOAD_TILES, tiles[-1]))
-    return [Bucket(0, decode), Bucket(prefill, config.mixed_decode_buckets()[0])]
+    """The buckets compiled before serving: the largest decode step, and the largest prefill
+    chunk beside the largest batch. Together they run every step in one call, padded (a
+    burst's steps in their own buckets); smaller steps get their own as they ask for them."""
+    return [
+        Bucket(0, config.decode_batch_buckets()[-1]),
+        Bucket(config.prefill_tile_buckets()[-1], config.mixed_decode_buckets()[-1]),
+    ]
+
+
+class PaddingLedger:
+    """The padded tokens each missing bucket's steps have run, to decide when to compile it:
+    once its steps have wasted COMPILE_COST_CALLS times the tokens of a call they ran in (a
+    step of one decode row padded up to 32 rows: after 17 steps; a one-off step or one padded
+    by a few percent: not until the engine is idle)."""
+
+    def __init__(self) -> None:
+        self.wasted: dict[Bucket, int] = {}
+
+    def record(self, bucket: Bucket, calls: Sequence[Bucket]) -> bool:
+        """Count a step of `bucket` run as `calls`; whether `bucket` is now worth compiling."""
+        ran = sum(b.num_tokens for b in calls) + CALL_OVERHEAD_TOKENS * (len(calls) - 1)
+        wasted = self.wasted.get(bucket, 0) + ran - bucket.num_tokens
+        self.wasted[bucket] = wasted
+        return wasted >= COMPILE_COST_CALLS * max(b.num_tokens for b in calls)
 
 
 def startup_page_copies(sizes: Sequence[int]) -> list[int]:
@@ -82,7 +105,8 @@ def startup_page_copies(sizes: Sequence[int]) -> list[int]:
 
 def background_order(buckets: Collection[Bucket], compiled: Collection[Bucket]) -> list[Bucket]:
     """The buckets not compiled yet, smallest first: small ones compile fastest, and small
-    steps (decoding a few streams) are where padding costs the most in relative terms."""
+    steps (decoding a few streams) are where padding up to a startup bucket costs the most in
+    relative terms."""
     return sorted((b for b in buckets if b not in compiled), key=_size)
 
 

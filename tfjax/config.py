@@ -229,8 +229,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="compile_in_background",
         help="compile every step bucket before serving (a slower start; by default serving "
-        "starts once a light load's buckets are compiled and the rest compile meanwhile, "
-        "steps that need one of them running padded or split in compiled ones)",
+        "starts once the two largest buckets are compiled and the rest compile when steps "
+        "pad enough to need them or the engine is idle, steps running padded meanwhile)",
     )
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     g.add_argument(

@@ -4,10 +4,13 @@
 table of executables, and steps only ever call those, so serving never compiles
 (`tfjax.metrics.COMPILES` counts any compile that slips through, and tests assert it stays
 flat). `warmup(first=...)` compiles only some buckets, so that a replica serves sooner, and
-`compile_rest_in_background` the others while steps run (tfjax/compile_plan.py); until a
-step's own bucket is in the table, the step runs in compiled ones, padded or split into
-several calls (`Runner.num_fallback_steps` counts them). Page copies (the host tier's gather
-and scatter) are compiled per size the same way and pad up to a compiled size meanwhile.
+`compile_rest_in_background` the others on a thread (tfjax/compile_plan.py): a bucket whose
+steps have padded enough to pay for its compile first, the others only while no step runs,
+since a compile takes the cores, and the interpreter lock while it traces, from the steps.
+Until a step's own bucket is in the table, the step runs in compiled ones, padded or split
+into several calls (`Runner.num_fallback_steps` counts them). Page copies (the host tier's
+gather and scatter) are compiled per size the same way and pad up to a compiled size
+meanwhile.
 
 A step bucket compiles as two executables: the forward pass to the logits of its output rows
 (`_forward_logits`), and the sampler of its row count (`_sample`, or `_sample_scored` for
@@ -37,7 +40,7 @@ from models.attention import Backend
 from models.config import ModelConfig
 from models.llama import KVCache, StepInput, forward, logits
 from models.weights import Weights
-from tfjax.compile_plan import background_order, startup_page_copies
+from tfjax.compile_plan import PaddingLedger, background_order, startup_page_copies
 from tfjax.config import Bucket, ceil_bucket, geometric_buckets
 from tfjax.kv.transfer import gather_pages, scatter_pages
 from tfjax.logits import PenaltyInput
@@ -50,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKGROUND_NICE = 10  # the compile thread yields the CPU to the engine thread's steps
+# The compile thread compiles a bucket no step needs once the engine has run no step for this
+# long: longer than the host work between two steps of a busy engine.
+IDLE_S = 0.5
 
 
 @partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
@@ -128,6 +134,11 @@ class Executables:
         self.compiled: frozenset[Bucket] = frozenset()  # the step buckets in the table
         self._stop_compiling = threading.Event()
         self._compile_thread: threading.Thread | None = None
+        # Buckets whose steps have padded enough to compile them next, in order: the engine
+        # thread adds them, the compile thread waits on `_demand` for them.
+        self._padding = PaddingLedger()
+        self._wanted: list[Bucket] = []
+        self._demand = threading.Condition()
         self.all_compiled = threading.Event()  # set once every bucket is in the table
         self._compile_on_demand = True
 
@@ -158,18 +169,22 @@ class Executables:
         if done == total:
             self.all_compiled.set()
 
-    def compile_rest_in_background(self) -> None:
+    def compile_rest_in_background(
+        self, engine_idle_for: Callable[[], float] | None = None
+    ) -> None:
         """Compile the step buckets and page-copy sizes `compile_startup` left out on a thread
-        of their own, smallest first, step buckets before page copies (the host tier copies a
-        page at a time meanwhile), while steps run; `all_compiled` is set when they are all
-        in."""
+        of their own, at a lower OS priority: a bucket as soon as its steps have padded enough
+        (`ran_padded`), the others while the engine is idle (`engine_idle_for()`, seconds
+        since it last ran a step, 0 while it runs one, reaches `IDLE_S`; None: no engine to
+        wait for), step buckets smallest first, then page copies (the host tier copies a page
+        at a time meanwhile). `all_compiled` is set when they are all in."""
         steps = background_order(self.step_buckets, self.compiled)
         sizes = [n for n in self.gather_buckets if n not in self.page_copies]
         if not steps and not sizes:
             return
         self._compile_thread = threading.Thread(
             target=self._compile_in_background,
-            args=(steps, sizes),
+            args=(steps, sizes, engine_idle_for or (lambda: IDLE_S)),
             name="tfjax-compile",
             daemon=True,
         )
@@ -184,11 +199,15 @@ class Executables:
         """Compile no further bucket in the background, and wait up to `timeout_s` for the
         one being compiled, so that the process does not exit in the middle of a compile."""
         self._stop_compiling.set()
+        with self._demand:
+            self._demand.notify()
         if self._compile_thread is not None:
             self._compile_thread.join(timeout_s)
 
-    def _compile_in_background(self, buckets: Sequence[Bucket], sizes: Sequence[int]) -> None:
-        """The compile thread: step `buckets`, then page-copy `sizes`, in order, counted apart
+    def _compile_in_background(
+        self, buckets: Sequence[Bucket], sizes: Sequence[int], idle_for: Callable[[], float]
+    ) -> None:
+        """The compile thread: what `_next_compile` says, until nothing is left, counted apart
         from serving-path compiles (`COMPILES.background`), at a lower OS priority than the
         engine thread."""
         if sys.platform == "linux":  # there, the priority of one thread (elsewhere: a process)
@@ -196,15 +215,12 @@ class Executables:
         start = time.perf_counter()
         try:
             with COMPILES.background():
-                for compile_one, key in [
-                    *((self.compile_step, b) for b in buckets),
-                    *((self._compile_page_copy, n) for n in sizes),
-                ]:
-                    if self._stop_compiling.is_set():
-                        return
-                    compile_one(key)
+                while (compile_next := self._next_compile(buckets, sizes, idle_for)) is not None:
+                    compile_next()
         except Exception:  # serving goes on in the buckets compiled so far
             log.exception("compiling buckets in the background failed")
+            return
+        if self._stop_compiling.is_set():
             return
         log.info(
             "compiled the other %d buckets in the background in %.1f s",
@@ -213,6 +229,30 @@ class Executables:
         )
         self.all_compiled.set()
 
+    def _next_compile(
+        self, buckets: Sequence[Bucket], sizes: Sequence[int], idle_for: Callable[[], float]
+    ) -> Callable[[], None] | None:
+        """The next compile of the background thread, waiting for it if need be: the first
+        bucket steps padded enough, else (once the engine is idle) the first of `buckets`, then
+        of page-copy `sizes`, not compiled yet, a step bucket abandoned if a step starts
+        meanwhile; None when all are in or compiling stops."""
+        with self._demand:
+            while not self._stop_compiling.is_set():
+                wanted = [b for b in self._wanted if b not in self.compiled]
+                if wanted:
+                    return partial(self.compile_step, wanted[0])
+                steps = [b for b in buckets if b not in self.compiled]
+                copies = [n for n in sizes if n not in self.page_copies]
+                if not steps and not copies:
+                    return None
+                idle_s = idle_for()
+                if idle_s >= IDLE_S:
+                    if steps:
+                        return partial(self.compile_step, steps[0], lambda: idle_for() >= IDLE_S)
+                    return partial(self._compile_page_copy, copies[0])
+                self._demand.wait(IDLE_S - idle_s)
+        return None
+
     def compiled_for(self, bucket: Bucket) -> frozenset[Bucket]:
         """The buckets a step of `bucket` may run in: those compiled, `bucket` among them if
         it is still compiled on demand (before `compile_startup`)."""
@@ -220,14 +260,30 @@ class Executables:
             self.compile_step(bucket)
         return self.compiled
 
-    def compile_step(self, bucket: Bucket) -> None:
+    def ran_padded(self, bucket: Bucket, calls: Sequence[Bucket]) -> None:
+        """A step of `bucket`, not compiled, ran as `calls`: ask the compile thread for
+        `bucket` once such steps have padded more than its compile costs (`PaddingLedger`)."""
+        if self._padding.record(bucket, calls) and bucket not in self._wanted:
+            with self._demand:
+                self._wanted = [*self._wanted, bucket]
+                self._demand.notify()
+
+    def compile_step(self, bucket: Bucket, proceed: Callable[[], bool] = lambda: True) -> None:
         """Compile `bucket`'s forward and the four sampler variants of its row count (with
         and without penalties, scored or not), lowered on the shapes and shardings of the
-        inputs serving gives them, and publish them (module docstring)."""
+        inputs serving gives them, and publish them (module docstring). `proceed()` is asked
+        between tracing, lowering and compiling the forward (each ~1 s on a CPU): False
+        abandons the bucket, to leave the CPU to steps that started meanwhile."""
         step, sampling, _, last = self._input_specs(self._example_inputs(bucket))
-        forward = _forward_logits.lower(
+        traced = _forward_logits.trace(
             self.weights, self._kv_spec, step, last, cfg=self.cfg, backend=self.backend
-        ).compile()
+        )
+        if not proceed():
+            return
+        lowered = traced.lower()
+        if not proceed():
+            return
+        forward = lowered.compile()
         num_rows = len(last)
         penalties = self._input_specs(PenaltyInput.neutral(num_rows, self.max_model_len))
         logits_spec = forward.out_info[0]

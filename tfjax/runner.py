@@ -233,6 +233,7 @@ class Runner:
         else:
             tiles = sum(-(-w.num_tokens // QUERY_TILE) for w in prefill)
             buckets = calls_for(tiles, len(decode), compiled)
+            self.executables.ran_padded(bucket, buckets)
             self.num_fallback_steps += 1
         return split_step(prefill, decode, buckets)
 
