@@ -176,7 +176,8 @@ class Engine:
         now = self.clock()
         self._measure(work, now - start)
         if self.trace:
-            self.trace.record(start, now - start, plan, work)
+            fields = getattr(self.policy, "trace_fields", None)
+            self.trace.record(start, now - start, plan, work, fields() if fields else None)
         self._postprocess(work, sampled, now)
         if plan.write_through:
             running = [r for r in work.decode if r.status is RequestStatus.RUNNING]

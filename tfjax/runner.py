@@ -170,17 +170,30 @@ class Runner:
         per batch bucket and prefill seconds per token (largest prefill bucket).
         The engine refines both with every real step (EWMA)."""
 
-        def seconds(bucket: Bucket) -> float:
-            start = time.perf_counter()
-            jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
-            return time.perf_counter() - start
+        def seconds(bucket: Bucket, runs: int) -> float:
+            """The median of `runs` timed calls after an untimed one: a first call pays for
+            allocations and threads starting (420 vs 48-55 ms at batch 8 on the 2-core CPU),
+            and a capacity that low made TokenFlow fall back to FCFS early in a burst."""
+
+            def call() -> None:
+                jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
+
+            call()
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
 
         compiled = self.executables.compiled
         self.decode_step_s = {
-            b.rows: seconds(b) for b in sorted(compiled, key=lambda b: b.rows) if not b.tiles
+            b.rows: seconds(b, runs=3)
+            for b in sorted(compiled, key=lambda b: b.rows)
+            if not b.tiles
         }
         largest = max(compiled, key=lambda b: (b.tiles, -b.rows))
-        self.prefill_token_s = seconds(largest) / largest.num_tokens
+        self.prefill_token_s = seconds(largest, runs=1) / largest.num_tokens
 
     @property
     def max_gather_pages(self) -> int:

@@ -3,7 +3,9 @@
 Set `TFJAX_STEP_TRACE=FILE` and the engine appends, after each step that ran, when it started
 and how long it took on the engine's clock (monotonic seconds live, virtual seconds
 simulated), what decides its bucket and price (each prefill chunk's tokens, the decode rows
-and their context tokens) and the requests it moved (preempted, resumed, admitted). Because the
+and their context tokens), the requests it moved (preempted, resumed, admitted) and what the
+policy reports of its decision (`trace_fields()`, where it has one: TokenFlow's mode, capacity
+and demand). Because the
 simulator runs the same engine, a live trace and a simulated one of the same workload line up
 step by step: where their step times differ for equal sizes the cost profile is wrong, where
 their sizes differ the timeline has diverged earlier (`tfjax.sim.trace_diff` reads both).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -32,7 +35,14 @@ class StepTrace:
         path = os.environ.get(ENV_VAR)
         return cls(Path(path)) if path else None
 
-    def record(self, start_s: float, seconds: float, plan: Plan, work: StepWork) -> None:
+    def record(
+        self,
+        start_s: float,
+        seconds: float,
+        plan: Plan,
+        work: StepWork,
+        policy_fields: Mapping[str, object] | None = None,
+    ) -> None:
         self._file.write(
             json.dumps(
                 {
@@ -44,6 +54,7 @@ class StepTrace:
                     "preempted": len(plan.preempt),
                     "resumed": len(plan.resume),
                     "admitted": len(plan.admit),
+                    **(policy_fields or {}),
                 }
             )
             + "\n"

@@ -46,6 +46,34 @@ def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
     assert max(len(s["prefill"]) for s in trace) > 1  # steps did pack several chunks
 
 
+def test_a_tokenflow_trace_records_each_steps_decision_mode(tmp_path, monkeypatch) -> None:
+    """Slow readers (1 tok/s) of a burst larger than the batch: TokenFlow balances (pauses
+    readers with buffer for waiting requests), and each step says which mode decided it with
+    the capacity and demand of its last check; fcfs's steps carry no such fields."""
+    spec = WorkloadSpec(
+        arrival="burst",
+        num_requests=40,
+        input_len=LengthDist(mean=40, std=0),
+        output_len=LengthDist(mean=40, std=0),
+        rates="1",
+    )
+    for policy in ("tokenflow", "fcfs"):
+        path = tmp_path / f"{policy}.jsonl"
+        monkeypatch.setenv(ENV_VAR, str(path))
+        simulate(make_policy(policy), make_requests(spec), CPU)
+        trace = load_trace(path)
+        if policy == "fcfs":
+            assert not any("mode" in s for s in trace)
+            continue
+        assert {s["mode"] for s in trace} <= {"balance", "fill", "fallback"}
+        assert any(s["mode"] == "balance" and s["preempted"] for s in trace)
+        checked = [s for s in trace if s["capacity_tok_s"] is not None]
+        assert checked and all(s["capacity_tok_s"] > 0 for s in checked)
+        # 40 readers at 1 tok/s declare 40 tok/s at most, the batch's 32 rows 32 at least.
+        assert all(0 <= s["demand_tok_s"] <= 40 for s in trace)
+        assert max(s["demand_tok_s"] for s in trace) >= 32
+
+
 def test_a_hand_made_trace_is_priced_and_gapped_by_hand() -> None:
     # A decode step of 8 rows at 160 tokens each (the cpu-smollm2 table's context: priced
     # between the batch-1 and batch-8 points, at 8 rows exactly 136.3 ms), measured at

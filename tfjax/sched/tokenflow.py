@@ -128,6 +128,8 @@ class TokenFlowPolicy(PackingPolicy):
         self.fallback = False  # capacity check failed at the last decision
         self.num_decisions = 0  # full decisions (stressed, not in fallback)
         self.num_fallback_decisions = 0
+        self._mode = "fill"  # what the last step's decision was: fallback, balance or fill
+        self._last_demand = 0.0  # Eq. 6's declared demand at the last capacity check
         self._draining_backlog = False  # prefill-first until the prompt backlog is gone
         # Device seconds that context switches (loads, re-prefills) may still block: refilled
         # at `switch_budget` per second up to four intervals' worth, which it starts with.
@@ -144,11 +146,24 @@ class TokenFlowPolicy(PackingPolicy):
             self.num_fallback_decisions += self.fallback
             if not self.fallback and self._is_stressed(view):
                 self.num_decisions += 1
+                self._mode = "balance"
                 pause, bring = self._balance(view)
                 return self._decision(view, modes, pause=tuple(pause), first=tuple(bring))
         if self.fallback:  # FCFS; a resume by LOAD changes no batch, write-through would cost
+            self._mode = "fallback"
             return Decision(resume=modes)
+        self._mode = "fill"
         return self._decision(view, modes, first=self._fill_order(view))
+
+    def trace_fields(self) -> dict[str, object]:
+        """What the step trace (`tfjax.step_trace`) records of this step's decision: its
+        mode, and Eq. 6's capacity Gamma and declared demand at the last check (tokens/s), so
+        that a live and a simulated trace show where their decisions part."""
+        return {
+            "mode": self._mode,
+            "capacity_tok_s": round(self._gamma, 2) if math.isfinite(self._gamma) else None,
+            "demand_tok_s": round(self._last_demand, 2),
+        }
 
     def _decision(
         self,
@@ -207,7 +222,8 @@ class TokenFlowPolicy(PackingPolicy):
         self._gamma = view.costs.decode_capacity(batch, context)
         self._row_rate = self._gamma / batch
         self._bound = None
-        return self._demand(view) >= self._gamma * (1.0 - 1e-9)
+        self._last_demand = self._demand(view)
+        return self._last_demand >= self._gamma * (1.0 - 1e-9)
 
     def _prefill_first(self, view: SchedulerView) -> bool:
         """Prefill-first from when more than `prefill_first_backlog` steps of new prompts are

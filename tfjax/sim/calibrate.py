@@ -9,9 +9,9 @@ chunk's bucket) and fitted with a line, whose intercept is the fixed cost of a s
 once when a step also decodes) and whose slope prices prompts in profiles without a table. Host
 links: gathered pages are copied to the host and back, bytes over seconds. Every figure is the
 median of `repeats` runs, after one untimed run: the simulator prices every step a server runs,
-so a typical one, not the fastest (on the 2-core CPU the fastest of three decode steps was
-6-10 % under their median, and a live server's decode steps ran 1.10x the fastest's price). Rows read pages that were never written:
-timing does not depend on the values. Rows sample as an OpenAI request does by default
+so a typical one, not the fastest (on the 2-core CPU the fastest of 15 decode steps was 6-10 %
+under their median). Rows read pages that were never written: timing does not depend on the
+values. Rows sample as an OpenAI request does by default
 (temperature 1, no top-k or top-p), which is what `tfjax serve` runs when a client sends no
 sampling fields.
 

@@ -73,6 +73,7 @@ class _TimedPolicy:
         self.policy = policy
         self.name = policy.name
         self.resumes_by_load = policy.resumes_by_load
+        self.trace_fields = getattr(policy, "trace_fields", None)  # what the step trace asks
         self.plan_s = 0.0
         self._clock = clock
         self._plan_s_per_request = plan_s_per_request
