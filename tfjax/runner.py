@@ -54,6 +54,7 @@ from tfjax.kv.pages import PAD_PAGE, pages_needed
 from tfjax.logits import PenaltyInput
 from tfjax.request import Request
 from tfjax.sampling import SamplingInput, TokenLogprobs
+from tfjax.timing import median_seconds
 
 UINT32_MASK = 0xFFFFFFFF
 
@@ -171,20 +172,12 @@ class Runner:
         The engine refines both with every real step (EWMA)."""
 
         def seconds(bucket: Bucket, runs: int) -> float:
-            """The median of `runs` timed calls after an untimed one: a first call pays for
-            allocations and threads starting (420 vs 48-55 ms at batch 8 on the 2-core CPU),
-            and a capacity that low made TokenFlow fall back to FCFS early in a burst."""
-
-            def call() -> None:
-                jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False))
-
-            call()
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            return float(np.median(times))
+            """Typical, not first-call, time (`median_seconds`): a first call's 8x made
+            TokenFlow's capacity so low that it fell back to FCFS early in a burst."""
+            return median_seconds(
+                lambda: jax.block_until_ready(self._sampled(Call.padding(bucket), scored=False)),
+                runs,
+            )
 
         compiled = self.executables.compiled
         self.decode_step_s = {

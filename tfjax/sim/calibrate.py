@@ -8,10 +8,9 @@ sizes (the profile's prefill table, keyed by the tokens the runner computed: who
 chunk's bucket) and fitted with a line, whose intercept is the fixed cost of a step (counted
 once when a step also decodes) and whose slope prices prompts in profiles without a table. Host
 links: gathered pages are copied to the host and back, bytes over seconds. Every figure is the
-median of `repeats` runs, after one untimed run: the simulator prices every step a server runs,
-so a typical one, not the fastest (on the 2-core CPU the fastest of 15 decode steps was 6-10 %
-under their median). Rows read pages that were never written: timing does not depend on the
-values. Rows sample as an OpenAI request does by default
+median of `repeats` runs, after one untimed run (`tfjax.timing.median_seconds`): the
+simulator prices every step a server runs, so a typical one. Rows read pages that were never
+written: timing does not depend on the values. Rows sample as an OpenAI request does by default
 (temperature 1, no top-k or top-p), which is what `tfjax serve` runs when a client sends no
 sampling fields.
 
@@ -38,6 +37,7 @@ from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.sched.base import Costs, SchedulerView
 from tfjax.sched.tokenflow import TokenFlowPolicy
 from tfjax.sim.profiles import CostProfile
+from tfjax.timing import median_seconds
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,13 +116,7 @@ def calibrate(
     ps = runner.page_size
 
     def typical(run: Callable[[], object]) -> float:
-        run()
-        times = []
-        for _ in range(plan.repeats):
-            start = timer()
-            run()
-            times.append(timer() - start)
-        return float(np.median(times))
+        return median_seconds(run, plan.repeats, timer)
 
     def decode(batch: int, context: int) -> float:
         rows = _rows(batch, context, ps)
