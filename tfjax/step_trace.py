@@ -2,13 +2,13 @@
 
 Set `TFJAX_STEP_TRACE=FILE` and the engine appends, after each step that ran, when it started
 and how long it took on the engine's clock (monotonic seconds live, virtual seconds
-simulated), what decides its bucket and price (each prefill chunk's tokens, the decode rows
-and their context tokens), the requests it moved (preempted, resumed, admitted) and what the
-policy reports of its decision (`trace_fields()`, where it has one: TokenFlow's mode, capacity
-and demand). Because the
-simulator runs the same engine, a live trace and a simulated one of the same workload line up
-step by step: where their step times differ for equal sizes the cost profile is wrong, where
-their sizes differ the timeline has diverged earlier (`tfjax.sim.trace_diff` reads both).
+simulated), what decides its bucket and price (each prefill chunk's tokens and the tokens
+computed before it, the decode rows and their context tokens), the requests it moved
+(preempted, resumed, admitted) and what the policy reports of its decision (`trace_fields()`,
+where it has one: TokenFlow's mode, capacity and demand). Because the simulator runs the
+same engine, a live trace and a simulated one of the same workload line up step by step:
+where their step times differ for equal sizes the cost profile is wrong, where their sizes
+differ the timeline has diverged earlier (`tfjax.sim.trace_diff` reads both).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class StepTrace:
                     "start_s": round(start_s, 6),
                     "seconds": round(seconds, 6),
                     "prefill": [w.num_tokens for w in work.prefill],
+                    "prefill_context": [w.request.num_computed_tokens for w in work.prefill],
                     "decode_rows": len(work.decode),
                     "context_tokens": sum(r.num_tokens for r in work.decode),
                     "preempted": len(plan.preempt),

@@ -18,11 +18,18 @@ CPU = get_profile("cpu-smollm2")
 PLAN = CalibrationPlan(batches=(1, 8, 32), contexts=(160, 480), chunks=(32, 128, 512))
 
 
-def test_calibrating_the_cost_model_recovers_its_profile() -> None:
+@pytest.mark.parametrize("pair_s", [0.0, 1.4e-6], ids=["no-pair-price", "pairs-priced"])
+def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float) -> None:
+    profile = replace(CPU, prefill_pair_s=pair_s)
     clock = VirtualClock()
-    config = engine_config(CPU)
+    config = engine_config(profile)
     runner = CostedRunner(
-        CPU, clock, config, page_size=CPU.page_size, num_pages=config.num_pages, max_model_len=4096
+        profile,
+        clock,
+        config,
+        page_size=profile.page_size,
+        num_pages=config.num_pages,
+        max_model_len=4096,
     )
     links = TimedTransfers(
         clock,
@@ -34,7 +41,12 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     got = calibrate(
         runner, runner, links, config, name="cal", plan=PLAN, timer=clock, progress=lines.append
     )
-    assert len(lines) == 3 + 1 + 3 + 1 + 1  # every measurement is reported
+    # every measurement is reported: 3 batches, the long context, 3 chunks and the fewest
+    # tokens of the 512-token chunk's 16-tile bucket (129: 4 tiles are the bucket below),
+    # copies, planning
+    assert len(lines) == 3 + 1 + 3 + 1 + 1 + 1
+    assert "prefill 129 tokens" in lines[7]
+    assert got.prefill_pair_s == pytest.approx(pair_s, abs=1e-12)
     assert dict(got.decode_table_s) == pytest.approx(dict(CPU.decode_table_s))
     assert got.table_context_tokens == 160
     assert [n for n, _ in got.prefill_table_s] == [32, 128, 512]  # whole tiles, bucketed
@@ -48,9 +60,16 @@ def test_calibrating_the_cost_model_recovers_its_profile() -> None:
     assert (got.num_device_pages, got.num_host_pages) == (CPU.num_device_pages, CPU.num_host_pages)
     assert got.plan_s_per_request == 0.0  # planning takes no virtual time
     # Same step times as the profile it measured, at any batch and context.
-    for rows, context, prompt in [(1, 100, 0), (8, 2000, 0), (20, 5000, 64), (0, 0, 300)]:
-        kwargs = dict(num_decode=rows, context_tokens=context, num_prefill=prompt)
-        assert got.step_s(**kwargs) == pytest.approx(CPU.step_s(**kwargs))
+    for rows, context, prompt, pairs in [
+        (1, 100, 0, 0),
+        (8, 2000, 0, 0),
+        (20, 5000, 64, 3000),
+        (0, 0, 300, 45150),
+    ]:
+        kwargs = dict(
+            num_decode=rows, context_tokens=context, num_prefill=prompt, prefill_pairs=pairs
+        )
+        assert got.step_s(**kwargs) == pytest.approx(profile.step_s(**kwargs))
     assert profile_from_json(json.loads(json.dumps(profile_to_json(got)))) == got
 
 

@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from tfjax.sim import PROFILES, get_profile
+from tfjax.sim import PROFILES, engine_config, get_profile
+from tfjax.sim.costed import step_price
+from tfjax.sim.profiles import attention_pairs
 
 
 def test_cpu_profile_matches_the_engine_benchmark() -> None:
@@ -66,3 +68,25 @@ def test_a_measured_prefill_table_prices_steps_piecewise_linearly() -> None:
     # A step that also decodes pays the fixed step cost once: decode row + prompt tokens.
     mixed = cpu.step_s(num_decode=1, context_tokens=64, num_prefill=80)
     assert mixed == pytest.approx(0.030 + 0.070 - 0.010)
+
+
+def test_prefill_attention_is_priced_by_its_real_pairs_not_its_bucket() -> None:
+    """Two chunks padded into one 16-tile bucket cost the same dense work; what differs is the
+    (token, key) pairs they attend to, worked out by hand."""
+    cpu = replace(
+        get_profile("cpu-smollm2"),
+        overhead_s=0.010,
+        decode_table_s=((1, 0.030), (8, 0.060)),
+        table_context_tokens=64,
+        prefill_table_s=((512, 0.600),),
+        prefill_pair_s=1e-6,
+    )
+    config = engine_config(cpu)
+    assert attention_pairs(0, 3) == 1 + 2 + 3
+    assert attention_pairs(10, 2) == 11 + 12
+    # 138 and 512 tokens both pad to 16 tiles of 32 (512 tokens): 0.600 s of dense work.
+    assert step_price(cpu, config, [(0, 138)], 0, 0) == pytest.approx(0.600 + 138 * 139 / 2e6)
+    assert step_price(cpu, config, [(0, 512)], 0, 0) == pytest.approx(0.600 + 512 * 513 / 2e6)
+    # A later chunk of a long prompt reads the keys before it too.
+    later = step_price(cpu, config, [(1000, 138)], 0, 0)
+    assert later == pytest.approx(0.600 + (138 * 1000 + 138 * 139 / 2) / 1e6)

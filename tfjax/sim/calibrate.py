@@ -1,12 +1,16 @@
 """Measure a runner into a `CostProfile`: the step costs and host links the simulator needs.
 
-Decode steps are timed at each batch size of the plan up to the batch cap, and at the cap, at a
-short context (the profile's decode table, keyed by the batch bucket the runner ran) and, at
-the largest batch, at a long one too: the difference is what reading the extra KV costs (the
-profile's effective `mem_bytes_per_s`). Prefill steps of one request are timed at a few chunk
-sizes (the profile's prefill table, keyed by the tokens the runner computed: whole tiles of the
-chunk's bucket) and fitted with a line, whose intercept is the fixed cost of a step (counted
-once when a step also decodes) and whose slope prices prompts in profiles without a table. Host
+Decode steps are timed at every decode bucket up to the batch cap (or the plan's batch sizes),
+at a short context (the profile's decode table, keyed by the batch bucket the runner ran) and,
+at the largest batch, at a long one too: the difference is what reading the extra KV costs
+(the profile's effective `mem_bytes_per_s`). Prefill steps of one request are timed at a few
+chunk sizes, and once more at the fewest tokens that run in the largest chunk's bucket: same
+padded work, fewer attention pairs, so the difference prices a (token, key) pair
+(`prefill_pair_s`; the CPU kernel reads only the keys each query tile attends to). Less their
+pairs' price, the chunks' times are the profile's prefill table, keyed by the tokens the
+runner computed (whole tiles of the chunk's bucket), fitted with a line whose intercept is
+the fixed cost of a step (counted once when a step also decodes) and whose slope prices
+prompts in profiles without a table. Host
 links: gathered pages are copied to the host and back, bytes over seconds. Every figure is the
 median of `repeats` runs, after one untimed run (`tfjax.timing.median_seconds`): the
 simulator prices every step a server runs, so a typical one. Rows read pages that were never
@@ -36,13 +40,13 @@ from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.sched.base import Costs, SchedulerView
 from tfjax.sched.tokenflow import TokenFlowPolicy
-from tfjax.sim.profiles import CostProfile
+from tfjax.sim.profiles import CostProfile, attention_pairs
 from tfjax.timing import median_seconds
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CalibrationPlan:
-    batches: tuple[int, ...] = (1, 4, 16, 32)
+    batches: tuple[int, ...] = ()  # (): every decode bucket up to the batch cap
     contexts: tuple[int, int] = (64, 512)  # short (the table's), long (the KV read cost)
     chunks: tuple[int, ...] = (32, 128, 512)  # prefill tokens of one request
     copy_pages: int = 64
@@ -126,7 +130,8 @@ def calibrate(
     short, long = plan.contexts
     fits = usable // pages_needed(long, ps)  # rows of the long context the pool holds
     cap = min(config.max_batch_size, fits)  # the batch cap is always measured
-    batches = sorted({b for b in plan.batches if b <= cap} | {cap})
+    sizes = plan.batches or config.decode_batch_buckets()
+    batches = sorted({b for b in sizes if b <= cap} | {cap})
     if cap < 1:
         raise ValueError(f"{usable} pages hold no decode batch of {long} tokens a row")
     table = []
@@ -141,16 +146,26 @@ def calibrate(
     chunks = [
         n for n in plan.chunks if n <= config.prefill_token_budget and pages_needed(n, ps) <= usable
     ]
-    prefill_s = []
-    for n in chunks:
+
+    def prefill(n: int) -> float:
         (row,) = _rows(1, n + 1, ps)
         row.output_ids, row.num_computed_tokens = [], 0
         row.prompt_ids = [1] * n
         work = (PrefillWork(row, n),)
-        prefill_s.append(typical(lambda w=work: np.asarray(runner.step(w, ()))))
-        progress(f"prefill {n} tokens: {prefill_s[-1] * 1e3:.1f} ms")
+        seconds = typical(lambda: np.asarray(runner.step(work, ())))
+        progress(f"prefill {n} tokens: {seconds * 1e3:.1f} ms")
+        return seconds
+
+    prefill_s = [prefill(n) for n in chunks]
+    top_chunk = chunks[-1]
+    fewest = _fewest_tokens_in_bucket(config, top_chunk)
+    pair_s = 0.0
+    if fewest < top_chunk:
+        saved = prefill_s[-1] - prefill(fewest)
+        pair_s = max(saved, 0.0) / (attention_pairs(0, top_chunk) - attention_pairs(0, fewest))
+    dense_s = [s - pair_s * attention_pairs(0, n) for n, s in zip(chunks, prefill_s, strict=True)]
     padded = [config.bucket_for([n], 0).tiles * QUERY_TILE for n in chunks]
-    slope, intercept = _line(padded, prefill_s)
+    slope, intercept = _line(padded, dense_s)
 
     pages = list(range(1, 1 + min(plan.copy_pages, usable, io.max_gather_pages)))
     d2h_s = typical(lambda: transfers.offload(io.gather(pages)).result())
@@ -174,7 +189,8 @@ def calibrate(
             f"KV reads {mem_bytes_per_s / 1e9:.2f} GB/s effective (batch {top} at {long} tokens:"
             f" {long_s * 1e3:.1f} ms);",
             f"prefill {slope * 1e3:.3f} ms a token plus {intercept * 1e3:.1f} ms a step"
-            f" (chunks {chunks});",
+            f" (chunks {chunks}) plus {pair_s * 1e9:.1f} ns an attended (token, key) pair"
+            f" ({top_chunk} against {fewest} tokens);",
             f"host copies d2h {d2h / 1e9:.2f} GB/s, h2d {h2d / 1e9:.2f} GB/s"
             f" ({nbytes / 1e6:.1f} MB, gather included)"
             + (", on the step's own cores" if copies_share_compute else "")
@@ -201,10 +217,17 @@ def calibrate(
         h2d_bytes_per_s=h2d,
         decode_table_s=tuple(table),
         table_context_tokens=short,
-        prefill_table_s=tuple(zip(padded, prefill_s, strict=True)),
+        prefill_table_s=tuple(zip(padded, dense_s, strict=True)),
+        prefill_pair_s=pair_s,
         host_copies_share_compute=copies_share_compute,
         plan_s_per_request=plan_s / plan.plan_requests,
     )
+
+
+def _fewest_tokens_in_bucket(config: EngineConfig, num_tokens: int) -> int:
+    """The smallest one-chunk prefill that runs in the bucket of `num_tokens` tokens."""
+    bucket = config.bucket_for([num_tokens], 0)
+    return next(n for n in range(1, num_tokens + 1) if config.bucket_for([n], 0) == bucket)
 
 
 def _line(xs: Sequence[int], ys: Sequence[float]) -> tuple[float, float]:

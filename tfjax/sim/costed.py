@@ -23,7 +23,7 @@ from tfjax.config import EngineConfig
 from tfjax.kv.manager import PageIO, PrefillWork
 from tfjax.request import Request
 from tfjax.sim.clock import VirtualClock
-from tfjax.sim.profiles import CostProfile
+from tfjax.sim.profiles import CostProfile, attention_pairs
 
 SIM_TOKEN = 3  # the simulator's every output token
 
@@ -31,17 +31,19 @@ SIM_TOKEN = 3  # the simulator's every output token
 def step_price(
     profile: CostProfile,
     config: EngineConfig,
-    prefill_tokens: Sequence[int],
+    prefill: Sequence[tuple[int, int]],
     num_decode: int,
     context_tokens: int,
 ) -> float:
-    """What a step costs on `profile`: its bucket's padded prefill tiles and decode rows, and
-    the decode rows' real context."""
-    bucket = config.bucket_for(prefill_tokens, num_decode)
+    """What a step costs on `profile`: its bucket's padded prefill tiles and decode rows, the
+    decode rows' real context and the attention pairs of its prefill chunks, each given as
+    (tokens computed before it, its tokens)."""
+    bucket = config.bucket_for([n for _, n in prefill], num_decode)
     return profile.step_s(
         num_decode=bucket.rows,
         context_tokens=context_tokens,
         num_prefill=bucket.tiles * QUERY_TILE,
+        prefill_pairs=sum(attention_pairs(before, n) for before, n in prefill),
     )
 
 
@@ -102,7 +104,7 @@ class CostedRunner:
         seconds = step_price(
             self.profile,
             self.config,
-            [w.num_tokens for w in prefill],
+            [(w.request.num_computed_tokens, w.num_tokens) for w in prefill],
             len(decode),
             sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
         )

@@ -2,21 +2,25 @@
 
 A step that decodes B rows with C context tokens in total and prefills P prompt tokens takes
 
-    step_s = overhead_s + per_row_s * B + max(mem_s, compute_s)
+    step_s = overhead_s + per_row_s * B + max(mem_s, compute_s) + prefill_pair_s * A
     mem_s = (weight_bytes + C * kv_bytes_per_token) / mem_bytes_per_s
     compute_s = (B + P) * flops_per_token / flops_per_s
 
 a roofline: decode reads all weights and the batch's KV once per step; prefill and large
-batches are bound by matmul FLOPs (2 * params per token; prefill attention's quadratic term is
-left out). `mem_bytes_per_s` and `flops_per_s` are effective rates: peak times the efficiency
-stated in each profile's `source`. `Costs` handed to the policies are derived from the same
+batches are bound by matmul FLOPs (2 * params per token). A counts the (prompt token, key)
+pairs the prefill chunks attend to (`attention_pairs`): attention's quadratic term, which
+follows the chunks' real tokens and context, not their padded bucket (the CPU kernel loops
+only over the key blocks a query tile reads). Built-in profiles leave it out (0).
+`mem_bytes_per_s` and `flops_per_s` are effective rates: peak times the efficiency stated in
+each profile's `source`. `Costs` handed to the policies are derived from the same
 formula, as the engine's EWMA measurements would be.
 
 A profile measured on the machine itself (`decode_table_s`, from `tfjax bench engine` or `tfjax
 calibrate`) replaces the decode part of the roofline: the measured step time at B rows (linear
 between measured sizes, as the engine interpolates its own measurements), plus reading the KV of
 the context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
-tokens' FLOPs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a batch-8
+tokens' price (the measured prefill table, dense work by padded tokens) and their attention
+pairs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a batch-8
 one), and it is that shape that decides whether a smaller batch pays.
 
 Never tune a profile to make a policy win: change a figure only with a better public source or
@@ -58,29 +62,38 @@ class CostProfile:
     h2d_bytes_per_s: float
     decode_table_s: tuple[tuple[int, float], ...] = ()  # measured (batch, step s); () roofline
     table_context_tokens: int = 0  # context per row the table was measured at
-    # measured (padded prompt tokens, seconds of a prefill-only step); () the line above
+    # measured (padded prompt tokens, seconds of a prefill-only step less its attention
+    # pairs' `prefill_pair_s` price); () the line above
     prefill_table_s: tuple[tuple[int, float], ...] = ()
     # Host copies run on the step's cores (a CPU): each copy's time delays the steps too.
     host_copies_share_compute: bool = False
     # Host time of planning a step, per live request (the engine thread's, before the step).
     plan_s_per_request: float = 0.0
+    # Seconds per (prompt token, key) pair a prefill chunk attends to (`attention_pairs`),
+    # beyond the prefill table's dense price of its padded tokens; 0: left out.
+    prefill_pair_s: float = 0.0
 
     @property
     def device_kv_tokens(self) -> int:
         return self.num_device_pages * self.page_size
 
-    def step_s(self, *, num_decode: int, context_tokens: int, num_prefill: int = 0) -> float:
+    def step_s(
+        self, *, num_decode: int, context_tokens: int, num_prefill: int = 0, prefill_pairs: int = 0
+    ) -> float:
+        """A step of `num_decode` rows reading `context_tokens` in all, and `num_prefill`
+        (padded) prompt tokens whose chunks attend to `prefill_pairs` (token, key) pairs."""
         if num_decode == 0 and num_prefill == 0:
             return 0.0
+        attention = self.prefill_pair_s * prefill_pairs
         if self.decode_table_s:
             measured = Costs(decode_step_s=dict(self.decode_table_s))
             decode = measured.decode_step_time(num_decode) if num_decode else self.overhead_s
             extra_context = max(0, context_tokens - num_decode * self.table_context_tokens)
             kv = extra_context * self.kv_bytes_per_token / self.mem_bytes_per_s
-            return decode + kv + self._prefill_extra_s(num_prefill)
+            return decode + kv + self._prefill_extra_s(num_prefill) + attention
         mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.mem_bytes_per_s
         compute = (num_decode + num_prefill) * self.flops_per_token / self.flops_per_s
-        return self.overhead_s + self.per_row_s * num_decode + max(mem, compute)
+        return self.overhead_s + self.per_row_s * num_decode + max(mem, compute) + attention
 
     def _prefill_extra_s(self, num_tokens: int) -> float:
         """What `num_tokens` prompt tokens add to a step beyond `overhead_s`: piecewise linear
@@ -108,6 +121,12 @@ class CostProfile:
             d2h_bytes_per_s=self.d2h_bytes_per_s,
             h2d_bytes_per_s=self.h2d_bytes_per_s,
         )
+
+
+def attention_pairs(context_before: int, num_tokens: int) -> int:
+    """The (query, key) pairs a causal prefill chunk of `num_tokens` tokens reads after
+    `context_before` computed tokens: each token attends to all before it and itself."""
+    return num_tokens * context_before + num_tokens * (num_tokens + 1) // 2
 
 
 def _pages(kv_bytes: float, kv_bytes_per_token: int, page_size: int) -> int:

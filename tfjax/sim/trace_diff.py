@@ -32,6 +32,13 @@ def load_trace(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def chunks(step: dict) -> list[tuple[int, int]]:
+    """The step's prefill chunks as (tokens computed before, tokens); traces written before
+    the context was recorded price every chunk as a prompt's first."""
+    before = step.get("prefill_context") or [0] * len(step["prefill"])
+    return list(zip(before, step["prefill"], strict=True))
+
+
 def step_kind(step: dict) -> str:
     if not step["prefill"]:
         return "decode"
@@ -67,7 +74,7 @@ def summarize_trace(
     for kind in STEP_KINDS:
         steps = [s for s in trace if step_kind(s) == kind]
         prices = [
-            step_price(profile, config, s["prefill"], s["decode_rows"], s["context_tokens"])
+            step_price(profile, config, chunks(s), s["decode_rows"], s["context_tokens"])
             for s in steps
         ]
         ratios = [s["seconds"] / p for s, p in zip(steps, prices, strict=True) if p > 0]
