@@ -3,13 +3,18 @@ simulated time, and a hand-made trace is priced and gapped as worked out by hand
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from models.attention import QUERY_TILE
 from tfjax.sched.registry import make_policy
 from tfjax.sim import LengthDist, WorkloadSpec, get_profile, make_requests, simulate
 from tfjax.sim.driver import engine_config
-from tfjax.sim.trace_diff import load_trace, summarize_trace
+from tfjax.sim.profiles import load_profile, profile_to_json
+from tfjax.sim.trace_diff import load_trace, served_step_factor, summarize_trace
+from tfjax.sim.trace_diff import main as trace_diff_main
 from tfjax.step_trace import ENV_VAR
 
 CPU = get_profile("cpu-smollm2")
@@ -18,6 +23,9 @@ CPU = get_profile("cpu-smollm2")
 def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
     tmp_path, monkeypatch
 ) -> None:
+    """On a profile that prices attention pairs and serving (so each chunk's recorded context
+    counts), and from the trace, the serving factor it was simulated with."""
+    profile = replace(CPU, prefill_pair_s=1e-6, served_step_factor=1.1)
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv(ENV_VAR, str(path))
     spec = WorkloadSpec(
@@ -27,10 +35,10 @@ def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
         output_len=LengthDist(mean=12, std=0),
         rates="15",
     )
-    result = simulate(make_policy("fcfs"), make_requests(spec), CPU)
+    result = simulate(make_policy("fcfs"), make_requests(spec), profile)
     trace = load_trace(path)
     assert len(trace) == result.stats["num_steps"]
-    summary = summarize_trace(trace, CPU, engine_config(CPU))
+    summary = summarize_trace(trace, profile, engine_config(profile))
     kinds = {k.kind: k for k in summary.kinds}
     assert kinds["prefill"].steps and kinds["decode"].steps
     for k in summary.kinds:
@@ -44,6 +52,15 @@ def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
     assert all(sum(-(-n // QUERY_TILE) for n in s["prefill"]) <= 16 for s in trace)
     assert all(sum(s["prefill"]) <= 512 for s in trace)
     assert max(len(s["prefill"]) for s in trace) > 1  # steps did pack several chunks
+    assert any(c for s in trace for c in s["prefill_context"])  # and continued prompts
+    factor = served_step_factor([trace], profile, engine_config(profile))
+    assert factor == pytest.approx(1.1, rel=1e-4)
+    # The command writes the profile with the factor measured from the traces given.
+    source, served = tmp_path / "profile.json", tmp_path / "served.json"
+    source.write_text(json.dumps(profile_to_json(replace(profile, served_step_factor=1.0))))
+    argv = ["--profile", str(source), "--write-served", str(served), str(path)]
+    assert trace_diff_main(argv) == 0
+    assert load_profile(str(served)).served_step_factor == pytest.approx(1.1, rel=1e-4)
 
 
 def test_a_tokenflow_trace_records_each_steps_decision_mode(tmp_path, monkeypatch) -> None:

@@ -37,14 +37,15 @@ def step_price(
 ) -> float:
     """What a step costs on `profile`: its bucket's padded prefill tiles and decode rows, the
     decode rows' real context and the attention pairs of its prefill chunks, each given as
-    (tokens computed before it, its tokens)."""
+    (tokens computed before it, its tokens), as served (`CostProfile.served_step_factor`)."""
     bucket = config.bucket_for([n for _, n in prefill], num_decode)
-    return profile.step_s(
+    runner_s = profile.step_s(
         num_decode=bucket.rows,
         context_tokens=context_tokens,
         num_prefill=bucket.tiles * QUERY_TILE,
         prefill_pairs=sum(attention_pairs(before, n) for before, n in prefill),
     )
+    return runner_s * profile.served_step_factor
 
 
 class TokenSource(Protocol):

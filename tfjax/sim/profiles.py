@@ -23,6 +23,11 @@ tokens' price (the measured prefill table, dense work by padded tokens) and thei
 pairs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a batch-8
 one), and it is that shape that decides whether a smaller batch pays.
 
+A profile measured behind a server also carries `served_step_factor`: steps behind `tfjax
+serve` cost more than the runner alone, because the server's HTTP and streaming threads (and a
+client on the same machine) take CPU from the cores the step runs on; the simulator multiplies
+every step by it.
+
 Never tune a profile to make a policy win: change a figure only with a better public source or
 an engine measurement (`tfjax bench engine`, `tfjax calibrate`), and say so in `source`.
 """
@@ -72,6 +77,10 @@ class CostProfile:
     # Seconds per (prompt token, key) pair a prefill chunk attends to (`attention_pairs`),
     # beyond the prefill table's dense price of its padded tokens; 0: left out.
     prefill_pair_s: float = 0.0
+    # What every step costs behind `tfjax serve` over the runner alone: the HTTP server's and
+    # the streaming client's CPU on the step's cores. Measured from a live step trace of a
+    # calibration workload (`python -m tfjax.sim.trace_diff --write-served`); 1: not measured.
+    served_step_factor: float = 1.0
 
     @property
     def device_kv_tokens(self) -> int:

@@ -10,6 +10,12 @@ error, whatever the policy did. It also reports the engine's time between steps 
 busy (gaps under `--busy-gap-s`; longer ones wait for arrivals or copies): planning,
 bookkeeping and streaming, of which the simulator charges planning only. A simulated trace of
 the same workload, given too, shows whether the two runs took the same steps.
+
+    python -m tfjax.sim.trace_diff --profile cpu.json live.jsonl --write-served served.json
+
+writes the profile with its `served_step_factor` measured from the live traces given: all their
+steps' measured seconds over what the runner alone would take (the profile's price with the
+factor at 1). Trace a calibration workload for it, not one the simulator is then judged on.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import argparse
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tfjax.config import EngineConfig
 from tfjax.sim.costed import step_price
-from tfjax.sim.profiles import CostProfile, load_profile
+from tfjax.sim.profiles import CostProfile, load_profile, profile_to_json
 
 STEP_KINDS = ("decode", "prefill", "mixed")
 
@@ -100,6 +106,21 @@ def summarize_trace(
     )
 
 
+def served_step_factor(
+    traces: Sequence[Sequence[dict]], profile: CostProfile, config: EngineConfig
+) -> float:
+    """Seconds the traced steps took over their price on `profile` as the runner alone."""
+    runner_only = replace(profile, served_step_factor=1.0)
+    steps = [s for trace in traces for s in trace]
+    priced = sum(
+        step_price(runner_only, config, chunks(s), s["decode_rows"], s["context_tokens"])
+        for s in steps
+    )
+    if not priced:
+        raise ValueError("the traces hold no step to measure")
+    return sum(s["seconds"] for s in steps) / priced
+
+
 def format_summary(name: str, summary: TraceSummary) -> str:
     lines = [
         f"{name}: {summary.steps} steps over {summary.span_s:.1f} s; between busy steps "
@@ -122,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--prefill-token-budget", type=int, default=None)
     parser.add_argument("--busy-gap-s", type=float, default=0.25)
+    parser.add_argument(
+        "--write-served",
+        type=Path,
+        default=None,
+        metavar="PROFILE",
+        help="write the profile with served_step_factor measured from these live traces",
+    )
     parser.add_argument("traces", type=Path, nargs="+", help="TFJAX_STEP_TRACE files")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
@@ -134,11 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     config = engine_config(profile, **overrides)
-    summaries = [
-        summarize_trace(load_trace(path), profile, config, args.busy_gap_s) for path in args.traces
-    ]
-    for path, summary in zip(args.traces, summaries, strict=True):
-        print(format_summary(str(path), summary))
+    traces = [load_trace(path) for path in args.traces]
+    for path, trace in zip(args.traces, traces, strict=True):
+        print(format_summary(str(path), summarize_trace(trace, profile, config, args.busy_gap_s)))
+    if args.write_served:
+        factor = served_step_factor(traces, profile, config)
+        served = replace(
+            profile,
+            served_step_factor=factor,
+            source=f"{profile.source}\nsteps as served: {factor:.3f}x the runner's"
+            f" ({', '.join(p.name for p in args.traces)})",
+        )
+        args.write_served.write_text(json.dumps(profile_to_json(served), indent=1))
+        print(f"served_step_factor {factor:.3f}: wrote {args.write_served}")
     return 0
 
 
