@@ -38,11 +38,12 @@ def load_trace(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def chunks(step: dict) -> list[tuple[int, int]]:
-    """The step's prefill chunks as (tokens computed before, tokens); traces written before
-    the context was recorded price every chunk as a prompt's first."""
+def traced_step_price(step: dict, profile: CostProfile, config: EngineConfig) -> float:
+    """`step_price` of a traced step; traces written before each chunk's context was recorded
+    price every chunk as a prompt's first."""
     before = step.get("prefill_context") or [0] * len(step["prefill"])
-    return list(zip(before, step["prefill"], strict=True))
+    chunks = list(zip(before, step["prefill"], strict=True))
+    return step_price(profile, config, chunks, step["decode_rows"], step["context_tokens"])
 
 
 def step_kind(step: dict) -> str:
@@ -79,10 +80,7 @@ def summarize_trace(
     kinds = []
     for kind in STEP_KINDS:
         steps = [s for s in trace if step_kind(s) == kind]
-        prices = [
-            step_price(profile, config, chunks(s), s["decode_rows"], s["context_tokens"])
-            for s in steps
-        ]
+        prices = [traced_step_price(s, profile, config) for s in steps]
         ratios = [s["seconds"] / p for s, p in zip(steps, prices, strict=True) if p > 0]
         kinds.append(
             KindSummary(
@@ -112,10 +110,7 @@ def served_step_factor(
     """Seconds the traced steps took over their price on `profile` as the runner alone."""
     runner_only = replace(profile, served_step_factor=1.0)
     steps = [s for trace in traces for s in trace]
-    priced = sum(
-        step_price(runner_only, config, chunks(s), s["decode_rows"], s["context_tokens"])
-        for s in steps
-    )
+    priced = sum(traced_step_price(s, runner_only, config) for s in steps)
     if not priced:
         raise ValueError("the traces hold no step to measure")
     return sum(s["seconds"] for s in steps) / priced
