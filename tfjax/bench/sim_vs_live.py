@@ -14,7 +14,11 @@ token on the client (`tfjax.bench.client`). Simulated: `tfjax simulate`'s path w
 same engine flags on PROFILE (a `tfjax calibrate` file, or a built-in name). Prints live and
 simulated mean / p99 TTFT and raw throughput and their ratios (target: within 0.8-1.25x).
 `--repeat N` replays the workload N times against one server (fresh prompt ids after the
-first) and compares with the median; `--step-trace PATH` keeps both runs' step traces.
+first) and compares with the median; `--sim-seeds N` simulates N times (seeds 0 .. N-1,
+which draw the step costs of a profile with `step_noise_sigma`) and takes the median, so a
+figure that hinges on timing (a 20-request p99 is its slowest request) is compared as a
+distribution on both sides; `--step-trace PATH` keeps both runs' step traces (the first
+seed's).
 """
 
 from __future__ import annotations
@@ -132,12 +136,14 @@ def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
 
 
-def simulated(workload: Path, policy: str, profile: str, server_args: list[str]) -> dict:
+def simulated(
+    workload: Path, policy: str, profile: str, server_args: list[str], seed: int = 0
+) -> dict:
     from serving.cli import main as tfjax
 
     out = workload.with_suffix(f".{policy}.sim.json")
     argv = ["simulate", "--profile", profile, "--workload", str(workload), "--policy", policy]
-    if tfjax([*argv, *server_args, "--out", str(out)]) != 0:
+    if tfjax([*argv, *server_args, "--seed", str(seed), "--out", str(out)]) != 0:
         raise RuntimeError("tfjax simulate failed")
     return json.loads(out.read_text())["summary"]
 
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=1, help="live replays against one server; median compared"
     )
     parser.add_argument(
+        "--sim-seeds", type=int, default=1, help="simulations (seeds 0 .. N-1); median compared"
+    )
+    parser.add_argument(
         "--step-trace",
         type=Path,
         default=None,
@@ -204,21 +213,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log = args.workload.with_suffix(f".{args.policy}.serve.log")
         replays = live(args.workload, args.policy, flags, log, args.repeat)
-    if args.step_trace:
-        os.environ[ENV_VAR] = f"{args.step_trace}.sim.jsonl"
-    live_summary = median_summary(replays)
-    sim_summary = simulated(args.workload, args.policy, args.profile, flags)
-    print(f"{args.workload.stem} {args.policy}: metric, live median (min-max of {len(replays)}),"
-          " sim, sim/live")  # fmt: skip
-    for key in METRICS:
-        values = [r[key] for r in replays]
-        ratio = sim_summary[key] / live_summary[key] if live_summary[key] else float("nan")
-        print(
-            f"  {key:15s} {live_summary[key]:9.3f} ({min(values):.3f}-{max(values):.3f})"
-            f" {sim_summary[key]:9.3f} {ratio:6.2f}x"
-        )
+    sims = []
+    for seed in range(args.sim_seeds):
+        if args.step_trace:  # the first simulation's steps ("": no trace)
+            os.environ[ENV_VAR] = f"{args.step_trace}.sim.jsonl" if seed == 0 else ""
+        sims.append(simulated(args.workload, args.policy, args.profile, flags, seed))
+    print_comparison(f"{args.workload.stem} {args.policy}", replays, sims)
     if args.out:
         row = {"workload": str(args.workload), "policy": args.policy, "profile": args.profile,
-               "live": live_summary, "live_replays": replays, "sim": sim_summary}  # fmt: skip
+               "live": median_summary(replays), "live_replays": replays,
+               "sim": median_summary(sims), "sim_runs": sims}  # fmt: skip
         args.out.write_text(json.dumps(row, indent=1))
     return 0
+
+
+def print_comparison(name: str, replays: list[dict], sims: list[dict]) -> None:
+    """Each metric's live and simulated median (min-max) and their ratio."""
+    live_summary, sim_summary = median_summary(replays), median_summary(sims)
+    print(f"{name}: metric, live median (min-max of {len(replays)}),"
+          f" sim median (min-max of {len(sims)}), sim/live")  # fmt: skip
+    for key in METRICS:
+        ratio = sim_summary[key] / live_summary[key] if live_summary[key] else float("nan")
+        print(
+            f"  {key:15s} {_spread(live_summary, replays, key)} "
+            f"{_spread(sim_summary, sims, key)} {ratio:6.2f}x"
+        )
+
+
+def _spread(median: dict[str, float], runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    return f"{median[key]:9.3f} ({min(values):.3f}-{max(values):.3f})"

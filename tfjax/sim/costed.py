@@ -9,11 +9,14 @@ decode rows' context, then returns the token source's ids. The simulator's token
 back, and get the very same timeline. It also implements the `PageIO` the host tier copies
 pages through: a gather is a `SimPages` record of its size in the profile's bytes, carrying the
 token source's own gathered pages when it keeps KV (`page_store`, the fake's), which a scatter
-writes back.
+writes back. With a `noise` generator and a profile whose `step_noise_sigma` is set, each step
+costs a draw around its price (`noisy`) instead of the price itself.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +49,12 @@ def step_price(
         prefill_pairs=sum(attention_pairs(before, n) for before, n in prefill),
     )
     return runner_s * profile.served_step_factor
+
+
+def noisy(seconds: float, sigma: float, rng: random.Random) -> float:
+    """`seconds` times a log-normal draw of log-spread `sigma` whose mean is 1, so noise
+    spreads the steps without changing what they cost on average."""
+    return seconds * math.exp(rng.gauss(-0.5 * sigma**2, sigma))
 
 
 class TokenSource(Protocol):
@@ -84,6 +93,7 @@ class CostedRunner:
         max_model_len: int,
         tokens: TokenSource | None = None,
         page_store: PageIO | None = None,
+        noise: random.Random | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock
@@ -98,6 +108,7 @@ class CostedRunner:
         self.prefill_token_s = warm.prefill_token_s
         self.tokens = tokens or ConstantTokens()
         self.page_store = page_store
+        self.noise = noise if profile.step_noise_sigma > 0 else None
         self.num_steps = 0
         self.busy_s = 0.0
 
@@ -109,6 +120,8 @@ class CostedRunner:
             len(decode),
             sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
         )
+        if self.noise:
+            seconds = noisy(seconds, self.profile.step_noise_sigma, self.noise)
         ids = self.tokens.step(prefill, decode)
         self.clock.advance(seconds)
         self.num_steps += 1

@@ -94,8 +94,10 @@ def build_sim_engine(
     clock: VirtualClock,
     tokens: TokenSource | None = None,
     page_store: PageIO | None = None,
+    noise: random.Random | None = None,
 ) -> Engine:
-    """The engine `simulate` runs: `config`'s engine on the profile's costs and links."""
+    """The engine `simulate` runs: `config`'s engine on the profile's costs and links;
+    `noise` draws its step costs if the profile has a `step_noise_sigma`."""
     num_pages = config.num_pages or profile.num_device_pages + 1
     pool_tokens = (num_pages - 1) * config.page_size
     runner = CostedRunner(
@@ -107,6 +109,7 @@ def build_sim_engine(
         max_model_len=min(config.max_model_len or pool_tokens, pool_tokens),
         tokens=tokens,
         page_store=page_store,
+        noise=noise,
     )
     return assemble_engine(
         runner,
@@ -140,13 +143,16 @@ class _SimRun:
         tokens: TokenSource | None,
         page_store: PageIO | None,
         *,
+        noise: random.Random,
         idle_tick_s: float,
         max_idle_s: float,
         check_every: int,
     ) -> None:
         self.clock = VirtualClock(start_s)
         self.timed = _TimedPolicy(policy, self.clock, profile.plan_s_per_request)
-        self.engine = build_sim_engine(self.timed, profile, config, self.clock, tokens, page_store)
+        self.engine = build_sim_engine(
+            self.timed, profile, config, self.clock, tokens, page_store, noise
+        )
         self.runner = self.engine.runner
         assert isinstance(self.runner, CostedRunner)
         links = self.engine.kv.offload.transfers if self.engine.kv.offload else None
@@ -234,6 +240,8 @@ def simulate(
     `config` None: `engine_config(profile)`. `check_every` > 0 audits the page books every
     that many steps (slow; for tests). `tokens` / `page_store`: another token source and the
     KV it keeps (tests run `tests/fakes.py`'s `FakeRunner` here); the timeline is the same.
+    `seed` draws the step costs of a profile with a `step_noise_sigma` (one run is one draw:
+    compare the median of several seeds with the median of live replays).
 
     `replicas` > 1: that many engines (each with its own copy of `policy`, which keeps
     state between steps) behind a router
@@ -257,6 +265,7 @@ def simulate(
             pending[0].arrival_s,
             tokens,
             page_store,
+            noise=random.Random(f"step-noise:{seed}:{i}"),
             idle_tick_s=idle_tick_s,
             max_idle_s=max_idle_s,
             check_every=check_every,

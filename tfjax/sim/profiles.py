@@ -26,7 +26,12 @@ one), and it is that shape that decides whether a smaller batch pays.
 A profile measured behind a server also carries `served_step_factor`: steps behind `tfjax
 serve` cost more than the runner alone, because the server's HTTP and streaming threads (and a
 client on the same machine) take CPU from the cores the step runs on; the simulator multiplies
-every step by it.
+every step by it. And its `step_noise_sigma`: served steps of one size scatter from one to the
+next (other threads, caches, the client's bursts), and a workload's tail can hinge on whether
+two arrivals a few milliseconds apart meet the same step. With it the simulator draws each
+step's cost around its price (log-normal, mean kept; `tfjax simulate --seed`), so simulations
+with different seeds spread as live replays of one workload do, and their median is what a
+median of live replays is compared with.
 
 Never tune a profile to make a policy win: change a figure only with a better public source or
 an engine measurement (`tfjax bench engine`, `tfjax calibrate`), and say so in `source`.
@@ -81,6 +86,10 @@ class CostProfile:
     # the streaming client's CPU on the step's cores. Measured from a live step trace of a
     # calibration workload (`python -m tfjax.sim.trace_diff --write-served`); 1: not measured.
     served_step_factor: float = 1.0
+    # How far a served step's cost scatters, step to step: the deviation of log(measured /
+    # price) between back-to-back traced steps of one size, from the same calibration traces
+    # (`--write-served`); 0: every step costs exactly its price.
+    step_noise_sigma: float = 0.0
 
     @property
     def device_kv_tokens(self) -> int:

@@ -15,13 +15,16 @@ the same workload, given too, shows whether the two runs took the same steps.
 
 writes the profile with its `served_step_factor` measured from the live traces given: all their
 steps' measured seconds over what the runner alone would take (the profile's price with the
-factor at 1). Trace a calibration workload for it, not one the simulator is then judged on.
+factor at 1), and its `step_noise_sigma`: how far a step's cost scatters from the step
+before it of the same size. Trace a calibration workload for it, not one the simulator is then
+judged on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +35,7 @@ from tfjax.sim.costed import step_price
 from tfjax.sim.profiles import CostProfile, load_profile, profile_to_json
 
 STEP_KINDS = ("decode", "prefill", "mixed")
+BUSY_GAP_S = 0.25  # steps further apart waited for arrivals or copies in between
 
 
 def load_trace(path: Path) -> list[dict]:
@@ -75,7 +79,10 @@ class TraceSummary:
 
 
 def summarize_trace(
-    trace: Sequence[dict], profile: CostProfile, config: EngineConfig, busy_gap_s: float = 0.25
+    trace: Sequence[dict],
+    profile: CostProfile,
+    config: EngineConfig,
+    busy_gap_s: float = BUSY_GAP_S,
 ) -> TraceSummary:
     kinds = []
     for kind in STEP_KINDS:
@@ -116,6 +123,36 @@ def served_step_factor(
     return sum(s["seconds"] for s in steps) / priced
 
 
+def step_noise_sigma(
+    traces: Sequence[Sequence[dict]], profile: CostProfile, config: EngineConfig
+) -> float:
+    """How much a step's cost scatters from the one before it: from each pair of back-to-back
+    steps of one kind and bucket, the difference d of their log(measured / price), and
+    sqrt(mean(d^2) / 2) (von Neumann's estimator of an independent noise's deviation).
+
+    Step to step scatter is what decides which step an arrival lands in. Differences leave out
+    what drifts slowly (a replay whose steps all run a few % slow, a price that is off for a
+    whole bucket or context range): a spread around each size's mean counts those too (0.10
+    on this VM's calibration traces against 0.045-0.05 so), and drawn independently every
+    step they would scatter the simulated step times twice as far as the server's do."""
+
+    def size(step: dict) -> tuple:
+        return step_kind(step), config.bucket_for(step["prefill"], step["decode_rows"])
+
+    def log_ratio(step: dict) -> float:
+        return math.log(step["seconds"] / traced_step_price(step, profile, config))
+
+    diffs = [
+        log_ratio(b) - log_ratio(a)
+        for trace in traces
+        for a, b in zip(trace, trace[1:], strict=False)
+        if b["start_s"] - (a["start_s"] + a["seconds"]) < BUSY_GAP_S and size(a) == size(b)
+    ]
+    if not diffs:
+        raise ValueError("the traces hold no two back-to-back steps of one size")
+    return math.sqrt(statistics.fmean(d * d for d in diffs) / 2)
+
+
 def format_summary(name: str, summary: TraceSummary) -> str:
     lines = [
         f"{name}: {summary.steps} steps over {summary.span_s:.1f} s; between busy steps "
@@ -137,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True, help="built-in profile or calibrate file")
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--prefill-token-budget", type=int, default=None)
-    parser.add_argument("--busy-gap-s", type=float, default=0.25)
+    parser.add_argument("--busy-gap-s", type=float, default=BUSY_GAP_S)
     parser.add_argument(
         "--write-served",
         type=Path,
         default=None,
         metavar="PROFILE",
-        help="write the profile with served_step_factor measured from these live traces",
+        help="write the profile with served_step_factor and step_noise_sigma measured from"
+        " these live traces",
     )
     parser.add_argument("traces", type=Path, nargs="+", help="TFJAX_STEP_TRACE files")
     args = parser.parse_args(argv)
@@ -162,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(str(path), summarize_trace(trace, profile, config, args.busy_gap_s)))
     if args.write_served:
         factor = served_step_factor(traces, profile, config)
+        sigma = step_noise_sigma(traces, profile, config)
         served = replace(
             profile,
             served_step_factor=factor,
-            source=f"{profile.source}\nsteps as served: {factor:.3f}x the runner's"
-            f" ({', '.join(p.name for p in args.traces)})",
+            step_noise_sigma=sigma,
+            source=f"{profile.source}\nsteps as served: {factor:.3f}x the runner's, log-scatter"
+            f" {sigma:.3f} step to step ({', '.join(p.name for p in args.traces)})",
         )
         args.write_served.write_text(json.dumps(profile_to_json(served), indent=1))
-        print(f"served_step_factor {factor:.3f}: wrote {args.write_served}")
+        print(f"served_step_factor {factor:.3f}, step_noise_sigma {sigma:.3f}:"
+              f" wrote {args.write_served}")  # fmt: skip
     return 0
 
 
