@@ -47,6 +47,7 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -328,6 +329,20 @@ def _decode_groups(num_rows: int) -> list[tuple[int, int]]:
         group = math.gcd(left, CPU_ROW_GROUP)
         sections.append((group, left // group))
     return sections
+
+
+def cpu_decode_keys(contexts: Sequence[int], num_rows: int) -> int:
+    """Keys `_attend_cpu` reads for decode rows of these context lengths in a bucket of
+    `num_rows` rows: sorted longest first (as the runner orders them) and grouped as
+    `_decode_groups` says, every row of a group reads its longest row's keys, in whole
+    `CPU_KEY_BLOCK`s. What a decode step's attention costs on a CPU, uneven rows included."""
+    ordered = sorted(contexts, reverse=True) + [0] * (num_rows - len(contexts))
+    keys, first = 0, 0
+    for size, count in _decode_groups(num_rows):
+        for _ in range(count):
+            keys += size * -(-ordered[first] // CPU_KEY_BLOCK) * CPU_KEY_BLOCK
+            first += size
+    return keys
 
 
 def _group(batch: AttentionBatch, rows: slice, size: int) -> tuple[jax.Array, ...]:

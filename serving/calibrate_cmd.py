@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             config,
             name=args.name or args.out.stem,
             copies_share_compute=jax.default_backend() == "cpu",
+            grouped_decode_reads=runner.backend.name == "cpu",
             progress=progress,
         )
     finally:

@@ -3,7 +3,7 @@
 Set `TFJAX_STEP_TRACE=FILE` and the engine appends, after each step that ran, when it started
 and how long it took on the engine's clock (monotonic seconds live, virtual seconds
 simulated), what decides its bucket and price (each prefill chunk's tokens and the tokens
-computed before it, the decode rows and their context tokens), the requests it moved
+computed before it, the decode rows and each row's context tokens), the requests it moved
 (preempted, resumed, admitted) and what the policy reports of its decision (`trace_fields()`,
 where it has one: TokenFlow's mode, capacity and demand). Because the simulator runs the
 same engine, a live trace and a simulated one of the same workload line up step by step:
@@ -51,7 +51,7 @@ class StepTrace:
                     "prefill": [w.num_tokens for w in work.prefill],
                     "prefill_context": [w.request.num_computed_tokens for w in work.prefill],
                     "decode_rows": len(work.decode),
-                    "context_tokens": sum(r.num_tokens for r in work.decode),
+                    "decode_contexts": [r.num_tokens for r in work.decode],
                     "preempted": len(plan.preempt),
                     "resumed": len(plan.resume),
                     "admitted": len(plan.admit),

@@ -18,9 +18,13 @@ CPU = get_profile("cpu-smollm2")
 PLAN = CalibrationPlan(batches=(1, 8, 32), contexts=(160, 480), chunks=(32, 128, 512))
 
 
-@pytest.mark.parametrize("pair_s", [0.0, 1.4e-6], ids=["no-pair-price", "pairs-priced"])
-def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float) -> None:
-    profile = replace(CPU, prefill_pair_s=pair_s)
+@pytest.mark.parametrize(
+    ("pair_s", "grouped"),
+    [(0.0, False), (1.4e-6, False), (1.4e-6, True)],
+    ids=["no-pair-price", "pairs-priced", "cpu-grouped-reads"],
+)
+def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float, grouped: bool) -> None:
+    profile = replace(CPU, prefill_pair_s=pair_s, grouped_decode_reads=grouped)
     clock = VirtualClock()
     config = engine_config(profile)
     runner = CostedRunner(
@@ -39,7 +43,15 @@ def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float) -> None:
     )
     lines: list[str] = []
     got = calibrate(
-        runner, runner, links, config, name="cal", plan=PLAN, timer=clock, progress=lines.append
+        runner,
+        runner,
+        links,
+        config,
+        name="cal",
+        grouped_decode_reads=grouped,
+        plan=PLAN,
+        timer=clock,
+        progress=lines.append,
     )
     # every measurement is reported: 3 batches, the long context, 3 chunks and the fewest
     # tokens of the 512-token chunk's 16-tile bucket (129: 4 tiles are the bucket below),
@@ -49,6 +61,7 @@ def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float) -> None:
     assert got.prefill_pair_s == pytest.approx(pair_s, abs=1e-12)
     assert dict(got.decode_table_s) == pytest.approx(dict(CPU.decode_table_s))
     assert got.table_context_tokens == 160
+    assert got.grouped_decode_reads is grouped
     assert [n for n, _ in got.prefill_table_s] == [32, 128, 512]  # whole tiles, bucketed
     assert got.mem_bytes_per_s == pytest.approx(CPU.mem_bytes_per_s)
     assert got.flops_per_s / got.flops_per_token == pytest.approx(
@@ -60,14 +73,15 @@ def test_calibrating_the_cost_model_recovers_its_profile(pair_s: float) -> None:
     assert (got.num_device_pages, got.num_host_pages) == (CPU.num_device_pages, CPU.num_host_pages)
     assert got.plan_s_per_request == 0.0  # planning takes no virtual time
     # Same step times as the profile it measured, at any batch and context.
-    for rows, context, prompt, pairs in [
-        (1, 100, 0, 0),
-        (8, 2000, 0, 0),
-        (20, 5000, 64, 3000),
-        (0, 0, 300, 45150),
+    for rows, contexts, prompt, pairs in [
+        (1, [100], 0, 0),
+        (8, [250] * 8, 0, 0),
+        (8, [900, 300, 300, 200, 40, 40, 40], 0, 0),  # uneven, a padding row
+        (20, [250] * 20, 64, 3000),
+        (0, [], 300, 45150),
     ]:
         kwargs = dict(
-            num_decode=rows, context_tokens=context, num_prefill=prompt, prefill_pairs=pairs
+            num_decode=rows, decode_contexts=contexts, num_prefill=prompt, prefill_pairs=pairs
         )
         assert got.step_s(**kwargs) == pytest.approx(profile.step_s(**kwargs))
     assert profile_from_json(json.loads(json.dumps(profile_to_json(got)))) == got

@@ -244,7 +244,7 @@ def demand_over_capacity(setup: Setup) -> float:
     reqs = requests_for(setup)
     mean_ctx = float(np.mean([r.num_prompt_tokens + r.sampling.max_tokens / 2 for r in reqs]))
     batch = max(1, min(profile.max_batch_size, int(profile.device_kv_tokens // mean_ctx)))
-    capacity = batch / profile.step_s(num_decode=batch, context_tokens=int(batch * mean_ctx))
+    capacity = batch / profile.step_s(num_decode=batch, decode_contexts=[int(mean_ctx)] * batch)
     span = max(r.arrival_s for r in reqs) - min(r.arrival_s for r in reqs)
     reading = float(np.mean([r.sampling.max_tokens / r.consumption_rate for r in reqs]))
     demand = sum(r.sampling.max_tokens for r in reqs) / (span + reading)

@@ -3,7 +3,8 @@
 Decode steps are timed at every decode bucket up to the batch cap (or the plan's batch sizes),
 at a short context (the profile's decode table, keyed by the batch bucket the runner ran) and,
 at the largest batch, at a long one too: the difference is what reading the extra KV costs
-(the profile's effective `mem_bytes_per_s`). Prefill steps of one request are timed at a few
+(the profile's effective `mem_bytes_per_s`, per key the backend reads: on the CPU kernel whole
+key blocks, `grouped_decode_reads`). Prefill steps of one request are timed at a few
 chunk sizes, and once more at the fewest tokens that run in the largest chunk's bucket: same
 padded work, fewer attention pairs, so the difference prices a (token, key) pair
 (`prefill_pair_s`; the CPU kernel reads only the keys each query tile attends to). Less their
@@ -40,7 +41,7 @@ from tfjax.kv.transfer import TransferIO
 from tfjax.request import Request, RequestStatus, SamplingParams
 from tfjax.sched.base import Costs, SchedulerView
 from tfjax.sched.tokenflow import TokenFlowPolicy
-from tfjax.sim.profiles import CostProfile, attention_pairs
+from tfjax.sim.profiles import CostProfile, attention_pairs, decode_keys
 from tfjax.timing import median_seconds
 
 
@@ -113,6 +114,7 @@ def calibrate(
     *,
     name: str,
     copies_share_compute: bool = False,
+    grouped_decode_reads: bool = False,
     plan: CalibrationPlan = CalibrationPlan(),
     timer: Callable[[], float] = time.perf_counter,
     progress: Callable[[str], None] = lambda _: None,
@@ -141,7 +143,11 @@ def calibrate(
     top = batches[-1]
     long_s = decode(top, long)
     progress(f"decode batch {top} at {long} tokens: {long_s * 1e3:.1f} ms")
-    per_context_token = max(long_s - table[-1][1], 1e-12) / (top * (long - short))
+    rows = config.bucket_for((), top).rows
+    extra_keys = decode_keys([long] * top, rows, grouped=grouped_decode_reads) - decode_keys(
+        [short] * top, rows, grouped=grouped_decode_reads
+    )
+    per_key = max(long_s - table[-1][1], 1e-12) / extra_keys
 
     chunks = [
         n for n in plan.chunks if n <= config.prefill_token_budget and pages_needed(n, ps) <= usable
@@ -177,7 +183,7 @@ def calibrate(
     progress(f"tokenflow decision over {plan.plan_requests} requests: {plan_s * 1e3:.2f} ms")
 
     kvb = runner.kv_bytes_per_token
-    mem_bytes_per_s = kvb / per_context_token
+    mem_bytes_per_s = kvb / per_key
     d2h, h2d = nbytes / max(d2h_s, 1e-12), nbytes / max(h2d_s, 1e-12)
     source = "\n".join(
         [
@@ -220,6 +226,7 @@ def calibrate(
         prefill_table_s=tuple(zip(padded, dense_s, strict=True)),
         prefill_pair_s=pair_s,
         host_copies_share_compute=copies_share_compute,
+        grouped_decode_reads=grouped_decode_reads,
         plan_s_per_request=plan_s / plan.plan_requests,
     )
 

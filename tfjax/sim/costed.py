@@ -2,8 +2,8 @@
 
 `CostedRunner` runs a step of any token source on a `VirtualClock`: it advances the clock by
 `CostProfile.step_s` of the step's bucket (`EngineConfig.bucket_for`, as the real runner pads
-it: decode rows to a batch bucket, prefill chunks to whole tiles and a tile bucket) and of its
-decode rows' context, then returns the token source's ids. The simulator's token source is
+it: decode rows to a batch bucket, prefill chunks to whole tiles and a tile bucket) and of the
+keys its decode rows read, then returns the token source's ids. The simulator's token source is
 `ConstantTokens` (no KV, one fixed id, never EOS: outputs run to `max_tokens`); tests put
 `tests/fakes.py`'s `FakeRunner` there instead, whose tokens depend on what the page tables read
 back, and get the very same timeline. It also implements the `PageIO` the host tier copies
@@ -35,16 +35,16 @@ def step_price(
     profile: CostProfile,
     config: EngineConfig,
     prefill: Sequence[tuple[int, int]],
-    num_decode: int,
-    context_tokens: int,
+    decode_contexts: Sequence[int],
 ) -> float:
     """What a step costs on `profile`: its bucket's padded prefill tiles and decode rows, the
-    decode rows' real context and the attention pairs of its prefill chunks, each given as
-    (tokens computed before it, its tokens), as served (`CostProfile.served_step_factor`)."""
-    bucket = config.bucket_for([n for _, n in prefill], num_decode)
+    keys its decode rows (holding `decode_contexts` tokens) read and the attention pairs of
+    its prefill chunks, each given as (tokens computed before it, its tokens), as served
+    (`CostProfile.served_step_factor`)."""
+    bucket = config.bucket_for([n for _, n in prefill], len(decode_contexts))
     runner_s = profile.step_s(
         num_decode=bucket.rows,
-        context_tokens=context_tokens,
+        decode_contexts=decode_contexts,
         num_prefill=bucket.tiles * QUERY_TILE,
         prefill_pairs=sum(attention_pairs(before, n) for before, n in prefill),
     )
@@ -117,8 +117,7 @@ class CostedRunner:
             self.profile,
             self.config,
             [(w.request.num_computed_tokens, w.num_tokens) for w in prefill],
-            len(decode),
-            sum(len(r.prompt_ids) + len(r.output_ids) for r in decode),
+            [r.num_tokens for r in decode],
         )
         if self.noise:
             seconds = noisy(seconds, self.profile.step_noise_sigma, self.noise)

@@ -17,8 +17,10 @@ formula, as the engine's EWMA measurements would be.
 
 A profile measured on the machine itself (`decode_table_s`, from `tfjax bench engine` or `tfjax
 calibrate`) replaces the decode part of the roofline: the measured step time at B rows (linear
-between measured sizes, as the engine interpolates its own measurements), plus reading the KV of
-the context beyond the `table_context_tokens` per row the benchmark ran at, plus the prompt
+between measured sizes, as the engine interpolates its own measurements), plus reading the KV
+keys beyond those of `table_context_tokens` a row the benchmark ran at (a CPU profile counts
+the keys its kernel reads, `grouped_decode_reads`: each group of rows to its longest row, in
+whole blocks, so uneven rows cost more than their mean), plus the prompt
 tokens' price (the measured prefill table, dense work by padded tokens) and their attention
 pairs. The CPU's step time is not roofline-shaped (a batch-32 step costs twice a batch-8
 one), and it is that shape that decides whether a smaller batch pays.
@@ -42,9 +44,11 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.attention import cpu_decode_keys
 from tfjax.sched.base import Costs
 
 GIB = 1024**3
@@ -75,6 +79,9 @@ class CostProfile:
     # measured (padded prompt tokens, seconds of a prefill-only step less its attention
     # pairs' `prefill_pair_s` price); () the line above
     prefill_table_s: tuple[tuple[int, float], ...] = ()
+    # The CPU kernel's decode reads: each group of rows reads its longest row's keys in whole
+    # blocks (`models.attention.cpu_decode_keys`); False: every row reads its own context.
+    grouped_decode_reads: bool = False
     # Host copies run on the step's cores (a CPU): each copy's time delays the steps too.
     host_copies_share_compute: bool = False
     # Host time of planning a step, per live request (the engine thread's, before the step).
@@ -96,20 +103,28 @@ class CostProfile:
         return self.num_device_pages * self.page_size
 
     def step_s(
-        self, *, num_decode: int, context_tokens: int, num_prefill: int = 0, prefill_pairs: int = 0
+        self,
+        *,
+        num_decode: int,
+        decode_contexts: Sequence[int] = (),
+        num_prefill: int = 0,
+        prefill_pairs: int = 0,
     ) -> float:
-        """A step of `num_decode` rows reading `context_tokens` in all, and `num_prefill`
-        (padded) prompt tokens whose chunks attend to `prefill_pairs` (token, key) pairs."""
+        """A step of `num_decode` rows (a bucket; padding rows have no context) whose real rows
+        hold `decode_contexts` tokens, and `num_prefill` (padded) prompt tokens whose chunks
+        attend to `prefill_pairs` (token, key) pairs."""
         if num_decode == 0 and num_prefill == 0:
             return 0.0
         attention = self.prefill_pair_s * prefill_pairs
+        keys = decode_keys(decode_contexts, num_decode, grouped=self.grouped_decode_reads)
         if self.decode_table_s:
             measured = Costs(decode_step_s=dict(self.decode_table_s))
             decode = measured.decode_step_time(num_decode) if num_decode else self.overhead_s
-            extra_context = max(0, context_tokens - num_decode * self.table_context_tokens)
-            kv = extra_context * self.kv_bytes_per_token / self.mem_bytes_per_s
+            table = [self.table_context_tokens] * num_decode
+            table_keys = decode_keys(table, num_decode, grouped=self.grouped_decode_reads)
+            kv = max(0, keys - table_keys) * self.kv_bytes_per_token / self.mem_bytes_per_s
             return decode + kv + self._prefill_extra_s(num_prefill) + attention
-        mem = (self.weight_bytes + context_tokens * self.kv_bytes_per_token) / self.mem_bytes_per_s
+        mem = (self.weight_bytes + keys * self.kv_bytes_per_token) / self.mem_bytes_per_s
         compute = (num_decode + num_prefill) * self.flops_per_token / self.flops_per_s
         return self.overhead_s + self.per_row_s * num_decode + max(mem, compute) + attention
 
@@ -131,7 +146,7 @@ class CostProfile:
         )
         return Costs(
             decode_step_s={
-                b: self.step_s(num_decode=b, context_tokens=int(b * mean_context_tokens))
+                b: self.step_s(num_decode=b, decode_contexts=[int(mean_context_tokens)] * b)
                 for b in sizes
             },
             prefill_token_s=self.flops_per_token / self.flops_per_s,
@@ -139,6 +154,12 @@ class CostProfile:
             d2h_bytes_per_s=self.d2h_bytes_per_s,
             h2d_bytes_per_s=self.h2d_bytes_per_s,
         )
+
+
+def decode_keys(contexts: Sequence[int], num_rows: int, *, grouped: bool) -> int:
+    """Keys a decode step of `num_rows` rows reads for rows holding `contexts` tokens: the CPU
+    kernel's grouped reads (`grouped`), else each row's own context."""
+    return cpu_decode_keys(contexts, num_rows) if grouped and num_rows else sum(contexts)
 
 
 def attention_pairs(context_before: int, num_tokens: int) -> int:

@@ -43,11 +43,19 @@ def load_trace(path: Path) -> list[dict]:
 
 
 def traced_step_price(step: dict, profile: CostProfile, config: EngineConfig) -> float:
-    """`step_price` of a traced step; traces written before each chunk's context was recorded
-    price every chunk as a prompt's first."""
+    """`step_price` of a traced step. Traces written before each chunk's context was recorded
+    price every chunk as a prompt's first; before each decode row's, rows hold even shares
+    of the step's context."""
     before = step.get("prefill_context") or [0] * len(step["prefill"])
     chunks = list(zip(before, step["prefill"], strict=True))
-    return step_price(profile, config, chunks, step["decode_rows"], step["context_tokens"])
+    return step_price(profile, config, chunks, decode_contexts(step))
+
+
+def decode_contexts(step: dict) -> list[int]:
+    if "decode_contexts" in step:
+        return step["decode_contexts"]
+    rows, total = step["decode_rows"], step["context_tokens"]
+    return [total // rows + (i < total % rows) for i in range(rows)]
 
 
 def step_kind(step: dict) -> str:
