@@ -26,6 +26,17 @@ from tfjax.step_trace import ENV_VAR
 CPU = get_profile("cpu-smollm2")
 
 
+def burst(num_requests: int, *, new_tokens: int) -> WorkloadSpec:
+    """Prompts of ~90 tokens (+-40), all at once, fast readers."""
+    return WorkloadSpec(
+        arrival="burst",
+        num_requests=num_requests,
+        input_len=LengthDist(mean=90, std=40),
+        output_len=LengthDist(mean=new_tokens, std=0),
+        rates="15",
+    )
+
+
 def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
     tmp_path, monkeypatch
 ) -> None:
@@ -34,14 +45,7 @@ def test_a_simulated_trace_is_priced_at_exactly_what_the_simulator_charged(
     profile = replace(CPU, prefill_pair_s=1e-6, served_step_factor=1.1)
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv(ENV_VAR, str(path))
-    spec = WorkloadSpec(
-        arrival="burst",
-        num_requests=12,
-        input_len=LengthDist(mean=90, std=40),
-        output_len=LengthDist(mean=12, std=0),
-        rates="15",
-    )
-    result = simulate(make_policy("fcfs"), make_requests(spec), profile)
+    result = simulate(make_policy("fcfs"), make_requests(burst(12, new_tokens=12)), profile)
     trace = load_trace(path)
     assert len(trace) == result.stats["num_steps"]
     summary = summarize_trace(trace, profile, engine_config(profile))
@@ -139,13 +143,7 @@ def test_step_noise_is_measured_within_a_size_and_drawn_around_the_price(
     reads back as 0.1. Slowing every prefill step by 30 % (a price off for whole buckets) or
     all steps by a slow drift (up to 50 % by the end) is not scatter and changes nothing, or
     next to nothing. The draws keep the steps' mean cost."""
-    spec = WorkloadSpec(
-        arrival="burst",
-        num_requests=16,
-        input_len=LengthDist(mean=90, std=40),
-        output_len=LengthDist(mean=40, std=0),
-        rates="15",
-    )
+    spec = burst(16, new_tokens=40)
     noisy_profile = replace(CPU, step_noise_sigma=0.1)
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv(ENV_VAR, str(path))
