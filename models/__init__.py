@@ -161,19 +161,21 @@ def _one_device(cfg: ModelConfig) -> NamedSharding:
 def _convert(
     source: Path, name: str, dtype: str, tensor_parallel: int
 ) -> tuple[ModelConfig, Weights, Tokenizer]:
-    """Read and convert `source`, with weights placed by `placement`."""
+    """Read and convert `source`, with weights placed by `placement`: a checkpoint
+    directory's straight from the files into each device's slice, a GGUF file's whole
+    through host memory."""
     _log(f"converting {name} ({dtype}) from {source}...")
     start = time.perf_counter()
     if source.suffix == ".gguf":
         reader = gguf_loader.open_reader(source)
         cfg, host_weights = gguf_loader.load(reader, source, dtype=dtype)
         tokenizer = Tokenizer.from_gguf(reader)
+        weights = jax.device_put(host_weights, placement(cfg, tensor_parallel))
     else:
         # Config and tokenizer errors first: they take milliseconds to find, weights minutes.
-        safetensors_loader.read_config(source, dtype=dtype)
+        cfg = safetensors_loader.read_config(source, dtype=dtype)
         tokenizer = Tokenizer.from_hf_dir(source)
-        cfg, host_weights = safetensors_loader.load(source, dtype=dtype)
-    weights = jax.device_put(host_weights, placement(cfg, tensor_parallel))
+        weights = safetensors_loader.load_sharded(source, cfg, placement(cfg, tensor_parallel))
     _log(f"converted {name} in {time.perf_counter() - start:.1f} s")
     return cfg, weights, tokenizer
 

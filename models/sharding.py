@@ -11,13 +11,14 @@ The embedding is replicated (a gather by token id); an untied lm_head is split o
 (XLA gathers the logits for sampling). Norm scales are replicated.
 
 Everything is expressed as `NamedSharding`s handed to `jax.device_put` / jit inputs, so the
-model code is unchanged and the collectives are XLA's. Loading puts each host (numpy) weight
-straight into its sharding: no device ever holds the whole model.
+model code is unchanged and the collectives are XLA's. Loading puts each weight straight into
+its sharding: no device ever holds the whole model.
 
 Multi-host (`tfjax.distributed`): after `jax.distributed.initialize()` the mesh spans every
-process's devices, in `jax.devices()` order, and must use all of them. Every process reads the
-whole host weights and `device_put` keeps its own shards; a loader that reads only its shards
-(`jax.make_array_from_callback`) and a host KV tier per process are not built yet.
+process's devices, in `jax.devices()` order, and must use all of them. From a checkpoint
+directory every process reads only the slices its own devices hold
+(`models.loaders.safetensors.load_sharded`); a GGUF file is read whole by every process and
+`device_put` keeps its shards. A host KV tier per process is not built yet.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ user can cause is a one-line `ModelLoadError`.
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from models import quant
 from models import weights as weights_lib
@@ -28,6 +27,7 @@ def check_shapes(cfg: ModelConfig, weights: Weights, source: str) -> None:
     for (path, spec), (_, array) in zip(expected, actual, strict=True):
         if tuple(array.shape) != spec.shape:
             name = jax.tree_util.keystr(path)
+            shape = tuple(array.shape)
             raise ModelLoadError(
-                f"{source}: tensor {name} has shape {np.shape(array)}, config implies {spec.shape}"
+                f"{source}: tensor {name} has shape {shape}, config implies {spec.shape}"
             )

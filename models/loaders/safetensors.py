@@ -5,14 +5,21 @@ else every `*.safetensors` in the directory. Tensors are read with `safetensors.
 numpy (bf16 arrives as `ml_dtypes.bfloat16`), cast to the target dtype and renamed from HF's
 `model.layers.{i}.self_attn.q_proj.weight` style; linear weights are transposed to [in, out].
 A tied model's `lm_head.weight`, if a checkpoint still stores it, is ignored.
+
+`load` reads every tensor into host memory; `load_sharded` reads each device's slice of each
+tensor straight into that device (`jax.make_array_from_callback`), so a process reads only
+what its own devices hold: under `jax.distributed` each host reads its shards of the model,
+and no host ever holds the whole of it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -23,15 +30,56 @@ from models.loaders import check_shapes
 from models.weights import Layer, Weights
 
 
+@dataclass(frozen=True, slots=True)
+class StoredTensor:
+    """A checkpoint tensor not read yet, in the model's layout: a linear weight (stored
+    [out, in]) is `transposed` to [in, out]. `read` casts to `dtype` what it reads."""
+
+    handle: safe_open
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    transposed: bool
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """All of it, or the slice `index` (in the model's layout) only."""
+        try:
+            if index is None:
+                array = self.handle.get_tensor(self.name)
+            else:
+                array = self.handle.get_slice(self.name)[index[::-1] if self.transposed else index]
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ModelLoadError(f"corrupt safetensors file {self.file}: {err}") from None
+        return np.ascontiguousarray((array.T if self.transposed else array).astype(self.dtype))
+
+
 def load(path: Path, *, dtype: str) -> tuple[ModelConfig, Weights]:
     """Config and numpy weights (in `dtype`) of the checkpoint directory `path`."""
+    cfg, stored = stored_weights(path, dtype)
+    return cfg, jax.tree.map(StoredTensor.read, stored)
+
+
+def load_sharded(path: Path, cfg: ModelConfig, shardings: Weights) -> Weights:
+    """The weights of checkpoint `path` (of config `cfg`) on the devices of `shardings` (a
+    `Weights` tree of them): each addressable device's slice read into it, nothing else."""
+    _, stored = stored_weights(path, cfg.dtype)
+    return jax.tree.map(
+        lambda t, sharding: jax.make_array_from_callback(t.shape, sharding, t.read),
+        stored,
+        shardings,
+    )
+
+
+def stored_weights(path: Path, dtype: str) -> tuple[ModelConfig, Weights]:
+    """Config and `StoredTensor`s (nothing read yet) of the checkpoint directory `path`."""
     cfg = read_config(path, dtype=dtype)
     tensor = _tensor_reader(path, jnp.dtype(dtype))  # bfloat16 is ml_dtypes'
 
-    def linear(name: str) -> np.ndarray:
-        return np.ascontiguousarray(tensor(name).T)
+    def linear(name: str) -> StoredTensor:
+        return tensor(name, transposed=True)
 
-    def bias(name: str) -> np.ndarray | None:
+    def bias(name: str) -> StoredTensor | None:
         return tensor(name) if cfg.attention_bias else None
 
     layers = []
@@ -95,8 +143,8 @@ def _shard_files(path: Path) -> dict[str, Path]:
     return {}
 
 
-def _tensor_reader(path: Path, dtype: np.dtype) -> Callable[[str], np.ndarray]:
-    """A function name -> numpy array in `dtype`, reading from the right shard."""
+def _tensor_reader(path: Path, dtype: np.dtype) -> Callable[..., StoredTensor]:
+    """A function name -> `StoredTensor` in `dtype`, in the right shard."""
     files = _shard_files(path)
     handles: dict[Path, safe_open] = {}
     if not files:
@@ -108,17 +156,24 @@ def _tensor_reader(path: Path, dtype: np.dtype) -> Callable[[str], np.ndarray]:
             handles[file] = _open(file)
             files.update(dict.fromkeys(handles[file].keys(), file))
 
-    def tensor(name: str) -> np.ndarray:
+    def tensor(name: str, *, transposed: bool = False) -> StoredTensor:
         file = files.get(name)
         if file is None:
             raise ModelLoadError(f"tensor {name} is missing from the checkpoint in {path}")
         if file not in handles:
             handles[file] = _open(file)
         try:
-            array = handles[file].get_tensor(name)
+            shape = tuple(handles[file].get_slice(name).get_shape())
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise ModelLoadError(f"corrupt safetensors file {file}: {err}") from None
-        return array.astype(dtype)
+        return StoredTensor(
+            handle=handles[file],
+            file=file,
+            name=name,
+            shape=shape[::-1] if transposed else shape,
+            dtype=dtype,
+            transposed=transposed,
+        )
 
     return tensor
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -13,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from models.errors import ModelLoadError
 from models.loaders import gguf as gguf_loader
 from models.loaders import safetensors as safetensors_loader
+from models.sharding import placement
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -102,3 +104,29 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
         w.reshape(num_heads, 2, head_dim // 2, width).swapaxes(1, 2).reshape(w.shape)
     )  # llama.cpp
     np.testing.assert_array_equal(gguf_loader._unpermute(permuted, num_heads), w)
+
+
+def test_a_stored_tensor_reads_any_slice_in_the_models_layout(tiny_llama3_dir: Path) -> None:
+    """What a device's callback reads: a slice of a linear weight transposed to [in, out] (read
+    as the stored [out, in] slice), and of a norm scale, equal the slices of the whole."""
+    cfg, whole = safetensors_loader.load(tiny_llama3_dir, dtype="float32")
+    _, stored = safetensors_loader.stored_weights(tiny_llama3_dir, "float32")
+    wq = stored.layers[1].wq
+    assert wq.transposed and wq.shape == whole.layers[1].wq.shape
+    index = (slice(None), slice(16, 48))  # a column-parallel shard: output columns 16-47
+    np.testing.assert_array_equal(wq.read(index), whole.layers[1].wq[index])
+    index = (slice(8, 40), slice(None))  # a row-parallel shard: input rows 8-39
+    np.testing.assert_array_equal(wq.read(index), whole.layers[1].wq[index])
+    norm = stored.layers[0].attn_norm
+    np.testing.assert_array_equal(norm.read((slice(4, 12),)), whole.layers[0].attn_norm[4:12])
+
+
+def test_load_sharded_puts_the_same_weights_on_the_device(tiny_qwen2_dir: Path) -> None:
+    """One device: `load_sharded` (what `tfjax serve` loads a checkpoint with) gives the very
+    arrays `load` reads, biases and tied embedding included, in bfloat16."""
+    cfg, whole = safetensors_loader.load(tiny_qwen2_dir, dtype="bfloat16")
+    on_device = safetensors_loader.load_sharded(tiny_qwen2_dir, cfg, placement(cfg, 1))
+    pairs = zip(jax.tree.leaves(whole), jax.tree.leaves(on_device), strict=True)
+    for host, device in pairs:
+        assert device.dtype == host.dtype
+        np.testing.assert_array_equal(np.asarray(device), host)

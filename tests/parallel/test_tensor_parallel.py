@@ -52,3 +52,41 @@ def test_server_with_tensor_parallel_two_streams(tiny_llama3_dir: Path, tmp_path
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+SHARD_CHECK = """
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from models.loaders import safetensors as safetensors_loader
+from models.sharding import placement
+
+path = Path(sys.argv[1])
+cfg, whole = safetensors_loader.load(path, dtype="float32")
+sharded = safetensors_loader.load_sharded(path, cfg, placement(cfg, 2))
+leaves = jax.tree.leaves(sharded)
+for host, array in zip(jax.tree.leaves(whole), leaves, strict=True):
+    for shard in array.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
+wq = sharded.layers[0].wq
+assert wq.addressable_shards[0].data.shape[1] == wq.shape[1] // 2, "wq is not split"
+print(f"{len(leaves)} weights, every device's shard equal")
+"""
+
+
+def test_each_device_reads_its_slice_of_a_checkpoint(tiny_qwen2_dir: Path) -> None:
+    """`load_sharded` over TP 2 (q/k/v biases split too): every device's shard of every weight
+    equals that slice of the whole tensor."""
+    result = subprocess.run(
+        [sys.executable, "-c", SHARD_CHECK, str(tiny_qwen2_dir)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **FOUR_DEVICES),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "every device's shard equal" in result.stdout
