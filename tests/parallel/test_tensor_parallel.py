@@ -19,16 +19,23 @@ ROOT = Path(__file__).resolve().parents[2]
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-def test_tensor_parallel_matches_single_device() -> None:
+def run_on_four_devices(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root, in a JAX that starts with 4 fake CPU devices;
+    fails the test with the output's tail if it exits non-zero."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.parallel.tp_checks"],
+        [sys.executable, *args],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT), **FOUR_DEVICES),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout_s,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result
+
+
+def test_tensor_parallel_matches_single_device() -> None:
+    result = run_on_four_devices(["-m", "tests.parallel.tp_checks"], timeout_s=600)
     assert result.stdout.count("greedy tokens equal") == 4
 
 
@@ -80,13 +87,5 @@ print(f"{len(leaves)} weights, every device's shard equal")
 def test_each_device_reads_its_slice_of_a_checkpoint(tiny_qwen2_dir: Path) -> None:
     """`load_sharded` over TP 2 (q/k/v biases split too): every device's shard of every weight
     equals that slice of the whole tensor."""
-    result = subprocess.run(
-        [sys.executable, "-c", SHARD_CHECK, str(tiny_qwen2_dir)],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT), **FOUR_DEVICES),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    result = run_on_four_devices(["-c", SHARD_CHECK, str(tiny_qwen2_dir)], timeout_s=300)
     assert "every device's shard equal" in result.stdout
