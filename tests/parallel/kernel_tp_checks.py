@@ -38,6 +38,7 @@ def greedy_tokens(host_weights, tp: int, backend_name: str) -> list[int]:
         tokenizer=FakeTokenizer(),
         source=Path("."),
         mesh=mesh,
+        quantization=None,
         from_cache=False,
     )
     backend = backend_for(backend_name, interpret=True, mesh=mesh)
