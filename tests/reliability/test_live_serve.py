@@ -34,7 +34,7 @@ from tests.reliability.test_fuzz import FUZZ_SETTINGS, PATHS, bodies, check_answ
 pytestmark = pytest.mark.slow
 
 GRACE_S = 1.0
-NUM_STREAMS = 32
+NUM_STREAMS = 64  # the long half holds 3,200 tokens: seconds of decoding at batch 2
 EXIT_WITHIN_S = 30.0  # grace + uvicorn's backstop (10 s) + engine shutdown, with slack
 
 
@@ -44,7 +44,7 @@ def server(
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     args = [
         "--model", str(tiny_llama3_dir), "--served-model-name", MODEL, "--policy", "tokenflow",
-        "--max-batch-size", "4", "--max-model-len", "128", "--kv-pages", "96",
+        "--max-batch-size", "2", "--max-model-len", "128", "--kv-pages", "96",
         "--prefill-token-budget", "64", "--max-waiting", "256",
         "--shutdown-grace-s", str(GRACE_S), "--log-level", "warning",
     ]  # fmt: skip
