@@ -14,6 +14,7 @@ and no host ever holds the whole of it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Sharding
 from safetensors import safe_open
 
 from models.config import ModelConfig
@@ -56,25 +58,29 @@ class StoredTensor:
 
 def load(path: Path, *, dtype: str) -> tuple[ModelConfig, Weights]:
     """Config and numpy weights (in `dtype`) of the checkpoint directory `path`."""
-    cfg, stored = stored_weights(path, dtype)
-    return cfg, jax.tree.map(StoredTensor.read, stored)
+    cfg = read_config(path, dtype=dtype)
+    return cfg, jax.tree.map(StoredTensor.read, stored_weights(path, cfg))
 
 
 def load_sharded(path: Path, cfg: ModelConfig, shardings: Weights) -> Weights:
     """The weights of checkpoint `path` (of config `cfg`) on the devices of `shardings` (a
-    `Weights` tree of them): each addressable device's slice read into it, nothing else."""
-    _, stored = stored_weights(path, cfg.dtype)
-    return jax.tree.map(
-        lambda t, sharding: jax.make_array_from_callback(t.shape, sharding, t.read),
-        stored,
-        shardings,
-    )
+    `Weights` tree of them): each addressable device's slice read into it, nothing else. A
+    slice several local devices hold (a replicated weight) is read once."""
+
+    def place(tensor: StoredTensor, sharding: Sharding) -> jax.Array:
+        read = functools.cache(lambda bounds: tensor.read(tuple(slice(*b) for b in bounds)))
+        return jax.make_array_from_callback(
+            tensor.shape,
+            sharding,
+            lambda index: read(tuple((s.start, s.stop, s.step) for s in index)),
+        )
+
+    return jax.tree.map(place, stored_weights(path, cfg), shardings)
 
 
-def stored_weights(path: Path, dtype: str) -> tuple[ModelConfig, Weights]:
-    """Config and `StoredTensor`s (nothing read yet) of the checkpoint directory `path`."""
-    cfg = read_config(path, dtype=dtype)
-    tensor = _tensor_reader(path, jnp.dtype(dtype))  # bfloat16 is ml_dtypes'
+def stored_weights(path: Path, cfg: ModelConfig) -> Weights:
+    """`StoredTensor`s (nothing read yet) of the checkpoint directory `path` of config `cfg`."""
+    tensor = _tensor_reader(path, jnp.dtype(cfg.dtype))  # bfloat16 is ml_dtypes'
 
     def linear(name: str) -> StoredTensor:
         return tensor(name, transposed=True)
@@ -108,7 +114,7 @@ def stored_weights(path: Path, dtype: str) -> tuple[ModelConfig, Weights]:
         lm_head=None if cfg.tie_word_embeddings else linear("lm_head.weight"),
     )
     check_shapes(cfg, weights, str(path))
-    return cfg, weights
+    return weights
 
 
 def read_config(path: Path, *, dtype: str) -> ModelConfig:

@@ -110,7 +110,7 @@ def test_a_stored_tensor_reads_any_slice_in_the_models_layout(tiny_llama3_dir: P
     """What a device's callback reads: a slice of a linear weight transposed to [in, out] (read
     as the stored [out, in] slice), and of a norm scale, equal the slices of the whole."""
     cfg, whole = safetensors_loader.load(tiny_llama3_dir, dtype="float32")
-    _, stored = safetensors_loader.stored_weights(tiny_llama3_dir, "float32")
+    stored = safetensors_loader.stored_weights(tiny_llama3_dir, cfg)
     wq = stored.layers[1].wq
     assert wq.transposed and wq.shape == whole.layers[1].wq.shape
     index = (slice(None), slice(16, 48))  # a column-parallel shard: output columns 16-47

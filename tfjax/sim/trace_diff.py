@@ -144,18 +144,22 @@ def step_noise_sigma(
     on this VM's calibration traces against 0.045-0.05 so), and drawn independently every
     step they would scatter the simulated step times twice as far as the server's do."""
 
-    def size(step: dict) -> tuple:
-        return step_kind(step), config.bucket_for(step["prefill"], step["decode_rows"])
-
-    def log_ratio(step: dict) -> float:
-        return math.log(step["seconds"] / traced_step_price(step, profile, config))
-
-    diffs = [
-        log_ratio(b) - log_ratio(a)
-        for trace in traces
-        for a, b in zip(trace, trace[1:], strict=False)
-        if b["start_s"] - (a["start_s"] + a["seconds"]) < BUSY_GAP_S and size(a) == size(b)
-    ]
+    diffs = []
+    for trace in traces:
+        priced = [  # each step's size, start, end and log(measured / price), once
+            (
+                (step_kind(s), config.bucket_for(s["prefill"], s["decode_rows"])),
+                s["start_s"],
+                s["start_s"] + s["seconds"],
+                math.log(s["seconds"] / traced_step_price(s, profile, config)),
+            )
+            for s in trace
+        ]
+        diffs += [
+            b[3] - a[3]
+            for a, b in zip(priced, priced[1:], strict=False)
+            if b[1] - a[2] < BUSY_GAP_S and a[0] == b[0]
+        ]
     if not diffs:
         raise ValueError("the traces hold no two back-to-back steps of one size")
     return math.sqrt(statistics.fmean(d * d for d in diffs) / 2)
