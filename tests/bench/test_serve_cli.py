@@ -135,3 +135,26 @@ def test_client_overhead_at_256_streams(tmp_path: Path) -> None:
     assert result["completed"] == 256
     print(f"client CPU s / wall s at 256 streams: {result['client_cpu_per_wall']:.3f}")
     assert os.cpu_count() and result["client_cpu_s"] > 0
+
+
+def test_cpu_of_reports_what_each_process_used_during_the_run(tmp_path: Path, capsys) -> None:
+    """`--cpu-of`: a process that spins gets CPU seconds (at most its wall time: one thread),
+    one that sleeps gets none; a process that is not there is a clear error."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.2)
+        with running_server(token_delay_s=0.05) as url:
+            result, _ = _bench(url, tmp_path, "--cpu-of", str(spin.pid), str(idle.pid))
+    finally:
+        spin.kill()
+        idle.kill()
+        spin.wait()
+        idle.wait()
+    wall = result["duration"]
+    assert 0.05 < result[f"cpu_s_of_pid_{spin.pid}"] <= wall + 0.1
+    assert result[f"cpu_s_of_pid_{idle.pid}"] < 0.02
+    assert f"CPU s of process {spin.pid}:" in capsys.readouterr().out
+    gone = ["--base-url", "http://127.0.0.1:9", "--model", MODEL, "--cpu-of", str(idle.pid)]
+    assert tfjax(["bench", "serve", *gone]) == 2
+    assert f"--cpu-of {idle.pid}: cannot read" in capsys.readouterr().err

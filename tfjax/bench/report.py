@@ -44,6 +44,7 @@ _HEAD_ROWS = (
     ("Output token throughput (tok/s)", "output_throughput"),
     ("Client CPU s per wall s", "client_cpu_per_wall"),
 )
+CPU_OF_PID = "cpu_s_of_pid_"  # + PID: CPU seconds that process used during the run (--cpu-of)
 _LATENCY_SECTIONS = (  # metric, its section's title, its short name
     ("ttft", "Time to First Token", "TTFT"),
     ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
@@ -65,6 +66,9 @@ def _table_rows(result: dict[str, Any]) -> list[tuple[str, str] | str]:
     """Section titles (strings) and (label, key) rows: vLLM's layout, with a row for every
     percentile the result holds."""
     rows: list[tuple[str, str] | str] = list(_HEAD_ROWS)
+    for key in result:
+        if key.startswith(CPU_OF_PID):
+            rows.append((f"CPU s of process {key.removeprefix(CPU_OF_PID)}", key))
     for metric, title, short in _LATENCY_SECTIONS:
         rows += [title, (f"Mean {short} (ms)", f"mean_{metric}_ms")]
         rows.append((f"Median {short} (ms)", f"median_{metric}_ms"))

@@ -6,7 +6,10 @@ schedule, times every token at the client, and reports vLLM's latency metrics (T
 E2EL; mean, median, std and `--metric-percentiles`) beside TokenFlow's streaming metrics from
 the reader model (effective throughput, stall ratio, QoS; docs/definitions.md). `/metrics` is
 scraped before and after the run; counters that grew are reported, and `preemptions` is the
-growth of the server's preemption counter (ours or vLLM's).
+growth of the server's preemption counter (ours or vLLM's). `--cpu-of PID ...` reports the CPU
+seconds each local process (a server, a router in front of it) used during the run: on a
+machine the server keeps busy, a router's share of the cores is what it can take from the
+server's throughput, a bound that one run resolves where tok/s noise between runs cannot.
 
 Failed requests (HTTP errors, error events, timeouts, streams without [DONE]) are left out of
 the latency and streaming metrics, as in vLLM's benchmark, and counted in `failed`: look at
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +40,7 @@ import httpx
 from models.errors import UserError
 from tfjax.bench import flags
 from tfjax.bench.client import served_model
-from tfjax.bench.report import format_table, save
+from tfjax.bench.report import CPU_OF_PID, format_table, save
 from tfjax.bench.run import benchmark
 from tfjax.bench.workload import workload_summary
 
@@ -46,6 +50,17 @@ def _served_model(base_url: str) -> str:
         return served_model(base_url)
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
         raise UserError(f"no model listed at {base_url}/v1/models ({err}); pass --model") from err
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux `/proc/PID/stat`)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as err:
+        raise UserError(f"--cpu-of {pid}: cannot read the process's CPU time ({err})") from err
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime = int(fields[11]), int(fields[12])  # stat fields 14 and 15, in clock ticks
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def vllm_run_keys(args: argparse.Namespace, model: str, num_prompts: int) -> dict[str, Any]:
@@ -74,6 +89,14 @@ def build_parser(prog: str = "tfjax bench serve") -> argparse.ArgumentParser:
     parser.add_argument("--result-filename", default="result", help="NAME of NAME.json/.csv")
     parser.add_argument("--plots", action="store_true", help="also PNG plots (matplotlib)")
     parser.add_argument("--dry-run", action="store_true", help="print the workload, send nothing")
+    parser.add_argument(
+        "--cpu-of",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="PID",
+        help="report the CPU seconds these local processes (server, router) used during the run",
+    )
     flags.add_workload_arguments(parser)
     flags.add_client_arguments(parser)
     return parser
@@ -88,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or _served_model(args.base_url)
     cfg = flags.client_config(args, args.base_url, model)
     percentiles = flags.percentiles_of(args)
+    cpu_before = {pid: process_cpu_seconds(pid) for pid in args.cpu_of}
     result, records = asyncio.run(
         benchmark(cfg, requests, percentiles=percentiles, progress=args.progress)
     )
+    for pid, before in cpu_before.items():
+        result[f"{CPU_OF_PID}{pid}"] = process_cpu_seconds(pid) - before
     result |= vllm_run_keys(args, model, len(requests))
     result["workload"] = flags.args_record(args)
     print(format_table(result))
