@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import types
 from pathlib import Path
 
 import pytest
 
 from serving.cli import main as tfjax
-from tfjax.bench import trace_kernels
+from tfjax.bench import engine, trace_kernels
 from tfjax.bench.floors import Floors, flops_per_token
 from tfjax.runner_setup import make_runner
 
@@ -31,7 +32,7 @@ def test_engine_rows_have_ours_hf_and_floors(tiny_llama3_dir: Path, tmp_path: Pa
     assert [(r["batch"], r["context"]) for r in result["rows"]] == [(1, 16), (2, 16)]
     for row in result["rows"]:
         assert row["ours"]["decode_tokens_per_s"] > 0 and row["ours"]["prefill_tokens_per_s"] > 0
-        assert row["hf"]["decode_tokens_per_s"] > 0
+        assert row["hf"]["decode_tokens_per_s"] > 0 and row["hf"]["generate_tokens_per_s"] > 0
         assert row["floor"]["decode_step_ms"] >= row["floor"]["decode_read_ms"] > 0
 
 
@@ -63,3 +64,27 @@ def test_make_runner_caps_the_context_by_the_pool(tiny_llama3_dir: Path) -> None
     assert runner.max_model_len == 4 * config.page_size  # page 0 is padding: 4 pages hold it
     wide = make_runner(model.config, model.weights, config, num_pages=1000, max_model_len=100)
     assert wide.max_model_len == 100
+
+
+class _PacedGenerate:
+    """A stand-in for an HF model on a fake clock: `generate` takes 10 ms per new token, and
+    its first call of all 200 ms more (torch's one-time costs)."""
+
+    def __init__(self) -> None:
+        self.config = types.SimpleNamespace(vocab_size=100)
+        self.calls: list[int] = []
+        self.now = 0.0
+
+    def generate(self, ids, *, max_new_tokens: int, **_) -> None:
+        self.now += 0.01 * max_new_tokens + (0.2 if not self.calls else 0.0)
+        self.calls.append(max_new_tokens)
+
+
+def test_bench_hf_times_warm_calls_and_the_whole_generate(monkeypatch) -> None:
+    model = _PacedGenerate()
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: model.now)
+    hf = engine.bench_hf(model, batch=4, prompt_len=8, new_tokens=10, seed=0)
+    assert model.calls == [2, 1, 10]  # the untimed first call, then prefill, then the whole run
+    assert hf["prefill_tokens_per_s"] == pytest.approx(4 * 8 / 0.01)  # not over 0.21 s
+    assert hf["decode_tokens_per_s"] == pytest.approx(4 * 9 / 0.09)
+    assert hf["generate_tokens_per_s"] == pytest.approx(4 * 10 / 0.1)
