@@ -7,8 +7,9 @@
 #
 # One run: start the server (a child of this script), poll /health every 0.1 s until 200
 # (ready_s, from the process start), send a burst of N streamed completions at once
-# (`tfjax bench serve`, N=32 by default), poll /metrics until tfjax_compiled_buckets equals
-# tfjax_buckets (all_compiled_s), send the same burst again, stop the server with SIGTERM.
+# (`tfjax bench serve`, N=32 by default, 128-token prompts), poll /metrics until
+# tfjax_compiled_buckets equals tfjax_buckets (all_compiled_s), send a burst of the same shape
+# again (other prompts), stop the server with SIGTERM.
 # Prints one line per run with both bursts' output tok/s, their ratio, and the serving-path
 # compiles (tfjax_compiles_after_warmup_total, must be 0); DIR keeps the server log and both
 # bursts' result.json. A warm start is a run after another one (the persistent XLA cache and
@@ -40,8 +41,8 @@ since() { "$PY" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1])
 metric() { curl -s "$URL/metrics" | awk -v name="$1" '$1 == name {print $2}'; }
 burst() {
   "$PY" -m tfjax.bench serve --base-url "$URL" --num-prompts "$BURST" --random-input-len 128 \
-    --random-output-len "$OUTPUT_LEN" --random-output-len-std 0 --seed "$2" --save-result \
-    --result-dir "$OUT/$1" --disable-tqdm >/dev/null
+    --random-input-len-std 0 --random-output-len "$OUTPUT_LEN" --random-output-len-std 0 \
+    --seed "$2" --save-result --result-dir "$OUT/$1" --disable-tqdm >/dev/null
   "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); \
 print(f\"{r['output_throughput']:.1f} {r['failed']}\")" "$OUT/$1/result.json"
 }
@@ -64,7 +65,9 @@ for _ in $(seq 6000); do
   sleep 0.1
 done
 all_compiled_s=$(since "$start")
-read -r warm_tok_s warm_failed < <(burst warm 1)  # other prompts: no prefix-cache hits
+# Other prompts of the same lengths: no prefix-cache hits, and the same work as the first
+# burst (with lengths drawn per seed, seed 0's prompts were 9 % longer than seed 1's).
+read -r warm_tok_s warm_failed < <(burst warm 1)
 compiles=$(metric tfjax_compiles_after_warmup_total)
 ratio=$("$PY" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.3f}')" \
   "$first_tok_s" "$warm_tok_s")
