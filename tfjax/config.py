@@ -229,7 +229,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         dest="compile_in_background",
         help="compile every step bucket before serving (a slower start; by default serving "
-        "starts once the two largest buckets are compiled and the rest compile when steps "
+        "starts once the three largest buckets are compiled and the rest compile when steps "
         "pad enough to need them or the engine is idle, steps running padded meanwhile)",
     )
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
