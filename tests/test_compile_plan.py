@@ -104,6 +104,11 @@ def test_the_startup_buckets_run_every_step_shape_in_one_call(config: EngineConf
     for bucket in config.step_buckets():
         calls = calls_for(bucket.tiles, bucket.rows, frozenset(first))
         assert len(calls) == 1 and holds(calls, bucket.tiles, bucket.rows)
+    # A burst's steps run unpadded: full prefill chunks alone (admitting its prompts), then
+    # a full batch decoding.
+    tiles, rows = config.prefill_tile_buckets()[-1], config.decode_batch_buckets()[-1]
+    assert calls_for(tiles, 0, frozenset(first)) == (Bucket(tiles, 0),)
+    assert calls_for(0, rows, frozenset(first)) == (Bucket(0, rows),)
 
 
 def test_a_bucket_is_worth_compiling_once_its_steps_padded_more_than_a_compile_costs() -> None:
