@@ -25,9 +25,8 @@ def check_shapes(cfg: ModelConfig, weights: Weights, source: str) -> None:
     if len(expected) != len(actual):
         raise ModelLoadError(f"{source}: found {len(actual)} tensors, expected {len(expected)}")
     for (path, spec), (_, array) in zip(expected, actual, strict=True):
-        if tuple(array.shape) != spec.shape:
+        if (shape := tuple(array.shape)) != spec.shape:
             name = jax.tree_util.keystr(path)
-            shape = tuple(array.shape)
             raise ModelLoadError(
                 f"{source}: tensor {name} has shape {shape}, config implies {spec.shape}"
             )

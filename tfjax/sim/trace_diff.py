@@ -52,6 +52,7 @@ def traced_step_price(step: dict, profile: CostProfile, config: EngineConfig) ->
 
 
 def decode_contexts(step: dict) -> list[int]:
+    """Each decode row's context tokens in a traced step (even shares in older traces)."""
     if "decode_contexts" in step:
         return step["decode_contexts"]
     rows, total = step["decode_rows"], step["context_tokens"]
@@ -131,6 +132,25 @@ def served_step_factor(
     return sum(s["seconds"] for s in steps) / priced
 
 
+@dataclass(frozen=True)
+class _PricedStep:
+    """A traced step's size (kind and bucket), span, and log(measured / price)."""
+
+    size: tuple
+    start_s: float
+    end_s: float
+    log_ratio: float
+
+    @classmethod
+    def of(cls, step: dict, profile: CostProfile, config: EngineConfig) -> _PricedStep:
+        return cls(
+            size=(step_kind(step), config.bucket_for(step["prefill"], step["decode_rows"])),
+            start_s=step["start_s"],
+            end_s=step["start_s"] + step["seconds"],
+            log_ratio=math.log(step["seconds"] / traced_step_price(step, profile, config)),
+        )
+
+
 def step_noise_sigma(
     traces: Sequence[Sequence[dict]], profile: CostProfile, config: EngineConfig
 ) -> float:
@@ -146,19 +166,11 @@ def step_noise_sigma(
 
     diffs = []
     for trace in traces:
-        priced = [  # each step's size, start, end and log(measured / price), once
-            (
-                (step_kind(s), config.bucket_for(s["prefill"], s["decode_rows"])),
-                s["start_s"],
-                s["start_s"] + s["seconds"],
-                math.log(s["seconds"] / traced_step_price(s, profile, config)),
-            )
-            for s in trace
-        ]
+        priced = [_PricedStep.of(step, profile, config) for step in trace]  # each priced once
         diffs += [
-            b[3] - a[3]
+            b.log_ratio - a.log_ratio
             for a, b in zip(priced, priced[1:], strict=False)
-            if b[1] - a[2] < BUSY_GAP_S and a[0] == b[0]
+            if b.start_s - a.end_s < BUSY_GAP_S and a.size == b.size
         ]
     if not diffs:
         raise ValueError("the traces hold no two back-to-back steps of one size")
