@@ -11,7 +11,8 @@ from tfjax.bench.cli import COMMANDS
 
 @pytest.mark.parametrize(
     "argv",
-    [[name] for name in COMMANDS] + [["engine", "tp"], ["engine", "xla-cpu"], ["sim", "sched"]],
+    [[name] for name in COMMANDS]
+    + [["engine", "tp"], ["engine", "xla-cpu"], ["engine", "pieces"], ["sim", "sched"]],
     ids=lambda argv: " ".join(argv),
 )
 def test_every_command_has_a_help_with_its_defaults(argv: list[str], capsys) -> None:

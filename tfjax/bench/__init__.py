@@ -9,7 +9,8 @@ serving commands share; `floors` the physical floors of a step; `calibrate` deri
 paper's regime from measured capacity.
 
 Commands, one module each with `main(argv)` (`cli` lists them): `serve`, `compare`
-(+ `compare_report`), `engine` (modes `engine_tp`, `engine_xla_cpu`), `sim_paper` (mode
-`sim_sched`), `sim_vs_live`, `prefix`, `offload`, `mixed_lengths`, `soak`, `gpu_check`.
+(+ `compare_report`), `engine` (modes `engine_tp`, `engine_xla_cpu`, `engine_pieces`),
+`sim_paper` (mode `sim_sched`), `sim_vs_live`, `prefix`, `offload`, `mixed_lengths`, `soak`,
+`gpu_check`.
 Library modules never import command modules; a mode imports its command's module.
 """

@@ -5,6 +5,7 @@ figure beside its physical floor.
     tfjax bench engine --shape llama3-8b --contexts 512,2048 --skip-prefill
     tfjax bench engine tp [--batch 8]       # tensor parallel 1/2/4 on fake CPU devices
     tfjax bench engine xla-cpu --list       # XLA:CPU flag variants on the engine's step shapes
+    tfjax bench engine pieces               # each piece of a decode step against its floor
 
 For each batch size b and context c: b random prompts of c tokens are prefilled, packed into
 steps of up to `--prefill-token-budget` tokens (several requests per step, as the engine
@@ -88,7 +89,11 @@ LLAMA3_8B = dataclasses.replace(
 )
 SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama3-8b": LLAMA3_8B}
 # `tfjax bench engine MODE ...`: the engine microbenchmarks with their own flags.
-MODES = {"tp": "tfjax.bench.engine_tp", "xla-cpu": "tfjax.bench.engine_xla_cpu"}
+MODES = {
+    "tp": "tfjax.bench.engine_tp",
+    "xla-cpu": "tfjax.bench.engine_xla_cpu",
+    "pieces": "tfjax.bench.engine_pieces",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
