@@ -54,3 +54,11 @@ def test_a_failed_short_request_fails_the_run() -> None:
     failed.error = "HTTP 503"
     with pytest.raises(RuntimeError, match="1 short requests failed: HTTP 503"):
         mixed.short_figures([failed, _record(2, 1.0, 2.0, 64)])
+
+
+def test_long_figures_are_the_long_requests_first_token_and_end() -> None:
+    records = [_record(mixed.LONG, first_s=9.0, end_s=30.0, tokens=64), _record(1, 1.0, 8.0, 64)]
+    assert mixed.long_figures(records) == {"long_ttft_s": 9.0, "long_end_s": 30.0}
+    records[0].error = "HTTP 500"
+    with pytest.raises(RuntimeError, match="the long request failed: HTTP 500"):
+        mixed.long_figures(records)

@@ -9,9 +9,11 @@ without a declared rate (`tfjax bench serve`'s client):
 - beside: as many fresh short streams and one `--long-len`-token prompt, sent at the same
           moment (the long one first, so FCFS orders it first).
 Reported per policy: the short streams' throughput (their tokens over the time until the last
-of them finished) in both runs and its ratio, and their mean and largest TTFT. Every run draws
-fresh prompts (its own seed), so the prefix cache cannot help, unless `--cached-long` sends the
-long prompt once before the beside run (a long document that many requests share).
+of them finished) in both runs and its ratio, their mean and largest TTFT, and the long
+request's TTFT and end (what capping its chunks with `--long-prefill-token-threshold` costs
+it). Every run draws fresh prompts (its own seed), so the prefix cache cannot help, unless
+`--cached-long` sends the long prompt once before the beside run (a long document that many
+requests share).
 Writes DIR/bench_mixed_lengths.json.
 """
 
@@ -70,6 +72,15 @@ def short_figures(records: Sequence[RequestRecord]) -> dict[str, float]:
     }
 
 
+def long_figures(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """When the long request got its first token and its last: what a cap on its chunks
+    (`--long-prefill-token-threshold`) trades for the short streams' throughput."""
+    (long,) = (r for r in records if r.index == LONG)
+    if not long.ok:
+        raise RuntimeError(f"the long request failed: {long.error}")
+    return {"long_ttft_s": long.chunk_times_s[0] - long.scheduled_s, "long_end_s": long.end_s}
+
+
 def send_all(cfg: ClientConfig, reqs: list[ClientRequest]) -> list[RequestRecord]:
     return asyncio.run(run_requests(cfg, reqs, progress=False))[0]
 
@@ -89,7 +100,8 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
         if args.cached_long:  # the same long prompt (seed 2, index LONG) once, to cache it
             send_all(config(2), beside_requests[:1])
         print(f"{policy}: the same beside a {args.long_len}-token prompt", file=sys.stderr)
-        beside = short_figures(send_all(config(2), beside_requests))
+        records = send_all(config(2), beside_requests)
+        beside = short_figures(records) | long_figures(records)
     return {
         "policy": policy,
         "alone": alone,
@@ -101,7 +113,7 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> dict:
 def format_rows(rows: list[dict]) -> str:
     lines = [
         f"{'policy':>13} {'alone tok/s':>11} {'beside tok/s':>12} {'ratio':>6}"
-        f" {'TTFT mean/max alone':>20} {'TTFT mean/max beside':>21}"
+        f" {'TTFT mean/max alone':>20} {'TTFT mean/max beside':>21} {'long TTFT/end':>14}"
     ]
     for row in rows:
         a, b = row["alone"], row["beside"]
@@ -109,6 +121,7 @@ def format_rows(rows: list[dict]) -> str:
             f"{row['policy']:>13} {a['short_tok_s']:>11.1f} {b['short_tok_s']:>12.1f}"
             f" {row['ratio']:>6.2f} {a['short_mean_ttft_s']:>9.2f} / {a['short_max_ttft_s']:<8.2f}"
             f" {b['short_mean_ttft_s']:>10.2f} / {b['short_max_ttft_s']:<8.2f}"
+            f" {b['long_ttft_s']:>6.2f} / {b['long_end_s']:<6.2f}"
         )
     return "\n".join(lines)
 
