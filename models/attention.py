@@ -375,28 +375,40 @@ def _blockwise(
     table_NxRxW = _pad_width(table_NxRxW, block_pages)
     block = block_pages * s
     num_blocks_N = -(-jnp.max(kv_lens_NxR, axis=1) // block)
-    q_NxRxQxKxGxDh = (q_NxRxQxHxDh * dh**-0.5).reshape(n, r, nq, k, g, dh)
+    # Queries per KV head as one matrix [R, K, G*Q, Dh], so each block is two plain batched
+    # products against keys laid out [R, K, B, Dh].
+    q_NxRxKxMxDh = (
+        (q_NxRxQxHxDh * dh**-0.5)
+        .reshape(n, r, nq, k, g, dh)
+        .transpose(0, 1, 3, 4, 2, 5)
+        .reshape(n, r, k, g * nq, dh)
+    )
 
     def one_group(i, out):
-        q = q_NxRxQxKxGxDh[i]
+        q = q_NxRxKxMxDh[i]
         table_RxW, kv_len_R = table_NxRxW[i], kv_lens_NxR[i]
         pos_RxQ = (kv_len_R - q_lens_NxR[i])[:, None] + jnp.arange(nq)[None]
 
         def one_block(j, carry):
-            m, total, acc = carry  # max, sum [R, K, G, Q]; output [R, K, G, Q, Dh] (f32)
+            m, total, acc = carry  # max, sum [R, K, M]; output [R, K, M, Dh] (f32)
             pages_RxB = jax.lax.dynamic_slice_in_dim(table_RxW, j * block_pages, block_pages, 1)
-            keys, values = (_page_block(a, pages_RxB, layout) for a in (k_pages, v_pages))
+            keys, values = (
+                _page_block(a, pages_RxB, layout).transpose(0, 2, 1, 3) for a in (k_pages, v_pages)
+            )
             key_pos_B = j * block + jnp.arange(block)
             visible_RxQxB = (key_pos_B[None, None] < kv_len_R[:, None, None]) & (
                 key_pos_B[None, None] <= pos_RxQ[:, :, None]
             )
-            scores = jnp.einsum("rqkgd,rbkd->rkgqb", q, keys, preferred_element_type=jnp.float32)
-            scores = jnp.where(visible_RxQxB[:, None, None], scores, MASKED)
+            visible_RxMxB = jnp.broadcast_to(visible_RxQxB[:, None], (r, g, nq, block)).reshape(
+                r, g * nq, block
+            )
+            scores = jnp.einsum("rkmd,rkbd->rkmb", q, keys, preferred_element_type=jnp.float32)
+            scores = jnp.where(visible_RxMxB[:, None], scores, MASKED)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             probs = jnp.exp(scores - m_new[..., None])
             scale = jnp.exp(m - m_new)
             pv = jnp.einsum(
-                "rkgqb,rbkd->rkgqd",
+                "rkmb,rkbd->rkmd",
                 probs.astype(values.dtype),
                 values,
                 preferred_element_type=jnp.float32,
@@ -404,12 +416,13 @@ def _blockwise(
             return m_new, total * scale + probs.sum(axis=-1), acc * scale[..., None] + pv
 
         init = (
-            jnp.full((r, k, g, nq), MASKED, jnp.float32),
-            jnp.zeros((r, k, g, nq), jnp.float32),
-            jnp.zeros((r, k, g, nq, dh), jnp.float32),
+            jnp.full((r, k, g * nq), MASKED, jnp.float32),
+            jnp.zeros((r, k, g * nq), jnp.float32),
+            jnp.zeros((r, k, g * nq, dh), jnp.float32),
         )
         _, total, acc = jax.lax.fori_loop(0, num_blocks_N[i], one_block, init)
-        o_RxQxHxDh = (acc / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(r, nq, h, dh)
+        o_RxKxGxQxDh = (acc / total[..., None]).reshape(r, k, g, nq, dh)
+        o_RxQxHxDh = o_RxKxGxQxDh.transpose(0, 3, 1, 2, 4).reshape(r, nq, h, dh)
         return out.at[i].set(o_RxQxHxDh.astype(out.dtype))
 
     out = jnp.zeros((n, r, nq, h, dh), q_NxRxQxHxDh.dtype)
