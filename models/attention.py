@@ -376,7 +376,7 @@ def _blockwise(
     block = block_pages * s
     num_blocks_N = -(-jnp.max(kv_lens_NxR, axis=1) // block)
     # Queries per KV head as one matrix [R, K, G*Q, Dh], so each block is two plain batched
-    # products against keys laid out [R, K, B, Dh].
+    # products against its keys and values [R, K, B, Dh] (`_page_block`).
     q_NxRxKxMxDh = (
         (q_NxRxQxHxDh * dh**-0.5)
         .reshape(n, r, nq, k, g, dh)
@@ -392,9 +392,7 @@ def _blockwise(
         def one_block(j, carry):
             m, total, acc = carry  # max, sum [R, K, M]; output [R, K, M, Dh] (f32)
             pages_RxB = jax.lax.dynamic_slice_in_dim(table_RxW, j * block_pages, block_pages, 1)
-            keys, values = (
-                _page_block(a, pages_RxB, layout).transpose(0, 2, 1, 3) for a in (k_pages, v_pages)
-            )
+            keys, values = (_page_block(a, pages_RxB, layout) for a in (k_pages, v_pages))
             key_pos_B = j * block + jnp.arange(block)
             visible_RxQxB = (key_pos_B[None, None] < kv_len_R[:, None, None]) & (
                 key_pos_B[None, None] <= pos_RxQ[:, :, None]
@@ -432,13 +430,15 @@ def _blockwise(
 
 
 def _page_block(cache: jax.Array, pages_RxB: jax.Array, layout: KVLayout) -> jax.Array:
-    """Keys or values [R, B*S, K, Dh] of pages [R, B] of a PAGES or HEADS layer cache."""
+    """Keys or values [R, K, B*S, Dh] of pages [R, B] of a PAGES or HEADS layer cache: each
+    KV head's keys one matrix, as a batched product wants them (XLA:CPU transposed the page
+    layout [R, B*S, K, Dh] inside every product, 11-18 % of the prefill tiles' attention)."""
     r = pages_RxB.shape[0]
     if layout is HEADS:
         k, _, _, dh = cache.shape
-        return cache[:, pages_RxB].transpose(1, 2, 3, 0, 4).reshape(r, -1, k, dh)
+        return cache[:, pages_RxB].transpose(1, 0, 2, 3, 4).reshape(r, k, -1, dh)
     _, _, k, dh = cache.shape
-    return cache[pages_RxB].reshape(r, -1, k, dh)
+    return cache[pages_RxB].transpose(0, 3, 1, 2, 4).reshape(r, k, -1, dh)
 
 
 # -- gpu: Pallas paged attention for decode rows, key blocks for prefill tiles ---------------
