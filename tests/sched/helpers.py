@@ -100,6 +100,7 @@ def make_view(
     budget: int = 64,
     host: FakeHost | None = None,
     costs: Costs = COSTS,
+    long_prefill_token_threshold: int = 0,
 ) -> SchedulerView:
     by = {s: [r for r in requests if r.status is s] for s in (W, PF, R, P)}
     used = sum(len(r.page_ids) for r in requests)
@@ -117,6 +118,7 @@ def make_view(
         prefill_token_budget=budget,
         costs=costs,
         host=host,
+        long_prefill_token_threshold=long_prefill_token_threshold,
     )
 
 

@@ -88,6 +88,12 @@ def test_capacity_fallback_is_plain_fcfs() -> None:
     assert policy.fallback and policy.num_fallback_decisions == 1
     assert plan == FcfsPolicy().plan(view)
     assert plan.preempt == () and plan.decode == () and plan.admit == ("b",)
+    # Under a long-prefill threshold the fallback is fcfs-chunked's: a decodes alongside.
+    capped = make_view([a, b], total_pages=64, host=synced(a), costs=SLOW,
+                       long_prefill_token_threshold=32)  # fmt: skip
+    plan = TokenFlowPolicy().plan(capped)
+    assert plan == FcfsPolicy(chunked=True).plan(capped)
+    assert plan.decode == ("a",) and plan.admit == ("b",)
 
 
 def test_a_reader_faster_than_the_device_still_gets_served() -> None:
@@ -162,6 +168,12 @@ def test_prefill_first_while_a_prompt_backlog_lasts_or_buffers_allow() -> None:
     plan = TokenFlowPolicy().plan(view)
     assert plan.admit == ("l",) and plan.decode == ()  # 80 > 64 queued: prefill first
     assert TokenFlowPolicy(prefill_first_backlog=2.0).plan(view).decode == ("a",)
+    # Capped at 32 tokens a step, the long prompt is no backlog: decode rides along.
+    capped = make_view([thin, long], total_pages=64, host=synced(thin), costs=SLOW, budget=64,
+                       long_prefill_token_threshold=32)  # fmt: skip
+    plan = TokenFlowPolicy().plan(capped)
+    assert [(c.request_id, c.num_tokens) for c in plan.prefill] == [("l", 32)]
+    assert plan.decode == ("a",)
     a = resident("a", 3.0)
     # A recompute re-prefill never pauses the others.
     c = make_request("c", PF, arrival=1.0, output=5, rate=2.0, computed=4)

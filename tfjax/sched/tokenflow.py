@@ -151,7 +151,10 @@ class TokenFlowPolicy(PackingPolicy):
                 return self._decision(view, modes, pause=tuple(pause), first=tuple(bring))
         if self.fallback:  # FCFS; a resume by LOAD changes no batch, write-through would cost
             self._mode = "fallback"
-            return Decision(resume=modes)
+            # Under a long-prefill threshold, decode rides along the capped chunks, as the flag
+            # promises every policy but fcfs (fcfs-chunked's rule): prefill-first stalled 31
+            # short streams 18-20 s beside one 3,000-token prompt's 32-token chunks.
+            return Decision(resume=modes, prefill_first=not view.long_prefill_token_threshold)
         self._mode = "fill"
         return self._decision(view, modes, first=self._fill_order(view))
 
@@ -232,12 +235,19 @@ class TokenFlowPolicy(PackingPolicy):
         compute, holds them back, and decoding is what frees it. With a shorter queue, also
         whenever every streaming reader has the buffer to wait out one prefill step: then
         the decode rows riding along would only slow the prompts (a CPU's batch-8 step costs
-        three batch-1 steps), and nobody stalls for their absence."""
+        three batch-1 steps), and nobody stalls for their absence.
+
+        Under a long-prefill threshold a prompt counts at most one capped chunk, as in
+        admission: a prefill-first step runs no more of it, so counting the rest held every
+        decode row back for the whole of one long prompt's chunks (31 short streams stalled
+        19-20 s beside a 3,000-token prompt at a 32-token cap)."""
         limit = self.config.prefill_first_backlog * view.prefill_token_budget
+        cap = view.long_prefill_token_threshold
         pending = 0
         for r in (*view.prefilling, *view.waiting):
             if not r.output_ids:
-                pending += r.num_prefill_target - r.num_computed_tokens
+                left = r.num_prefill_target - r.num_computed_tokens
+                pending += min(left, cap) if cap else left
         if pending > limit:
             self._draining_backlog = True
         elif pending == 0:
