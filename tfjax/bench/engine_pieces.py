@@ -1,7 +1,8 @@
 """`tfjax bench engine pieces`: each piece of a decode step alone, against its floor.
 
     tfjax bench engine pieces [--shape smollm2-135m] [--batches 1,32] [--context 160]
-        [--quantizations none,w8a8,int8] [--rounds 3] [--out out/bench_pieces]
+        [--quantizations none,w8a8] [--rounds 3] [--out out/bench_pieces]
+    tfjax bench engine pieces --quantizations int8    # a widening mode, in a run of its own
 
 `tfjax bench engine` says how far a whole decode step is from its floor; this says which part
 of the step is. Each piece runs the engine's own code, jitted over all of the model's layers
